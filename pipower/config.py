@@ -41,7 +41,7 @@ class ModelConfig:
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
-    sliding_window: int | None = None   # Mistral; pipower runs full attention (see validate)
+    sliding_window: int | None = None   # Mistral: a query sees only the last `sliding_window` positions
 
     def __post_init__(self):
         if self.num_key_value_heads is None:
@@ -73,9 +73,25 @@ class ModelConfig:
         """Build from a HF config.json dict; unknown keys are ignored (HF configs carry many)."""
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names}
-        if "architectures" not in kwargs and "model_type" in d:
+        if d.get("mlp_bias"):
+            raise UnsupportedModelError("mlp_bias=true (biases on gate/up/down) is not supported")
+        if isinstance(d.get("rope_parameters"), dict):
+            # transformers >= 5 writes rope_theta and the scaling dict together as `rope_parameters`
+            rp = dict(d["rope_parameters"])
+            kwargs["rope_theta"] = rp.pop("rope_theta", kwargs.get("rope_theta", 10000.0))
+            if rp.get("rope_type", rp.get("type", "default")) != "default":
+                kwargs["rope_scaling"] = rp
+        if not kwargs.get("architectures") and "model_type" in d:
             kwargs["architectures"] = [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM",
                                         "mistral": "MistralForCausalLM"}.get(d["model_type"], d["model_type"])]
+        if d.get("model_type") == "qwen2" or "Qwen2ForCausalLM" in (d.get("architectures") or []):
+            # Qwen2 configs carry a sliding_window that HF applies only with use_sliding_window (off)
+            if not d.get("use_sliding_window", False):
+                kwargs["sliding_window"] = None
+            elif d.get("max_window_layers", 0) < d.get("num_hidden_layers", 0):
+                raise UnsupportedModelError("Qwen2 use_sliding_window with max_window_layers is not supported")
+        elif kwargs.get("architectures") == ["LlamaForCausalLM"] or d.get("model_type") == "llama":
+            kwargs.pop("sliding_window", None)
         cfg = cls(**kwargs)
         cfg.validate()
         return cfg

@@ -38,3 +38,7 @@ class ContextLengthError(PipowerError):
 
 class BackendError(PipowerError):
     """A requested backend is not available (extension not built, no GPU...)."""
+
+
+class InvalidArgumentError(PipowerError, ValueError):
+    """A call argument is out of range or inconsistent (empty prompt, negative temperature...)."""

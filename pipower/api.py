@@ -1,0 +1,142 @@
+"""The public Model: load once, then logits / generate / stream / chat."""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import numpy as np
+
+from .backend import make_ops
+from .config import ModelConfig
+from .errors import InvalidArgumentError, ModelFileError, TokenizerError
+from .fetch import KNOWN_MODELS, fetch
+from .generate import GenerationStats, generate_ids, stream_text
+from .model import Transformer
+from .sampling import Sampler, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+class TextStream:
+    """Iterator of text pieces; `.stats` is complete once it is exhausted (or closed)."""
+
+    def __init__(self, pieces: Iterator[str], stats: GenerationStats):
+        self._pieces, self.stats = pieces, stats
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+
+
+class Model:
+    def __init__(self, config: ModelConfig, transformer: Transformer, tokenizer, source: str,
+                 fingerprint: str = ""):
+        self.config = config
+        self.transformer = transformer
+        self.tokenizer = tokenizer          # None for a HF directory without tokenizer files
+        self.source = source
+        self.fingerprint = fingerprint
+        self.last_stats: GenerationStats | None = None
+
+    @property
+    def backend(self) -> str:
+        return self.transformer.ops.name
+
+    def __repr__(self) -> str:
+        c = self.config
+        return (f"<pipower.Model {Path(self.source).name}: {c.arch}, {c.num_hidden_layers} layers, "
+                f"D={c.hidden_size}, F={c.intermediate_size}, backend={self.backend}>")
+
+    # -- numbers --------------------------------------------------------------------------------
+    def logits(self, ids) -> np.ndarray:
+        """float32 [len(ids), vocab] for the whole sequence, from a fresh cache."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise InvalidArgumentError("logits() needs at least one token id")
+        if ids.min() < 0 or ids.max() >= self.config.vocab_size:
+            raise InvalidArgumentError(f"token ids must be in [0, {self.config.vocab_size}), "
+                                       f"got range [{ids.min()}, {ids.max()}]")
+        cache = self.transformer.new_cache()
+        from .generate import PREFILL_CHUNK
+        return np.concatenate([self.transformer.forward(ids[s:s + PREFILL_CHUNK], cache)
+                               for s in range(0, ids.size, PREFILL_CHUNK)])
+
+    # -- text -----------------------------------------------------------------------------------
+    def _require_tokenizer(self):
+        if self.tokenizer is None:
+            raise TokenizerError(f"{self.source} has no tokenizer; pass token ids instead of text")
+        return self.tokenizer
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, str):
+            return self._require_tokenizer().encode(prompt)
+        ids = [int(i) for i in prompt]
+        if ids and (min(ids) < 0 or max(ids) >= self.config.vocab_size):
+            raise InvalidArgumentError(f"token ids must be in [0, {self.config.vocab_size})")
+        return ids
+
+    def _stop_ids(self) -> set[int]:
+        ids = set(self.config.eos_token_ids)
+        if self.tokenizer is not None:
+            ids |= set(self.tokenizer.stop_ids)
+        return ids
+
+    def stream(self, prompt, max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int | None = None, stop: Iterable[str] = ()) -> TextStream:
+        """Iterator of text pieces as they are generated. `prompt`: text or a list of token ids."""
+        if max_tokens < 0:
+            raise InvalidArgumentError(f"max_tokens must be >= 0, got {max_tokens}")
+        tok = self._require_tokenizer()
+        sampler = Sampler(SamplingParams(temperature, top_k, top_p, seed))
+        stats = GenerationStats()
+        self.last_stats = stats
+        ids = generate_ids(self.transformer, self._prompt_ids(prompt), sampler, max_tokens,
+                           self._stop_ids(), stats)
+        return TextStream(stream_text(ids, tok.stream_decoder(), tuple(stop), stats), stats)
+
+    def generate(self, prompt, max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+                 top_p: float = 1.0, seed: int | None = None, stop: Iterable[str] = ()) -> str:
+        """The completion of `prompt` (text or ids) as one string, without the prompt."""
+        return "".join(self.stream(prompt, max_tokens, temperature, top_k, top_p, seed, stop))
+
+    def chat(self, messages: list[dict], **kwargs) -> str:
+        """Apply the model's chat template to `messages` and generate the assistant's reply."""
+        return "".join(self.stream_chat(messages, **kwargs))
+
+    def stream_chat(self, messages: list[dict], **kwargs) -> TextStream:
+        prompt = self._require_tokenizer().apply_chat_template(messages, add_generation_prompt=True)
+        return self.stream(self.tokenizer.encode(prompt, add_bos=None, parse_special=True), **kwargs)
+
+
+def resolve_source(source) -> str:
+    """A known model name -> its fetched GGUF path; otherwise the path itself (checked to exist)."""
+    s = str(source)
+    if s in KNOWN_MODELS and not os.path.exists(s):
+        return fetch(s)
+    if not os.path.exists(s):
+        raise ModelFileError(f"{s}: no such file or directory, and not a known model name "
+                             f"({', '.join(sorted(KNOWN_MODELS))})")
+    return s
+
+
+def load(source, *, backend: str = "auto", threads: int | None = None) -> Model:
+    """Load a GGUF file, a Hugging Face model directory, or a known model name."""
+    from .loader import load_model_files
+    from .tokenizer import tokenizer_from_gguf_metadata, tokenizer_from_hf_dir
+    path = resolve_source(source)
+    ops = make_ops(backend, threads)
+    files = load_model_files(path)
+    if os.path.isdir(path):
+        tokenizer = tokenizer_from_hf_dir(path)
+    else:
+        tokenizer = tokenizer_from_gguf_metadata(files.metadata)
+    transformer = Transformer(files.config, files.tensors, ops)
+    log.info("loaded %s (%s backend, %d threads)", path, ops.name, ops.n_threads)
+    return Model(files.config, transformer, tokenizer, files.source, files.fingerprint)

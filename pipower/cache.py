@@ -1,0 +1,55 @@
+"""KV cache: per layer, keys and values of every position seen so far.
+
+Storage grows by doubling up to `max_len`, so a short chat does not allocate the full context
+(Qwen2.5's 32k context would be ~800 MB of fp32 cache per sequence).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import ContextLengthError
+
+
+class KVCache:
+    def __init__(self, n_layers: int, n_kv_heads: int, head_dim: int, max_len: int, initial: int = 256):
+        self.max_len = max_len
+        self.length = 0                       # positions filled (same for every layer after a step)
+        cap = min(initial, max_len)
+        shape = (n_layers, cap, n_kv_heads, head_dim)
+        self._k = np.zeros(shape, np.float32)  # [n_layers, capacity, Hkv, hd]
+        self._v = np.zeros(shape, np.float32)
+
+    @property
+    def capacity(self) -> int:
+        return self._k.shape[1]
+
+    def _grow(self, needed: int) -> None:
+        if needed > self.max_len:
+            raise ContextLengthError(f"sequence of {needed} tokens exceeds the context length {self.max_len}")
+        cap = self.capacity
+        while cap < needed:
+            cap = min(cap * 2, self.max_len)
+        for name in ("_k", "_v"):
+            old = getattr(self, name)
+            new = np.zeros((old.shape[0], cap) + old.shape[2:], np.float32)
+            new[:, :self.length] = old[:, :self.length]
+            setattr(self, name, new)
+
+    def update_and_fetch(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Append k, v ([T, Hkv, hd]) at positions length .. length+T of `layer`; return views [S, Hkv, hd].
+
+        `length` advances only in `advance()`, once per forward, after all layers have appended.
+        """
+        T = k.shape[0]
+        end = self.length + T
+        if end > self.capacity:
+            self._grow(end)
+        self._k[layer, self.length:end] = k
+        self._v[layer, self.length:end] = v
+        return self._k[layer, :end], self._v[layer, :end]
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+    def reset(self) -> None:
+        self.length = 0

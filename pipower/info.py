@@ -1,0 +1,33 @@
+"""`pipower.info()`: what this installation can run, and what it would use by default."""
+from __future__ import annotations
+
+import platform
+import sys
+
+
+def info() -> dict:
+    """A JSON-able report: versions, backends available and the default, extension build, threads, BLAS, GPU."""
+    import numpy as np
+    from threadpoolctl import threadpool_info
+
+    from . import _cpu, _gpu
+    from .backend import default_threads
+    gpu_ok, gpu_why = _gpu.status()
+    default = "cython" if _cpu.AVAILABLE else "numpy"
+    return {
+        "pipower": __import__("pipower").__version__,
+        "python": sys.version.split()[0],
+        "numpy": np.__version__,
+        "platform": platform.platform(),
+        "backends": {
+            "numpy": {"available": True},
+            "cython": {"available": _cpu.AVAILABLE, "error": _cpu.IMPORT_ERROR, "build": _cpu.BUILD_INFO},
+            "gpu": {"available": gpu_ok, "error": gpu_why},
+        },
+        "default_backend": default,
+        "fallback_warning": None if _cpu.AVAILABLE else
+        "compiled CPU kernels missing: the NumPy reference backend runs instead (much slower)",
+        "threads": default_threads(),
+        "blas": [{k: p.get(k) for k in ("internal_api", "version", "num_threads", "architecture", "filepath")}
+                 for p in threadpool_info() if p.get("user_api") == "blas"],
+    }

@@ -1,0 +1,119 @@
+"""The ops interface: every numeric op the graph uses, with its NumPy reference.
+
+`NumpyOps` is the reference and the fallback; `pipower._cpu.ops.CythonOps` (and later the CuPy backend)
+override only the ops they accelerate, with the same signatures, and tests compare them to this class.
+Shapes: T tokens in the call, S cached positions, D hidden, H / Hkv heads, hd head dim, F FFN neurons.
+All activations are float32; weights handed to `linear` are float32 [out, in] here (compact formats come
+with the CPU engine and are hidden behind the same call).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+F32 = np.float32
+
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    """erf without SciPy: Abramowitz & Stegun 7.1.26 has 1.5e-7 absolute error, far inside fp32 GELU needs."""
+    sign = np.sign(x)
+    a = np.abs(x).astype(np.float64)
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+    return (sign * (1.0 - poly * np.exp(-a * a))).astype(F32)
+
+
+def silu(x: np.ndarray) -> np.ndarray:
+    # x * sigmoid(x), written so large negative x does not overflow exp.
+    return x / (F32(1) + np.exp(-x))
+
+
+def gelu(x: np.ndarray) -> np.ndarray:
+    return F32(0.5) * x * (F32(1) + _erf(x * F32(1 / np.sqrt(2))))
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    c = F32(np.sqrt(2 / np.pi))
+    return F32(0.5) * x * (F32(1) + np.tanh(c * (x + F32(0.044715) * x * x * x)))
+
+
+def relu(x: np.ndarray) -> np.ndarray:
+    return np.maximum(x, F32(0))
+
+
+ACTIVATIONS = {"silu": silu, "gelu": gelu, "gelu_pytorch_tanh": gelu_tanh, "gelu_new": gelu_tanh, "relu": relu}
+
+
+class NumpyOps:
+    """Reference implementation of every op. Subclasses override what they make faster."""
+
+    name = "numpy"
+
+    def __init__(self, n_threads: int = 1):
+        self.n_threads = n_threads
+
+    # -- elementwise / norms ------------------------------------------------------------------------
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        """x: [T, D], weight: [D] -> [T, D]. Same order of operations as HF LlamaRMSNorm in fp32."""
+        var = np.mean(np.square(x), axis=-1, keepdims=True)
+        return (x * (F32(1) / np.sqrt(var + F32(eps)))) * weight
+
+    def activation(self, name: str, x: np.ndarray) -> np.ndarray:
+        return ACTIVATIONS[name](x)
+
+    # -- projections -------------------------------------------------------------------------------
+    def linear(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
+        """x: [T, K], weight: [N, K] (HF layout), bias: [N] -> [T, N]."""
+        y = x @ weight.T
+        if bias is not None:
+            y += bias
+        return y
+
+    def embed(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        """table: [V, D], ids: int [T] -> [T, D] (a copy: the graph adds into it)."""
+        return np.take(table, ids, axis=0)
+
+    # -- FFN ---------------------------------------------------------------------------------------
+    def ffn(self, x: np.ndarray, gate: np.ndarray | None, up: np.ndarray, down: np.ndarray, act: str) -> np.ndarray:
+        """x: [T, D]; gate/up: [F, D]; down: [D, F] -> [T, D]. gate None = plain MLP: down(act(up x))."""
+        h = self.linear(x, up)
+        if gate is not None:
+            h *= self.activation(act, self.linear(x, gate))
+        else:
+            h = self.activation(act, h)
+        return self.linear(h, down)
+
+    # -- attention ---------------------------------------------------------------------------------
+    def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
+        """x: [T, nh, hd]; cos/sin: [T, hd/2]. HF layout: pairs are (i, i + hd/2) ("rotate_half")."""
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        c, s = cos[:, None, :], sin[:, None, :]
+        return np.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+
+    def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
+                  window: int | None = None) -> np.ndarray:
+        """Causal GQA attention of T new queries over S = start_pos + T cached keys.
+
+        q: [T, H, hd]; k, v: [S, Hkv, hd] -> [T, H * hd]. Query t sits at position p = start_pos + t and
+        sees keys 0 .. p, or only p - window < j <= p with a sliding window (Mistral).
+        Heads are grouped so each KV head is read once for its G = H / Hkv queries.
+        """
+        T, H, hd = q.shape
+        S, Hkv, _ = k.shape
+        G = H // Hkv
+        # [Hkv, G*T, hd]: head h = kv_head * G + g, as in HF's repeat_kv.
+        qg = q.reshape(T, Hkv, G, hd).transpose(1, 2, 0, 3).reshape(Hkv, G * T, hd)
+        scores = qg @ k.transpose(1, 2, 0)                      # [Hkv, G*T, S]
+        scores *= F32(1.0 / np.sqrt(hd))
+        if T > 1 or (window is not None and S > window):
+            q_pos = np.tile(np.arange(start_pos, start_pos + T), G)[:, None]  # [G*T, 1]
+            k_pos = np.arange(S)[None, :]                                    # [1, S]
+            hidden = k_pos > q_pos
+            if window is not None:
+                hidden |= k_pos <= q_pos - window
+            scores[:, hidden] = -np.inf
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        out = scores @ v.transpose(1, 0, 2)                     # [Hkv, G*T, hd]
+        return out.reshape(Hkv, G, T, hd).transpose(2, 0, 1, 3).reshape(T, H * hd)

@@ -1,0 +1,48 @@
+"""Next-token choice from a logits row: greedy, temperature, top-k, top-p (nucleus)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InvalidArgumentError as SamplingError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0    # 0 = greedy (argmax); llama.cpp's --temp
+    top_k: int = 0              # 0 = no top-k cut
+    top_p: float = 1.0          # 1 = no nucleus cut
+    seed: int | None = None     # None = fresh entropy each call
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise SamplingError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise SamplingError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p}")
+
+
+class Sampler:
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        self.rng = np.random.default_rng(params.seed)
+
+    def __call__(self, logits: np.ndarray) -> int:
+        """logits: float32 [V] -> token id."""
+        p = self.params
+        if p.temperature == 0:
+            return int(np.argmax(logits))
+        z = logits.astype(np.float64) / p.temperature
+        candidates = np.arange(z.shape[0])
+        if p.top_k and p.top_k < z.shape[0]:
+            candidates = np.argpartition(-z, p.top_k - 1)[:p.top_k]
+        order = candidates[np.argsort(-z[candidates], kind="stable")]   # most likely first
+        probs = np.exp(z[order] - z[order[0]])
+        probs /= probs.sum()
+        if p.top_p < 1.0:
+            # keep the smallest prefix whose mass reaches top_p (always at least one token)
+            keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
+            order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
+        return int(order[self.rng.choice(order.shape[0], p=probs)])
