@@ -101,7 +101,8 @@ def stream_text(token_iter: Iterator[int], stream_decoder, stop: Iterable[str], 
                 if cut > emitted:
                     yield text[emitted:cut]
                 stats.stop_reason = "stop"
-                token_iter.close()
+                if hasattr(token_iter, "close"):   # stop the model loop now, not at garbage collection
+                    token_iter.close()
                 return
             safe = len(text) - _held_back(text, stop)
         else:

@@ -1,0 +1,152 @@
+"""The `pipower` command. The only place that prints or exits; the library raises PipowerError."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import PipowerError
+from .fetch import DEFAULT_MODEL, KNOWN_MODELS
+
+EPILOG = f"known model names: {', '.join(sorted(KNOWN_MODELS))} (fetched on first use into $PIPOWER_HOME)"
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL,
+                   help=f"GGUF file, Hugging Face model directory, or known model name (default: {DEFAULT_MODEL})")
+    p.add_argument("-t", "--threads", type=int, default=None,
+                   help="CPU threads for the kernels (default: all cores available to this process)")
+    p.add_argument("--backend", choices=("auto", "numpy", "cython"), default="auto",
+                   help="ops backend: cython = compiled kernels, numpy = reference; auto = cython when built, "
+                        "else numpy with a warning (default: auto)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pipower", description="LLM inference exploiting activation sparsity.",
+                                     epilog=EPILOG)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    g = sub.add_parser("generate", help="generate text from a prompt, streaming it to stdout", epilog=EPILOG,
+                       description="Generate text, streamed to stdout; prefill and decode speed go to stderr.")
+    g.add_argument("prompt_pos", nargs="?", metavar="PROMPT", help="the prompt (or use -p)")
+    g.add_argument("-p", "--prompt", help="the prompt text")
+    g.add_argument("-f", "--file", help="read the prompt from this file")
+    _add_model_args(g)
+    g.add_argument("-n", "--n-predict", type=int, default=256, dest="max_tokens",
+                   help="maximum number of new tokens (default: 256)")
+    g.add_argument("--temp", type=float, default=0.0, dest="temperature",
+                   help="sampling temperature; 0 = greedy (default: 0)")
+    g.add_argument("--top-k", type=int, default=0, help="sample only from the k most likely tokens; 0 = off")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off (default: 1)")
+    g.add_argument("-s", "--seed", type=int, default=None, help="random seed for sampling (default: random)")
+    g.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="stop when this text is generated (not printed); repeatable")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap the prompt as one user message in the model's chat template "
+                        "(use this with instruct models)")
+    g.add_argument("--system", help="system message for --chat (default: the template's own)")
+
+    f = sub.add_parser("fetch", help="download a known model and print its local path",
+                       description="Fetch a known model (verified by SHA-256); the last stdout line is the path.",
+                       epilog=EPILOG)
+    f.add_argument("name", choices=sorted(KNOWN_MODELS), help="known model name")
+    f.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    i = sub.add_parser("info", help="show backends, compiled extension, threads, BLAS and GPU",
+                       description="Report what this installation can run and what it uses by default.")
+    i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    return parser
+
+
+def _read_prompt(args) -> str:
+    given = [x for x in (args.prompt_pos, args.prompt) if x is not None]
+    if args.file:
+        with open(args.file, encoding="utf-8") as fh:
+            given.append(fh.read())
+    if len(given) != 1:
+        raise SystemExit("pipower generate: error: give exactly one prompt (PROMPT, -p or -f)")
+    return given[0]
+
+
+def cmd_generate(args) -> int:
+    import pipower
+    prompt = _read_prompt(args)
+    model = pipower.load(args.model, backend=args.backend, threads=args.threads)
+    kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        stream = model.stream_chat(messages + [{"role": "user", "content": prompt}], **kwargs)
+    else:
+        stream = model.stream(prompt, **kwargs)
+    try:
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        stream.close()
+        stream.stats.stop_reason = "interrupted"
+    sys.stdout.write("\n")
+    st = stream.stats
+    print(f"\nprefill: {st.prompt_tokens} tokens, {st.prefill_tokens_per_second:.1f} tok/s | "
+          f"decode: {st.new_tokens} tokens, {st.decode_tokens_per_second:.1f} tok/s | "
+          f"stop: {st.stop_reason} | backend: {model.backend}, {model.transformer.ops.n_threads} threads",
+          file=sys.stderr)
+    return 0
+
+
+def cmd_fetch(args) -> int:
+    from .fetch import fetch
+    print(fetch(args.name, progress=not args.quiet))
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .info import info
+    report = info()
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+        return 0
+    print(f"pipower {report['pipower']}  python {report['python']}  numpy {report['numpy']}")
+    print(f"platform: {report['platform']}")
+    for name, b in report["backends"].items():
+        state = "available" if b["available"] else f"NOT available ({b.get('error')})"
+        print(f"backend {name:7s}: {state}")
+        if b.get("build"):
+            print("    build: " + ", ".join(f"{k}={v}" for k, v in b["build"].items()))
+    print(f"default backend: {report['default_backend']}  threads: {report['threads']}")
+    if report["fallback_warning"]:
+        print(f"WARNING: {report['fallback_warning']}")
+    for blas in report["blas"]:
+        print(f"BLAS: {blas['internal_api']} {blas['version']} ({blas['architecture']}), "
+              f"{blas['num_threads']} threads")
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "fetch": cmd_fetch, "info": cmd_info}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+                        format="pipower: %(levelname)s: %(message)s", stream=sys.stderr)
+    try:
+        return COMMANDS[args.command](args)
+    except PipowerError as e:
+        print(f"pipower: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("pipower: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+    except OSError as e:  # e.g. -f file missing
+        print(f"pipower: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
