@@ -12,7 +12,7 @@ from .api import Model, TextStream, load
 from .config import ModelConfig
 from .errors import (BackendError, ContextLengthError, FetchError, HashMismatchError, InvalidArgumentError,
                      ModelFileError, PipowerError, ShapeMismatchError, TokenizerError, UnsupportedModelError)
-from .fetch import KNOWN_MODELS, fetch
+from .fetcher import KNOWN_MODELS, fetch
 from .info import info
 
 __version__ = "0.1.0"

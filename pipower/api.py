@@ -11,7 +11,7 @@ import numpy as np
 from .backend import make_ops
 from .config import ModelConfig
 from .errors import InvalidArgumentError, ModelFileError, TokenizerError
-from .fetch import KNOWN_MODELS, fetch
+from .fetcher import KNOWN_MODELS, fetch
 from .generate import GenerationStats, generate_ids, stream_text
 from .model import Transformer
 from .sampling import Sampler, SamplingParams

@@ -7,7 +7,7 @@ import logging
 import sys
 
 from .errors import PipowerError
-from .fetch import DEFAULT_MODEL, KNOWN_MODELS
+from .fetcher import DEFAULT_MODEL, KNOWN_MODELS
 
 EPILOG = f"known model names: {', '.join(sorted(KNOWN_MODELS))} (fetched on first use into $PIPOWER_HOME)"
 
@@ -98,7 +98,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_fetch(args) -> int:
-    from .fetch import fetch
+    from .fetcher import fetch
     print(fetch(args.name, progress=not args.quiet))
     return 0
 

