@@ -45,25 +45,6 @@ def _read_json(path: Path, what: str) -> dict:
     return d
 
 
-def normalize_hf_config(d: dict) -> dict:
-    """Translate newer HF config spellings into the keys ModelConfig reads.
-
-    transformers >= 5 writes `rope_parameters: {rope_theta, rope_type, factor...}` instead of top-level
-    `rope_theta` / `rope_scaling`; without this the default theta (1e4) would silently be used.
-    """
-    d = dict(d)
-    rp = d.get("rope_parameters")
-    if isinstance(rp, dict):
-        if "rope_theta" in rp and "rope_theta" not in d:
-            d["rope_theta"] = rp["rope_theta"]
-        extra = {k: v for k, v in rp.items() if k != "rope_theta"}
-        if extra.get("rope_type", "default") != "default" and not d.get("rope_scaling"):
-            d["rope_scaling"] = extra
-    if d.get("mlp_bias"):
-        raise UnsupportedModelError("mlp_bias=true (biases on gate/up/down) is not supported")
-    return d
-
-
 def read_safetensors_header(path: Path) -> tuple[dict, int, int]:
     """Return (tensor entries, data start offset, file size); validates lengths and offsets."""
     try:
@@ -153,10 +134,10 @@ def load_hf_dir(path: str | Path, *, progress: bool = True) -> ModelFiles:
     cfg_path = path / "config.json"
     raw_cfg = _read_json(cfg_path, "config.json")
     try:
-        config = ModelConfig.from_dict(normalize_hf_config(raw_cfg))
+        config = ModelConfig.from_dict(raw_cfg)
     except UnsupportedModelError as e:
         raise UnsupportedModelError(f"{cfg_path}: {e}") from e
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ZeroDivisionError) as e:    # e.g. a string or 0 where a count belongs
         raise ModelFileError(f"{cfg_path}: bad config value: {e}") from e
 
     files = _weight_files(path)

@@ -32,11 +32,12 @@ class ModelFiles:
 def update_fingerprint(h, path: str | os.PathLike, header_len: int) -> None:
     """Feed one file into hash `h`: its size, its first `header_len` bytes, and samples of the rest.
 
-    Mtime-free on purpose: a copied or re-fetched file keeps its fingerprint, so stats files still match.
+    Name- and mtime-free on purpose: a copied, renamed or re-fetched file keeps its fingerprint, so
+    activation statistics and eval files recorded against it still match.
     """
     path = Path(path)
     size = path.stat().st_size
-    h.update(path.name.encode() + b"\0" + str(size).encode() + b"\0")
+    h.update(str(size).encode() + b"\0")
     with open(path, "rb") as f:
         h.update(f.read(min(header_len, size)))
         start, span = header_len, max(size - header_len, 0)

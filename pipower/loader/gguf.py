@@ -1,0 +1,208 @@
+"""Load a llama.cpp GGUF file (archs llama, qwen2) into float32 HF-named tensors + a ModelConfig.
+
+Quantized tensors are dequantized once, here, with `gguf.quants.dequantize`; the graph only ever sees
+float32. For arch `llama`, llama.cpp's converter permuted the rows of Q and K (and their biases) into its
+interleaved RoPE layout; we undo that so the graph applies HF's rotate-half RoPE to HF-ordered rows.
+"""
+from __future__ import annotations
+
+import logging
+import mmap
+import re
+import struct
+import sys
+from pathlib import Path
+
+import numpy as np
+from gguf import quants as gguf_quants
+from gguf.constants import GGMLQuantizationType
+
+from ..config import ModelConfig
+from ..errors import ModelFileError, UnsupportedModelError
+from ..tokenizer.gguf_meta import read_gguf_header
+from .gguf_file import DEFAULT_ALIGNMENT, TensorInfo, parse_tensor_infos, tensor_bytes
+from .validate import check_tensors
+from .weights import ModelFiles, new_fingerprint, update_fingerprint
+
+log = logging.getLogger(__name__)
+
+SUPPORTED_ARCHS = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+# F32/F16 are handled inline by gguf.quants; every other type it can dequantize is registered in its table
+# (BF16, Q4_0..Q8_0, Q2_K..Q6_K, IQ*, TQ*...). Checked up front so an unsupported file fails before work.
+SUPPORTED_TYPES = {GGMLQuantizationType.F32, GGMLQuantizationType.F16} | set(
+    getattr(gguf_quants, "_type_traits", {}))
+
+_GLOBAL_NAMES = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+                 "output.weight": "lm_head.weight"}
+_LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+                "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+                "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+                "ffn_down": "mlp.down_proj"}
+_LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+
+
+def hf_name(gguf_name: str) -> str:
+    """GGUF tensor name -> HF name; unknown names are returned unchanged (check_tensors then rejects them)."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    m = _LAYER_RE.match(gguf_name)
+    if m and m.group(2) in _LAYER_NAMES:
+        return f"model.layers.{m.group(1)}.{_LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    return gguf_name
+
+
+def unpermute_rows(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's Q/K permutation. w: (out, in) weight or (out,) bias, out = n_head * hd.
+
+    llama.cpp stores, per head, rows [0, hd/2, 1, hd/2+1, ...] (pairs interleaved); HF keeps the two halves.
+    """
+    out = w.shape[0]
+    rest = w.shape[1:]
+    return np.ascontiguousarray(
+        w.reshape(n_head, out // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape))
+
+
+def _f32(x) -> float:
+    """A float32 metadata value as the decimal it was written from (9.99999974e-06 -> 1e-05), so the
+    config matches the HF config.json the GGUF was converted from."""
+    return float(str(np.float32(x)))
+
+
+def _get(md: dict, key: str, path: Path, default=None):
+    """md[key]; a missing key without a default is a ModelFileError naming it."""
+    if key in md:
+        return md[key]
+    if default is None:
+        raise ModelFileError(f"{path}: GGUF metadata key {key!r} missing")
+    return default
+
+
+def config_from_gguf(md: dict, infos: dict[str, TensorInfo], path: Path) -> ModelConfig:
+    """Translate `{arch}.*` metadata into a ModelConfig under HF key names."""
+    arch = _get(md, "general.architecture", path)
+    if arch not in SUPPORTED_ARCHS:
+        raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} is not supported; "
+                                    f"supported: {sorted(SUPPORTED_ARCHS)}")
+    if "rope_freqs.weight" in infos:
+        # Llama 3.1+ GGUFs carry their RoPE scaling only as this per-frequency tensor, not as metadata
+        raise UnsupportedModelError(f"{path}: rope_freqs.weight (Llama 3.1-style RoPE scaling in GGUF) "
+                                    "is not supported")
+
+    def key(k, default=None):
+        return _get(md, f"{arch}.{k}", path, default)
+
+    emb = infos.get("token_embd.weight")
+    if emb is None:
+        raise ModelFileError(f"{path}: GGUF tensor token_embd.weight missing")
+    try:
+        D, H = int(key("embedding_length")), int(key("attention.head_count"))
+        hd = int(key("attention.key_length", D // H))
+        if int(key("attention.value_length", hd)) != hd:
+            raise UnsupportedModelError(f"{path}: attention.value_length != key_length is not supported")
+        rope_dim = int(key("rope.dimension_count", hd))
+        if rope_dim != hd:
+            raise UnsupportedModelError(f"{path}: partial RoPE (rope.dimension_count {rope_dim} != head_dim "
+                                        f"{hd}) is not supported")
+        cfg = dict(
+            architectures=[SUPPORTED_ARCHS[arch]], model_type=arch,
+            vocab_size=emb.shape[0] if len(emb.shape) == 2 else len(md.get("tokenizer.ggml.tokens") or []),
+            hidden_size=D, intermediate_size=int(key("feed_forward_length")),
+            num_hidden_layers=int(key("block_count")), num_attention_heads=H,
+            num_key_value_heads=int(key("attention.head_count_kv", H)), head_dim=hd, hidden_act="silu",
+            max_position_embeddings=int(key("context_length")),
+            rms_norm_eps=_f32(key("attention.layer_norm_rms_epsilon")),
+            rope_theta=_f32(key("rope.freq_base", 10000.0)), rope_scaling=_rope_scaling(md, arch),
+            # llama arch with biases: HF's attention_bias puts them on q, k, v and o
+            attention_bias=arch == "llama" and "blk.0.attn_q.bias" in infos,
+            tie_word_embeddings="output.weight" not in infos,
+            bos_token_id=md.get("tokenizer.ggml.bos_token_id"), eos_token_id=md.get("tokenizer.ggml.eos_token_id"),
+        )
+    except (TypeError, ValueError, ZeroDivisionError) as e:   # e.g. a string or per-layer array as a count
+        raise ModelFileError(f"{path}: bad GGUF metadata value for {arch}: {e}") from e
+    try:
+        return ModelConfig.from_dict(cfg)
+    except UnsupportedModelError as e:
+        raise UnsupportedModelError(f"{path}: {e}") from e
+
+
+def _rope_scaling(md: dict, arch: str) -> dict | None:
+    p = f"{arch}.rope.scaling."
+    kind = md.get(p + "type")
+    factor = md.get(p + "factor")
+    if kind is None and md.get(f"{arch}.rope.scale_linear"):      # older converters
+        kind, factor = "linear", md[f"{arch}.rope.scale_linear"]
+    if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
+        return None
+    out = {"rope_type": kind, "factor": _f32(factor if factor is not None else 1.0)}
+    for gkey, hkey in (("low_freq_factor", "low_freq_factor"), ("high_freq_factor", "high_freq_factor"),
+                       ("original_context_length", "original_max_position_embeddings")):
+        if p + gkey in md:
+            out[hkey] = md[p + gkey]
+    return out
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="dequantizing", unit="param", unit_scale=True, file=sys.stderr,
+                leave=False, disable=not (enabled and sys.stderr.isatty()))
+
+
+def load_gguf(path: str | Path, *, progress: bool = True) -> ModelFiles:
+    """Load a GGUF model: dequantize every tensor to float32 and rename it to HF names."""
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ModelFileError(f"{path}: GGUF file not found")
+    size = path.stat().st_size
+    if size == 0:
+        raise ModelFileError(f"{path}: empty file, not a GGUF model")
+    if size < 24:                      # magic + version + two u64 counts
+        raise ModelFileError(f"{path}: truncated GGUF: {size} bytes")
+    try:
+        header = read_gguf_header(path)
+    except struct.error as e:          # short reads inside the metadata parser
+        raise ModelFileError(f"{path}: truncated or corrupt GGUF metadata: {e}") from e
+    if header.byteorder != "<":
+        raise UnsupportedModelError(f"{path}: big-endian GGUF is not supported")
+    md = header.metadata
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            infos, data_start = parse_tensor_infos(buf, path, header.tensor_info_offset, header.tensor_count,
+                                                   md.get("general.alignment", DEFAULT_ALIGNMENT))
+    except OSError as e:
+        raise ModelFileError(f"{path}: cannot read: {e}") from e
+    by_name = {t.name: t for t in infos}
+    config = config_from_gguf(md, by_name, path)
+    for t in infos:
+        if t.ggml_type not in SUPPORTED_TYPES:
+            names = sorted(GGMLQuantizationType(x).name for x in SUPPORTED_TYPES)
+            raise UnsupportedModelError(f"{path}: tensor {t.name} has type {t.type_name}, which cannot be "
+                                        f"dequantized; supported: {', '.join(names)}")
+
+    # validate names and shapes before the seconds of dequantization (zero-byte stand-in arrays)
+    check_tensors(config, {hf_name(t.name): np.broadcast_to(np.float32(0), t.shape) for t in infos}, str(path))
+
+    permute = config.arch == "llama"
+    H, Hkv = config.num_attention_heads, config.num_key_value_heads
+    # a plain ndarray view of the map: numpy.memmap's subclass hooks cost ~0.7 s over gguf's row groups
+    mm = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
+    tensors: dict[str, np.ndarray] = {}
+    with _progress(sum(int(np.prod(t.ne)) for t in infos), progress) as bar:
+        for t in infos:
+            w = gguf_quants.dequantize(tensor_bytes(mm, t), GGMLQuantizationType(t.ggml_type))
+            # F32 comes back as a view of the memmap: copy so the file can close and the array is writable
+            w = np.array(w, dtype=np.float32, order="C",
+                         copy=True if t.ggml_type == GGMLQuantizationType.F32 else None)
+            if w.shape != t.shape:
+                raise ModelFileError(f"{path}: tensor {t.name} dequantized to {w.shape}, expected {t.shape}")
+            name = hf_name(t.name)
+            if permute and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
+                w = unpermute_rows(w, H if ".q_proj." in name else Hkv)
+            tensors[name] = w
+            bar.update(int(np.prod(t.ne)))
+    del mm
+
+    h = new_fingerprint()
+    update_fingerprint(h, path, data_start)
+    log.info("loaded %s: %s, %d tensors, %.1fM params", path, config.architectures[0], len(tensors),
+             sum(w.size for w in tensors.values()) / 1e6)
+    return ModelFiles(config, tensors, md, str(path), h.hexdigest())
