@@ -90,16 +90,22 @@ class Model:
 
     def stream(self, prompt, max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int | None = None, stop: Iterable[str] = ()) -> TextStream:
-        """Iterator of text pieces as they are generated. `prompt`: text or a list of token ids."""
+        """Iterator of text pieces as they are generated. `prompt`: text or a list of token ids.
+
+        The text continues the prompt, so a SentencePiece model's first piece keeps its leading space.
+        """
+        return self._stream(self._prompt_ids(prompt), False, max_tokens, temperature, top_k, top_p, seed, stop)
+
+    def _stream(self, ids, strip_first_space, max_tokens, temperature, top_k, top_p, seed, stop) -> TextStream:
         if max_tokens < 0:
             raise InvalidArgumentError(f"max_tokens must be >= 0, got {max_tokens}")
         tok = self._require_tokenizer()
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, seed))
         stats = GenerationStats()
         self.last_stats = stats
-        ids = generate_ids(self.transformer, self._prompt_ids(prompt), sampler, max_tokens,
-                           self._stop_ids(), stats)
-        return TextStream(stream_text(ids, tok.stream_decoder(), tuple(stop), stats), stats)
+        token_ids = generate_ids(self.transformer, ids, sampler, max_tokens, self._stop_ids(), stats)
+        decoder = tok.stream_decoder(strip_first_space=strip_first_space)
+        return TextStream(stream_text(token_ids, decoder, tuple(stop), stats), stats)
 
     def generate(self, prompt, max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop: Iterable[str] = ()) -> str:
@@ -110,9 +116,12 @@ class Model:
         """Apply the model's chat template to `messages` and generate the assistant's reply."""
         return "".join(self.stream_chat(messages, **kwargs))
 
-    def stream_chat(self, messages: list[dict], **kwargs) -> TextStream:
+    def stream_chat(self, messages: list[dict], max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+                    top_p: float = 1.0, seed: int | None = None, stop: Iterable[str] = ()) -> TextStream:
+        """Like chat(), as an iterator of text pieces. The reply starts fresh: no leading space."""
         prompt = self._require_tokenizer().apply_chat_template(messages, add_generation_prompt=True)
-        return self.stream(self.tokenizer.encode(prompt, add_bos=None, parse_special=True), **kwargs)
+        ids = self.tokenizer.encode(prompt, add_bos=None, parse_special=True)
+        return self._stream(ids, True, max_tokens, temperature, top_k, top_p, seed, stop)
 
 
 def resolve_source(source) -> str:

@@ -1,0 +1,56 @@
+"""The command line: help for every flag, one-line errors with non-zero exit and no traceback."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pipower.cli import build_parser, main
+
+
+def run_cli(*args, timeout=120):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "pipower", *args], capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL, env=env)
+
+
+def test_help_lists_every_flag_with_an_explanation():
+    parser = build_parser()
+    subparsers = parser._subparsers._group_actions[0].choices
+    for name, sub in subparsers.items():
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert action.help and len(action.help) > 10, f"{name} {action.option_strings} lacks help"
+    out = run_cli("generate", "--help")
+    assert out.returncode == 0
+    for flag in ("-m", "-p", "-n", "--temp", "--top-k", "--top-p", "-s", "-t", "--chat"):
+        assert flag in out.stdout
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["generate", "-m", "/no/such/model.gguf", "hi"], "/no/such/model.gguf"),
+    (["generate", "-m", "not-a-known-model", "hi"], "not a known model name"),
+])
+def test_bad_model_is_one_line_error(args, needle):
+    out = run_cli(*args)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr
+    assert needle in out.stderr and out.stderr.strip().count("\n") == 0
+
+
+def test_corrupt_gguf_is_one_line_error(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x03\x00\x00\x00" + b"\xff" * 40)
+    out = run_cli("generate", "-m", str(bad), "hi")
+    assert out.returncode == 1 and "Traceback" not in out.stderr and "bad.gguf" in out.stderr
+
+
+def test_info_reports_backends(capsys):
+    assert main(["info"]) == 0
+    text = capsys.readouterr().out
+    assert "backend cython" in text and "default backend" in text
+
+
+def test_prompt_required_exactly_once():
+    out = run_cli("generate", "-m", "/no/such.gguf")
+    assert out.returncode != 0 and "exactly one prompt" in out.stderr
