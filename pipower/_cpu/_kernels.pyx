@@ -124,23 +124,26 @@ def rms_norm(x, weight, eps, out=None, n_threads=1):
 
 
 # ---- 16-bit float rows -> float32 -----------------------------------------------------------------
-DEF _F16 = 0
-DEF _BF16 = 1
-# Elements per thread are rounded to this so each thread's slice starts on a 64-byte line of dst.
-DEF _ALIGN_ELEMS = 16
+cdef enum:
+    KIND_F16 = 0
+    KIND_BF16 = 1
+    # Elements per thread are rounded to this so each thread's slice starts on a 64-byte line of dst.
+    ALIGN_ELEMS = 16
+    # Below this many elements one thread is faster than waking a team (~64 KiB of output).
+    PARALLEL_MIN_ELEMS = 16384
 
 
 cdef void _widen(const uint16_t[::1] src, float[::1] dst, int kind, int nt) noexcept nogil:
     # src, dst: [n] (the caller flattened [N, K]); thread p converts [p*per, min(n, (p+1)*per)).
     cdef Py_ssize_t n = src.shape[0], per, p, lo, hi
     if nt <= 1:
-        if kind == _F16:
+        if kind == KIND_F16:
             pp_f16_to_f32(&src[0], &dst[0], n)
         else:
             pp_bf16_to_f32(&src[0], &dst[0], n)
         return
     per = (n + nt - 1) // nt
-    per = (per + _ALIGN_ELEMS - 1) // _ALIGN_ELEMS * _ALIGN_ELEMS
+    per = (per + ALIGN_ELEMS - 1) // ALIGN_ELEMS * ALIGN_ELEMS
     with parallel(num_threads=nt):
         for p in prange(nt, schedule="static"):
             lo = p * per
@@ -148,14 +151,10 @@ cdef void _widen(const uint16_t[::1] src, float[::1] dst, int kind, int nt) noex
             if hi > n:
                 hi = n
             if lo < hi:
-                if kind == _F16:
+                if kind == KIND_F16:
                     pp_f16_to_f32(&src[lo], &dst[lo], hi - lo)
                 else:
                     pp_bf16_to_f32(&src[lo], &dst[lo], hi - lo)
-
-
-# Below this many elements one thread is faster than waking a team (measured: ~64 KiB of output).
-DEF _PARALLEL_MIN_ELEMS = 16384
 
 
 cdef object _widen_entry(object src, object out, object n_threads, tuple dtypes, int kind):
@@ -168,7 +167,7 @@ cdef object _widen_entry(object src, object out, object n_threads, tuple dtypes,
     cdef Py_ssize_t n = src.size
     if n == 0:
         return out
-    if n < _PARALLEL_MIN_ELEMS:
+    if n < PARALLEL_MIN_ELEMS:
         nt = 1
     # Flat views: both arrays are C-contiguous, so [N, K] is just N*K consecutive elements.
     _widen(src.reshape(-1).view(np.uint16), out.reshape(-1), kind, nt)
@@ -180,12 +179,12 @@ def f16_to_f32(src, out=None, n_threads=1):
 
     src: float16 or uint16 (raw bits) [N, K] or [K], C-contiguous; out: float32 of the same shape or None.
     """
-    return _widen_entry(src, out, n_threads, (_F16, _U16), _F16)
+    return _widen_entry(src, out, n_threads, (_F16, _U16), KIND_F16)
 
 
 def bf16_to_f32(src, out=None, n_threads=1):
     """bfloat16 (raw bits in uint16) -> float32, exact. src: uint16 [N, K] or [K]; out: float32 or None."""
-    return _widen_entry(src, out, n_threads, (_U16,), _BF16)
+    return _widen_entry(src, out, n_threads, (_U16,), KIND_BF16)
 
 
 # ---- dense float32 GEMV ---------------------------------------------------------------------------

@@ -106,11 +106,13 @@ static inline uint32_t pp_f16_bits_to_f32_bits(uint16_t h) {
     const uint32_t em = (uint32_t)h & 0x7fffu;            /* exponent and mantissa */
     const uint32_t normal = (em << 13) + ((uint32_t)(127 - 15) << 23);
     const uint32_t infnan = (em << 13) | 0x7f800000u;
-    const float subf = (float)(int32_t)em * 5.9604644775390625e-08f;   /* 2^-24 */
-    uint32_t sub;
-    memcpy(&sub, &subf, sizeof sub);
-    const uint32_t mag = em >= 0x7c00u ? infnan : (em < 0x0400u ? sub : normal);
-    return mag | sign;
+    union { float f; uint32_t u; } sub;
+    sub.f = (float)(int32_t)em * 5.9604644775390625e-08f;   /* 2^-24; only used when em < 0x400 */
+    /* all-ones masks instead of ?: so the compiler emits blends, not branches */
+    const uint32_t m_infnan = 0u - (uint32_t)(em >= 0x7c00u);
+    const uint32_t m_sub = 0u - (uint32_t)(em < 0x0400u);
+    const uint32_t m_norm = ~(m_infnan | m_sub);
+    return sign | (infnan & m_infnan) | (sub.u & m_sub) | (normal & m_norm);
 }
 
 /* src: [n] binary16 bits; dst: [n] float32. */

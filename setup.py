@@ -1,0 +1,142 @@
+"""Build of pipower's compiled CPU kernels (pipower/_cpu/*.pyx). Metadata lives in pyproject.toml.
+
+Flags are decided at build time by probing the compiler that will build the extension:
+  -O3                 always (gcc/clang; /O2 on MSVC)
+  -march=native       unless PIPOWER_PORTABLE=1 (or the compiler rejects it)
+  -fopenmp            compile + link, only if a test OpenMP program compiles and links, and
+                      PIPOWER_NO_OPENMP is not set; otherwise a serial build, with a logged notice.
+  -fopenmp-simd       in serial builds when accepted: honours `#pragma omp simd` without the runtime.
+What was used is written to pipower_build_config.h in the build folder and compiled into the module,
+so `pipower info` reports how the installed extension was really built.
+
+    pip install .            # wheel build, extension compiled for this machine
+    pip install -e .         # editable: extension built in place next to the .pyx
+    PIPOWER_PORTABLE=1 pip install .      # no -march=native (a wheel to copy to other machines)
+    PIPOWER_NO_OPENMP=1 pip install .     # serial kernels
+"""
+import logging
+import os
+import shutil
+import tempfile
+
+import numpy
+from Cython import __version__ as cython_version
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+try:  # setuptools vendors distutils; the error classes moved over the years
+    from setuptools.errors import CompileError, LinkError
+except ImportError:  # pragma: no cover - old setuptools
+    from distutils.errors import CompileError, LinkError
+
+log = logging.getLogger("pipower.setup")
+
+OPENMP_PROBE = r"""
+#include <omp.h>
+int main(void) {
+    int n = 0;
+#pragma omp parallel reduction(+:n)
+    n += 1;
+    return (n >= 1 && omp_get_max_threads() >= 1) ? 0 : 1;
+}
+"""
+PLAIN_PROBE = "int main(void) { return 0; }\n"
+
+
+def _env_on(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _c_string(s: str) -> str:
+    return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class BuildExt(build_ext):
+    """build_ext that probes the compiler for OpenMP / -march and records what it chose."""
+
+    def _probe(self, source: str, cflags: list, ldflags: list) -> bool:
+        """True iff `source` compiles with cflags and links with ldflags using this build's compiler."""
+        tmp = tempfile.mkdtemp(prefix="pipower-probe-")
+        try:
+            path = os.path.join(tmp, "probe.c")
+            with open(path, "w") as f:
+                f.write(source)
+            objs = self.compiler.compile([path], output_dir=tmp, extra_postargs=cflags)
+            self.compiler.link_executable(objs, "probe", output_dir=tmp, extra_postargs=ldflags)
+            return True
+        except (CompileError, LinkError, OSError):
+            return False
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _choose_flags(self):
+        """-> (cflags, ldflags, openmp, portable) for this compiler and environment."""
+        msvc = self.compiler.compiler_type == "msvc"
+        portable = _env_on("PIPOWER_PORTABLE")
+        cflags = ["/O2"] if msvc else ["-O3"]
+        ldflags = []
+        if not portable and not msvc:
+            if self._probe(PLAIN_PROBE, ["-march=native"], []):
+                cflags.append("-march=native")
+            else:
+                log.warning("pipower: the compiler rejects -march=native; building for the generic target")
+                portable = True
+        omp_c, omp_l = (["/openmp"], []) if msvc else (["-fopenmp"], ["-fopenmp"])
+        openmp = False
+        if _env_on("PIPOWER_NO_OPENMP"):
+            log.warning("pipower: PIPOWER_NO_OPENMP set: building serial CPU kernels (n_threads ignored)")
+        elif self._probe(OPENMP_PROBE, omp_c, omp_l):
+            openmp = True
+            cflags += omp_c
+            ldflags += omp_l
+        else:
+            log.warning("pipower: the C compiler cannot build an OpenMP program (no -fopenmp / libomp); "
+                        "building serial CPU kernels. `pipower info` will report openmp=False.")
+        if not openmp and not msvc and self._probe(PLAIN_PROBE, ["-fopenmp-simd"], []):
+            cflags.append("-fopenmp-simd")   # vectorization pragmas only, no runtime library
+        return cflags, ldflags, openmp, portable
+
+    def build_extensions(self):
+        cflags, ldflags, openmp, portable = self._choose_flags()
+        log.info("pipower: cflags=%s ldflags=%s openmp=%s", cflags, ldflags, openmp)
+        cfg_dir = os.path.join(self.build_temp, "pipower_config")
+        os.makedirs(cfg_dir, exist_ok=True)
+        compiler = " ".join(self.compiler.compiler_so[:1]) if hasattr(self.compiler, "compiler_so") \
+            else self.compiler.compiler_type
+        with open(os.path.join(cfg_dir, "pipower_build_config.h"), "w") as f:
+            f.write("/* generated by pipower's setup.py at build time; do not edit */\n")
+            f.write(f"#define PIPOWER_BUILD_CFLAGS {_c_string(' '.join(cflags))}\n")
+            f.write(f"#define PIPOWER_BUILD_LDFLAGS {_c_string(' '.join(ldflags))}\n")
+            f.write(f"#define PIPOWER_BUILD_COMPILER {_c_string(compiler)}\n")
+            f.write(f"#define PIPOWER_BUILD_CYTHON {_c_string(cython_version)}\n")
+            f.write(f"#define PIPOWER_BUILD_PORTABLE {int(portable)}\n")
+        for ext in self.extensions:
+            ext.include_dirs.append(cfg_dir)
+            ext.extra_compile_args = list(ext.extra_compile_args or []) + cflags
+            ext.extra_link_args = list(ext.extra_link_args or []) + ldflags
+        # The flags come from the environment, which setuptools' timestamp check cannot see: always
+        # recompile (one small file) rather than reuse an object built with other flags.
+        self.force = True
+        super().build_extensions()
+
+
+extensions = [
+    Extension(
+        "pipower._cpu._kernels",
+        sources=["pipower/_cpu/_kernels.pyx"],
+        depends=["pipower/_cpu/_kernels_impl.h"],
+        include_dirs=["pipower/_cpu", numpy.get_include()],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    ),
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        compiler_directives={"language_level": 3, "boundscheck": False, "wraparound": False,
+                             "cdivision": True},
+        quiet=True,
+    ),
+    cmdclass={"build_ext": BuildExt},
+)

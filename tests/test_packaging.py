@@ -1,0 +1,59 @@
+"""Packaging: the wheel carries the extension, the CUDA sources and the console script; an editable
+install builds the extension in place. Slow (each builds from a copy of the source tree)."""
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+SRC = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _copy_tree(dst: Path) -> Path:
+    ignore = shutil.ignore_patterns(".git", "build", "dist", "*.egg-info", "*.so", "__pycache__",
+                                    ".pytest_cache", "results", ".venv", "venv")
+    shutil.copytree(SRC, dst, ignore=ignore)
+    return dst
+
+
+def _pip(python, *args, cwd=None):
+    r = subprocess.run([str(python), "-m", "pip", *args], cwd=cwd, capture_output=True, text=True,
+                       timeout=1200)
+    assert r.returncode == 0, f"pip {' '.join(args)} failed:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+    if not (SRC / "setup.py").exists():
+        pytest.skip("not run from a source checkout")
+    return _copy_tree(tmp_path_factory.mktemp("src") / "pipower-src")
+
+
+def test_wheel_contents(tree, tmp_path):
+    _pip(sys.executable, "wheel", "--no-deps", "-w", str(tmp_path), str(tree))
+    (whl,) = tmp_path.glob("pipower-0.1.0-*.whl")
+    names = zipfile.ZipFile(whl).namelist()
+    assert any(n.startswith("pipower/_cpu/_kernels.") and n.endswith((".so", ".pyd")) for n in names), names
+    assert "pipower/_gpu/rmsnorm.cu" in names
+    entry = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "pipower = pipower.cli:main" in zipfile.ZipFile(whl).read(entry).decode()
+
+
+def test_editable_install_builds_extension_in_place(tree, tmp_path):
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    py = venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    _pip(py, "install", "-e", str(tree))
+    assert list((tree / "pipower" / "_cpu").glob("_kernels.*.so")) or \
+        list((tree / "pipower" / "_cpu").glob("_kernels.*.pyd")), "no in-place extension after pip install -e"
+    code = ("import pipower, pipower._cpu as c, pathlib, sys; "
+            "assert c.AVAILABLE, c.IMPORT_ERROR; "
+            "print(pathlib.Path(pipower.__file__).resolve())")
+    r = subprocess.run([str(py), "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert Path(r.stdout.strip()).parent == (tree / "pipower").resolve()
