@@ -14,6 +14,7 @@ so `pipower info` reports how the installed extension was really built.
     PIPOWER_PORTABLE=1 pip install .      # no -march=native (a wheel to copy to other machines)
     PIPOWER_NO_OPENMP=1 pip install .     # serial kernels
 """
+import glob
 import logging
 import os
 import shutil
@@ -121,15 +122,20 @@ class BuildExt(build_ext):
         super().build_extensions()
 
 
-extensions = [
-    Extension(
-        "pipower._cpu._kernels",
-        sources=["pipower/_cpu/_kernels.pyx"],
-        depends=["pipower/_cpu/_kernels_impl.h"],
+def _extension(pyx: str) -> Extension:
+    """One extension module per .pyx in pipower/_cpu (pipower._cpu._kernels, ._linear, ...), each
+    depending on the C headers beside it."""
+    name = os.path.splitext(os.path.basename(pyx))[0]
+    return Extension(
+        f"pipower._cpu.{name}",
+        sources=[pyx],
+        depends=sorted(glob.glob("pipower/_cpu/*.h")),
         include_dirs=["pipower/_cpu", numpy.get_include()],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-    ),
-]
+    )
+
+
+extensions = [_extension(p) for p in sorted(glob.glob("pipower/_cpu/*.pyx"))]
 
 setup(
     ext_modules=cythonize(

@@ -49,10 +49,15 @@ class Model:
     def backend(self) -> str:
         return self.transformer.ops.name
 
+    @property
+    def weights(self) -> str:
+        """In-memory weight format: f32, f16, q8 or q4."""
+        return self.transformer.weights
+
     def __repr__(self) -> str:
         c = self.config
         return (f"<pipower.Model {Path(self.source).name}: {c.arch}, {c.num_hidden_layers} layers, "
-                f"D={c.hidden_size}, F={c.intermediate_size}, backend={self.backend}>")
+                f"D={c.hidden_size}, F={c.intermediate_size}, backend={self.backend}, weights={self.weights}>")
 
     # -- numbers --------------------------------------------------------------------------------
     def logits(self, ids) -> np.ndarray:
@@ -135,17 +140,29 @@ def resolve_source(source) -> str:
     return s
 
 
-def load(source, *, backend: str = "auto", threads: int | None = None) -> Model:
-    """Load a GGUF file, a Hugging Face model directory, or a known model name."""
+def default_weights(path: str, ops) -> str:
+    """GGUF sources run compact (q8) where the backend has kernels for it; HF directories and backends
+    without compact kernels keep float32 (the NumPy reference would dequantize on every call)."""
+    return "q8" if "q8" in ops.native_formats and not os.path.isdir(path) else "f32"
+
+
+def load(source, *, backend: str = "auto", threads: int | None = None, weights: str | None = None,
+         progress: bool = True) -> Model:
+    """Load a GGUF file, a Hugging Face model directory, or a known model name.
+
+    weights: in-memory format of the weight matrices, f32 | f16 | q8 | q4 (pipower.quant); None = q8 for
+    GGUF on the compiled backend, else f32. GGUF tensors are dequantized once, then re-stored.
+    """
     from .loader import load_model_files
     from .tokenizer import tokenizer_from_gguf_metadata, tokenizer_from_hf_dir
     path = resolve_source(source)
     ops = make_ops(backend, threads)
-    files = load_model_files(path)
+    weights = weights or default_weights(path, ops)
+    files = load_model_files(path, progress=progress)
     if os.path.isdir(path):
         tokenizer = tokenizer_from_hf_dir(path)
     else:
         tokenizer = tokenizer_from_gguf_metadata(files.metadata)
-    transformer = Transformer(files.config, files.tensors, ops)
-    log.info("loaded %s (%s backend, %d threads)", path, ops.name, ops.n_threads)
+    transformer = Transformer(files.config, files.tensors, ops, weights=weights)
+    log.info("loaded %s (%s backend, %s weights, %d threads)", path, ops.name, weights, ops.n_threads)
     return Model(files.config, transformer, tokenizer, files.source, files.fingerprint)

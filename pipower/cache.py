@@ -15,13 +15,14 @@ class KVCache:
         self.max_len = max_len
         self.length = 0                       # positions filled (same for every layer after a step)
         cap = min(initial, max_len)
-        shape = (n_layers, cap, n_kv_heads, head_dim)
-        self._k = np.zeros(shape, np.float32)  # [n_layers, capacity, Hkv, hd]
+        # head-major so one KV head's keys are contiguous for the decode attention kernel
+        shape = (n_layers, n_kv_heads, cap, head_dim)
+        self._k = np.zeros(shape, np.float32)  # [n_layers, Hkv, capacity, hd]
         self._v = np.zeros(shape, np.float32)
 
     @property
     def capacity(self) -> int:
-        return self._k.shape[1]
+        return self._k.shape[2]
 
     def _grow(self, needed: int) -> None:
         if needed > self.max_len:
@@ -31,12 +32,12 @@ class KVCache:
             cap = min(cap * 2, self.max_len)
         for name in ("_k", "_v"):
             old = getattr(self, name)
-            new = np.zeros((old.shape[0], cap) + old.shape[2:], np.float32)
-            new[:, :self.length] = old[:, :self.length]
+            new = np.zeros(old.shape[:2] + (cap, old.shape[3]), np.float32)
+            new[:, :, :self.length] = old[:, :, :self.length]
             setattr(self, name, new)
 
     def update_and_fetch(self, layer: int, k: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Append k, v ([T, Hkv, hd]) at positions length .. length+T of `layer`; return views [S, Hkv, hd].
+        """Append k, v ([T, Hkv, hd]) at positions length .. length+T of `layer`; return views [Hkv, S, hd].
 
         `length` advances only in `advance()`, once per forward, after all layers have appended.
         """
@@ -44,9 +45,9 @@ class KVCache:
         end = self.length + T
         if end > self.capacity:
             self._grow(end)
-        self._k[layer, self.length:end] = k
-        self._v[layer, self.length:end] = v
-        return self._k[layer, :end], self._v[layer, :end]
+        self._k[layer, :, self.length:end] = k.transpose(1, 0, 2)
+        self._v[layer, :, self.length:end] = v.transpose(1, 0, 2)
+        return self._k[layer, :, :end], self._v[layer, :, :end]
 
     def advance(self, n: int) -> None:
         self.length += n

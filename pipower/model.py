@@ -5,19 +5,32 @@ Shapes: T new tokens, S = cache positions after the call, D hidden, H/Hkv heads,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from typing import Callable
 
 import numpy as np
 
 from .cache import KVCache
 from .config import ModelConfig
+from .errors import ContextLengthError, InvalidArgumentError
 from .ops import NumpyOps
+from .quant import FORMATS, quantize
 from .rope import cos_sin, inv_frequencies
+
+# (layer index, normed FFN input h [T, D]) -> sorted int32 indices of the neurons to compute, or None = all
+NeuronSelector = Callable[[int, np.ndarray], "np.ndarray | None"]
+MATRICES = ("q", "k", "v", "o", "gate", "up", "down_t")   # LayerWeights fields stored in the weight format
+
+
+def store(w: np.ndarray, fmt: str):
+    """float32 [N, K] -> the in-memory format: the array itself for f32, else a QMatrix."""
+    return w if fmt == "f32" else quantize(w, fmt)
 
 
 @dataclass
 class LayerWeights:
     attn_norm: np.ndarray            # [D]
+    # Matrices (MATRICES) are float32 arrays or QMatrix in the model's weight format; norms/biases float32.
     q: np.ndarray                    # [H*hd, D]
     k: np.ndarray                    # [Hkv*hd, D]
     v: np.ndarray                    # [Hkv*hd, D]
@@ -29,12 +42,12 @@ class LayerWeights:
     ffn_norm: np.ndarray             # [D]
     gate: np.ndarray | None          # [F, D]   (None: plain MLP)
     up: np.ndarray                   # [F, D]
-    down: np.ndarray                 # [D, F]
+    down_t: np.ndarray               # [F, D]   HF's down_proj [D, F] transposed: neuron i's row is contiguous
 
     @classmethod
-    def from_tensors(cls, t: dict, i: int) -> "LayerWeights":
+    def from_tensors(cls, t: dict, i: int, fmt: str = "f32") -> "LayerWeights":
         p = f"model.layers.{i}."
-        return cls(
+        layer = cls(
             attn_norm=t[p + "input_layernorm.weight"],
             q=t[p + "self_attn.q_proj.weight"], k=t[p + "self_attn.k_proj.weight"],
             v=t[p + "self_attn.v_proj.weight"], o=t[p + "self_attn.o_proj.weight"],
@@ -42,21 +55,42 @@ class LayerWeights:
             v_bias=t.get(p + "self_attn.v_proj.bias"), o_bias=t.get(p + "self_attn.o_proj.bias"),
             ffn_norm=t[p + "post_attention_layernorm.weight"],
             gate=t.get(p + "mlp.gate_proj.weight"), up=t[p + "mlp.up_proj.weight"],
-            down=t[p + "mlp.down_proj.weight"],
+            down_t=np.ascontiguousarray(t[p + "mlp.down_proj.weight"].T),
         )
+        for name in MATRICES:
+            w = getattr(layer, name)
+            if w is not None:
+                setattr(layer, name, store(w, fmt))
+        return layer
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all weights of the layer, as stored."""
+        return sum(getattr(self, f.name).nbytes for f in fields(self) if getattr(self, f.name) is not None)
 
 
 class Transformer:
     """Weights + graph. Stateless between calls: all per-sequence state lives in the KVCache."""
 
-    def __init__(self, config: ModelConfig, tensors: dict[str, np.ndarray], ops: NumpyOps | None = None):
+    def __init__(self, config: ModelConfig, tensors: dict[str, np.ndarray], ops: NumpyOps | None = None,
+                 weights: str = "f32"):
+        if weights not in FORMATS:
+            raise InvalidArgumentError(f"unknown weight format {weights!r}; choose one of {', '.join(FORMATS)}")
         self.config = config
         self.ops = ops or NumpyOps()
-        self.embed_tokens = tensors["model.embed_tokens.weight"]                  # [V, D]
-        self.layers = [LayerWeights.from_tensors(tensors, i) for i in range(config.num_hidden_layers)]
+        self.weights = weights                                                    # f32 | f16 | q8 | q4
+        self.embed_tokens = store(tensors["model.embed_tokens.weight"], weights)  # [V, D]
+        self.layers = [LayerWeights.from_tensors(tensors, i, weights) for i in range(config.num_hidden_layers)]
         self.final_norm = tensors["model.norm.weight"]                            # [D]
-        self.lm_head = tensors.get("lm_head.weight", self.embed_tokens)           # [V, D], tied by default
+        head = tensors.get("lm_head.weight")
+        self.lm_head = self.embed_tokens if head is None else store(head, weights)  # [V, D], tied by default
         self.inv_freq = inv_frequencies(config)                                   # [hd/2]
+        self.ffn_neurons: NeuronSelector | None = None                            # None = dense FFN
+
+    @property
+    def nbytes_per_token(self) -> int:
+        """Weight bytes one decode step reads: every layer, the final norm and the output head."""
+        return sum(layer.nbytes for layer in self.layers) + self.final_norm.nbytes + self.lm_head.nbytes
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         c = self.config
@@ -68,7 +102,6 @@ class Transformer:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         T, start = ids.shape[0], cache.length
         if start + T > cache.max_len:
-            from .errors import ContextLengthError
             raise ContextLengthError(f"{start + T} tokens exceed the context length {cache.max_len}")
         ops = self.ops
         cos, sin = cos_sin(self.inv_freq, start, T)                               # [T, hd/2] each
@@ -77,7 +110,8 @@ class Transformer:
             x += self._attention(i, layer, ops.rms_norm(x, layer.attn_norm, self.config.rms_norm_eps),
                                  cache, start, cos, sin)
             h = ops.rms_norm(x, layer.ffn_norm, self.config.rms_norm_eps)
-            x += ops.ffn(h, layer.gate, layer.up, layer.down, self.config.hidden_act)
+            idx = self.ffn_neurons(i, h) if self.ffn_neurons is not None else None
+            x += ops.ffn(h, layer.gate, layer.up, layer.down_t, self.config.hidden_act, idx)
         cache.advance(T)
         if last_only:
             x = x[-1:]
@@ -92,6 +126,6 @@ class Transformer:
         k = ops.linear(h, layer.k, layer.k_bias).reshape(T, c.num_key_value_heads, c.head_dim)
         v = ops.linear(h, layer.v, layer.v_bias).reshape(T, c.num_key_value_heads, c.head_dim)
         q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
-        k_all, v_all = cache.update_and_fetch(i, k, v)                            # [S, Hkv, hd]
+        k_all, v_all = cache.update_and_fetch(i, k, v)                            # [Hkv, S, hd]
         attn = ops.attention(q, k_all, v_all, start, c.sliding_window)                # [T, H*hd]
         return ops.linear(attn, layer.o, layer.o_bias)

@@ -10,7 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from .quant import QMatrix, dequantize
+
 F32 = np.float32
+
+
+def as_f32(w) -> np.ndarray:
+    """A weight matrix as float32 [N, K]: arrays pass through, QMatrix is dequantized."""
+    return dequantize(w) if isinstance(w, QMatrix) else w
 
 
 def _erf(x: np.ndarray) -> np.ndarray:
@@ -47,6 +54,8 @@ class NumpyOps:
     """Reference implementation of every op. Subclasses override what they make faster."""
 
     name = "numpy"
+    # weight formats this backend computes on directly; others work through dequantization (slowly)
+    native_formats: tuple = ("f32",)
 
     def __init__(self, n_threads: int = 1):
         self.n_threads = n_threads
@@ -61,26 +70,37 @@ class NumpyOps:
         return ACTIVATIONS[name](x)
 
     # -- projections -------------------------------------------------------------------------------
-    def linear(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None) -> np.ndarray:
-        """x: [T, K], weight: [N, K] (HF layout), bias: [N] -> [T, N]."""
-        y = x @ weight.T
+    # Weights arrive as float32 arrays or as QMatrix (pipower.quant); the reference dequantizes the
+    # rows it needs, which is slow but exactly the values the compiled kernels read.
+    def linear(self, x: np.ndarray, weight, bias: np.ndarray | None = None) -> np.ndarray:
+        """x: [T, K], weight: [N, K] (HF layout, array or QMatrix), bias: [N] -> [T, N]."""
+        y = x @ as_f32(weight).T
         if bias is not None:
             y += bias
         return y
 
-    def embed(self, table: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """table: [V, D], ids: int [T] -> [T, D] (a copy: the graph adds into it)."""
+    def embed(self, table, ids: np.ndarray) -> np.ndarray:
+        """table: [V, D] (array or QMatrix), ids: int [T] -> [T, D] (a copy: the graph adds into it)."""
+        if isinstance(table, QMatrix):
+            return dequantize(table, rows=ids)
         return np.take(table, ids, axis=0)
 
     # -- FFN ---------------------------------------------------------------------------------------
-    def ffn(self, x: np.ndarray, gate: np.ndarray | None, up: np.ndarray, down: np.ndarray, act: str) -> np.ndarray:
-        """x: [T, D]; gate/up: [F, D]; down: [D, F] -> [T, D]. gate None = plain MLP: down(act(up x))."""
-        h = self.linear(x, up)
+    def ffn(self, x: np.ndarray, gate, up, down_t, act: str, idx: np.ndarray | None = None) -> np.ndarray:
+        """x: [T, D]; gate/up: [F, D]; down_t: [F, D] (down stored transposed, PowerInfer's ffn_down_t,
+        so one neuron's three weight rows are each contiguous) -> [T, D].
+
+        idx: sorted int32 indices of the neurons to compute (the others count as zero), shared by the T
+        rows; None = all. gate None = plain MLP: down(act(up x)).
+        """
+        def rows(w):
+            return as_f32(w) if idx is None else (dequantize(w, rows=idx) if isinstance(w, QMatrix) else w[idx])
+        h = x @ rows(up).T                                      # [T, n]
         if gate is not None:
-            h *= self.activation(act, self.linear(x, gate))
+            h *= self.activation(act, x @ rows(gate).T)
         else:
             h = self.activation(act, h)
-        return self.linear(h, down)
+        return h @ rows(down_t)
 
     # -- attention ---------------------------------------------------------------------------------
     def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
@@ -94,16 +114,16 @@ class NumpyOps:
                   window: int | None = None) -> np.ndarray:
         """Causal GQA attention of T new queries over S = start_pos + T cached keys.
 
-        q: [T, H, hd]; k, v: [S, Hkv, hd] -> [T, H * hd]. Query t sits at position p = start_pos + t and
+        q: [T, H, hd]; k, v: [Hkv, S, hd] (the cache's head-major views) -> [T, H * hd]. Query t sits at position p = start_pos + t and
         sees keys 0 .. p, or only p - window < j <= p with a sliding window (Mistral).
         Heads are grouped so each KV head is read once for its G = H / Hkv queries.
         """
         T, H, hd = q.shape
-        S, Hkv, _ = k.shape
+        Hkv, S, _ = k.shape
         G = H // Hkv
         # [Hkv, G*T, hd]: head h = kv_head * G + g, as in HF's repeat_kv.
         qg = q.reshape(T, Hkv, G, hd).transpose(1, 2, 0, 3).reshape(Hkv, G * T, hd)
-        scores = qg @ k.transpose(1, 2, 0)                      # [Hkv, G*T, S]
+        scores = qg @ k.transpose(0, 2, 1)                      # [Hkv, G*T, S]
         scores *= F32(1.0 / np.sqrt(hd))
         if T > 1 or (window is not None and S > window):
             q_pos = np.tile(np.arange(start_pos, start_pos + T), G)[:, None]  # [G*T, 1]
@@ -115,5 +135,5 @@ class NumpyOps:
         scores -= scores.max(axis=-1, keepdims=True)
         np.exp(scores, out=scores)
         scores /= scores.sum(axis=-1, keepdims=True)
-        out = scores @ v.transpose(1, 0, 2)                     # [Hkv, G*T, hd]
+        out = scores @ v                                        # [Hkv, G*T, hd]
         return out.reshape(Hkv, G, T, hd).transpose(2, 0, 1, 3).reshape(T, H * hd)

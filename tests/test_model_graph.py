@@ -96,4 +96,5 @@ def test_plain_relu_mlp_matches_numpy_reference():
     rng = np.random.default_rng(3)
     x, up, down = (rng.standard_normal(s).astype(np.float32) for s in [(5, 16), (32, 16), (16, 32)])
     expected = np.maximum(x @ up.T, 0) @ down.T
-    np.testing.assert_allclose(ops.ffn(x, None, up, down, "relu"), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(ops.ffn(x, None, up, np.ascontiguousarray(down.T), "relu"), expected,
+                               rtol=1e-5, atol=1e-6)
