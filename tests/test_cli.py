@@ -54,3 +54,25 @@ def test_info_reports_backends(capsys):
 def test_prompt_required_exactly_once():
     out = run_cli("generate", "-m", "/no/such.gguf")
     assert out.returncode != 0 and "exactly one prompt" in out.stderr
+
+
+def test_fetch_prints_the_path_last(capsys):
+    import pipower
+    try:
+        expected = pipower.fetch("smollm2-135m", progress=False)
+    except pipower.FetchError as e:
+        pytest.skip(f"cannot fetch: {e}")
+    assert main(["fetch", "smollm2-135m", "--quiet"]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == expected
+
+
+def test_generate_streams_text_and_reports_speed(capsys):
+    import pipower
+    try:
+        path = pipower.fetch("smollm2-135m", progress=False)
+    except pipower.FetchError as e:
+        pytest.skip(f"cannot fetch: {e}")
+    assert main(["generate", "-m", path, "-n", "8", "--chat", "What is the capital of France?"]) == 0
+    out, err = capsys.readouterr()
+    assert "Paris" in out
+    assert "prefill:" in err and "decode:" in err and "tok/s" in err
