@@ -17,8 +17,10 @@ from .ops import NumpyOps
 from .quant import FORMATS, quantize
 from .rope import cos_sin, inv_frequencies
 
-# (layer index, normed FFN input h [T, D]) -> sorted int32 indices of the neurons to compute, or None = all
-NeuronSelector = Callable[[int, np.ndarray], "np.ndarray | None"]
+# (layer index, residual stream x [T, D] before the FFN norm, normed FFN input h [T, D])
+#   -> sorted int32 indices of the FFN neurons to compute for these tokens, or None = all of them.
+# Predictors read x (PowerInfer's input), profilers record both; must not modify either.
+NeuronSelector = Callable[[int, np.ndarray, np.ndarray], "np.ndarray | None"]
 MATRICES = ("q", "k", "v", "o", "gate", "up", "down_t")   # LayerWeights fields stored in the weight format
 
 
@@ -110,7 +112,7 @@ class Transformer:
             x += self._attention(i, layer, ops.rms_norm(x, layer.attn_norm, self.config.rms_norm_eps),
                                  cache, start, cos, sin)
             h = ops.rms_norm(x, layer.ffn_norm, self.config.rms_norm_eps)
-            idx = self.ffn_neurons(i, h) if self.ffn_neurons is not None else None
+            idx = self.ffn_neurons(i, x, h) if self.ffn_neurons is not None else None
             x += ops.ffn(h, layer.gate, layer.up, layer.down_t, self.config.hidden_act, idx)
         cache.advance(T)
         if last_only:
