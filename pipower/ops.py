@@ -20,6 +20,13 @@ def as_f32(w) -> np.ndarray:
     return dequantize(w) if isinstance(w, QMatrix) else w
 
 
+def _rows(w, idx) -> np.ndarray:
+    """Rows idx (all when None) of a weight matrix as float32 [n, K]."""
+    if idx is None:
+        return as_f32(w)
+    return dequantize(w, rows=idx) if isinstance(w, QMatrix) else w[idx]
+
+
 def _erf(x: np.ndarray) -> np.ndarray:
     """erf without SciPy: Abramowitz & Stegun 7.1.26 has 1.5e-7 absolute error, far inside fp32 GELU needs."""
     sign = np.sign(x)
@@ -90,17 +97,26 @@ class NumpyOps:
         """x: [T, D]; gate/up: [F, D]; down_t: [F, D] (down stored transposed, PowerInfer's ffn_down_t,
         so one neuron's three weight rows are each contiguous) -> [T, D].
 
-        idx: sorted int32 indices of the neurons to compute (the others count as zero), shared by the T
-        rows; None = all. gate None = plain MLP: down(act(up x)).
+        idx selects the neurons to compute (the others count as zero):
+          None                 all neurons (dense);
+          int32 [n], sorted    the same neurons for all T rows;
+          bool [T, F]          a per-token mask (oracle / predictor decisions during prefill).
+        gate None = plain MLP: down(act(up x)).
         """
-        def rows(w):
-            return as_f32(w) if idx is None else (dequantize(w, rows=idx) if isinstance(w, QMatrix) else w[idx])
-        h = x @ rows(up).T                                      # [T, n]
+        if idx is not None and idx.dtype == np.bool_:
+            if idx.shape != (x.shape[0], down_t.shape[0]):
+                raise ValueError(f"neuron mask shape {idx.shape} != (T, F) = {(x.shape[0], down_t.shape[0])}")
+            return (self._ffn_hidden(x, gate, up, act, None) * idx) @ as_f32(down_t)
+        return self._ffn_hidden(x, gate, up, act, idx) @ _rows(down_t, idx)
+
+    def _ffn_hidden(self, x, gate, up, act, idx) -> np.ndarray:
+        """act(gate x) * (up x) over the neurons idx (all when None) -> [T, n]."""
+        h = x @ _rows(up, idx).T
         if gate is not None:
-            h *= self.activation(act, x @ rows(gate).T)
+            h *= self.activation(act, x @ _rows(gate, idx).T)
         else:
             h = self.activation(act, h)
-        return h @ rows(down_t)
+        return h
 
     # -- attention ---------------------------------------------------------------------------------
     def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""Activation sparsity: profiling, oracle and predictor neuron selection, hot/cold placement."""

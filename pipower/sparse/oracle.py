@@ -1,0 +1,37 @@
+"""Oracle mode: compute each layer's gate fully, then skip up/down of neurons with |act(gate)| <= tau_act.
+
+It measures the accuracy cost of tau_act alone, without predictor error. Decode (T = 1) hands the kernels
+sorted indices; prefill hands a per-token mask so each token skips exactly its own inactive neurons.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .profile import gate_activations
+
+
+class OracleSelector:
+    """Neuron selector for Transformer.ffn_neurons; also counts the fraction of neurons skipped."""
+
+    def __init__(self, transformer, tau_act):
+        L = transformer.config.num_hidden_layers
+        self.transformer = transformer
+        self.tau = np.broadcast_to(np.asarray(tau_act, np.float32), (L,)).copy()   # [L]
+        self.skipped = 0          # (token, neuron) pairs not computed, summed over layers
+        self.total = 0
+
+    def __call__(self, layer: int, x: np.ndarray, h: np.ndarray):
+        active = gate_activations(self.transformer, layer, h) > self.tau[layer]     # bool [T, F]
+        self.total += active.size
+        self.skipped += active.size - int(active.sum())
+        if active.shape[0] == 1:
+            return np.flatnonzero(active[0]).astype(np.int32)
+        return active
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of FFN neurons skipped so far (0 = dense)."""
+        return self.skipped / self.total if self.total else 0.0
+
+    def reset_counts(self) -> None:
+        self.skipped = self.total = 0

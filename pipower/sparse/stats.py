@@ -1,0 +1,84 @@
+"""ActivationStats: what `pipower profile` measured, saved as one safetensors file + JSON metadata.
+
+Tensors (L layers, F FFN neurons, D hidden, n sampled tokens per layer):
+  counts          int64 [L, F]    tokens on which each neuron was active (|act(gate . h)| > tau_act)
+  tau_act         float32 [L]     the per-layer threshold used
+  layer.{i}.x     float16 [n, D]  sampled pre-FFN-norm residual rows (predictor inputs), layer i
+  layer.{i}.y     uint8 [n, ceil(F/8)]  their activity labels, np.packbits along neurons
+Layers are written and read by numeric index (never by sorting key strings: "10" < "2").
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import ModelFileError
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ActivationStats:
+    counts: np.ndarray                      # int64 [L, F]
+    n_tokens: int
+    tau_act: np.ndarray                     # float32 [L]
+    inputs: list = field(default_factory=list)   # per layer float16 [n, D]
+    labels: list = field(default_factory=list)   # per layer uint8 [n, ceil(F/8)]
+    meta: dict = field(default_factory=dict)     # model fingerprint, corpus, thresholds, ...
+
+    @property
+    def n_layers(self) -> int:
+        return self.counts.shape[0]
+
+    @property
+    def n_ff(self) -> int:
+        return self.counts.shape[1]
+
+    @property
+    def freqs(self) -> np.ndarray:
+        """float64 [L, F]: fraction of profiled tokens on which each neuron was active."""
+        return self.counts / max(self.n_tokens, 1)
+
+    def layer_labels(self, i: int) -> np.ndarray:
+        """bool [n, F] activity labels of layer i's samples."""
+        return np.unpackbits(self.labels[i], axis=1, count=self.n_ff).astype(bool)
+
+    def save(self, path) -> None:
+        from safetensors.numpy import save_file
+        tensors = {"counts": self.counts.astype(np.int64), "tau_act": self.tau_act.astype(np.float32)}
+        for i, (x, y) in enumerate(zip(self.inputs, self.labels)):
+            tensors[f"layer.{i}.x"] = np.ascontiguousarray(x, dtype=np.float16)
+            tensors[f"layer.{i}.y"] = np.ascontiguousarray(y, dtype=np.uint8)
+        meta = {**self.meta, "format": "pipower-activation-stats", "version": FORMAT_VERSION,
+                "n_tokens": self.n_tokens}
+        path = Path(path)
+        tmp = path.with_name(path.name + ".part")
+        save_file(tensors, str(tmp), metadata={"pipower": json.dumps(meta)})
+        tmp.replace(path)   # never leave a half-written stats file under its final name
+
+    @classmethod
+    def load(cls, path) -> "ActivationStats":
+        from safetensors import safe_open
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFileError(f"{path}: stats file not found")
+        try:
+            with safe_open(str(path), "np") as f:
+                meta = json.loads((f.metadata() or {}).get("pipower", "{}"))
+                if meta.get("format") != "pipower-activation-stats":
+                    raise ModelFileError(f"{path}: not a pipower activation-stats file")
+                counts, tau = f.get_tensor("counts"), f.get_tensor("tau_act")
+                keys = set(f.keys())
+                inputs, labels = [], []
+                for i in range(counts.shape[0]):          # numeric layer order
+                    if f"layer.{i}.x" in keys:
+                        inputs.append(f.get_tensor(f"layer.{i}.x"))
+                        labels.append(f.get_tensor(f"layer.{i}.y"))
+        except ModelFileError:
+            raise
+        except Exception as e:  # safetensors raises its own errors for truncated/corrupt files
+            raise ModelFileError(f"{path}: cannot read stats file ({type(e).__name__}: {e})") from e
+        return cls(counts, int(meta.get("n_tokens", 0)), tau, inputs, labels, meta)
