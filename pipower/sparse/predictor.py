@@ -1,0 +1,183 @@
+"""Per-layer activation predictors: fc1 (D -> r, no bias) -> ReLU -> fc2 (r -> F, with bias) -> logits.
+
+PowerInfer's shape, trained here in NumPy (its training code was never released). Input: the residual
+stream before the FFN norm, RMS-normalised without weights (x / rms(x)) so one learning rate suits every
+layer although the residual's scale grows with depth. A neuron is computed iff logit >= tau_pred.
+Training: weighted binary cross-entropy (positives weighted up so recall is favoured), minibatch Adam,
+held-out split, best epoch kept by held-out loss.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InvalidArgumentError, ModelFileError
+
+log = logging.getLogger(__name__)
+
+
+def normalise(x: np.ndarray) -> np.ndarray:
+    """[n, D] -> x / rms(x), float32."""
+    x = x.astype(np.float32, copy=False)
+    return x / np.sqrt(np.mean(x * x, axis=1, keepdims=True) + np.float32(1e-6))
+
+
+@dataclass
+class LayerPredictor:
+    fc1: np.ndarray        # float32 [r, D]
+    fc2: np.ndarray        # float32 [F, r]
+    b2: np.ndarray         # float32 [F]
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        """x: residual [T, D] -> logits float32 [T, F]."""
+        return np.maximum(normalise(x) @ self.fc1.T, 0) @ self.fc2.T + self.b2
+
+
+@dataclass
+class TrainConfig:
+    rank: int = 256              # r; PowerInfer used ~1/3-1/2 of D for LLaMA-7B
+    epochs: int = 12
+    batch: int = 1024
+    lr: float = 1e-3
+    pos_weight: float = 3.0      # weight of active-neuron terms in the BCE: >1 favours recall
+    holdout: float = 0.1
+    seed: int = 0
+
+
+@dataclass
+class LayerReport:
+    recall: float                # of truly active neurons, fraction predicted active (held out)
+    precision: float             # of predicted active, fraction truly active
+    predicted_sparsity: float    # fraction of neurons predicted inactive (what gets skipped)
+    true_sparsity: float
+    loss: float
+
+    def as_dict(self):
+        return {k: round(float(v), 5) for k, v in self.__dict__.items()}
+
+
+def evaluate(pred: LayerPredictor, x: np.ndarray, y: np.ndarray, tau_pred: float = 0.0) -> LayerReport:
+    """Metrics of one layer's predictor on inputs x [n, D] with labels y bool [n, F]."""
+    z = pred.logits(x)
+    p = z >= tau_pred
+    tp = np.logical_and(p, y).sum()
+    loss = float(np.mean(np.logaddexp(0, -z) * y + np.logaddexp(0, z) * ~y))
+    return LayerReport(recall=tp / max(y.sum(), 1), precision=tp / max(p.sum(), 1),
+                       predicted_sparsity=1 - p.mean(), true_sparsity=1 - y.mean(), loss=loss)
+
+
+def train_layer(x: np.ndarray, y: np.ndarray, cfg: TrainConfig, progress=None) -> tuple[LayerPredictor, LayerReport]:
+    """x: float [n, D] residual rows, y: bool [n, F] labels -> (predictor, held-out report)."""
+    n, D = x.shape
+    F = y.shape[1]
+    if n < 10:
+        raise InvalidArgumentError(f"need at least 10 samples to train a predictor, got {n}")
+    rng = np.random.default_rng(cfg.seed)
+    order = rng.permutation(n)
+    n_hold = max(int(n * cfg.holdout), 1)
+    hold, fit = order[:n_hold], order[n_hold:]
+    xn = normalise(x)
+    yf = y.astype(np.float32)
+    r = min(cfg.rank, D)
+    # He init for the ReLU layer; fc2 starts small, its bias at the label base rate's logit
+    params = {
+        "fc1": (rng.standard_normal((r, D)) * np.sqrt(2 / D)).astype(np.float32),
+        "fc2": (rng.standard_normal((F, r)) * np.sqrt(1 / r) * 0.1).astype(np.float32),
+        "b2": np.log(np.clip(yf[fit].mean(0), 1e-4, 1 - 1e-4) / np.clip(1 - yf[fit].mean(0), 1e-4, 1)).astype(np.float32),
+    }
+    m = {k: np.zeros_like(v) for k, v in params.items()}
+    v = {k: np.zeros_like(p) for k, p in params.items()}
+    b1, b2, eps, step = np.float32(0.9), np.float32(0.999), np.float32(1e-8), 0
+    best, best_loss = None, np.inf
+    for epoch in range(cfg.epochs):
+        rng.shuffle(fit)
+        for s in range(0, len(fit), cfg.batch):
+            b = fit[s:s + cfg.batch]
+            xb, yb = xn[b], yf[b]
+            a = xb @ params["fc1"].T                                    # [B, r]
+            hdn = np.maximum(a, 0)
+            z = hdn @ params["fc2"].T + params["b2"]                    # [B, F]
+            sig = 1 / (1 + np.exp(-z))
+            # d/dz of weighted BCE: w_pos * y * (sig - 1) + (1 - y) * sig, averaged over the batch
+            w = np.where(yb > 0, np.float32(cfg.pos_weight), np.float32(1))
+            dz = (w * (sig - yb)).astype(np.float32) / np.float32(len(b))
+            grads = {"fc2": dz.T @ hdn, "b2": dz.sum(0)}
+            dh = (dz @ params["fc2"]) * (a > 0)
+            grads["fc1"] = dh.T @ xb
+            step += 1
+            for k in params:
+                m[k] = b1 * m[k] + (1 - b1) * grads[k]
+                v[k] = b2 * v[k] + (1 - b2) * grads[k] * grads[k]
+                mhat = m[k] / (1 - b1 ** step)
+                vhat = v[k] / (1 - b2 ** step)
+                params[k] -= np.float32(cfg.lr) * mhat / (np.sqrt(vhat) + eps)
+        pred = LayerPredictor(params["fc1"].copy(), params["fc2"].copy(), params["b2"].copy())
+        held = evaluate(pred, x[hold], y[hold])
+        if held.loss < best_loss:
+            best, best_loss = pred, held.loss
+        if progress is not None:
+            progress(epoch)
+    return best, evaluate(best, x[hold], y[hold])
+
+
+@dataclass
+class Predictors:
+    layers: list                          # LayerPredictor per layer, numeric order
+    reports: list = field(default_factory=list)   # LayerReport per layer (held out, tau_pred = 0)
+    meta: dict = field(default_factory=dict)
+
+    def save(self, path) -> None:
+        from safetensors.numpy import save_file
+        tensors = {}
+        for i, p in enumerate(self.layers):
+            tensors[f"layer.{i}.fc1"], tensors[f"layer.{i}.fc2"], tensors[f"layer.{i}.b2"] = p.fc1, p.fc2, p.b2
+        meta = {**self.meta, "format": "pipower-predictors", "n_layers": len(self.layers),
+                "reports": [r.as_dict() for r in self.reports]}
+        path = Path(path)
+        tmp = path.with_name(path.name + ".part")
+        save_file(tensors, str(tmp), metadata={"pipower": json.dumps(meta)})
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path) -> "Predictors":
+        from safetensors import safe_open
+        path = Path(path)
+        if not path.is_file():
+            raise ModelFileError(f"{path}: predictor file not found")
+        try:
+            with safe_open(str(path), "np") as f:
+                meta = json.loads((f.metadata() or {}).get("pipower", "{}"))
+                if meta.get("format") != "pipower-predictors":
+                    raise ModelFileError(f"{path}: not a pipower predictor file")
+                layers = [LayerPredictor(f.get_tensor(f"layer.{i}.fc1"), f.get_tensor(f"layer.{i}.fc2"),
+                                         f.get_tensor(f"layer.{i}.b2")) for i in range(meta["n_layers"])]
+        except ModelFileError:
+            raise
+        except Exception as e:
+            raise ModelFileError(f"{path}: cannot read predictor file ({type(e).__name__}: {e})") from e
+        reports = [LayerReport(**r) for r in meta.get("reports", [])]
+        return cls(layers, reports, meta)
+
+
+class PredictorSelector:
+    """Neuron selector (Transformer.ffn_neurons) from trained predictors; counts skipped neurons."""
+
+    def __init__(self, predictors: Predictors, tau_pred: float = 0.0):
+        self.predictors, self.tau = predictors, np.float32(tau_pred)
+        self.skipped = self.total = 0
+
+    def __call__(self, layer: int, x: np.ndarray, h: np.ndarray):
+        active = self.predictors.layers[layer].logits(x) >= self.tau          # bool [T, F]
+        self.total += active.size
+        self.skipped += active.size - int(active.sum())
+        if active.shape[0] == 1:
+            return np.flatnonzero(active[0]).astype(np.int32)
+        return active
+
+    @property
+    def sparsity(self) -> float:
+        return self.skipped / self.total if self.total else 0.0
