@@ -1,0 +1,145 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Fused sparse FFN for one token (decode), PowerInfer's CPU operator, in one OpenMP region.
+
+    ffn_sparse(fmt, x [D], gate, up, down_t, idx [n] | None, act, out [D], h_out [n], n_threads)
+
+gate / up / down_t are (data, scales) pairs of [F, D] matrices in format `fmt` (pipower.quant layouts;
+scales None for f32/f16), gate None for a plain MLP. idx: int32, sorted, unique, in [0, F): the active
+neurons; None = all F neurons (the dense FFN through the same code). Each neuron's three weight rows are
+read once; no per-neuron Python.
+
+Thread invariance: neurons are cut into fixed chunks (the size depends only on n), each chunk sums into
+its own partial row, and partials are added in chunk order, so `out` is bitwise the same for any
+n_threads (see _ffn_impl.h). Accumulation is float32.
+"""
+import numpy as np
+
+cimport numpy as cnp
+from cython.parallel cimport parallel, prange
+from libc.stdint cimport int32_t, uint16_t
+
+from ._linear import check_array, check_out, check_threads, check_weight
+
+cnp.import_array()
+
+cdef extern from "_ffn_impl.h" nogil:
+    int PP_ACT_SILU, PP_ACT_GELU, PP_ACT_GELU_TANH, PP_ACT_RELU
+    ctypedef struct pp_ffn_args:
+        int fmt, simd, act
+        Py_ssize_t D
+        const char *gate
+        const char *up
+        const char *down
+        const uint16_t *gate_s
+        const uint16_t *up_s
+        const uint16_t *down_s
+        const int32_t *idx
+        const float *x
+        float *h_out
+    void pp_ffn_chunk(const pp_ffn_args *a, Py_ssize_t j0, Py_ssize_t j1, float *acc)
+    void pp_sum_partials(const float *part, Py_ssize_t C, Py_ssize_t D, float *out, Py_ssize_t k0,
+                         Py_ssize_t k1)
+    void pp_barrier()
+
+# HF activation names (pipower.ops.ACTIVATIONS) and the short "gelu_tanh".
+ACTS = {"silu": PP_ACT_SILU, "gelu": PP_ACT_GELU, "gelu_tanh": PP_ACT_GELU_TANH,
+        "gelu_pytorch_tanh": PP_ACT_GELU_TANH, "gelu_new": PP_ACT_GELU_TANH, "relu": PP_ACT_RELU}
+# At most this many chunks (partial rows) per call, and at least this many neurons per chunk: enough
+# chunks to balance a few threads, few enough that the partials stay small ([<=32, D] floats).
+cdef Py_ssize_t MAX_CHUNKS = 32
+cdef Py_ssize_t MIN_CHUNK = 16
+cdef Py_ssize_t SUM_SLICE = 64     # floats per reduction slice (4 cache lines)
+
+
+cdef int _check_idx(const int32_t *idx, Py_ssize_t n, Py_ssize_t F) noexcept nogil:
+    """0 if idx is strictly increasing within [0, F); else 1 + position of the first offence."""
+    cdef Py_ssize_t j
+    for j in range(n):
+        if idx[j] < 0 or idx[j] >= F or (j > 0 and idx[j] <= idx[j - 1]):
+            return <int>(j + 1)
+    return 0
+
+
+cdef void _run(pp_ffn_args *a, Py_ssize_t n, Py_ssize_t CH, Py_ssize_t C, float *part, float *out,
+               int nt) noexcept nogil:
+    # Phase 1: chunk c = neurons [c*CH, min(n, (c+1)*CH)) -> part[c]. Phase 2 (after an explicit
+    # barrier: Cython's prange is `omp for nowait`): out[k] = sum_c part[c][k], in chunk order, slices of k shared over the team.
+    cdef Py_ssize_t c, s, S = (a.D + SUM_SLICE - 1) // SUM_SLICE
+    if C == 1:                                   # one chunk: its partial is the answer
+        pp_ffn_chunk(a, 0, n, out)
+        return
+    if nt <= 1:
+        for c in range(C):
+            pp_ffn_chunk(a, c * CH, min(n, (c + 1) * CH), part + c * a.D)
+        pp_sum_partials(part, C, a.D, out, 0, a.D)
+        return
+    with parallel(num_threads=nt):
+        for c in prange(C, schedule="static"):
+            pp_ffn_chunk(a, c * CH, min(n, (c + 1) * CH), part + c * a.D)
+        pp_barrier()
+        for s in prange(S, schedule="static"):
+            pp_sum_partials(part, C, a.D, out, s * SUM_SLICE, min(a.D, (s + 1) * SUM_SLICE))
+
+
+def ffn_sparse(fmt, x, gate, up, down_t, idx, act, out=None, h_out=None, n_threads=1, simd=True):
+    """out[D] = sum_{i in idx} h_i * down_t[i], h_i = act(gate[i] . x) * (up[i] . x) (or act(up[i] . x)
+    when gate is None). h_out: float32 [n] or None, receives h_i in idx order. Returns out.
+
+    fmt: "f32" | "f16" | "q8" | "q4"; gate, up, down_t: (data, scales) of [F, D] matrices; x: float32
+    [D]; idx: int32 [n] sorted unique in [0, F), or None for all neurons; act: a key of ACTS.
+    """
+    cdef int nt = check_threads(n_threads)
+    cdef pp_ffn_args a
+    cdef Py_ssize_t N, D, F, n, CH, C, j
+    if act not in ACTS:
+        raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(ACTS)}")
+    a.fmt, F, D = check_weight(fmt, up[0], up[1], "up")
+    for name, m in (("gate", gate), ("down_t", down_t)):
+        if m is None:
+            if name == "down_t":
+                raise ValueError("down_t is required")
+            continue
+        _, N, j = check_weight(fmt, m[0], m[1], name)
+        if N != F or j != D:
+            raise ValueError(f"{name} must be {F}x{D} like up, got {N}x{j}")
+    check_array(x, "x", (np.dtype(np.float32),), 1)
+    if x.shape[0] != D:
+        raise ValueError(f"x must have shape ({D},) to match {F}x{D} FFN matrices, got {x.shape}")
+    a.idx = NULL
+    if idx is None:
+        n = F
+    else:
+        check_array(idx, "idx", (np.dtype(np.int32),), 1)
+        n = idx.shape[0]
+        a.idx = <const int32_t *>cnp.PyArray_DATA(idx)
+        with nogil:
+            j = _check_idx(a.idx, n, F)
+        if j:
+            raise ValueError(f"idx must be sorted, unique and within [0, {F}); idx[{j - 1}] = "
+                             f"{idx[j - 1]}" + (f" after {idx[j - 2]}" if j > 1 else ""))
+    out = check_out(out, "out", (D,))
+    a.h_out = NULL
+    if h_out is not None:
+        h_out = check_out(h_out, "h_out", (n,))
+        a.h_out = <float *>cnp.PyArray_DATA(h_out)
+    if n == 0 or D == 0:
+        out[...] = 0
+        return out
+    a.simd = 1 if simd else 0
+    a.act = ACTS[act]
+    a.D = D
+    a.x = <const float *>cnp.PyArray_DATA(x)
+    a.up = <const char *>cnp.PyArray_DATA(up[0])
+    a.down = <const char *>cnp.PyArray_DATA(down_t[0])
+    a.gate = NULL if gate is None else <const char *>cnp.PyArray_DATA(gate[0])
+    a.up_s = NULL if up[1] is None else <const uint16_t *>cnp.PyArray_DATA(up[1])
+    a.down_s = NULL if down_t[1] is None else <const uint16_t *>cnp.PyArray_DATA(down_t[1])
+    a.gate_s = NULL if gate is None or gate[1] is None else <const uint16_t *>cnp.PyArray_DATA(gate[1])
+    CH = max(MIN_CHUNK, (n + MAX_CHUNKS - 1) // MAX_CHUNKS)
+    C = (n + CH - 1) // CH
+    part = np.empty(C * D if C > 1 else 0, dtype=np.float32)   # [C, D] partial rows
+    cdef float *pp = <float *>cnp.PyArray_DATA(part)
+    cdef float *op = <float *>cnp.PyArray_DATA(out)
+    with nogil:
+        _run(&a, n, CH, C, pp, op, <int>min(nt, C))
+    return out

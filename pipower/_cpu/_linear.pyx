@@ -1,0 +1,230 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Dense projections over pipower's weight formats (f32, f16, q8, q4; layouts in pipower/quant.py).
+
+    gemv(fmt, data, scales, x [K], out [N])        decode: y = W x, row-parallel, reads W once
+    gemm(fmt, data, scales, x [T, K], out [T, N])  prefill: Y = X W^T (dequantized row tiles + BLAS)
+    dequantize_rows(fmt, data, scales, ...)         float32 rows exactly as quant.dequantize gives them
+
+`fmt` is the QMatrix format name, `data`/`scales` its arrays (scales None for f32/f16). The row loops are
+C (_linear_impl.h); `simd=False` selects the portable C version instead of the AVX-512 one (for tests;
+ignored when the module was built without AVX-512, see HAVE_AVX512). Accumulation is float32.
+Results of gemv do not depend on n_threads (a row is always one dot product computed by the same code).
+"""
+import numpy as np
+
+cimport numpy as cnp
+from cython.parallel cimport parallel, prange
+from libc.stdint cimport int32_t, uint16_t
+
+cnp.import_array()
+
+cdef extern from "_linear_impl.h" nogil:
+    int PP_HAVE_AVX512
+    int PP_F32, PP_F16, PP_Q8, PP_Q4
+    void pp_gemv_rows(int fmt, int simd, const char *data, const uint16_t *scales, const float *x,
+                      float *y, Py_ssize_t K, Py_ssize_t n0, Py_ssize_t n1)
+    void pp_dequant_rows(int fmt, const char *data, const uint16_t *scales, const int32_t *idx,
+                         Py_ssize_t base, float *out, Py_ssize_t K, Py_ssize_t r0, Py_ssize_t r1)
+
+HAVE_AVX512 = bool(PP_HAVE_AVX512)   # the AVX-512 row kernels were compiled in
+FORMATS = ("f32", "f16", "q8", "q4")
+FMT_CODE = {"f32": PP_F32, "f16": PP_F16, "q8": PP_Q8, "q4": PP_Q4}
+
+cdef object _F32 = np.dtype(np.float32)
+cdef object _F16 = np.dtype(np.float16)
+cdef object _U16 = np.dtype(np.uint16)
+cdef object _DATA_DTYPES = {"f32": (_F32,), "f16": (_F16, _U16), "q8": (np.dtype(np.int8),),
+                            "q4": (np.dtype(np.uint8),)}
+# Below this many weight bytes one thread beats waking the team (a wake-up costs a few microseconds).
+cdef Py_ssize_t PARALLEL_MIN_BYTES = 1 << 16
+# gemm dequantizes this many float32 bytes of W per tile (stays in L2 while BLAS uses it).
+cdef Py_ssize_t GEMM_TILE_BYTES = 1 << 20
+
+
+def check_threads(n_threads):
+    if not isinstance(n_threads, (int, np.integer)) or isinstance(n_threads, bool) or n_threads < 1:
+        raise ValueError(f"n_threads must be an int >= 1, got {n_threads!r}")
+    return int(n_threads)
+
+
+def check_array(a, str name, tuple dtypes, int ndim):
+    """Raise ValueError unless `a` is a C-contiguous ndarray with one of `dtypes` and `ndim` dims."""
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    if a.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype {' or '.join(str(d) for d in dtypes)}, got {a.dtype}")
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    if not a.flags.c_contiguous:
+        raise ValueError(f"{name} must be C-contiguous (use numpy.ascontiguousarray)")
+
+
+def check_out(out, str name, tuple shape):
+    """`out` None -> a new float32 array of `shape`; else it must be a writeable C-contiguous match."""
+    if out is None:
+        return np.empty(shape, dtype=np.float32)
+    check_array(out, name, (_F32,), len(shape))
+    if out.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {out.shape}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    return out
+
+
+def check_weight(fmt, data, scales, str name="w"):
+    """Validate one matrix in format `fmt` -> (format code, N, K) of the logical float matrix [N, K]."""
+    if fmt not in _DATA_DTYPES:
+        raise ValueError(f"{name}: unknown weight format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    check_array(data, f"{name} data", _DATA_DTYPES[fmt], 2)
+    cdef Py_ssize_t N = data.shape[0], K = data.shape[1]
+    if fmt == "q4":
+        K *= 2
+    if fmt == "f32" or fmt == "f16":
+        if scales is not None:
+            raise ValueError(f"{name}: format {fmt} has no scales, got an array")
+    else:
+        check_array(scales, f"{name} scales", (_F16,), 2)
+        if scales.shape[0] != N or scales.shape[1] * 32 != K:
+            raise ValueError(f"{name} scales must have shape ({N}, {K // 32}) for a {fmt} matrix of "
+                             f"{N}x{K} (K a multiple of 32), got {scales.shape}")
+    return FMT_CODE[fmt], N, K
+
+
+cdef inline const char *_ptr(object a):
+    return <const char *>cnp.PyArray_DATA(a)
+
+
+cdef inline const uint16_t *_sptr(object scales):
+    return NULL if scales is None else <const uint16_t *>cnp.PyArray_DATA(scales)
+
+
+# ---- gemv -----------------------------------------------------------------------------------------
+cdef void _gemv(int fmt, int simd, const char *data, const uint16_t *scales, const float *x, float *y,
+                Py_ssize_t N, Py_ssize_t K, int nt) noexcept nogil:
+    # Thread p owns rows [p*per, (p+1)*per) (static, contiguous: each thread streams its own part of W;
+    # per is a multiple of 16 so no two threads write one cache line of y).
+    cdef Py_ssize_t per, p, lo, hi
+    if nt <= 1:
+        pp_gemv_rows(fmt, simd, data, scales, x, y, K, 0, N)
+        return
+    per = (N + nt - 1) // nt
+    per = (per + 15) // 16 * 16
+    with parallel(num_threads=nt):
+        for p in prange(nt, schedule="static"):
+            lo = p * per
+            hi = min(N, lo + per)
+            if lo < hi:
+                pp_gemv_rows(fmt, simd, data, scales, x, y, K, lo, hi)
+
+
+def gemv(fmt, data, scales, x, out=None, n_threads=1, simd=True):
+    """y = W @ x for one token. W: a matrix [N, K] in `fmt` (data, scales as in QMatrix);
+    x: float32 [K]; out: float32 [N] or None. Returns out."""
+    cdef int nt = check_threads(n_threads)
+    cdef int code
+    cdef Py_ssize_t N, K
+    code, N, K = check_weight(fmt, data, scales)
+    check_array(x, "x", (_F32,), 1)
+    if x.shape[0] != K:
+        raise ValueError(f"x must have shape ({K},) to match a {N}x{K} matrix, got {x.shape}")
+    out = check_out(out, "out", (N,))
+    if N == 0:
+        return out
+    if data.nbytes < PARALLEL_MIN_BYTES:
+        nt = 1
+    _gemv(code, 1 if simd else 0, _ptr(data), _sptr(scales), <const float *>cnp.PyArray_DATA(x),
+          <float *>cnp.PyArray_DATA(out), N, K, <int>min(nt, N))
+    return out
+
+
+# ---- dequantize rows ------------------------------------------------------------------------------
+cdef void _dequant(int fmt, const char *data, const uint16_t *scales, const int32_t *idx, Py_ssize_t base,
+                   float *out, Py_ssize_t R, Py_ssize_t K, int nt) noexcept nogil:
+    cdef Py_ssize_t per, p, lo, hi
+    if nt <= 1:
+        pp_dequant_rows(fmt, data, scales, idx, base, out, K, 0, R)
+        return
+    per = (R + nt - 1) // nt
+    with parallel(num_threads=nt):
+        for p in prange(nt, schedule="static"):
+            lo = p * per
+            hi = min(R, lo + per)
+            if lo < hi:
+                pp_dequant_rows(fmt, data, scales, idx, base, out, K, lo, hi)
+
+
+def dequantize_rows(fmt, data, scales, idx=None, start=0, stop=None, out=None, n_threads=1):
+    """Rows of W as float32, bit-identical to pipower.quant.dequantize.
+
+    idx: int32 [R] row indices (any order, repeats allowed, each in [0, N)), or None for rows
+    start..stop. out: float32 [R, K] or None. Returns out.
+    """
+    cdef int nt = check_threads(n_threads)
+    cdef int code
+    cdef Py_ssize_t N, K, R, base = 0
+    code, N, K = check_weight(fmt, data, scales)
+    cdef const int32_t *ip = NULL
+    if idx is not None:
+        check_array(idx, "idx", (np.dtype(np.int32),), 1)
+        R = idx.shape[0]
+        if R and (idx.min() < 0 or idx.max() >= N):
+            raise ValueError(f"idx values must lie in [0, {N}), got min {idx.min()} max {idx.max()}")
+        ip = <const int32_t *>cnp.PyArray_DATA(idx)
+    else:
+        stop = N if stop is None else stop
+        if not (0 <= start <= stop <= N):
+            raise ValueError(f"need 0 <= start <= stop <= {N}, got start={start} stop={stop}")
+        base, R = start, stop - start
+    out = check_out(out, "out", (R, K))
+    if R == 0 or K == 0:
+        return out
+    if R * K * 4 < PARALLEL_MIN_BYTES:
+        nt = 1
+    _dequant(code, _ptr(data), _sptr(scales), ip, base, <float *>cnp.PyArray_DATA(out), R, K,
+             <int>min(nt, R))
+    return out
+
+
+# ---- gemm -----------------------------------------------------------------------------------------
+def gemm(fmt, data, scales, x, out=None, n_threads=1):
+    """Y = X @ W^T for T tokens (prefill). W: [N, K] in `fmt`; x: float32 [T, K]; out: float32 [T, N].
+
+    f32 goes straight to NumPy's BLAS. Compact formats are dequantized ~1 MiB of rows at a time into
+    float32 scratch (exactly dequantize()'s values, on ONE thread so the OpenMP team and the BLAS pool
+    never run at the same time) and each tile is multiplied by BLAS: Y[:, tile] = X @ tile^T. The
+    dequantization costs ~N*K*4 bytes of L2 writes, small next to the 2*T*N*K flops once T >~ 16.
+    n_threads is accepted for a uniform signature; BLAS uses its own pool (pipower.threads.blas_threads).
+    """
+    check_threads(n_threads)
+    cdef int code
+    cdef Py_ssize_t N, K, T, n0, n1, R
+    code, N, K = check_weight(fmt, data, scales)
+    check_array(x, "x", (_F32,), 2)
+    T = x.shape[0]
+    if x.shape[1] != K:
+        raise ValueError(f"x must have shape (T, {K}) to match a {N}x{K} matrix, got {x.shape}")
+    out = check_out(out, "out", (T, N))
+    if T == 0 or N == 0:
+        return out
+    if fmt == "f32":
+        return np.matmul(x, data.T, out=out)
+    R = max(16, GEMM_TILE_BYTES // (4 * max(K, 1)))
+    if R >= N:
+        tile = dequantize_rows(fmt, data, scales)
+        return np.matmul(x, tile.T, out=out)
+    tile = np.empty((R, K), dtype=np.float32)
+    part = np.empty((T, R), dtype=np.float32)     # BLAS writes a contiguous block, then one strided copy
+    cdef const char *dp = _ptr(data)
+    cdef const uint16_t *sp = _sptr(scales)
+    cdef float *tp = <float *>cnp.PyArray_DATA(tile)
+    for n0 in range(0, N, R):
+        n1 = min(N, n0 + R)
+        t = tile[:n1 - n0]
+        with nogil:
+            pp_dequant_rows(code, dp, sp, NULL, n0, tp, K, 0, n1 - n0)
+        if n1 - n0 == R:
+            np.matmul(x, t.T, out=part)
+            out[:, n0:n1] = part
+        else:
+            out[:, n0:n1] = x @ t.T
+    return out

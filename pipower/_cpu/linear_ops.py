@@ -1,0 +1,94 @@
+"""Projections and the FFN over compact weights, for CythonOps: thin dispatch onto _linear / _ffn.
+
+    linear(x [T, K], W, bias [N] | None, n_threads) -> [T, N]
+    ffn(x [T, D], gate, up, down_t, act, n_threads, idx=None) -> [T, D]
+
+W / gate / up / down_t: a pipower.quant.QMatrix or a plain float32 ndarray [rows, K] (treated as f32).
+T == 1 (decode) runs the compiled kernels on n_threads OpenMP threads: gemv, and the fused sparse FFN
+(results bitwise independent of n_threads). T > 1 (prefill) dequantizes row tiles to float32 (exactly
+quant.dequantize's values) and multiplies them with NumPy's BLAS, which uses its own thread pool.
+Inputs must be float32 and C-contiguous (the graph's arrays are); the kernels raise ValueError otherwise.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..ops import ACTIVATIONS
+from ..quant import QMatrix
+from . import _ffn, _linear
+
+# FFN prefill: neurons per dequantized tile (3 tiles of [R, D] float32 stay in L2 for D <= ~1024).
+FFN_TILE = 128
+
+
+def _parts(W) -> tuple:
+    """-> (fmt, data, scales) of a QMatrix or a float32 array."""
+    if type(W) is QMatrix:
+        return W.fmt, W.data, W.scales
+    return "f32", W, None
+
+
+def linear(x: np.ndarray, W, bias: np.ndarray | None = None, n_threads: int = 1) -> np.ndarray:
+    """x: float32 [T, K]; W: [N, K]; bias: float32 [N] or None -> new float32 [T, N]."""
+    fmt, data, scales = _parts(W)
+    if x.ndim == 2 and x.shape[0] == 1:
+        y = _linear.gemv(fmt, data, scales, x.reshape(-1), n_threads=n_threads).reshape(1, -1)
+    else:
+        y = _linear.gemm(fmt, data, scales, x, n_threads=n_threads)
+    if bias is not None:
+        y += bias
+    return y
+
+
+def ffn(x: np.ndarray, gate, up, down_t, act: str, n_threads: int = 1,
+        idx: np.ndarray | None = None) -> np.ndarray:
+    """x: float32 [T, D]; gate (or None), up, down_t: [F, D]; idx: int32 [n] sorted unique active
+    neurons, a bool [T, F] per-token mask, or None (all) -> new float32 [T, D]. Same math as NumpyOps.ffn."""
+    fu, ud, us = _parts(up)
+    fd, dd, ds = _parts(down_t)
+    fg, gd, gs = _parts(gate) if gate is not None else (fu, None, None)
+    if not fu == fd == fg:
+        raise ValueError(f"gate/up/down_t must share one format, got {fg}/{fu}/{fd}")
+    mask = None
+    if idx is not None and idx.dtype == np.bool_:
+        if idx.shape != (x.shape[0], up.shape[0]):
+            raise ValueError(f"neuron mask shape {idx.shape} != (T, F) = {(x.shape[0], up.shape[0])}")
+        if x.shape[0] == 1:
+            idx = np.flatnonzero(idx[0]).astype(np.int32)
+        else:
+            mask, idx = idx, None
+    if x.ndim == 2 and x.shape[0] == 1:
+        out = np.empty((1, x.shape[1]), dtype=np.float32)
+        _ffn.ffn_sparse(fu, x.reshape(-1), None if gd is None else (gd, gs), (ud, us), (dd, ds), idx, act,
+                        out=out.reshape(-1), n_threads=n_threads)
+        return out
+    return _ffn_prefill(x, fu, (gd, gs), (ud, us), (dd, ds), act, idx, n_threads, mask)
+
+
+def _ffn_prefill(x, fmt, gate, up, down, act, idx, n_threads, mask=None):
+    # Tiles of R neurons: dequantize their gate/up/down rows, h = act(x G^T) * (x U^T)  [T, R],
+    # out += h @ Dn. Each weight row is dequantized once; BLAS does the flops.
+    if act not in _ffn.ACTS:
+        raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(_ffn.ACTS)}")
+    _linear.check_array(x, "x", (np.dtype(np.float32),), 2)
+    F = up[0].shape[0]
+    if idx is not None:
+        _linear.check_array(idx, "idx", (np.dtype(np.int32),), 1)
+        if idx.size and (np.any(np.diff(idx) <= 0) or idx[0] < 0 or idx[-1] >= F):
+            raise ValueError(f"idx must be sorted, unique and within [0, {F})")
+    n = F if idx is None else idx.shape[0]
+    T, D = x.shape
+    out = np.zeros((T, D), dtype=np.float32)
+    f = ACTIVATIONS["gelu_new" if act == "gelu_tanh" else act]
+    for j0 in range(0, n, FFN_TILE):
+        j1 = min(n, j0 + FFN_TILE)
+        sel = dict(start=j0, stop=j1) if idx is None else dict(idx=idx[j0:j1])
+        h = x @ _linear.dequantize_rows(fmt, *up, **sel).T                      # [T, R]
+        if gate[0] is not None:
+            h *= f(x @ _linear.dequantize_rows(fmt, *gate, **sel).T)
+        else:
+            h = f(h)
+        if mask is not None:                                                    # per-token decisions
+            h *= mask[:, j0:j1]
+        out += h @ _linear.dequantize_rows(fmt, *down, **sel)                  # [T, D]
+    return out
