@@ -1,0 +1,263 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Attention-side CPU kernels (Cython + OpenMP): decode and prefill attention over the KV cache, RoPE.
+
+Loops live in _attention_impl.h; this file checks arguments (ValueError naming the argument), allocates
+outputs and scratch, and spreads independent rows over `n_threads` OpenMP threads. Every output row is
+computed by the same code whatever the thread count, so results do not depend on n_threads.
+
+Shapes: T query positions, S keys (cache length after the append), H query heads, Hkv KV heads
+(GQA: query head h reads KV head h // (H // Hkv), as HF's repeat_kv), hd head dim.
+k and v may be the KV cache's views cache._k[layer, :, :S]: only the last axis must be contiguous.
+"""
+import numpy as np
+
+cimport cython
+cimport numpy as cnp
+from cython.parallel cimport parallel, prange, threadid
+from libc.math cimport sqrt
+
+cdef extern from "_attention_impl.h" nogil:
+    float pp_exp_neg(float x)
+    void pp_attn_row(const float *q, const float *k, Py_ssize_t ldk, const float *v, Py_ssize_t ldv,
+                     Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t hd, float scale, float *s, float *out)
+    void pp_rope_head(const float *x, float *y, const float *c, const float *s, Py_ssize_t half)
+
+cnp.import_array()
+
+cdef object _F32 = np.dtype(np.float32)
+
+# Below this many multiply-adds (H * keys * hd * 2) a call runs on one thread: waking the OpenMP team
+# (~10-60 us with OMP_WAIT_POLICY=PASSIVE, see pipower/threads.py) costs more than the work saves; one
+# thread does ~2.7 ns per (head, key) at hd=64 (decode S=512, H=14: ~25 us). A first guess: re-measure on a
+# quiet machine (docs/PERF_NOTES.md); the dev box was at load 7-8 on 2 cores when this was written.
+DEFAULT_MIN_PARALLEL_WORK = 1 << 19
+cdef Py_ssize_t _min_par_work = DEFAULT_MIN_PARALLEL_WORK
+
+
+def set_min_parallel_work(n):
+    """Set the work threshold (multiply-adds) under which calls stay on one thread; returns the old one.
+    Tests set 0 to force the threaded path on small inputs."""
+    global _min_par_work
+    old = _min_par_work
+    _min_par_work = int(n)
+    return old
+
+
+cdef int _check_threads(object n_threads) except -1:
+    if not isinstance(n_threads, (int, np.integer)) or isinstance(n_threads, bool) or n_threads < 1:
+        raise ValueError(f"n_threads must be an int >= 1, got {n_threads!r}")
+    return <int>n_threads
+
+
+cdef object _check_f32(object a, str name, int ndim, bint contiguous):
+    """`a` must be a float32 ndarray of `ndim` dims; C-contiguous if `contiguous`, else its last axis."""
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
+    if a.dtype != _F32:
+        raise ValueError(f"{name} must have dtype float32, got {a.dtype}")
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
+    if contiguous:
+        if not a.flags.c_contiguous:
+            raise ValueError(f"{name} must be C-contiguous (use numpy.ascontiguousarray)")
+    elif a.shape[ndim - 1] > 1 and a.strides[ndim - 1] != 4:
+        raise ValueError(f"{name} must be contiguous along its last axis, got strides {a.strides}")
+    return a
+
+
+cdef object _out(object out, str name, tuple shape):
+    if out is None:
+        return np.empty(shape, dtype=np.float32)
+    _check_f32(out, name, len(shape), True)
+    if out.shape != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {out.shape}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    return out
+
+
+cdef tuple _check_kv(object q_heads, object k, object v, Py_ssize_t hd):
+    """k, v: [Hkv, S, hd], last axis contiguous, same shape; H divisible by Hkv. -> (Hkv, S)."""
+    _check_f32(k, "k", 3, False)
+    _check_f32(v, "v", 3, False)
+    ks, vs = k.strides, v.strides
+    if ks[0] % 4 or ks[1] % 4 or vs[0] % 4 or vs[1] % 4:
+        raise ValueError("k and v strides must be whole float32 elements")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
+    Hkv, S, khd = k.shape
+    if khd != hd:
+        raise ValueError(f"k/v head dim {khd} does not match q head dim {hd}")
+    if Hkv < 1 or q_heads % Hkv != 0:
+        raise ValueError(f"q heads ({q_heads}) must be a positive multiple of k/v heads ({Hkv})")
+    return Hkv, S
+
+
+cdef int _window(object window) except -1:
+    if window is None:
+        return 0
+    if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 0:
+        raise ValueError(f"window must be an int >= 0 (0 = no window) or None, got {window!r}")
+    return <int>min(window, 1 << 30)
+
+
+# ---- attention core: T query positions x H heads, rows independent ------------------------------
+cdef void _attend(const float *q, Py_ssize_t T, Py_ssize_t H, Py_ssize_t hd,
+                  const float *k, Py_ssize_t k_head, Py_ssize_t k_row,
+                  const float *v, Py_ssize_t v_head, Py_ssize_t v_row, Py_ssize_t Hkv,
+                  float *out, float *scratch, Py_ssize_t S, Py_ssize_t start, int w, float scale,
+                  int nt) noexcept nogil:
+    # q: [T, H, hd] contiguous; k, v: [Hkv, S, hd] with head / row strides in floats (the cache's views
+    # stride over its capacity axis); out: [T, H*hd]; scratch: [nt, S].
+    # Row i = (t, h): query head h at position p = start + t sees keys lo..p of KV head h // G.
+    # Prefill rows grow with t, so they are dealt dynamically; which thread runs a row never changes it.
+    cdef Py_ssize_t G = H // Hkv, i, t, h, p, lo
+    if nt <= 1:
+        for i in range(T * H):
+            t = i // H
+            h = i - t * H
+            p = start + t
+            lo = p + 1 - w if (w > 0 and p + 1 > w) else 0
+            pp_attn_row(q + i * hd, k + (h // G) * k_head, k_row, v + (h // G) * v_head, v_row,
+                        lo, p + 1, hd, scale, scratch, out + i * hd)
+    else:
+        with parallel(num_threads=nt):
+            for i in prange(T * H, schedule="dynamic", chunksize=2):
+                t = i // H
+                h = i - t * H
+                p = start + t
+                lo = p + 1 - w if (w > 0 and p + 1 > w) else 0
+                pp_attn_row(q + i * hd, k + (h // G) * k_head, k_row, v + (h // G) * v_head, v_row,
+                            lo, p + 1, hd, scale, scratch + threadid() * S, out + i * hd)
+
+
+cdef object _run(object q, object k, object v, object out, Py_ssize_t T, Py_ssize_t H, Py_ssize_t hd,
+                 Py_ssize_t Hkv, Py_ssize_t S, Py_ssize_t start, int w, int nt):
+    """Checked arrays in, kernel over raw pointers (no memoryview set-up: ~1 us saved per array)."""
+    if T == 0 or H == 0 or hd == 0:
+        return out
+    # multiply-adds actually done: full rows for decode, about half the T x S rectangle for prefill
+    cdef Py_ssize_t keys = (S - start + S) // 2 if T > 1 else S
+    if w > 0 and keys > w:
+        keys = w
+    if H * T * keys * hd * 2 < _min_par_work:
+        nt = 1
+    nt = <int>min(nt, T * H)
+    scratch = np.empty((nt, S), dtype=np.float32)
+    cdef cnp.npy_intp *ks = cnp.PyArray_STRIDES(k)
+    cdef cnp.npy_intp *vs = cnp.PyArray_STRIDES(v)
+    cdef float scale = <float>(1.0 / sqrt(<double>hd))
+    cdef const float *qp = <const float *>cnp.PyArray_DATA(q)
+    cdef const float *kp = <const float *>cnp.PyArray_DATA(k)
+    cdef const float *vp = <const float *>cnp.PyArray_DATA(v)
+    cdef float *op = <float *>cnp.PyArray_DATA(out)
+    cdef float *sp = <float *>cnp.PyArray_DATA(scratch)
+    with nogil:
+        _attend(qp, T, H, hd, kp, ks[0] // 4, ks[1] // 4, vp, vs[0] // 4, vs[1] // 4, Hkv,
+                op, sp, S, start, w, scale, nt)
+    return out
+
+
+def attention_decode(q, k, v, out=None, window=0, n_threads=1):
+    """Attention of one new query (position S-1) over S cached keys, GQA, optional sliding window.
+
+    q: float32 [H, hd] C-contiguous; k, v: float32 [Hkv, S, hd] (strided cache views welcome: only the
+    last axis must be contiguous); out: float32 [H*hd] or None. window: 0/None = full causal, else keys
+    j <= (S-1) - window are hidden (Mistral). Returns out = softmax(q k^T / sqrt(hd)) v per head.
+    """
+    cdef int nt = _check_threads(n_threads)
+    cdef int w = _window(window)
+    _check_f32(q, "q", 2, True)
+    cdef Py_ssize_t H = q.shape[0], hd = q.shape[1]
+    Hkv, S = _check_kv(H, k, v, hd)
+    out = _out(out, "out", (H * hd,))
+    if S < 1:
+        raise ValueError("k/v must hold at least one position (the query's own)")
+    return _run(q, k, v, out, 1, H, hd, Hkv, S, S - 1, w, nt)
+
+
+def attention_prefill(q, k, v, start, out=None, window=0, n_threads=1):
+    """Causal attention of T queries at positions start .. start+T-1 over S = start+T keys.
+
+    q: float32 [T, H, hd] C-contiguous; k, v: float32 [Hkv, S, hd] (last axis contiguous);
+    out: float32 [T, H*hd] or None. Query at position p sees keys 0..p, or p-window < j <= p with a
+    window. Each (position, head) row is computed exactly as attention_decode computes its row.
+    """
+    cdef int nt = _check_threads(n_threads)
+    cdef int w = _window(window)
+    _check_f32(q, "q", 3, True)
+    cdef Py_ssize_t T = q.shape[0], H = q.shape[1], hd = q.shape[2]
+    Hkv, S = _check_kv(H, k, v, hd)
+    if not isinstance(start, (int, np.integer)) or start < 0 or start + T != S:
+        raise ValueError(f"start must be an int with start + T == S (T={T}, S={S}), got {start!r}")
+    out = _out(out, "out", (T, H * hd))
+    return _run(q, k, v, out, T, H, hd, Hkv, S, start, w, nt)
+
+
+# ---- RoPE -----------------------------------------------------------------------------------------
+cdef void _rope(const float *x, float *y, const float *c, const float *s, Py_ssize_t T, Py_ssize_t nh,
+                Py_ssize_t hd, int nt) noexcept nogil:
+    # x, y: [T, nh, hd] contiguous (may be the same array); c, s: [T, hd/2] contiguous.
+    cdef Py_ssize_t half = hd // 2, i, t
+    if nt <= 1:
+        for i in range(T * nh):
+            t = i // nh
+            pp_rope_head(x + i * hd, y + i * hd, c + t * half, s + t * half, half)
+    else:
+        with parallel(num_threads=nt):
+            for i in prange(T * nh, schedule="static"):
+                t = i // nh
+                pp_rope_head(x + i * hd, y + i * hd, c + t * half, s + t * half, half)
+
+
+def rope(x, cos, sin, out=None, n_threads=1):
+    """Rotary embedding, HF rotate-half layout: pairs (i, i + hd/2) of each head rotated by angle t, i.
+
+    x: float32 [T, nh, hd] C-contiguous, hd even; cos, sin: float32 [T, hd/2]; out: float32 [T, nh, hd],
+    None (allocated) or x itself (in place). Returns out.
+    """
+    cdef int nt = _check_threads(n_threads)
+    _check_f32(x, "x", 3, True)
+    _check_f32(cos, "cos", 2, True)
+    _check_f32(sin, "sin", 2, True)
+    T, nh, hd = x.shape
+    if hd % 2:
+        raise ValueError(f"head dim must be even, got x shape {x.shape}")
+    if cos.shape != (T, hd // 2) or sin.shape != (T, hd // 2):
+        raise ValueError(f"cos and sin must have shape {(T, hd // 2)}, got {cos.shape} and {sin.shape}")
+    cdef bint fresh = out is None
+    out = _out(out, "out", (T, nh, hd))
+    if T * nh * hd == 0:
+        return out
+    if not fresh and out is not x and np.may_share_memory(out, x):
+        raise ValueError("out must be x itself or not overlap it")
+    if T * nh * hd * 2 < _min_par_work:
+        nt = 1
+    nt = <int>min(nt, T * nh)
+    cdef const float *xp = <const float *>cnp.PyArray_DATA(x)
+    cdef float *yp = <float *>cnp.PyArray_DATA(out)
+    cdef const float *cp = <const float *>cnp.PyArray_DATA(cos)
+    cdef const float *sp = <const float *>cnp.PyArray_DATA(sin)
+    cdef Py_ssize_t nT = T, nnh = nh, nhd = hd
+    with nogil:
+        _rope(xp, yp, cp, sp, nT, nnh, nhd, nt)
+    return out
+
+
+def rope_qk(q, k, cos, sin, n_threads=1):
+    """RoPE of q [T, H, hd] and k [T, Hkv, hd] in place, in one call (decode saves a Python round trip)."""
+    rope(q, cos, sin, out=q, n_threads=n_threads)
+    rope(k, cos, sin, out=k, n_threads=n_threads)
+    return q, k
+
+
+def exp_neg(x):
+    """The kernels' exp for x <= 0, on a float32 array (for tests of its accuracy)."""
+    _check_f32(x, "x", 1, True)
+    cdef const float[::1] xv = x
+    y = np.empty_like(x)
+    cdef float[::1] yv = y
+    cdef Py_ssize_t i
+    for i in range(xv.shape[0]):
+        yv[i] = pp_exp_neg(xv[i])
+    return y

@@ -1,0 +1,202 @@
+/* Inner loops of the attention kernels (pipower/_cpu/_attention.pyx threads them; nothing here
+ * allocates or starts threads). All float32; `#pragma omp simd` lets the compiler reorder the float
+ * reductions into vector lanes, as any BLAS does. With AVX-512 (-march=native on this machine) the
+ * scores and the weighted sum of V use intrinsics for hd % 16 == 0; other builds and head dims take the
+ * portable loops (tested with hd=24).
+ *
+ * Shapes: hd head dim, S keys. One call of pp_attn_row computes the output of ONE query head at ONE
+ * position, so the result of a row never depends on how rows are spread over threads.
+ */
+#ifndef PIPOWER_ATTENTION_IMPL_H
+#define PIPOWER_ATTENTION_IMPL_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#include <stddef.h>
+
+/* exp(x) for x <= 0 (softmax after the max is subtracted), branch-free so `omp simd` loops vectorize it;
+ * libm's expf is a scalar call (~15 cycles) unless -ffast-math, which we do not use.
+ * Cephes expf: x = n ln2 + r, |r| <= ln2/2, degree-6 polynomial, 2^n put into the exponent bits.
+ * Max error ~1-2 ulp against a correctly rounded exp (test_cpu_attention checks it against np.exp).
+ * Inputs below -87 are clamped (result ~1.6e-38 instead of smaller; the softmax sum is >= 1, so the
+ * difference is far below float resolution); NaN stays NaN through the polynomial. */
+static inline float pp_exp_neg(float x) {
+    const float big = 12582912.0f;                 /* 1.5 * 2^23: adding it rounds to an integer */
+    x = x < -87.0f ? -87.0f : x;
+    float t = x * 1.44269504088896341f + big;      /* n = round(x / ln2), held in t's low mantissa bits */
+    float n = t - big;
+    float r = x - n * 0.693359375f;                /* ln2 split in two so r keeps its low bits */
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    union { float f; int32_t i; } tb, s;
+    tb.f = t;
+    s.i = (tb.i - 0x4B400000 + 127) << 23;          /* bits of t minus bits of `big` = n; n in [-126, 0] */
+    return p * s.f;
+}
+
+/* Softmax numerator of s[0:n] in place (max subtracted first, so exp never overflows); returns 1 / sum
+ * so callers scale the weighted sum once at the end. s holds scaled scores. */
+static inline float pp_softmax_unnorm(float *s, ptrdiff_t n) {
+    float m = -INFINITY;
+#pragma omp simd reduction(max:m)
+    for (ptrdiff_t j = 0; j < n; j++) m = s[j] > m ? s[j] : m;
+    float sum = 0.0f;
+#pragma omp simd reduction(+:sum)
+    for (ptrdiff_t j = 0; j < n; j++) {
+        float e = pp_exp_neg(s[j] - m);
+        s[j] = e;
+        sum += e;
+    }
+    return 1.0f / sum;
+}
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define PP_ATTN_AVX512 1
+/* a[0..15] -> one vector whose lane i = sum of a[i]'s 16 lanes. Four rounds of pairwise adds of
+ * interleaved halves (15 adds for 16 keys, instead of one ~8-instruction horizontal sum per key). */
+static inline __m512 pp_hsum16(const __m512 *a) {
+    __m512 b[8], c[4], d[2];
+    for (int i = 0; i < 8; i++) {
+        const __m512 x = a[2 * i], y = a[2 * i + 1];
+        b[i] = _mm512_add_ps(_mm512_unpacklo_ps(x, y), _mm512_unpackhi_ps(x, y));
+    }
+    for (int i = 0; i < 4; i++) {
+        const __m512d x = _mm512_castps_pd(b[2 * i]), y = _mm512_castps_pd(b[2 * i + 1]);
+        c[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)),
+                             _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+    }
+    for (int i = 0; i < 2; i++) {
+        const __m512 x = c[2 * i], y = c[2 * i + 1];
+        d[i] = _mm512_add_ps(_mm512_shuffle_f32x4(x, y, 0x88), _mm512_shuffle_f32x4(x, y, 0xDD));
+    }
+    return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
+}
+
+/* PV with the output in registers: NC = hd / 16 chunks (a compile-time constant after inlining), two
+ * keys per step into two accumulator sets so 2*NC FMA chains overlap. */
+static inline __attribute__((always_inline)) void
+pp_pv_avx512(const float *p, const float *v, ptrdiff_t ldv, ptrdiff_t n, const int NC, float inv, float *out) {
+    __m512 a0[8], a1[8];
+    for (int c = 0; c < NC; c++) { a0[c] = _mm512_setzero_ps(); a1[c] = _mm512_setzero_ps(); }
+    ptrdiff_t j = 0;
+    for (; j + 2 <= n; j += 2) {
+        const __m512 p0 = _mm512_set1_ps(p[j]), p1 = _mm512_set1_ps(p[j + 1]);
+        const float *v0 = v + j * ldv, *v1 = v0 + ldv;
+        for (int c = 0; c < NC; c++) {
+            a0[c] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + 16 * c), a0[c]);
+            a1[c] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v1 + 16 * c), a1[c]);
+        }
+    }
+    if (j < n) {
+        const __m512 p0 = _mm512_set1_ps(p[j]);
+        for (int c = 0; c < NC; c++) a0[c] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v + j * ldv + 16 * c), a0[c]);
+    }
+    const __m512 vi = _mm512_set1_ps(inv);
+    for (int c = 0; c < NC; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(_mm512_add_ps(a0[c], a1[c]), vi));
+}
+#endif
+
+/* s[j] = scale * dot(q, k[j*ldk + 0:hd]) for j in [0, n). k: n rows, row stride ldk. */
+static inline void pp_scores(const float *q, const float *k, ptrdiff_t ldk, ptrdiff_t n, ptrdiff_t hd,
+                             float scale, float *s) {
+    ptrdiff_t j = 0;
+#ifdef PP_ATTN_AVX512
+    if (hd % 16 == 0) {
+        const __m512 vs = _mm512_set1_ps(scale);
+        for (; j + 16 <= n; j += 16) {
+            __m512 acc[16];
+            for (int i = 0; i < 16; i++) {
+                const float *kr = k + (j + i) * ldk;
+                __m512 a = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(kr));
+                for (ptrdiff_t c = 16; c < hd; c += 16)
+                    a = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), _mm512_loadu_ps(kr + c), a);
+                acc[i] = a;
+            }
+            _mm512_storeu_ps(s + j, _mm512_mul_ps(pp_hsum16(acc), vs));
+        }
+    }
+#endif
+    /* Portable path (and the AVX-512 path's last n % 16 keys): four keys per pass share q's loads. */
+    for (; j + 4 <= n; j += 4) {
+        const float *k0 = k + j * ldk, *k1 = k0 + ldk, *k2 = k1 + ldk, *k3 = k2 + ldk;
+        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+:a0, a1, a2, a3)
+        for (ptrdiff_t d = 0; d < hd; d++) {
+            a0 += q[d] * k0[d];
+            a1 += q[d] * k1[d];
+            a2 += q[d] * k2[d];
+            a3 += q[d] * k3[d];
+        }
+        s[j] = a0 * scale; s[j + 1] = a1 * scale; s[j + 2] = a2 * scale; s[j + 3] = a3 * scale;
+    }
+    for (; j < n; j++) {
+        const float *kr = k + j * ldk;
+        float a = 0.0f;
+#pragma omp simd reduction(+:a)
+        for (ptrdiff_t d = 0; d < hd; d++) a += q[d] * kr[d];
+        s[j] = a * scale;
+    }
+}
+
+/* out[0:hd] = inv * sum_j p[j] * v[j*ldv + 0:hd] over j in [0, n). v: n rows of hd floats, row stride ldv. */
+static inline void pp_weighted_rows(const float *p, const float *v, ptrdiff_t ldv, ptrdiff_t n,
+                                    ptrdiff_t hd, float inv, float *out) {
+#ifdef PP_ATTN_AVX512
+    switch (hd) {   /* the common head dims get their accumulators in registers */
+        case 32: pp_pv_avx512(p, v, ldv, n, 2, inv, out); return;
+        case 64: pp_pv_avx512(p, v, ldv, n, 4, inv, out); return;
+        case 128: pp_pv_avx512(p, v, ldv, n, 8, inv, out); return;
+        default: break;
+    }
+#endif
+    for (ptrdiff_t d = 0; d < hd; d++) out[d] = 0.0f;
+    for (ptrdiff_t j = 0; j < n; j++) {
+        const float pj = p[j];
+        const float *vr = v + j * ldv;
+#pragma omp simd
+        for (ptrdiff_t d = 0; d < hd; d++) out[d] += pj * vr[d];
+    }
+#pragma omp simd
+    for (ptrdiff_t d = 0; d < hd; d++) out[d] *= inv;
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * One query head at one position: out = softmax(scale * q k^T) v over keys lo..hi-1.
+ * q: [hd]; k, v: [S, hd] with row strides ldk / ldv (pointers at row 0, the KV cache's own layout);
+ * s: scratch [hi - lo]; out: [hd]. Used by decode (one row per head) and prefill (one per head and
+ * position); the arithmetic of a row depends only on its inputs, never on the thread running it.
+ */
+static inline void pp_attn_row(const float *q, const float *k, ptrdiff_t ldk, const float *v, ptrdiff_t ldv,
+                               ptrdiff_t lo, ptrdiff_t hi, ptrdiff_t hd, float scale, float *s, float *out) {
+    const ptrdiff_t n = hi - lo;
+    pp_scores(q, k + lo * ldk, ldk, n, hd, scale, s);
+    const float inv = pp_softmax_unnorm(s, n);
+    pp_weighted_rows(s, v + lo * ldv, ldv, n, hd, inv, out);
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * Rotary embedding, HF rotate-half layout, of one head vector: pairs (i, i + half).
+ * x, y: [2*half] (y may alias x); c, s: [half].
+ *   y[i]        = x[i] * c[i] - x[i+half] * s[i]
+ *   y[i + half] = x[i+half] * c[i] + x[i] * s[i]
+ * Same products as NumpyOps.rope; with -march=native the compiler may fuse a product and the add into
+ * one FMA (one rounding fewer), so results agree to ~1 ulp rather than bit for bit.
+ */
+static inline void pp_rope_head(const float *x, float *y, const float *c, const float *s, ptrdiff_t half) {
+#pragma omp simd
+    for (ptrdiff_t i = 0; i < half; i++) {
+        const float x1 = x[i], x2 = x[i + half];
+        y[i] = x1 * c[i] - x2 * s[i];
+        y[i + half] = x2 * c[i] + x1 * s[i];
+    }
+}
+
+#endif /* PIPOWER_ATTENTION_IMPL_H */
