@@ -49,6 +49,21 @@ class Model:
     def backend(self) -> str:
         return self.transformer.ops.name
 
+    # -- sparsity -------------------------------------------------------------------------------
+    def set_sparsity(self, *, act_threshold: float | None = None, target_sparsity: float | None = None,
+                     predictors=None, pred_threshold: float = 0.0) -> None:
+        """Choose which FFN neurons each token computes (all by default).
+
+        act_threshold: oracle mode, skip neurons with |act(gate . h)| <= tau_act (one value, all layers);
+        target_sparsity: oracle mode with per-layer tau_act calibrated to skip that fraction;
+        predictors (file or Predictors) + pred_threshold: skip neurons whose predictor logit < tau_pred.
+        No argument: dense again. Measured skipping is in `last_stats.ffn_sparsity` after a generation.
+        """
+        from .sparse.modes import make_selector
+        self.transformer.ffn_neurons = make_selector(
+            self, act_threshold=act_threshold, target_sparsity=target_sparsity, predictors=predictors,
+            pred_threshold=pred_threshold)
+
     @property
     def weights(self) -> str:
         """In-memory weight format: f32, f16, q8 or q4."""
@@ -108,7 +123,9 @@ class Model:
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, seed))
         stats = GenerationStats()
         self.last_stats = stats
-        token_ids = generate_ids(self.transformer, ids, sampler, max_tokens, self._stop_ids(), stats)
+        token_ids = _count_sparsity(
+            generate_ids(self.transformer, ids, sampler, max_tokens, self._stop_ids(), stats),
+            self.transformer.ffn_neurons, stats)
         decoder = tok.stream_decoder(strip_first_space=strip_first_space)
         return TextStream(stream_text(token_ids, decoder, tuple(stop), stats), stats)
 
@@ -127,6 +144,19 @@ class Model:
         prompt = self._require_tokenizer().apply_chat_template(messages, add_generation_prompt=True)
         ids = self.tokenizer.encode(prompt, add_bos=None, parse_special=True)
         return self._stream(ids, True, max_tokens, temperature, top_k, top_p, seed, stop)
+
+
+def _count_sparsity(token_ids, selector, stats: GenerationStats):
+    """Pass tokens through; when done, record the fraction of FFN neurons the selector skipped."""
+    if selector is None or not hasattr(selector, "sparsity"):
+        yield from token_ids
+        return
+    skipped0, total0 = selector.skipped, selector.total
+    try:
+        yield from token_ids
+    finally:
+        total = selector.total - total0
+        stats.ffn_sparsity = (selector.skipped - skipped0) / total if total else 0.0
 
 
 def resolve_source(source) -> str:

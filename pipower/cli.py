@@ -51,6 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wrap the prompt as one user message in the model's chat template "
                         "(use this with instruct models)")
     g.add_argument("--system", help="system message for --chat (default: the template's own)")
+    sp = g.add_mutually_exclusive_group()
+    sp.add_argument("--act-threshold", type=float, default=None, metavar="TAU",
+                    help="oracle sparsity: skip FFN neurons with |act(gate.x)| <= TAU (gate computed fully)")
+    sp.add_argument("--target-sparsity", type=float, default=None, metavar="S",
+                    help="oracle sparsity with per-layer TAU calibrated (on stdlib code) to skip fraction S")
+    sp.add_argument("--predictors", default=None, metavar="FILE",
+                    help="predictor sparsity: skip neurons whose predictor logit < --pred-threshold")
+    g.add_argument("--pred-threshold", type=float, default=0.0, metavar="TAU",
+                   help="tau_pred for --predictors (default: 0, i.e. p >= 0.5)")
 
     f = sub.add_parser("fetch", help="download a known model and print its local path",
                        description="Fetch a known model (verified by SHA-256); the last stdout line is the path.",
@@ -66,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--backend", choices=("auto", "numpy", "cython"), default="auto",
                    help="backend to load --model with (default: auto)")
     i.add_argument("--weights", choices=FORMATS, default=None, help="weight format to load --model in")
+    from .cli_sparse import add_commands
+    add_commands(sub, _add_model_args)
     return parser
 
 
@@ -83,6 +94,8 @@ def cmd_generate(args) -> int:
     import pipower
     prompt = _read_prompt(args)
     model = pipower.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights)
+    model.set_sparsity(act_threshold=args.act_threshold, target_sparsity=args.target_sparsity,
+                       predictors=args.predictors, pred_threshold=args.pred_threshold)
     kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
     if args.chat:
@@ -101,7 +114,8 @@ def cmd_generate(args) -> int:
     st = stream.stats
     print(f"\nprefill: {st.prompt_tokens} tokens, {st.prefill_tokens_per_second:.1f} tok/s | "
           f"decode: {st.new_tokens} tokens, {st.decode_tokens_per_second:.1f} tok/s | "
-          f"stop: {st.stop_reason} | backend: {model.backend}, {model.weights} weights, "
+          f"stop: {st.stop_reason} | FFN sparsity: {st.ffn_sparsity:.1%} | "
+          f"backend: {model.backend}, {model.weights} weights, "
           f"{model.transformer.ops.n_threads} threads",
           file=sys.stderr)
     return 0
@@ -140,7 +154,9 @@ def cmd_info(args) -> int:
     return 0
 
 
-COMMANDS = {"generate": cmd_generate, "fetch": cmd_fetch, "info": cmd_info}
+def _commands() -> dict:
+    from .cli_sparse import COMMANDS as SPARSE
+    return {"generate": cmd_generate, "fetch": cmd_fetch, "info": cmd_info, **SPARSE}
 
 
 def main(argv=None) -> int:
@@ -149,7 +165,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="pipower: %(levelname)s: %(message)s", stream=sys.stderr)
     try:
-        return COMMANDS[args.command](args)
+        return _commands()[args.command](args)
     except PipowerError as e:
         print(f"pipower: error: {e}", file=sys.stderr)
         return 1

@@ -25,6 +25,7 @@ class GenerationStats:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0
     stop_reason: str = ""          # "eos", "stop", "length", "context"
+    ffn_sparsity: float = 0.0      # fraction of FFN neurons skipped (prefill + decode); 0 = dense
 
     @property
     def prefill_tokens_per_second(self) -> float:

@@ -36,12 +36,19 @@ def rel_err(a, b):
     return float(np.abs(a - b).max() / np.abs(b).max())
 
 
+def backends():
+    from pipower import _cpu
+    return ["numpy", "cython"] if _cpu.AVAILABLE else ["numpy"]
+
+
+@pytest.mark.parametrize("backend", backends())
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_hf_directory_logits_match_transformers(tmp_path, name, dtype):
+def test_hf_directory_logits_match_transformers(tmp_path, name, dtype, backend):
     cfg = CONFIGS[name]
     write_hf_model(tmp_path, cfg, dtype=dtype, seed=3)
-    model = pipower.load(tmp_path, backend="numpy")
+    model = pipower.load(tmp_path, backend=backend)
+    assert model.weights == "f32"             # HF directories stay float32 by default
     assert model.tokenizer is None            # no tokenizer files: ids still work
     assert rel_err(model.logits(IDS), oracle_logits(cfg, dtype, seed=3)) <= 1e-4
 

@@ -181,3 +181,28 @@ class PredictorSelector:
     @property
     def sparsity(self) -> float:
         return self.skipped / self.total if self.total else 0.0
+
+
+def train_predictors(stats, cfg: TrainConfig, *, target_recall: float | None = None, max_rank: int = 1024,
+                     layer_done=None) -> Predictors:
+    """Train one predictor per layer from an ActivationStats' samples (numeric layer order).
+
+    target_recall: if a layer's held-out recall at tau_pred = 0 falls short, retrain it with double the
+    rank (up to max_rank). layer_done: callable(layer, report) for progress display.
+    """
+    layers, reports = [], []
+    for i in range(stats.n_layers):
+        x, y = stats.inputs[i].astype(np.float32), stats.layer_labels(i)
+        rank = cfg.rank
+        while True:
+            pred, report = train_layer(x, y, TrainConfig(**{**cfg.__dict__, "rank": rank, "seed": cfg.seed + i}))
+            if target_recall is None or report.recall >= target_recall or rank * 2 > min(max_rank, x.shape[1]):
+                break
+            rank *= 2
+        layers.append(pred)
+        reports.append(report)
+        if layer_done is not None:
+            layer_done(i, report)
+    meta = {"model_fingerprint": stats.meta.get("model_fingerprint"), "stats_tau_act": stats.tau_act.tolist(),
+            "train": cfg.__dict__, "target_recall": target_recall, "samples": int(stats.inputs[0].shape[0])}
+    return Predictors(layers, reports, meta)

@@ -1,0 +1,128 @@
+"""`pipower profile`, `pipower train-predictors`, `pipower plan`: the offline half of sparsity."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .fetcher import DEFAULT_MODEL
+
+
+def add_commands(sub, add_model_args) -> None:
+    p = sub.add_parser("profile", help="record per-neuron FFN activation frequencies over a corpus",
+                       description="Run a corpus through the model (dense) and record how often each FFN "
+                                   "neuron is active, plus samples for predictor training.")
+    add_model_args(p)
+    p.add_argument("--corpus", nargs="+", default=["stdlib"], metavar="SRC",
+                   help="'stdlib' (the Python standard library source, default) or files/folders")
+    p.add_argument("--tokens", type=int, default=32768, help="tokens to profile (default: 32768)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per profiled sequence (default: 512)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--act-threshold", type=float, default=None,
+                   help="tau_act: a neuron is active when |act(gate.x)| > tau_act (default: 0 for ReLU "
+                        "models; SiLU/GELU neurons are never exactly 0, so they default to --target-sparsity 0.5)")
+    g.add_argument("--target-sparsity", type=float, default=None,
+                   help="calibrate a per-layer tau_act so this fraction of neurons is inactive")
+    p.add_argument("--samples", type=int, default=16384,
+                   help="(input, label) rows kept per layer for predictor training (default: 16384)")
+    p.add_argument("--out", required=True, help="stats file to write (.safetensors)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="also write sorted frequency curves to this PNG")
+
+    t = sub.add_parser("train-predictors", help="train per-layer activation predictors from a stats file",
+                       description="Train fc1-ReLU-fc2 predictors per layer (NumPy, Adam, weighted BCE).")
+    t.add_argument("--stats", required=True, help="stats file from `pipower profile`")
+    t.add_argument("--rank", type=int, default=256, help="predictor hidden size r (default: 256)")
+    t.add_argument("--recall", type=float, default=None,
+                   help="double a layer's rank until held-out recall reaches this (e.g. 0.95)")
+    t.add_argument("--epochs", type=int, default=12, help="training epochs per layer (default: 12)")
+    t.add_argument("--pos-weight", type=float, default=3.0,
+                   help="weight of active neurons in the loss; > 1 favours recall (default: 3)")
+    t.add_argument("--out", required=True, help="predictor file to write (.safetensors)")
+
+    pl = sub.add_parser("plan", help="choose hot (GPU) neurons per layer under a VRAM budget",
+                        description="Maximise the activation frequency of GPU neurons under a byte budget, "
+                                    "after attention, norms, predictors and the output head.")
+    add_model_args(pl)
+    pl.add_argument("--stats", required=True, help="stats file from `pipower profile`")
+    pl.add_argument("--vram-budget", required=True, help="budget, e.g. 4GiB, 512MiB, 2.5GB")
+    pl.add_argument("--predictor-rank", type=int, default=0, help="count predictors of this rank as GPU bytes")
+    pl.add_argument("--min-neurons", type=int, default=0, help="a layer gets 0 or at least this many hot neurons")
+    pl.add_argument("--granularity", type=int, default=256, help="neurons per solver variable (default: 256)")
+    pl.add_argument("--out", required=True, help="placement file to write (.safetensors)")
+
+
+def parse_bytes(text: str) -> int:
+    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
+    s = text.strip().lower()
+    for u, f in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if s.endswith(u):
+            return int(float(s[:-len(u)]) * f)
+    return int(float(s))
+
+
+def cmd_profile(args) -> int:
+    import pipower
+    from tqdm import tqdm
+
+    from .sparse.corpus import corpus_files, token_sequences
+    from .sparse.profile import profile
+    model = pipower.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights)
+    files = corpus_files(args.corpus)
+    seqs = token_sequences(model.tokenizer, files, args.seq_len, args.tokens)
+    bar = tqdm(total=args.tokens, desc="profile", unit="tok", file=sys.stderr)
+    tau, target = args.act_threshold, args.target_sparsity
+    if tau is None and target is None:
+        if model.config.hidden_act == "relu":
+            tau = 0.0
+        else:
+            target = 0.5
+            print(f"{model.config.hidden_act} model and no threshold given: calibrating per-layer tau_act "
+                  f"for --target-sparsity {target}", file=sys.stderr)
+    stats = profile(model, seqs, tau_act=tau, target_sparsity=target, max_samples=args.samples,
+                    progress=bar.update, meta={"corpus": " ".join(args.corpus), "files": len(files)})
+    bar.close()
+    stats.save(args.out)
+    freqs = stats.freqs
+    print(f"profiled {stats.n_tokens} tokens; mean activity per layer: "
+          + " ".join(f"{f:.2f}" for f in freqs.mean(axis=1)))
+    if args.plot:
+        from .sparse.plots import plot_frequencies
+        plot_frequencies(stats, args.plot)
+        print(f"plot: {args.plot}")
+    print(args.out)
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .sparse.predictor import TrainConfig, train_predictors
+    from .sparse.stats import ActivationStats
+    stats = ActivationStats.load(args.stats)
+    cfg = TrainConfig(rank=args.rank, epochs=args.epochs, pos_weight=args.pos_weight)
+    print(f"{'layer':>5} {'recall':>7} {'precision':>9} {'pred.sparsity':>13} {'true sparsity':>13}")
+
+    def done(i, r):
+        print(f"{i:5d} {r.recall:7.3f} {r.precision:9.3f} {r.predicted_sparsity:13.3f} {r.true_sparsity:13.3f}",
+              flush=True)
+    preds = train_predictors(stats, cfg, target_recall=args.recall, layer_done=done)
+    preds.save(args.out)
+    print(args.out)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    import pipower
+    from .sparse.placement import ffn_neuron_bytes, gpu_bytes_breakdown, solve_placement
+    from .sparse.stats import ActivationStats
+    stats = ActivationStats.load(args.stats)
+    model = pipower.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights)
+    fixed = gpu_bytes_breakdown(model.config, model.weights, predictor_hidden=args.predictor_rank or None)
+    placement = solve_placement(list(stats.freqs), ffn_neuron_bytes(model.config, model.weights),
+                                parse_bytes(args.vram_budget), fixed, min_neurons_per_layer=args.min_neurons,
+                                granularity=args.granularity, fingerprint=model.fingerprint)
+    placement.save(args.out)
+    print(placement.summary())
+    print(args.out)
+    return 0
+
+
+COMMANDS = {"profile": cmd_profile, "train-predictors": cmd_train, "plan": cmd_plan}
+__all__ = ["add_commands", "COMMANDS", "parse_bytes", "DEFAULT_MODEL", "argparse"]
