@@ -48,6 +48,48 @@ def add_commands(sub, add_model_args) -> None:
     pl.add_argument("--min-neurons", type=int, default=0, help="a layer gets 0 or at least this many hot neurons")
     pl.add_argument("--granularity", type=int, default=256, help="neurons per solver variable (default: 256)")
     pl.add_argument("--out", required=True, help="placement file to write (.safetensors)")
+    add_bench(sub, add_model_args)
+
+
+def add_bench(sub, add_model_args) -> None:
+    b = sub.add_parser("bench", help="time prefill and decode of a model (optionally sparse)",
+                       description="Median prefill and decode tokens/s, measured FFN sparsity and weight "
+                                   "bytes per token. For the full comparison table see bench/decode.py.")
+    add_model_args(b)
+    b.add_argument("--tokens", type=int, default=32, help="decode steps per repeat (default: 32)")
+    b.add_argument("--repeats", type=int, default=3, help="repeats after one warm-up (default: 3)")
+    b.add_argument("--prompt-tokens", type=int, default=0,
+                   help="use this many tokens of stdlib code as the prompt (default: a short code prompt)")
+    g = b.add_mutually_exclusive_group()
+    g.add_argument("--act-threshold", type=float, default=None, help="oracle sparsity with this tau_act")
+    g.add_argument("--target-sparsity", type=float, default=None, help="oracle sparsity calibrated to this")
+    g.add_argument("--predictors", default=None, help="predictor file for predictor sparsity")
+    b.add_argument("--pred-threshold", type=float, default=0.0, help="tau_pred for --predictors (default: 0)")
+    b.add_argument("--json", action="store_true", help="print JSON")
+
+
+def cmd_bench(args) -> int:
+    import json
+
+    import pipower
+    from .benchmark import time_model
+    model = pipower.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights)
+    model.set_sparsity(act_threshold=args.act_threshold, target_sparsity=args.target_sparsity,
+                       predictors=args.predictors, pred_threshold=args.pred_threshold)
+    ids = None
+    if args.prompt_tokens:
+        from .sparse.corpus import stdlib_files, token_sequences
+        ids = next(token_sequences(model.tokenizer, stdlib_files(), args.prompt_tokens, args.prompt_tokens))
+    r = time_model(model, prompt_ids=ids, decode_tokens=args.tokens, repeats=args.repeats)
+    if args.json:
+        print(json.dumps(r, indent=2))
+        return 0
+    print(f"{model.source}: {r['backend']} backend, {r['weights']} weights, {r['threads']} threads")
+    print(f"prefill {r['prompt_tokens']} tokens: {r['prefill_tok_s']:.1f} tok/s")
+    print(f"decode: {r['decode_tok_s']:.2f} tok/s ({r['decode_ms']:.1f} ms/token, median of {r['repeats']} x "
+          f"{r['decode_tokens']} steps); FFN sparsity {r['ffn_sparsity']:.1%} of neurons skipped per token")
+    print(f"weights read per token (dense): {r['weight_mib_per_token']:.1f} MiB -> {r['achieved_gb_s']:.1f} GB/s")
+    return 0
 
 
 def parse_bytes(text: str) -> int:
@@ -124,5 +166,5 @@ def cmd_plan(args) -> int:
     return 0
 
 
-COMMANDS = {"profile": cmd_profile, "train-predictors": cmd_train, "plan": cmd_plan}
+COMMANDS = {"profile": cmd_profile, "train-predictors": cmd_train, "plan": cmd_plan, "bench": cmd_bench}
 __all__ = ["add_commands", "COMMANDS", "parse_bytes", "DEFAULT_MODEL", "argparse"]

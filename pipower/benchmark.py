@@ -1,0 +1,56 @@
+"""Timing a loaded model: prefill and decode tokens/s, measured FFN sparsity, achieved weight GB/s.
+
+Decode is timed on `Transformer.forward` directly (greedy, one token per step) so tokenizer and
+streaming costs stay out; medians over repeats, since this machine's bandwidth flips minute to minute.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+
+DEFAULT_PROMPT = "def quicksort(items):\n    \"\"\"Sort a list of numbers.\"\"\"\n"
+
+
+def _selector_counts(t) -> tuple[int, int]:
+    sel = t.ffn_neurons
+    return (sel.skipped, sel.total) if sel is not None and hasattr(sel, "skipped") else (0, 0)
+
+
+def time_model(model, *, prompt_ids=None, decode_tokens: int = 32, repeats: int = 3) -> dict:
+    """-> {prefill_tok_s, decode_tok_s, decode_ms (median per step), ffn_sparsity (decode steps),
+    weight_mib_per_token, achieved_gb_s, ...}."""
+    if decode_tokens < 1 or repeats < 1:
+        raise InvalidArgumentError("decode_tokens and repeats must be >= 1")
+    t = model.transformer
+    ids = np.asarray(prompt_ids if prompt_ids is not None else model.tokenizer.encode(DEFAULT_PROMPT))
+    prefill_s, step_s = [], []
+    skipped = total = 0
+    for _ in range(repeats + 1):                       # the first round warms caches and pages in weights
+        cache = t.new_cache(max_len=len(ids) + decode_tokens + 1)
+        t0 = time.perf_counter()
+        logits = t.forward(ids, cache, last_only=True)
+        prefill_s.append(time.perf_counter() - t0)
+        s0, n0 = _selector_counts(t)
+        steps = []
+        for _ in range(decode_tokens):
+            token = int(np.argmax(logits[-1]))
+            t0 = time.perf_counter()
+            logits = t.forward(np.array([token]), cache, last_only=True)
+            steps.append(time.perf_counter() - t0)
+        s1, n1 = _selector_counts(t)
+        skipped, total = skipped + s1 - s0, total + n1 - n0
+        step_s.append(float(np.median(steps)))
+    prefill, step = float(np.median(prefill_s[1:])), float(np.median(step_s[1:]))
+    nbytes = t.nbytes_per_token
+    return {
+        "weights": t.weights, "backend": t.ops.name, "threads": t.ops.n_threads,
+        "prompt_tokens": int(len(ids)), "decode_tokens": decode_tokens, "repeats": repeats,
+        "prefill_tok_s": len(ids) / prefill, "decode_tok_s": 1 / step, "decode_ms": 1000 * step,
+        "ffn_sparsity": skipped / total if total else 0.0,
+        "weight_mib_per_token": nbytes / 2**20,
+        # dense bytes: with sparsity the FFN reads fewer rows, so this overstates the bytes read
+        "achieved_gb_s": nbytes / step / 1e9,
+    }
