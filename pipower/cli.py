@@ -13,6 +13,22 @@ from .quant import FORMATS
 EPILOG = f"known model names: {', '.join(sorted(KNOWN_MODELS))} (fetched on first use into $PIPOWER_HOME)"
 
 
+def add_sparsity_args(p: argparse.ArgumentParser):
+    """--act-threshold | --target-sparsity | --predictors (one mode at a time), --pred-threshold.
+    Returns the mutually exclusive group so a command can add more modes to it."""
+    sp = p.add_mutually_exclusive_group()
+    sp.add_argument("--act-threshold", type=float, default=None, metavar="TAU",
+                    help="oracle sparsity: skip FFN neurons with |act(gate.x)| <= TAU (gate computed fully; "
+                         "0 = dense on SiLU models)")
+    sp.add_argument("--target-sparsity", type=float, default=None, metavar="S",
+                    help="oracle sparsity with per-layer TAU calibrated (on stdlib code) to skip fraction S")
+    sp.add_argument("--predictors", default=None, metavar="FILE",
+                    help="predictor sparsity: skip neurons whose predictor logit < --pred-threshold")
+    p.add_argument("--pred-threshold", type=float, default=0.0, metavar="TAU",
+                   help="tau_pred for --predictors (default: 0, i.e. p >= 0.5)")
+    return sp
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=DEFAULT_MODEL,
                    help=f"GGUF file, Hugging Face model directory, or known model name (default: {DEFAULT_MODEL})")
@@ -51,15 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wrap the prompt as one user message in the model's chat template "
                         "(use this with instruct models)")
     g.add_argument("--system", help="system message for --chat (default: the template's own)")
-    sp = g.add_mutually_exclusive_group()
-    sp.add_argument("--act-threshold", type=float, default=None, metavar="TAU",
-                    help="oracle sparsity: skip FFN neurons with |act(gate.x)| <= TAU (gate computed fully)")
-    sp.add_argument("--target-sparsity", type=float, default=None, metavar="S",
-                    help="oracle sparsity with per-layer TAU calibrated (on stdlib code) to skip fraction S")
-    sp.add_argument("--predictors", default=None, metavar="FILE",
-                    help="predictor sparsity: skip neurons whose predictor logit < --pred-threshold")
-    g.add_argument("--pred-threshold", type=float, default=0.0, metavar="TAU",
-                   help="tau_pred for --predictors (default: 0, i.e. p >= 0.5)")
+    add_sparsity_args(g)
 
     f = sub.add_parser("fetch", help="download a known model and print its local path",
                        description="Fetch a known model (verified by SHA-256); the last stdout line is the path.",

@@ -37,18 +37,11 @@ def add_commands(sub, add_model_args) -> None:
                         description="Generate a completion per problem, check it in a sandbox (3 s timeout), "
                                     "write samples.jsonl and summary.json to --out.")
     add_model_args(h)
-    g = h.add_mutually_exclusive_group()
-    g.add_argument("--act-threshold", type=float, default=None, metavar="TAU",
-                   help="oracle sparsity: skip FFN neurons with |act(gate.x)| <= TAU (0 = dense on SiLU)")
-    g.add_argument("--target-sparsity", type=float, default=None, metavar="S",
-                   help="oracle sparsity with per-layer TAU calibrated on stdlib code to skip fraction S")
-    g.add_argument("--predictors", default=None, metavar="FILE",
-                   help="predictor sparsity: skip neurons whose predictor logit < --pred-threshold")
+    from .cli import add_sparsity_args
+    g = add_sparsity_args(h)
     g.add_argument("--vram-budget", default=None, metavar="B",
                    help="plan hot/cold placement at this VRAM budget (e.g. 1GiB; needs --stats) and record "
                         "it; the CPU engine computes every neuron, so results equal dense")
-    h.add_argument("--pred-threshold", type=float, default=0.0, metavar="TAU",
-                   help="tau_pred for --predictors (default: 0, i.e. p >= 0.5)")
     h.add_argument("--stats", default=None, metavar="FILE",
                    help="activation-stats file from `pipower profile`, for --vram-budget")
     _add_problem_args(h)

@@ -60,11 +60,8 @@ def add_bench(sub, add_model_args) -> None:
     b.add_argument("--repeats", type=int, default=3, help="repeats after one warm-up (default: 3)")
     b.add_argument("--prompt-tokens", type=int, default=0,
                    help="use this many tokens of stdlib code as the prompt (default: a short code prompt)")
-    g = b.add_mutually_exclusive_group()
-    g.add_argument("--act-threshold", type=float, default=None, help="oracle sparsity with this tau_act")
-    g.add_argument("--target-sparsity", type=float, default=None, help="oracle sparsity calibrated to this")
-    g.add_argument("--predictors", default=None, help="predictor file for predictor sparsity")
-    b.add_argument("--pred-threshold", type=float, default=0.0, help="tau_pred for --predictors (default: 0)")
+    from .cli import add_sparsity_args
+    add_sparsity_args(b)
     b.add_argument("--json", action="store_true", help="print the measurements as one JSON object")
 
 

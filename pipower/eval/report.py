@@ -10,8 +10,9 @@ import csv
 import json
 from pathlib import Path
 
-from ..errors import InvalidArgumentError, PipowerError
+from ..errors import InvalidArgumentError
 from ..fetcher import KNOWN_MODELS
+from ..sparse.plots import pyplot
 from .knobs import ENGINE_NOTE, KNOBS
 from .run import SUMMARY
 
@@ -135,20 +136,10 @@ def write_markdown(rows: list[dict], metas: list[dict], path: Path, plot_name: s
     path.write_text("\n".join(lines) + "\n")
 
 
-def _pyplot():
-    try:
-        import matplotlib
-        matplotlib.use("Agg")          # files only; never open a window from a library
-        import matplotlib.pyplot as plt
-    except ImportError as e:
-        raise PipowerError("the Pass@1 plot needs matplotlib: pip install 'pipower[plot]'") from e
-    return plt
-
-
 def plot(rows: list[dict], path: Path) -> None:
     """x = measured sparsity, y = Pass@1 with CI error bars; one line per (model, knob), each starting at
     the model's dense point; budget points as markers only (they all sit at dense's sparsity)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 5))
     models = sorted({r["model"] for r in rows})
     colors = plt.get_cmap("tab10")

@@ -10,18 +10,16 @@ import numpy as np
 from .profile import gate_activations
 
 
-class OracleSelector:
-    """Neuron selector for Transformer.ffn_neurons; also counts the fraction of neurons skipped."""
+class CountingSelector:
+    """Base of the neuron selectors: turns a per-token activity decision into what ops.ffn takes and
+    counts the (token, neuron) pairs skipped, for the measured sparsity that generate/bench report."""
 
-    def __init__(self, transformer, tau_act):
-        L = transformer.config.num_hidden_layers
-        self.transformer = transformer
-        self.tau = np.broadcast_to(np.asarray(tau_act, np.float32), (L,)).copy()   # [L]
+    def __init__(self):
         self.skipped = 0          # (token, neuron) pairs not computed, summed over layers
         self.total = 0
 
-    def __call__(self, layer: int, x: np.ndarray, h: np.ndarray):
-        active = gate_activations(self.transformer, layer, h) > self.tau[layer]     # bool [T, F]
+    def select(self, active: np.ndarray):
+        """active: bool [T, F] -> sorted int32 indices when T == 1 (decode kernels), else the mask."""
         self.total += active.size
         self.skipped += active.size - int(active.sum())
         if active.shape[0] == 1:
@@ -35,3 +33,16 @@ class OracleSelector:
 
     def reset_counts(self) -> None:
         self.skipped = self.total = 0
+
+
+class OracleSelector(CountingSelector):
+    """Neuron selector for Transformer.ffn_neurons: active iff |act(gate . h)| > tau_act of the layer."""
+
+    def __init__(self, transformer, tau_act):
+        super().__init__()
+        L = transformer.config.num_hidden_layers
+        self.transformer = transformer
+        self.tau = np.broadcast_to(np.asarray(tau_act, np.float32), (L,)).copy()   # [L]
+
+    def __call__(self, layer: int, x: np.ndarray, h: np.ndarray):
+        return self.select(gate_activations(self.transformer, layer, h) > self.tau[layer])   # bool [T, F]

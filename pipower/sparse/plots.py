@@ -6,7 +6,8 @@ import numpy as np
 from ..errors import PipowerError
 
 
-def _pyplot():
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or a PipowerError naming the extra to install."""
     try:
         import matplotlib
         matplotlib.use("Agg")          # files only; never open a window from a library
@@ -28,7 +29,7 @@ def coverage_fraction(freq: np.ndarray, share: float = 0.8) -> float:
 def plot_frequencies(stats, path, title: str | None = None) -> None:
     """Sorted per-layer activation-frequency curves (log-log: a power law is a straight line), with the
     fraction of neurons that covers 80% of activations per layer in the legend."""
-    plt = _pyplot()
+    plt = pyplot()
     freqs = stats.freqs
     L = freqs.shape[0]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidArgumentError, ModelFileError
+from .oracle import CountingSelector
 
 log = logging.getLogger(__name__)
 
@@ -163,24 +164,15 @@ class Predictors:
         return cls(layers, reports, meta)
 
 
-class PredictorSelector:
-    """Neuron selector (Transformer.ffn_neurons) from trained predictors; counts skipped neurons."""
+class PredictorSelector(CountingSelector):
+    """Neuron selector (Transformer.ffn_neurons) from trained predictors: computed iff logit >= tau_pred."""
 
     def __init__(self, predictors: Predictors, tau_pred: float = 0.0):
+        super().__init__()
         self.predictors, self.tau = predictors, np.float32(tau_pred)
-        self.skipped = self.total = 0
 
     def __call__(self, layer: int, x: np.ndarray, h: np.ndarray):
-        active = self.predictors.layers[layer].logits(x) >= self.tau          # bool [T, F]
-        self.total += active.size
-        self.skipped += active.size - int(active.sum())
-        if active.shape[0] == 1:
-            return np.flatnonzero(active[0]).astype(np.int32)
-        return active
-
-    @property
-    def sparsity(self) -> float:
-        return self.skipped / self.total if self.total else 0.0
+        return self.select(self.predictors.layers[layer].logits(x) >= self.tau)          # bool [T, F]
 
 
 def train_predictors(stats, cfg: TrainConfig, *, target_recall: float | None = None, max_rank: int = 1024,
