@@ -162,7 +162,9 @@ def _count_sparsity(token_ids, selector, stats: GenerationStats):
 def resolve_source(source) -> str:
     """A known model name -> its fetched GGUF path; otherwise the path itself (checked to exist)."""
     s = str(source)
-    if s in KNOWN_MODELS and not os.path.exists(s):
+    # a known name wins over a same-named folder that is not a model (say, a results folder)
+    is_model_path = os.path.isfile(s) or os.path.isfile(os.path.join(s, "config.json"))
+    if s in KNOWN_MODELS and not is_model_path:
         return fetch(s)
     if not os.path.exists(s):
         raise ModelFileError(f"{s}: no such file or directory, and not a known model name "

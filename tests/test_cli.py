@@ -76,3 +76,14 @@ def test_generate_streams_text_and_reports_speed(capsys):
     out, err = capsys.readouterr()
     assert "Paris" in out
     assert "prefill:" in err and "decode:" in err and "tok/s" in err
+
+
+def test_known_name_wins_over_a_same_named_non_model_folder(tmp_path, monkeypatch):
+    from pipower.api import resolve_source
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "smollm2-135m").mkdir()          # e.g. a results folder named after the model
+    import pipower.api as api
+    monkeypatch.setattr(api, "fetch", lambda name: f"fetched:{name}")
+    assert resolve_source("smollm2-135m") == "fetched:smollm2-135m"
+    (tmp_path / "smollm2-135m" / "config.json").write_text("{}")
+    assert resolve_source("smollm2-135m") == "smollm2-135m"
