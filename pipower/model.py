@@ -105,6 +105,11 @@ class Transformer:
         T, start = ids.shape[0], cache.length
         if start + T > cache.max_len:
             raise ContextLengthError(f"{start + T} tokens exceed the context length {cache.max_len}")
+        with self.ops.forward_scope(T):
+            return self._forward(ids, cache, last_only)
+
+    def _forward(self, ids: np.ndarray, cache: KVCache, last_only: bool) -> np.ndarray:
+        T, start = ids.shape[0], cache.length
         ops = self.ops
         cos, sin = cos_sin(self.inv_freq, start, T)                               # [T, hd/2] each
         x = ops.embed(self.embed_tokens, ids)                                     # [T, D] residual stream

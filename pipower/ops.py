@@ -8,6 +8,8 @@ with the CPU engine and are hidden behind the same call).
 """
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from .quant import QMatrix, dequantize
@@ -66,6 +68,10 @@ class NumpyOps:
 
     def __init__(self, n_threads: int = 1):
         self.n_threads = n_threads
+
+    def forward_scope(self, n_tokens: int):
+        """Context entered around one forward call of n_tokens tokens (thread-pool policy); none here."""
+        return contextlib.nullcontext()
 
     # -- elementwise / norms ------------------------------------------------------------------------
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
