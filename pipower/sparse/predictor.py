@@ -8,17 +8,17 @@ held-out split, best epoch kept by held-out loss.
 """
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from ..errors import InvalidArgumentError, ModelFileError
+from ..errors import InvalidArgumentError
+from .files import open_tensors, save_tensors
 from .oracle import CountingSelector
 
 log = logging.getLogger(__name__)
+FORMAT = "pipower-predictors"
 
 
 def normalise(x: np.ndarray) -> np.ndarray:
@@ -132,34 +132,17 @@ class Predictors:
     meta: dict = field(default_factory=dict)
 
     def save(self, path) -> None:
-        from safetensors.numpy import save_file
         tensors = {}
         for i, p in enumerate(self.layers):
             tensors[f"layer.{i}.fc1"], tensors[f"layer.{i}.fc2"], tensors[f"layer.{i}.b2"] = p.fc1, p.fc2, p.b2
-        meta = {**self.meta, "format": "pipower-predictors", "n_layers": len(self.layers),
-                "reports": [r.as_dict() for r in self.reports]}
-        path = Path(path)
-        tmp = path.with_name(path.name + ".part")
-        save_file(tensors, str(tmp), metadata={"pipower": json.dumps(meta)})
-        tmp.replace(path)
+        save_tensors(path, tensors, {**self.meta, "format": FORMAT, "n_layers": len(self.layers),
+                                     "reports": [r.as_dict() for r in self.reports]})
 
     @classmethod
     def load(cls, path) -> "Predictors":
-        from safetensors import safe_open
-        path = Path(path)
-        if not path.is_file():
-            raise ModelFileError(f"{path}: predictor file not found")
-        try:
-            with safe_open(str(path), "np") as f:
-                meta = json.loads((f.metadata() or {}).get("pipower", "{}"))
-                if meta.get("format") != "pipower-predictors":
-                    raise ModelFileError(f"{path}: not a pipower predictor file")
-                layers = [LayerPredictor(f.get_tensor(f"layer.{i}.fc1"), f.get_tensor(f"layer.{i}.fc2"),
-                                         f.get_tensor(f"layer.{i}.b2")) for i in range(meta["n_layers"])]
-        except ModelFileError:
-            raise
-        except Exception as e:
-            raise ModelFileError(f"{path}: cannot read predictor file ({type(e).__name__}: {e})") from e
+        with open_tensors(path, FORMAT, "predictor") as (meta, f):
+            layers = [LayerPredictor(f.get_tensor(f"layer.{i}.fc1"), f.get_tensor(f"layer.{i}.fc2"),
+                                     f.get_tensor(f"layer.{i}.b2")) for i in range(meta["n_layers"])]
         reports = [LayerReport(**r) for r in meta.get("reports", [])]
         return cls(layers, reports, meta)
 

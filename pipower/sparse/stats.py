@@ -9,14 +9,13 @@ Layers are written and read by numeric index (never by sorting key strings: "10"
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 
-from ..errors import ModelFileError
+from .files import open_tensors, save_tensors
 
+FORMAT = "pipower-activation-stats"
 FORMAT_VERSION = 1
 
 
@@ -47,38 +46,21 @@ class ActivationStats:
         return np.unpackbits(self.labels[i], axis=1, count=self.n_ff).astype(bool)
 
     def save(self, path) -> None:
-        from safetensors.numpy import save_file
         tensors = {"counts": self.counts.astype(np.int64), "tau_act": self.tau_act.astype(np.float32)}
         for i, (x, y) in enumerate(zip(self.inputs, self.labels)):
             tensors[f"layer.{i}.x"] = np.ascontiguousarray(x, dtype=np.float16)
             tensors[f"layer.{i}.y"] = np.ascontiguousarray(y, dtype=np.uint8)
-        meta = {**self.meta, "format": "pipower-activation-stats", "version": FORMAT_VERSION,
-                "n_tokens": self.n_tokens}
-        path = Path(path)
-        tmp = path.with_name(path.name + ".part")
-        save_file(tensors, str(tmp), metadata={"pipower": json.dumps(meta)})
-        tmp.replace(path)   # never leave a half-written stats file under its final name
+        save_tensors(path, tensors, {**self.meta, "format": FORMAT, "version": FORMAT_VERSION,
+                                     "n_tokens": self.n_tokens})
 
     @classmethod
     def load(cls, path) -> "ActivationStats":
-        from safetensors import safe_open
-        path = Path(path)
-        if not path.is_file():
-            raise ModelFileError(f"{path}: stats file not found")
-        try:
-            with safe_open(str(path), "np") as f:
-                meta = json.loads((f.metadata() or {}).get("pipower", "{}"))
-                if meta.get("format") != "pipower-activation-stats":
-                    raise ModelFileError(f"{path}: not a pipower activation-stats file")
-                counts, tau = f.get_tensor("counts"), f.get_tensor("tau_act")
-                keys = set(f.keys())
-                inputs, labels = [], []
-                for i in range(counts.shape[0]):          # numeric layer order
-                    if f"layer.{i}.x" in keys:
-                        inputs.append(f.get_tensor(f"layer.{i}.x"))
-                        labels.append(f.get_tensor(f"layer.{i}.y"))
-        except ModelFileError:
-            raise
-        except Exception as e:  # safetensors raises its own errors for truncated/corrupt files
-            raise ModelFileError(f"{path}: cannot read stats file ({type(e).__name__}: {e})") from e
+        with open_tensors(path, FORMAT, "activation-stats") as (meta, f):
+            counts, tau = f.get_tensor("counts"), f.get_tensor("tau_act")
+            keys = set(f.keys())
+            inputs, labels = [], []
+            for i in range(counts.shape[0]):          # numeric layer order
+                if f"layer.{i}.x" in keys:
+                    inputs.append(f.get_tensor(f"layer.{i}.x"))
+                    labels.append(f.get_tensor(f"layer.{i}.y"))
         return cls(counts, int(meta.get("n_tokens", 0)), tau, inputs, labels, meta)
