@@ -8,8 +8,8 @@ PIPOWER=${PIPOWER:-pipower}
 for model in "${@:-smollm2-135m qwen2.5-coder-0.5b}"; do
   for m in $model; do
     mkdir -p "$m"
-    tokens=16384; rank=256
-    [ "$m" = smollm2-135m ] && rank=128
+    # rank 128 for both in this run (the default is 256; 128 keeps the Qwen training inside one session)
+    tokens=16384; rank=${RANK:-128}
     [ -f "$m/stats.safetensors" ] || /usr/bin/time -v $PIPOWER profile -m "$m" --tokens $tokens --target-sparsity 0.5 \
         --samples 16384 --out "$m/stats.safetensors" --plot "$m/frequencies.png" > "$m/profile.log" 2>&1
     [ -f "$m/predictors.safetensors" ] || /usr/bin/time -v $PIPOWER train-predictors --stats "$m/stats.safetensors" \
