@@ -10,6 +10,8 @@ from pipower.ops import NumpyOps
 
 pytestmark = pytest.mark.skipif(not _cpu.AVAILABLE, reason=f"pipower._cpu not built: {_cpu.IMPORT_ERROR}")
 k = _cpu.kernels
+if _cpu.AVAILABLE:
+    from pipower._cpu import _linear
 REF = NumpyOps()
 
 
@@ -147,7 +149,7 @@ def test_bf16_rejects_ieee_half_dtype():
         k.bf16_to_f32(np.zeros(4, np.float16))
 
 
-# ---- gemv -----------------------------------------------------------------------------------------
+# ---- gemv (the engine's f32 path: pipower._cpu._linear.gemv) -------------------------------------
 @pytest.mark.parametrize("N,K", [(1, 1), (33, 17), (896, 896), (300, 1001)])
 def test_gemv_f32_matches_numpy(N, K):
     g = rng(N + K)
@@ -156,15 +158,15 @@ def test_gemv_f32_matches_numpy(N, K):
     want = (w.astype(np.float64) @ x.astype(np.float64))
     # float32 dot of length K: error bound ~ K * eps * sum|w*x|
     tol = 4 * K * np.finfo(np.float32).eps * (np.abs(w) @ np.abs(x)) + 1e-30
-    ref1 = k.gemv_f32(w, x, n_threads=1)
+    ref1 = _linear.gemv("f32", w, None, x, n_threads=1)
     assert np.all(np.abs(ref1 - want) <= tol)
     for nt in (2, 3):
-        assert np.array_equal(k.gemv_f32(w, x, n_threads=nt), ref1)
+        assert np.array_equal(_linear.gemv("f32", w, None, x, n_threads=nt), ref1)
 
 
 def test_gemv_rejects_mismatch():
     with pytest.raises(ValueError, match="x must have shape"):
-        k.gemv_f32(np.zeros((3, 4), np.float32), np.zeros(5, np.float32))
+        _linear.gemv("f32", np.zeros((3, 4), np.float32), None, np.zeros(5, np.float32))
 
 
 # ---- CythonOps ------------------------------------------------------------------------------------

@@ -26,8 +26,6 @@ cdef extern from "_kernels_impl.h" nogil:
     void pp_rms_norm_row(const float *x, const float *w, float *y, Py_ssize_t D, float eps)
     void pp_f16_to_f32(const uint16_t *src, float *dst, Py_ssize_t n)
     void pp_bf16_to_f32(const uint16_t *src, float *dst, Py_ssize_t n)
-    void pp_gemv_f32_rows(const float *w, const float *x, float *y, Py_ssize_t K,
-                          Py_ssize_t n0, Py_ssize_t n1)
 
 # ---- build facts ----------------------------------------------------------------------------------
 OPENMP = PIPOWER_OPENMP_VERSION != 0           # True iff the C compiler saw -fopenmp (_OPENMP defined)
@@ -185,46 +183,3 @@ def f16_to_f32(src, out=None, n_threads=1):
 def bf16_to_f32(src, out=None, n_threads=1):
     """bfloat16 (raw bits in uint16) -> float32, exact. src: uint16 [N, K] or [K]; out: float32 or None."""
     return _widen_entry(src, out, n_threads, (_U16,), KIND_BF16)
-
-
-# ---- dense float32 GEMV ---------------------------------------------------------------------------
-cdef void _gemv(const float[:, ::1] w, const float[::1] x, float[::1] y, int nt) noexcept nogil:
-    # w: [N, K]; x: [K]; y: [N]. Thread p owns rows [p*per, (p+1)*per): no shared writes.
-    cdef Py_ssize_t N = w.shape[0], K = w.shape[1], per, p, lo, hi
-    if nt <= 1:
-        pp_gemv_f32_rows(&w[0, 0], &x[0], &y[0], K, 0, N)
-        return
-    per = (N + nt - 1) // nt
-    with parallel(num_threads=nt):
-        for p in prange(nt, schedule="static"):
-            lo = p * per
-            hi = lo + per
-            if hi > N:
-                hi = N
-            if lo < hi:
-                pp_gemv_f32_rows(&w[0, 0], &x[0], &y[0], K, lo, hi)
-
-
-def gemv_f32(w, x, out=None, n_threads=1):
-    """y = w @ x. w: float32 [N, K] C-contiguous (HF [out, in] layout); x: float32 [K]; out: float32 [N].
-
-    Each row is one float dot product (vectorized, so summation order differs from BLAS by rounding).
-    """
-    cdef int nt = _check_threads(n_threads)
-    _check(w, "w", (_F32,), 2, 2)
-    _check(x, "x", (_F32,), 1, 1)
-    cdef Py_ssize_t N = w.shape[0], K = w.shape[1]
-    if x.shape[0] != K:
-        raise ValueError(f"x must have shape ({K},) to match w {w.shape}, got {x.shape}")
-    if out is None:
-        out = np.empty(N, dtype=np.float32)
-    else:
-        _check_out(out, "out", (N,))
-    if N == 0:
-        return out
-    if K == 0:
-        out[...] = 0
-        return out
-    nt = <int>min(nt, N)
-    _gemv(w, x, out, nt)
-    return out

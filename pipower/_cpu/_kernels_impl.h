@@ -134,21 +134,4 @@ static inline void pp_bf16_to_f32(const uint16_t *src, float *dst, ptrdiff_t n) 
     }
 }
 
-/* ---------------------------------------------------------------------------------------------------
- * y[n] = dot(w[n, :], x) for rows n in [n0, n1). w: [N, K] row-major f32; x: [K]; y: [N].
- * Float accumulation, reordered by the simd pragma (8/16 partial sums), like any BLAS sgemv.
- */
-static inline void pp_gemv_f32_rows(const float *w, const float *x, float *y, ptrdiff_t K,
-                                    ptrdiff_t n0, ptrdiff_t n1) {
-    for (ptrdiff_t n = n0; n < n1; n++) {
-        const float *row = w + n * K;
-        float acc = 0.0f;
-#pragma omp simd reduction(+:acc)
-        for (ptrdiff_t k = 0; k < K; k++) {
-            acc += row[k] * x[k];
-        }
-        y[n] = acc;
-    }
-}
-
 #endif /* PIPOWER_KERNELS_IMPL_H */
