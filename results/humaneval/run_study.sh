@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Issue 6's runs, in priority order; every step is resumable (rerun the script after a kill).
+# Usage: bash results/humaneval/run_study.sh   (from the repository root; PIPOWER=... to override)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+PIPOWER=${PIPOWER:-pipower}
+SPARS=0.25,0.5,0.7,0.85,0.95          # oracle: per-layer tau_act calibrated to skip this fraction
+COMMON="--mode chat --threads 2 --max-tokens 384"
+Q=results/humaneval/qwen2.5-coder-0.5b-chat-sweep
+S=results/humaneval/smollm2-135m-chat-sweep
+QP=results/sparsity/qwen2.5-coder-0.5b/predictors.safetensors
+# 1. Qwen2.5-Coder-0.5B: dense + oracle sweep
+$PIPOWER sweep humaneval -m qwen2.5-coder-0.5b $COMMON --target-sparsities $SPARS --out $Q
+# 2. SmolLM2-135M (the small-model point): dense + oracle sweep
+$PIPOWER sweep humaneval -m smollm2-135m $COMMON --target-sparsities $SPARS --out $S
+# 3. Qwen2.5-Coder-0.5B predictor sweep (oracle points are reused from step 1)
+[ -f "$QP" ] && $PIPOWER sweep humaneval -m qwen2.5-coder-0.5b $COMMON --target-sparsities $SPARS \
+    --pred-thresholds 0,1,2 --predictors "$QP" --out $Q
