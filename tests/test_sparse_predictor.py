@@ -56,3 +56,46 @@ def test_files_round_trip(tmp_path):
         np.testing.assert_array_equal(a.fc2, b.fc2)
     assert back.reports[10].recall == pytest.approx(reports[10].recall, abs=1e-5)
     np.testing.assert_allclose(evaluate(back.layers[3], x, y).loss, evaluate(layers[3], x, y).loss, rtol=1e-6)
+
+
+def _backends():
+    from pipower.backend import make_ops
+    out = [("numpy", make_ops("numpy", 1))]
+    try:
+        out.append(("cython", make_ops("cython", 2)))
+    except Exception as e:                      # the extension is reported missing by its own tests
+        print(f"cython backend unavailable: {e}")
+    return out
+
+
+@pytest.mark.parametrize("fmt", ["f32", "f16", "q8"])
+def test_stored_predictors_match_float32(fmt):
+    """Predictors run through ops.linear in a compact format give the float32 logits within the
+    format's error, and so the same decisions except for neurons within that error of tau_pred."""
+    x, y = synthetic_layer(n=2000, D=64, F=96)
+    pred, _ = train_layer(x, y, TrainConfig(rank=32, epochs=4, batch=256, lr=3e-3))
+    ref = PredictorSelector(Predictors([pred]))
+    for name, ops in _backends():
+        sel = PredictorSelector(Predictors([pred]), ops=ops, weights=fmt)
+        for t in (1, 7):
+            xs = x[:t]
+            want, got = ref.logits(0, xs), sel.logits(0, xs)
+            scale = np.abs(want).max()
+            tol = {"f32": 1e-5, "f16": 2e-3, "q8": 2e-2}[fmt] * scale
+            np.testing.assert_allclose(got, want, atol=tol, err_msg=f"{name} {fmt} T={t}")
+            near = np.abs(want) <= tol
+            assert np.array_equal((got >= 0)[~near], (want >= 0)[~near]), (name, fmt)
+        # -inf still selects every neuron, whatever the format
+        sel_all = PredictorSelector(Predictors([pred]), tau_pred=-np.inf, ops=ops, weights=fmt)
+        np.testing.assert_array_equal(sel_all(0, x[:1], None), np.arange(96))
+
+
+def test_rank_not_multiple_of_32_stays_float32():
+    from pipower.backend import make_ops
+    x, y = synthetic_layer(n=400, D=64, F=40)
+    pred, _ = train_layer(x, y, TrainConfig(rank=12, epochs=1))
+    sel = PredictorSelector(Predictors([pred]), ops=make_ops("numpy", 1), weights="q8")
+    fc1, fc2, _ = sel._stored[0]
+    assert getattr(fc1, "fmt", None) == "q8" and isinstance(fc2, np.ndarray)
+    want = PredictorSelector(Predictors([pred])).logits(0, x[:3])
+    np.testing.assert_allclose(sel.logits(0, x[:3]), want, atol=2e-2 * np.abs(want).max())

@@ -77,7 +77,8 @@ def configure(model, point: Point, *, predictors=None, stats=None) -> dict:
             raise InvalidArgumentError("pred_threshold points need a predictor file (--predictors)")
         model.set_sparsity(predictors=str(predictors), pred_threshold=float(v))
         return {"knob": k, "pred_threshold": float(v), "predictors": Path(predictors).name,
-                "predictors_sha256": file_sha256(predictors)}
+                "predictors_sha256": file_sha256(predictors),
+                "predictor_weights": getattr(model.transformer.ffn_neurons, "weights", "f32")}
     if stats is None:
         raise InvalidArgumentError("budget points need an activation-stats file to plan from (--stats)")
     plan = solve_plan(model, stats, int(v))

@@ -62,8 +62,16 @@ def make_selector(model, *, act_threshold: float | None = None, target_sparsity:
         if not isinstance(predictors, Predictors):
             predictors = Predictors.load(predictors)
         _check_predictors(model, predictors)
-        return PredictorSelector(predictors, pred_threshold)
+        return PredictorSelector(predictors, pred_threshold, ops=t.ops, weights=_predictor_format(model))
     return None
+
+
+def _predictor_format(model) -> str:
+    """Predictors are read every token like the model's matrices: store them in the model's weight
+    format when the ops run it natively (the Cython engine: f16/q8/q4), else keep the trainer's f32."""
+    fmt = getattr(model, "weights", "f32")
+    fmt = "q8" if fmt == "q4" else fmt          # 4-bit logits flip too many near-threshold neurons
+    return fmt if fmt in getattr(model.transformer.ops, "native_formats", ("f32",)) else "f32"
 
 
 def _check_predictors(model, predictors: Predictors) -> None:
