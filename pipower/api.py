@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
 import numpy as np
 
@@ -44,6 +44,7 @@ class Model:
         self.source = source
         self.fingerprint = fingerprint
         self.last_stats: GenerationStats | None = None
+        self.plan = None                    # pipower.hybrid ExecutionPlan when not on the CPU engine
 
     @property
     def backend(self) -> str:
@@ -179,16 +180,32 @@ def default_weights(path: str, ops) -> str:
 
 
 def load(source, *, backend: str = "auto", threads: int | None = None, weights: str | None = None,
-         progress: bool = True) -> Model:
+         progress: bool = True, device: str = "cpu", vram_budget: int | str | None = None,
+         placement=None, stats=None) -> Model:
     """Load a GGUF file, a Hugging Face model directory, or a known model name.
 
     weights: in-memory format of the weight matrices, f32 | f16 | q8 | q4 (pipower.quant); None = q8 for
     GGUF on the compiled backend, else f32. GGUF tensors are dequantized once, then re-stored.
+    device: cpu (default) | gpu | hybrid | offload (pipower.hybrid.engine); vram_budget: bytes or
+    "4GiB", a hard limit on device memory; placement (file from `pipower plan`) or stats (file from
+    `pipower profile`, solved at vram_budget) decide the hot neurons of "hybrid".
     """
     from .loader import load_model_files
     from .tokenizer import tokenizer_from_gguf_metadata, tokenizer_from_hf_dir
     path = resolve_source(source)
     ops = make_ops(backend, threads)
+    device_ops = None
+    if isinstance(vram_budget, str):
+        from .cli_sparse import parse_bytes
+        vram_budget = parse_bytes(vram_budget)
+    if device == "cpu" and (vram_budget is not None or placement is not None or stats is not None):
+        raise InvalidArgumentError("vram_budget, placement and stats apply to device gpu/hybrid/offload, "
+                                   "not to the CPU engine")
+    if device != "cpu":
+        from .hybrid.engine import DEVICES, device_ops_for
+        if device not in DEVICES:
+            raise InvalidArgumentError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+        device_ops = device_ops_for(vram_budget)         # fails fast, before reading the weights
     weights = weights or default_weights(path, ops)
     files = load_model_files(path, progress=progress)
     if os.path.isdir(path):
@@ -197,4 +214,9 @@ def load(source, *, backend: str = "auto", threads: int | None = None, weights: 
         tokenizer = tokenizer_from_gguf_metadata(files.metadata)
     transformer = Transformer(files.config, files.tensors, ops, weights=weights)
     log.info("loaded %s (%s backend, %s weights, %d threads)", path, ops.name, weights, ops.n_threads)
-    return Model(files.config, transformer, tokenizer, files.source, files.fingerprint)
+    model = Model(files.config, transformer, tokenizer, files.source, files.fingerprint)
+    if device_ops is not None:
+        from .hybrid import to_device
+        to_device(model, device, vram_budget=vram_budget, placement=placement, stats=stats,
+                  device_ops=device_ops)
+    return model

@@ -29,6 +29,22 @@ def add_sparsity_args(p: argparse.ArgumentParser):
     return sp
 
 
+def add_device_args(p: argparse.ArgumentParser) -> None:
+    """--device, --vram-budget, --placement, --hot-stats: where the model runs (pipower.hybrid.engine)."""
+    p.add_argument("--device", choices=("cpu", "gpu", "hybrid", "offload"), default="cpu",
+                   help="cpu: CPU engine only; gpu: whole model on the GPU; hybrid: attention, output and hot "
+                        "FFN neurons on the GPU, cold neurons on the CPU concurrently (PowerInfer); offload: "
+                        "the first whole layers that fit on the GPU, the rest on the CPU (llama.cpp -ngl "
+                        "baseline). GPU modes need CuPy and a CUDA device (default: cpu)")
+    p.add_argument("--vram-budget", default=None, metavar="B",
+                   help="hard limit on GPU memory, e.g. 4GiB, 512MiB (needed by hybrid and offload)")
+    p.add_argument("--placement", default=None, metavar="FILE",
+                   help="hot-neuron placement from `pipower plan` for --device hybrid")
+    p.add_argument("--hot-stats", default=None, metavar="FILE",
+                   help="activation stats from `pipower profile`: solve the hybrid placement at --vram-budget "
+                        "here instead of reading --placement")
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=DEFAULT_MODEL,
                    help=f"GGUF file, Hugging Face model directory, or known model name (default: {DEFAULT_MODEL})")
@@ -68,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(use this with instruct models)")
     g.add_argument("--system", help="system message for --chat (default: the template's own)")
     add_sparsity_args(g)
+    add_device_args(g)
 
     f = sub.add_parser("fetch", help="download a known model and print its local path",
                        description="Fetch a known model (verified by SHA-256); the last stdout line is the path.",
@@ -83,6 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--backend", choices=("auto", "numpy", "cython"), default="auto",
                    help="backend to load --model with (default: auto)")
     i.add_argument("--weights", choices=FORMATS, default=None, help="weight format to load --model in")
+    add_device_args(i)
     from .cli_sparse import add_commands
     add_commands(sub, _add_model_args)
     from .cli_eval import add_commands as add_eval_commands
@@ -100,10 +118,15 @@ def _read_prompt(args) -> str:
     return given[0]
 
 
+def device_kwargs(args) -> dict:
+    return dict(device=args.device, vram_budget=args.vram_budget, placement=args.placement, stats=args.hot_stats)
+
+
 def cmd_generate(args) -> int:
     import pipower
     prompt = _read_prompt(args)
-    model = pipower.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights)
+    model = pipower.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights,
+                         **device_kwargs(args))
     model.set_sparsity(act_threshold=args.act_threshold, target_sparsity=args.target_sparsity,
                        predictors=args.predictors, pred_threshold=args.pred_threshold)
     kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -142,7 +165,8 @@ def cmd_info(args) -> int:
     report = info()
     if args.model:
         import pipower
-        report["model"] = model_info(pipower.load(args.model, backend=args.backend, weights=args.weights))
+        report["model"] = model_info(pipower.load(args.model, backend=args.backend, weights=args.weights,
+                                                  **device_kwargs(args)))
     if args.json:
         print(json.dumps(report, indent=2, default=str))
         return 0
@@ -151,6 +175,9 @@ def cmd_info(args) -> int:
     for name, b in report["backends"].items():
         state = "available" if b["available"] else f"NOT available ({b.get('error')})"
         print(f"backend {name:7s}: {state}")
+        for d in b.get("devices", []):
+            print(f"    GPU {d['id']}: {d['name']} (sm {d['compute_capability']}), "
+                  f"{d['memory_total_bytes'] / 2**30:.1f} GiB total, {d['memory_free_bytes'] / 2**30:.1f} GiB free")
         if b.get("build"):
             print("    build: " + ", ".join(f"{k}={v}" for k, v in b["build"].items()))
     print(f"default backend: {report['default_backend']}  threads: {report['threads']}")

@@ -60,8 +60,9 @@ def add_bench(sub, add_model_args) -> None:
     b.add_argument("--repeats", type=int, default=3, help="repeats after one warm-up (default: 3)")
     b.add_argument("--prompt-tokens", type=int, default=0,
                    help="use this many tokens of stdlib code as the prompt (default: a short code prompt)")
-    from .cli import add_sparsity_args
+    from .cli import add_device_args, add_sparsity_args
     add_sparsity_args(b)
+    add_device_args(b)
     b.add_argument("--json", action="store_true", help="print the measurements as one JSON object")
 
 
@@ -70,7 +71,9 @@ def cmd_bench(args) -> int:
 
     import pipower
     from .benchmark import time_model
-    model = pipower.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights)
+    from .cli import device_kwargs
+    model = pipower.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights,
+                         **device_kwargs(args))
     model.set_sparsity(act_threshold=args.act_threshold, target_sparsity=args.target_sparsity,
                        predictors=args.predictors, pred_threshold=args.pred_threshold)
     ids = None

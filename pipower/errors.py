@@ -40,5 +40,9 @@ class BackendError(PipowerError):
     """A requested backend is not available (extension not built, no GPU...)."""
 
 
+class DeviceUnavailableError(BackendError):
+    """A GPU engine was asked for, but CuPy or a CUDA device is missing (the message says which)."""
+
+
 class InvalidArgumentError(PipowerError, ValueError):
     """A call argument is out of range or inconsistent (empty prompt, negative temperature...)."""

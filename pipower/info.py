@@ -22,7 +22,7 @@ def info() -> dict:
         "backends": {
             "numpy": {"available": True},
             "cython": {"available": _cpu.AVAILABLE, "error": _cpu.IMPORT_ERROR, "build": _cpu.BUILD_INFO},
-            "gpu": {"available": gpu_ok, "error": gpu_why},
+            "gpu": {"available": gpu_ok, "error": gpu_why, "devices": gpu_devices() if gpu_ok else []},
         },
         "default_backend": default,
         "fallback_warning": None if _cpu.AVAILABLE else
@@ -33,6 +33,21 @@ def info() -> dict:
     }
 
 
+def gpu_devices() -> list[dict]:
+    """Name and memory of each CUDA device (CuPy is importable when this is called)."""
+    import cupy
+    out = []
+    for i in range(cupy.cuda.runtime.getDeviceCount()):
+        props = cupy.cuda.runtime.getDeviceProperties(i)
+        with cupy.cuda.Device(i):
+            free, total = cupy.cuda.runtime.memGetInfo()
+        name = props["name"]
+        out.append({"id": i, "name": name.decode() if isinstance(name, bytes) else str(name),
+                    "memory_total_bytes": int(total), "memory_free_bytes": int(free),
+                    "compute_capability": f"{props['major']}.{props['minor']}"})
+    return out
+
+
 def model_info(model) -> dict:
     """What a loaded model is and how it is held in memory."""
     c, t = model.config, model.transformer
@@ -41,4 +56,5 @@ def model_info(model) -> dict:
         "ffn": c.intermediate_size, "heads": f"{c.num_attention_heads}/{c.num_key_value_heads}",
         "vocab": c.vocab_size, "backend": model.backend, "weights": model.weights,
         "weight_MiB_per_token": round(t.nbytes_per_token / 2**20, 1), "fingerprint": model.fingerprint[:16],
+        "placement": model.plan.summary() if getattr(model, "plan", None) is not None else {"kind": "cpu"},
     }

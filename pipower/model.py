@@ -5,8 +5,8 @@ Shapes: T new tokens, S = cache positions after the call, D hidden, H/Hkv heads,
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Callable
 
 import numpy as np
 
@@ -47,7 +47,7 @@ class LayerWeights:
     down_t: np.ndarray               # [F, D]   HF's down_proj [D, F] transposed: neuron i's row is contiguous
 
     @classmethod
-    def from_tensors(cls, t: dict, i: int, fmt: str = "f32") -> "LayerWeights":
+    def from_tensors(cls, t: dict, i: int, fmt: str = "f32") -> LayerWeights:
         p = f"model.layers.{i}."
         layer = cls(
             attn_norm=t[p + "input_layernorm.weight"],
@@ -97,7 +97,7 @@ class Transformer:
     def new_cache(self, max_len: int | None = None) -> KVCache:
         c = self.config
         return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
-                       max_len or c.max_position_embeddings)
+                       max_len or c.max_position_embeddings, alloc=self.ops.kv_buffer)
 
     def forward(self, ids, cache: KVCache, last_only: bool = False) -> np.ndarray:
         """ids: int [T] at positions cache.length .. +T -> logits float32 [T, V] (or [1, V] if last_only)."""
@@ -114,6 +114,7 @@ class Transformer:
         cos, sin = cos_sin(self.inv_freq, start, T)                               # [T, hd/2] each
         x = ops.embed(self.embed_tokens, ids)                                     # [T, D] residual stream
         for i, layer in enumerate(self.layers):
+            x = ops.enter_layer(i, x)                     # hybrid engines move x to where layer i runs
             x += self._attention(i, layer, ops.rms_norm(x, layer.attn_norm, self.config.rms_norm_eps),
                                  cache, start, cos, sin)
             h = ops.rms_norm(x, layer.ffn_norm, self.config.rms_norm_eps)
@@ -122,8 +123,9 @@ class Transformer:
         cache.advance(T)
         if last_only:
             x = x[-1:]
+        x = ops.enter_output(x)
         x = ops.rms_norm(x, self.final_norm, self.config.rms_norm_eps)
-        return ops.linear(x, self.lm_head)                                        # [T, V]
+        return ops.to_host(ops.linear(x, self.lm_head))                           # [T, V] on the host
 
     def _attention(self, i, layer: LayerWeights, h, cache, start, cos, sin) -> np.ndarray:
         """h: normed [T, D] -> attention output [T, D]; appends this layer's k/v to the cache."""

@@ -73,6 +73,28 @@ class NumpyOps:
         """Context entered around one forward call of n_tokens tokens (thread-pool policy); none here."""
         return contextlib.nullcontext()
 
+    # -- where data lives: one host memory here. The hybrid engine (pipower.hybrid) overrides these to
+    # move the residual stream between host and GPU and to keep each layer's KV cache where it runs.
+    def enter_layer(self, layer: int, x: np.ndarray) -> np.ndarray:
+        """The residual stream x [T, D], moved to where `layer` runs."""
+        return x
+
+    def enter_output(self, x: np.ndarray) -> np.ndarray:
+        """The residual stream x [T, D], moved to where the final norm and LM head run."""
+        return x
+
+    def to_host(self, a) -> np.ndarray:
+        """a as a host ndarray (logits leave the graph this way)."""
+        return a
+
+    def place(self, w):
+        """A weight (float32 array or QMatrix) as this backend computes on it."""
+        return w
+
+    def kv_buffer(self, layer: int, shape: tuple) -> np.ndarray:
+        """Zeroed float32 KV-cache storage for `layer`, where that layer's attention runs."""
+        return np.zeros(shape, np.float32)
+
     # -- elementwise / norms ------------------------------------------------------------------------
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
         """x: [T, D], weight: [D] -> [T, D]. Same order of operations as HF LlamaRMSNorm in fp32."""

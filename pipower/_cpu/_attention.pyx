@@ -7,7 +7,7 @@ computed by the same code whatever the thread count, so results do not depend on
 
 Shapes: T query positions, S keys (cache length after the append), H query heads, Hkv KV heads
 (GQA: query head h reads KV head h // (H // Hkv), as HF's repeat_kv), hd head dim.
-k and v may be the KV cache's views cache._k[layer, :, :S]: only the last axis must be contiguous.
+k and v may be the KV cache's views cache._k[layer][:, :S]: only the last axis must be contiguous.
 """
 import numpy as np
 

@@ -139,7 +139,7 @@ class Predictors:
                                      "reports": [r.as_dict() for r in self.reports]})
 
     @classmethod
-    def load(cls, path) -> "Predictors":
+    def load(cls, path) -> Predictors:
         with open_tensors(path, FORMAT, "predictor") as (meta, f):
             layers = [LayerPredictor(f.get_tensor(f"layer.{i}.fc1"), f.get_tensor(f"layer.{i}.fc2"),
                                      f.get_tensor(f"layer.{i}.b2")) for i in range(meta["n_layers"])]
@@ -165,8 +165,10 @@ class PredictorSelector(CountingSelector):
         self._stored = None
         if ops is not None:
             from ..model import store
-            self._stored = [(store(p.fc1, self._format_for(p.fc1, weights)),
-                             store(p.fc2, self._format_for(p.fc2, weights)), p.b2) for p in predictors.layers]
+            # ops.place: on the hybrid engine the predictors live on the GPU with attention
+            self._stored = [(ops.place(store(p.fc1, self._format_for(p.fc1, weights))),
+                             ops.place(store(p.fc2, self._format_for(p.fc2, weights))), ops.place(p.b2))
+                            for p in predictors.layers]
 
     @staticmethod
     def _format_for(w: np.ndarray, weights: str) -> str:

@@ -1,0 +1,160 @@
+"""The device side of the hybrid engine: the contract a GPU ops backend meets, and a NumPy stand-in.
+
+A device ops object is a NumpyOps-compatible backend whose arrays live in device memory, plus:
+
+  owns(a) -> bool           a lives on the device (a device array, or a weight returned by place)
+  place(w) -> weight        host float32 array [N, K] / [N] or QMatrix -> its device copy; counted
+                            against the memory limit; raises DeviceMemoryError past it
+  to_device(a) -> array     host ndarray -> device array (float32/int32/bool kept)
+  to_host(a) -> ndarray     device array -> host ndarray (synchronises)
+  zeros(shape) -> array     float32 device zeros (KV cache storage), counted against the limit
+  synchronize()             wait for queued device work (timing)
+  allocated_bytes()         bytes held now (weights, cache, live temporaries)
+  peak_bytes()              the most held at once since construction
+  limit_bytes               None or the hard cap: no allocation may take the total past it
+
+and the usual ops (rms_norm, activation, linear, ffn, rope, attention) taking and returning device
+arrays, with weights that `place` returned. Device ops never receive host arrays; the hybrid ops move
+data explicitly (to_device / to_host), so every transfer is visible and counted.
+
+`StandInDeviceOps` meets the contract with NumPy inside: CI (no GPU) runs the hybrid scheduler through
+it. Device arrays are a marked ndarray subclass, so a host array reaching a device op raises (CuPy
+refuses them too), and memory is accounted like a device pool with a hard limit.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import PipowerError
+from ..ops import NumpyOps
+from ..quant import QMatrix
+
+
+class DeviceMemoryError(PipowerError, MemoryError):
+    """An allocation would take device memory past the budget (the VRAM budget is a hard limit)."""
+
+
+class StandInArray(np.ndarray):
+    """A NumPy array standing for device memory (see module doc)."""
+
+
+class StandInWeight:
+    """A placed weight: the host object it copies (array or QMatrix) and its bytes."""
+
+    def __init__(self, w):
+        self.w = w
+        self.nbytes = int(w.nbytes)
+        self.shape = tuple(w.shape)
+        self.fmt = w.fmt if isinstance(w, QMatrix) else "f32"
+
+    def __repr__(self) -> str:
+        return f"StandInWeight({self.fmt}, {self.shape})"
+
+
+def _dev(a: np.ndarray) -> StandInArray:
+    return np.asarray(a).view(StandInArray)
+
+
+class StandInDeviceOps:
+    """NumPy reference ops behind the device contract, with transfer and memory accounting.
+
+    Memory: placed weights and zeros() buffers are held until the ops object goes; temporaries are
+    not tracked (a real pool frees them at once; the scheduler's temporaries are [T, D]-sized).
+    """
+
+    name = "standin"
+    native_formats = ("f32", "f16", "q8", "q4")
+
+    def __init__(self, limit_bytes: int | None = None):
+        self.ref = NumpyOps(1)
+        self.limit_bytes = limit_bytes
+        self._held = 0
+        self._peak = 0
+        self.transfers = {"to_device": 0, "to_host": 0, "bytes_to_device": 0, "bytes_to_host": 0}
+
+    # -- contract -----------------------------------------------------------------------------------
+    def owns(self, a) -> bool:
+        return isinstance(a, (StandInArray, StandInWeight))
+
+    def _allocate(self, nbytes: int, what: str) -> None:
+        if self.limit_bytes is not None and self._held + nbytes > self.limit_bytes:
+            raise DeviceMemoryError(f"allocating {what} ({nbytes} bytes) would hold {self._held + nbytes} "
+                                    f"bytes on the device, over the {self.limit_bytes}-byte limit")
+        self._held += nbytes
+        self._peak = max(self._peak, self._held)
+
+    def place(self, w):
+        if self.owns(w):
+            return w
+        if not isinstance(w, (np.ndarray, QMatrix)):
+            raise TypeError(f"cannot place {type(w).__name__} on the device")
+        self._allocate(int(w.nbytes), f"a {tuple(w.shape)} weight")
+        return StandInWeight(w)
+
+    def to_device(self, a) -> StandInArray:
+        if self.owns(a):
+            return a
+        a = np.asarray(a)
+        self.transfers["to_device"] += 1
+        self.transfers["bytes_to_device"] += a.nbytes
+        return _dev(a.copy())
+
+    def to_host(self, a) -> np.ndarray:
+        if not self.owns(a):
+            raise TypeError("to_host got a host array: the scheduler lost track of where data lives")
+        self.transfers["to_host"] += 1
+        self.transfers["bytes_to_host"] += a.nbytes
+        return np.array(a, copy=True).view(np.ndarray)
+
+    def zeros(self, shape) -> StandInArray:
+        n = int(np.prod(shape)) * 4
+        self._allocate(n, f"a {tuple(shape)} buffer")
+        return _dev(np.zeros(shape, np.float32))
+
+    def synchronize(self) -> None:
+        pass
+
+    def allocated_bytes(self) -> int:
+        return self._held
+
+    def peak_bytes(self) -> int:
+        return self._peak
+
+    # -- ops: check every array operand is on the device, compute with the reference --------------
+    def _host(self, *arrays):
+        out = []
+        for a in arrays:
+            if a is None:
+                out.append(None)
+            elif isinstance(a, StandInWeight):
+                out.append(a.w)
+            elif isinstance(a, StandInArray):
+                out.append(a.view(np.ndarray))
+            else:
+                raise TypeError(f"device op got a host {type(a).__name__} {getattr(a, 'shape', '')}: "
+                                f"move it with to_device first")
+        return out
+
+    def rms_norm(self, x, weight, eps):
+        x, weight = self._host(x, weight)
+        return _dev(self.ref.rms_norm(x, weight, eps))
+
+    def activation(self, name, x):
+        (x,) = self._host(x)
+        return _dev(self.ref.activation(name, x))
+
+    def linear(self, x, weight, bias=None):
+        x, weight, bias = self._host(x, weight, bias)
+        return _dev(self.ref.linear(x, weight, bias))
+
+    def ffn(self, x, gate, up, down_t, act, idx=None):
+        x, gate, up, down_t, idx = self._host(x, gate, up, down_t, idx)
+        return _dev(self.ref.ffn(x, gate, up, down_t, act, idx))
+
+    def rope(self, x, cos, sin):
+        x, cos, sin = self._host(x, cos, sin)
+        return _dev(self.ref.rope(x, cos, sin))
+
+    def attention(self, q, k, v, start_pos, window=None):
+        q, k, v = self._host(q, k, v)
+        return _dev(self.ref.attention(q, k, v, start_pos, window))

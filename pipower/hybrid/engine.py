@@ -1,0 +1,116 @@
+"""`device=` of pipower.load: cpu, gpu, hybrid (PowerInfer) or offload (llama.cpp's -ngl baseline).
+
+  cpu      the CPU engine, nothing on a device (the default)
+  gpu      the whole model on the GPU; the budget (if given) must hold it
+  hybrid   attention, norms, output head and the hot neurons on the GPU, cold neurons on the CPU.
+           The hot sets come from a placement file (`pipower plan`) or are solved here from an
+           activation-stats file (`pipower profile`) at `vram_budget`
+  offload  the first k whole layers on the GPU, the rest on the CPU, k the most that fit the budget
+
+The budget is enforced by the device ops as a hard memory limit (DeviceMemoryError past it).
+"""
+from __future__ import annotations
+
+import logging
+
+from ..errors import InvalidArgumentError
+from .plan import (
+    ExecutionPlan,
+    cpu_plan,
+    gpu_plan,
+    hybrid_plan,
+    layer_offload_plan,
+    offload_layers_for_budget,
+)
+
+log = logging.getLogger(__name__)
+
+DEVICES = ("cpu", "gpu", "hybrid", "offload")
+DEFAULT_CONTEXT = 4096          # KV positions reserved on the device when planning (f32)
+
+
+def device_ops_for(vram_budget: int | None):
+    """The CUDA device ops, with the budget as their memory limit. Raises DeviceUnavailableError."""
+    from .. import _gpu
+    from ..errors import DeviceUnavailableError
+    ok, why = _gpu.status()
+    if not ok:
+        raise DeviceUnavailableError(f"no usable GPU: {why}. Install the gpu extra (pip install "
+                                     f"'pipower[gpu]') on a machine with a CUDA device, or use --device cpu")
+    from .._gpu.ops import CupyOps
+    return CupyOps(limit_bytes=vram_budget)
+
+
+def plan_for(model, device: str, *, vram_budget: int | None = None, placement=None, stats=None,
+             context_length: int = DEFAULT_CONTEXT, predictor_rank: int | None = None) -> ExecutionPlan:
+    """The ExecutionPlan for `device` on a loaded Model (see module doc)."""
+    if device not in DEVICES:
+        raise InvalidArgumentError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
+    L = model.config.num_hidden_layers
+    if device == "cpu":
+        return cpu_plan(L)
+    if device == "gpu":
+        plan = gpu_plan(L)
+        plan.budget_bytes = vram_budget
+        return plan
+    if vram_budget is None:
+        raise InvalidArgumentError(f"device={device!r} needs a VRAM budget (--vram-budget, e.g. 4GiB)")
+    if device == "offload":
+        t = model.transformer
+        out = int(t.lm_head.nbytes + t.final_norm.nbytes) if t.lm_head is not None else 0
+        k, output = offload_layers_for_budget(model.config, model.weights, vram_budget, context_length, out)
+        log.info("layer offload: %d of %d layers on the GPU%s", k, L, " and the output head" if output else "")
+        return layer_offload_plan(L, k, vram_budget, output)
+    # hybrid
+    from ..sparse.placement import Placement
+    if placement is not None and stats is not None:
+        raise InvalidArgumentError("give a placement file or a stats file, not both")
+    if placement is None and stats is None:
+        raise InvalidArgumentError("device='hybrid' needs a placement file (`pipower plan`) or an "
+                                   "activation-stats file (`pipower profile`) to decide the hot neurons")
+    if placement is None:
+        placement = solve_for(model, stats, vram_budget, context_length, predictor_rank)
+    elif not isinstance(placement, Placement):
+        placement = Placement.load(placement, expect_fingerprint=model.fingerprint)
+    if len(placement.hot) != L:
+        raise InvalidArgumentError(f"placement has {len(placement.hot)} layers, the model {L}")
+    plan = hybrid_plan(placement)
+    plan.budget_bytes = vram_budget
+    return plan
+
+
+def solve_for(model, stats, vram_budget: int, context_length: int, predictor_rank: int | None):
+    """Solve the hot sets from activation stats: the same accounting as `pipower plan`, plus the
+    float32 KV cache the hybrid engine keeps on the device."""
+    from ..sparse.placement import (
+        ffn_neuron_bytes,
+        gpu_bytes_breakdown,
+        solve_placement,
+    )
+    from ..sparse.stats import ActivationStats
+    if not isinstance(stats, ActivationStats):
+        stats = ActivationStats.load(stats)
+    fixed = gpu_bytes_breakdown(model.config, model.weights, predictor_hidden=predictor_rank,
+                                predictor_weights=model.weights, context_length=context_length,
+                                kv_weights="f32")
+    return solve_placement(list(stats.freqs), ffn_neuron_bytes(model.config, model.weights), vram_budget,
+                           fixed, fingerprint=model.fingerprint)
+
+
+def to_device(model, device: str, *, vram_budget: int | None = None, placement=None, stats=None,
+              context_length: int = DEFAULT_CONTEXT, predictor_rank: int | None = None, device_ops=None):
+    """Move a loaded CPU Model to `device` in place (see module doc) and return it.
+
+    device_ops: the device backend (default: CUDA via CuPy, limited to vram_budget); tests pass
+    pipower.hybrid.device.StandInDeviceOps to run the scheduler without a GPU.
+    """
+    from .build import make_hybrid
+    plan = plan_for(model, device, vram_budget=vram_budget, placement=placement, stats=stats,
+                    context_length=context_length, predictor_rank=predictor_rank)
+    if device == "cpu":
+        return model
+    if device_ops is None:
+        device_ops = device_ops_for(vram_budget)
+    make_hybrid(model.transformer, plan, device_ops)
+    model.plan = plan
+    return model

@@ -1,0 +1,251 @@
+"""The hybrid engine's scheduler on the CPU: the NumPy stand-in plays the GPU (pipower.hybrid.device).
+
+What a GPU run would change is only where arithmetic happens; these tests pin what the scheduler
+decides: hybrid == dense with every neuron computed, hot/cold splits add up, the residual and KV cache
+live where the plan says, transfers are the intended ones, and the budget is a hard limit.
+"""
+import numpy as np
+import pytest
+
+from pipower.config import ModelConfig
+from pipower.errors import InvalidArgumentError
+from pipower.hybrid import (
+    DeviceMemoryError,
+    FFNSplit,
+    HybridOps,
+    StandInDeviceOps,
+    gpu_plan,
+    hybrid_plan,
+    layer_offload_plan,
+    make_hybrid,
+)
+from pipower.hybrid.device import StandInArray
+from pipower.hybrid.plan import ExecutionPlan, offload_layers_for_budget
+from pipower.model import Transformer
+from pipower.ops import NumpyOps
+from pipower.sparse.oracle import CountingSelector
+from pipower.sparse.placement import Placement
+
+CFG = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=96, hidden_size=64,
+           intermediate_size=160, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+           head_dim=16, hidden_act="silu", max_position_embeddings=128, rms_norm_eps=1e-6,
+           rope_theta=10000.0, tie_word_embeddings=True)
+
+
+def random_tensors(cfg: dict, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    D, F, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    H, Hkv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+
+    def w(*shape, s=0.1):
+        return (rng.standard_normal(shape) * s).astype(np.float32)
+    t = {"model.embed_tokens.weight": w(V, D, s=1.0), "model.norm.weight": 1 + w(D)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        t.update({p + "input_layernorm.weight": 1 + w(D), p + "post_attention_layernorm.weight": 1 + w(D),
+                  p + "self_attn.q_proj.weight": w(H * hd, D), p + "self_attn.k_proj.weight": w(Hkv * hd, D),
+                  p + "self_attn.v_proj.weight": w(Hkv * hd, D), p + "self_attn.o_proj.weight": w(D, H * hd),
+                  p + "self_attn.q_proj.bias": w(H * hd), p + "self_attn.k_proj.bias": w(Hkv * hd),
+                  p + "self_attn.v_proj.bias": w(Hkv * hd),
+                  p + "mlp.gate_proj.weight": w(F, D), p + "mlp.up_proj.weight": w(F, D),
+                  p + "mlp.down_proj.weight": w(D, F)})
+    return t
+
+
+def transformer(weights="f32", seed=0):
+    return Transformer(ModelConfig.from_dict(CFG), random_tensors(CFG, seed), NumpyOps(), weights=weights)
+
+
+def run(t, ids, steps=4):
+    """Prefill ids, then `steps` greedy decode steps -> (all logits stacked, the tokens)."""
+    cache = t.new_cache()
+    out = [t.forward(ids, cache)]
+    tokens = []
+    for _ in range(steps):
+        tok = int(np.argmax(out[-1][-1]))
+        tokens.append(tok)
+        out.append(t.forward(np.array([tok]), cache))
+    return np.concatenate(out), tokens
+
+
+def random_hot(n_layers, F, frac, seed=0):
+    rng = np.random.default_rng(seed)
+    return [np.sort(rng.choice(F, int(frac * F), replace=False)).astype(np.int32) for _ in range(n_layers)]
+
+
+def split_plan(hot):
+    return ExecutionPlan("hybrid", ["split"] * len(hot), "device", hot)
+
+
+IDS = np.array([5, 17, 33, 2, 71, 40, 9])
+
+
+@pytest.mark.parametrize("weights", ["f32", "q8"])
+@pytest.mark.parametrize("frac", [0.0, 0.3, 1.0])
+def test_split_equals_dense(weights, frac):
+    """Every neuron computed, split between the devices in any proportion: same logits as dense (up to
+    float32 summation order: the hot and cold partial sums are added separately)."""
+    dense, _ = run(transformer(weights), IDS)
+    t = make_hybrid(transformer(weights), split_plan(random_hot(3, 160, frac)), StandInDeviceOps())
+    got, _ = run(t, IDS)
+    assert np.abs(got - dense).max() <= 1e-5 * np.abs(dense).max()
+    s = t.ops.stats
+    assert s.hot_neurons + s.cold_neurons == (len(IDS) + 4) * 3 * 160
+    assert s.hot_neurons == (len(IDS) + 4) * sum(len(h) for h in random_hot(3, 160, frac))
+
+
+class FixedSelector(CountingSelector):
+    """Per layer a fixed random active set (decode) or mask (prefill): a predictor's output."""
+
+    def __init__(self, frac, F=160, seed=1):
+        super().__init__()
+        self.rng, self.frac, self.F = np.random.default_rng(seed), frac, F
+
+    def __call__(self, layer, x, h):
+        return self.select(self.rng.random((x.shape[0], self.F)) < self.frac)
+
+
+def test_split_with_sparse_selection_equals_cpu_engine():
+    """With a selector, hybrid computes exactly the selected neurons: same result as the CPU engine
+    with the same selections, whatever the split."""
+    ref = transformer("q8")
+    ref.ffn_neurons = FixedSelector(0.4)
+    want, _ = run(ref, IDS)
+    t = make_hybrid(transformer("q8"), split_plan(random_hot(3, 160, 0.5, seed=3)), StandInDeviceOps())
+    t.ffn_neurons = FixedSelector(0.4)
+    got, _ = run(t, IDS)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert t.ffn_neurons.sparsity == pytest.approx(ref.ffn_neurons.sparsity)
+    s = t.ops.stats
+    assert 0 < s.hot_neurons and 0 < s.cold_neurons
+    assert s.hot_neurons + s.cold_neurons == t.ffn_neurons.total - t.ffn_neurons.skipped
+
+
+def test_predictor_minus_infinity_hybrid_equals_dense():
+    """The issue's check: predictor mode with tau_pred = -inf on the hybrid engine equals dense, and
+    the predictors themselves are placed on the device."""
+    from pipower.sparse.predictor import LayerPredictor, Predictors, PredictorSelector
+    rng = np.random.default_rng(4)
+    preds = Predictors([LayerPredictor(rng.standard_normal((32, 64)).astype(np.float32),
+                                       rng.standard_normal((160, 32)).astype(np.float32),
+                                       rng.standard_normal(160).astype(np.float32)) for _ in range(3)])
+    dense, _ = run(transformer("q8"), IDS)
+    dev = StandInDeviceOps()
+    t = make_hybrid(transformer("q8"), split_plan(random_hot(3, 160, 0.25)), dev)
+    t.ffn_neurons = PredictorSelector(preds, -np.inf, ops=t.ops, weights="q8")
+    assert all(dev.owns(fc1) and dev.owns(fc2) for fc1, fc2, _ in t.ffn_neurons._stored)
+    got, _ = run(t, IDS)
+    assert np.abs(got - dense).max() <= 1e-5 * np.abs(dense).max()
+    assert t.ffn_neurons.sparsity == 0.0
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+def test_layer_offload_equals_dense(k):
+    dense, tokens = run(transformer("q8"), IDS)
+    dev = StandInDeviceOps()
+    t = make_hybrid(transformer("q8"), layer_offload_plan(3, k, output_on_device=k == 3), dev)
+    got, got_tokens = run(t, IDS)
+    assert np.abs(got - dense).max() <= 1e-6 * np.abs(dense).max() and got_tokens == tokens
+    # KV caches live where their layer runs
+    cache = t.new_cache()
+    assert [isinstance(b, StandInArray) for b in cache._k] == [i < k for i in range(3)]
+
+
+def test_gpu_plan_everything_on_device_and_transfers_are_minimal():
+    dev = StandInDeviceOps()
+    t = make_hybrid(transformer("f16"), gpu_plan(3), dev)
+    cache = t.new_cache()
+    dev.transfers.update(to_device=0, to_host=0)
+    t.forward(np.array([3]), cache)
+    # decode step all on the GPU: the embedding row and cos/sin go up (once per forward), logits come down
+    assert dev.transfers["to_host"] == 1
+    assert dev.transfers["to_device"] == 3
+
+
+def test_split_decode_transfers_per_layer():
+    """Per split layer and decode step: h and the active set come down, the hot selection and the cold
+    partial go up; cos/sin go up once per forward, not per layer."""
+    dev = StandInDeviceOps()
+    t = make_hybrid(transformer("q8"), split_plan(random_hot(3, 160, 0.5)), dev)
+    t.ffn_neurons = FixedSelector(0.5)
+    cache = t.new_cache()
+    t.forward(np.array([1, 2]), cache)
+    dev.transfers.update(to_device=0, to_host=0)
+    t.forward(np.array([3]), cache)
+    L = 3
+    assert dev.transfers["to_host"] == 1 + L * 1            # logits + per layer h (active set is host here)
+    assert dev.transfers["to_device"] == 1 + 2 + L * 2      # x, cos, sin + per layer (hot idx, cold partial)
+
+
+def test_residual_never_mixes_host_and_device():
+    """The stand-in refuses host arrays in device ops (as CuPy does): a scheduler that forgot a move
+    would fail here rather than silently compute on the host."""
+    dev = StandInDeviceOps()
+    with pytest.raises(TypeError, match="host"):
+        dev.linear(np.ones((1, 4), np.float32), dev.place(np.ones((3, 4), np.float32)))
+    with pytest.raises(TypeError):
+        dev.to_host(np.ones(3))
+
+
+def test_budget_is_a_hard_limit():
+    t = transformer("q8")
+    need = sum(layer.nbytes for layer in t.layers) + t.lm_head.nbytes + t.final_norm.nbytes
+    with pytest.raises(DeviceMemoryError):
+        make_hybrid(transformer("q8"), gpu_plan(3), StandInDeviceOps(limit_bytes=need // 2))
+    dev = StandInDeviceOps(limit_bytes=need + 10 ** 6)
+    t = make_hybrid(transformer("q8"), gpu_plan(3), dev)
+    run(t, IDS)
+    assert dev.peak_bytes() <= dev.limit_bytes
+    # a hybrid split of 25% hot neurons holds less than everything
+    dev2 = StandInDeviceOps()
+    make_hybrid(transformer("q8"), split_plan(random_hot(3, 160, 0.25)), dev2)
+    assert dev2.allocated_bytes() < dev.allocated_bytes()
+
+
+def test_offload_layer_count_from_budget():
+    cfg = ModelConfig.from_dict(CFG)
+    from pipower.hybrid.plan import layer_bytes
+    per = layer_bytes(cfg, "q8", 128)
+    assert offload_layers_for_budget(cfg, "q8", per * 2 + 5, 128) == (2, False)
+    assert offload_layers_for_budget(cfg, "q8", per * 3 + 100, 128, output_bytes=100) == (3, True)
+    assert offload_layers_for_budget(cfg, "q8", per - 1, 128) == (0, False)
+
+
+def test_ffn_split_maps():
+    sp = FFNSplit.from_hot(np.array([1, 4, 5], np.int32), 7)
+    assert sp.cold.tolist() == [0, 2, 3, 6]
+    assert sp.local.tolist() == [0, 0, 1, 2, 1, 2, 3]
+    with pytest.raises(InvalidArgumentError):
+        FFNSplit.from_hot(np.array([4, 1], np.int32), 7)
+    with pytest.raises(InvalidArgumentError):
+        FFNSplit.from_hot(np.array([7], np.int32), 7)
+
+
+def test_plan_validation_and_hybrid_plan_from_placement():
+    with pytest.raises(InvalidArgumentError):
+        ExecutionPlan("hybrid", ["split", "gpu"], "device", [np.arange(3), None])
+    with pytest.raises(InvalidArgumentError):
+        ExecutionPlan("hybrid", ["split"], "device", [None])
+    hot = random_hot(3, 160, 0.3)
+    p = Placement(hot=hot, n_ff=[160] * 3, layer_freq=[1.0] * 3, layer_hot_freq=[0.5] * 3,
+                  budget_bytes=10 ** 6, fixed_bytes=0, neuron_bytes=100)
+    plan = hybrid_plan(p)
+    assert plan.layer_home == ["split"] * 3 and plan.summary()["hot_neurons"] == sum(map(len, hot))
+
+
+def test_oracle_mode_runs_on_split_layers():
+    """Oracle mode reads gate . h of all neurons: a split gate is computed on both sides and merged."""
+    from pipower.sparse.oracle import OracleSelector
+    ref = transformer("f32")
+    ref.ffn_neurons = OracleSelector(ref, 0.02)
+    want, _ = run(ref, IDS)
+    t = make_hybrid(transformer("f32"), split_plan(random_hot(3, 160, 0.4)), StandInDeviceOps())
+    t.ffn_neurons = OracleSelector(t, 0.02)
+    got, _ = run(t, IDS)
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert t.ffn_neurons.sparsity == pytest.approx(ref.ffn_neurons.sparsity, abs=0.01)
+
+
+def test_hybrid_ops_is_the_ops_interface():
+    t = make_hybrid(transformer("q8"), split_plan(random_hot(3, 160, 0.5)), StandInDeviceOps())
+    assert isinstance(t.ops, HybridOps) and t.ops.native_formats == NumpyOps.native_formats
