@@ -40,8 +40,9 @@ def add_commands(sub, add_model_args) -> None:
     from .cli import add_sparsity_args
     g = add_sparsity_args(h)
     g.add_argument("--vram-budget", default=None, metavar="B",
-                   help="plan hot/cold placement at this VRAM budget (e.g. 1GiB; needs --stats) and record "
-                        "it; the CPU engine computes every neuron, so results equal dense")
+                   help="run on the hybrid scheduler with the hot/cold placement solved at this VRAM budget "
+                        "(e.g. 1GiB; needs --stats): a CUDA GPU when present, else the device emulated on the "
+                        "CPU engine. Placement changes where neurons are computed, not which")
     h.add_argument("--stats", default=None, metavar="FILE",
                    help="activation-stats file from `pipower profile`, for --vram-budget")
     _add_problem_args(h)
@@ -68,8 +69,8 @@ def add_commands(sub, add_model_args) -> None:
                     help="predictor cutoffs tau_pred, e.g. -1,0,1 (needs --predictors)")
     sh.add_argument("--predictors", default=None, metavar="FILE", help="predictor file for --pred-thresholds")
     sh.add_argument("--budgets", default=None, metavar="LIST",
-                    help="VRAM budgets to plan placement at, e.g. 256MiB,1GiB (needs --stats; on the CPU "
-                         "engine these compute exactly what dense computes)")
+                    help="VRAM budgets to run the hybrid scheduler at, e.g. 256MiB,1GiB (needs --stats; "
+                         "without a GPU the device is emulated on the CPU engine)")
     sh.add_argument("--stats", default=None, metavar="FILE", help="activation-stats file for --budgets")
     _add_problem_args(sh)
 

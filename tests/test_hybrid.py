@@ -249,3 +249,15 @@ def test_oracle_mode_runs_on_split_layers():
 def test_hybrid_ops_is_the_ops_interface():
     t = make_hybrid(transformer("q8"), split_plan(random_hot(3, 160, 0.5)), StandInDeviceOps())
     assert isinstance(t.ops, HybridOps) and t.ops.native_formats == NumpyOps.native_formats
+
+
+def test_dropped_kv_cache_frees_device_memory():
+    """A generation's KV cache goes with the generation: many sequences fit one budget."""
+    import gc
+    dev = StandInDeviceOps()
+    t = make_hybrid(transformer("q8"), gpu_plan(3), dev)
+    weights_only = dev.allocated_bytes()
+    for _ in range(3):
+        run(t, IDS, steps=1)
+        gc.collect()
+        assert dev.allocated_bytes() == weights_only

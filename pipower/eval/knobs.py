@@ -20,8 +20,11 @@ KNOBS = {
     "pred_threshold": ("pred", "predictor tau_pred: compute neurons with logit >= tau_pred"),
     "budget": ("budget", "hot/cold placement at this VRAM budget (bytes); placement only"),
 }
-ENGINE_NOTE = ("CPU engine: placement decides only where neurons are computed and this engine computes "
-               "every neuron on the CPU, so a budget point computes exactly what dense computes")
+ENGINE_NOTE = ("budget points run the hybrid scheduler (pipower.hybrid): attention, output and the hot neurons "
+               "of the placement on the device, cold neurons on the CPU, partial sums added. Without a GPU "
+               "the device is emulated by the CPU engine (same scheduler, same transfers, same split "
+               "arithmetic). Placement changes only where neurons are computed, not which")
+PLAN_CONTEXT = 2048     # KV positions (f32) reserved in the budget: HumanEval prompt + 384 new tokens fit
 
 
 @dataclass(frozen=True)
@@ -57,7 +60,7 @@ def configure(model, point: Point, *, predictors=None, stats=None) -> dict:
 
     predictors: predictor file, needed for pred_threshold. stats: activation-stats file from
     `pipower profile`, needed for budget (the plan is solved from its frequencies for this model and
-    weight format; the model itself stays dense: see ENGINE_NOTE).
+    weight format and the model is moved onto it in place: see ENGINE_NOTE).
     """
     k, v = point.knob, point.value
     if k == "dense" or k == "budget":
@@ -82,8 +85,29 @@ def configure(model, point: Point, *, predictors=None, stats=None) -> dict:
     if stats is None:
         raise InvalidArgumentError("budget points need an activation-stats file to plan from (--stats)")
     plan = solve_plan(model, stats, int(v))
+    engine = run_on_placement(model, plan, int(v))
     return {"knob": k, "budget_bytes": int(v), "stats": Path(stats).name, "stats_sha256": file_sha256(stats),
-            "engine": "cpu", "plan": plan_info(plan)}
+            "engine": engine, "plan": plan_info(plan)}
+
+
+def run_on_placement(model, placement, budget_bytes: int) -> str:
+    """Make `model` (a CPU model, modified in place) run hybrid on `placement` under the budget; ->
+    "hybrid-cuda", or "hybrid-emulated" when there is no GPU (the device side runs on the CPU engine
+    behind the device contract, with the budget still a hard memory limit)."""
+    from .. import _gpu
+    from ..hybrid import StandInDeviceOps, hybrid_plan, make_hybrid
+    if getattr(model, "plan", None) is not None:
+        raise InvalidArgumentError("the model already runs on a placement: load a fresh one per budget")
+    if _gpu.available():
+        from ..hybrid.engine import device_ops_for
+        device, engine = device_ops_for(budget_bytes), "hybrid-cuda"
+    else:
+        device, engine = StandInDeviceOps(limit_bytes=budget_bytes, inner=model.transformer.ops), "hybrid-emulated"
+    plan = hybrid_plan(placement)
+    plan.budget_bytes = budget_bytes
+    make_hybrid(model.transformer, plan, device)
+    model.plan = plan
+    return engine
 
 
 def solve_plan(model, stats_path, budget_bytes: int):
@@ -99,7 +123,9 @@ def solve_plan(model, stats_path, budget_bytes: int):
     if (stats.n_layers, stats.n_ff) != (c.num_hidden_layers, c.intermediate_size):
         raise InvalidArgumentError(f"{stats_path}: stats for {stats.n_layers} layers x {stats.n_ff} neurons, "
                                    f"model has {c.num_hidden_layers} x {c.intermediate_size}")
-    fixed = gpu_bytes_breakdown(c, model.weights)
+    # the hybrid engine keeps its KV cache in f32 on the device: reserve PLAN_CONTEXT positions of it
+    context = min(PLAN_CONTEXT, c.max_position_embeddings)
+    fixed = gpu_bytes_breakdown(c, model.weights, context_length=context, kv_weights="f32")
     return solve_placement(list(stats.freqs), ffn_neuron_bytes(c, model.weights), budget_bytes, fixed,
                            fingerprint=model.fingerprint)
 

@@ -99,7 +99,8 @@ def sweep(model_spec, knobs: Mapping, out_dir, problems: list[dict], *, mode: st
     [...], "pred_thresholds": [...], "budgets": [bytes or "1GiB"...]}); -> the points' summaries.
 
     model_spec: a model name/path (loaded once here) or a loaded pipower Model. Budget points need
-    `stats`, predictor points `predictors`. Budget points run on the CPU engine (see knobs.ENGINE_NOTE);
+    `stats`, predictor points `predictors`. Budget points run the hybrid scheduler on a fresh copy of the
+    model (see knobs.ENGINE_NOTE);
     their summary gains "vs_dense": how many completions are identical to dense's (all should be).
     """
     points = points_for(knobs)
@@ -131,9 +132,14 @@ def sweep(model_spec, knobs: Mapping, out_dir, problems: list[dict], *, mode: st
     summaries = []
     try:
         for point in points:
-            sparsity = configure(model, point, predictors=predictors, stats=stats)
+            run_model = model
+            if point.knob == "budget":      # each budget point places the weights of its own fresh copy
+                import pipower
+                run_model = pipower.load(model.source, backend=backend, threads=threads, weights=model.weights,
+                                         progress=False)
+            sparsity = configure(run_model, point, predictors=predictors, stats=stats)
             cb = (lambda d, t, r, _p=point: progress(_p, d, t, r)) if progress else None
-            s = evaluate(model, problems, out / point.name, settings={"sparsity": sparsity}, progress=cb,
+            s = evaluate(run_model, problems, out / point.name, settings={"sparsity": sparsity}, progress=cb,
                          **params)
             if point.knob != "dense":      # how many completions the knob changed (budget: must be none)
                 s["vs_dense"] = compare_with_dense(out, out / point.name, problems)

@@ -23,6 +23,8 @@ refuses them too), and memory is accounted like a device pool with a hard limit.
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 
 from ..errors import PipowerError
@@ -58,15 +60,18 @@ def _dev(a: np.ndarray) -> StandInArray:
 class StandInDeviceOps:
     """NumPy reference ops behind the device contract, with transfer and memory accounting.
 
-    Memory: placed weights and zeros() buffers are held until the ops object goes; temporaries are
-    not tracked (a real pool frees them at once; the scheduler's temporaries are [T, D]-sized).
+    Memory: placed weights are held until the ops object goes, zeros() buffers (KV caches) until
+    their last reference goes; temporaries are not tracked (a real pool frees them at once; the
+    scheduler's temporaries are [T, D]-sized).
     """
 
     name = "standin"
-    native_formats = ("f32", "f16", "q8", "q4")
 
-    def __init__(self, limit_bytes: int | None = None):
-        self.ref = NumpyOps(1)
+    def __init__(self, limit_bytes: int | None = None, inner=None):
+        """inner: the ops that do the arithmetic (default the NumPy reference; the CPU engine's ops
+        make an emulated device fast enough for whole evaluations, pipower.eval budget points)."""
+        self.ref = inner if inner is not None else NumpyOps(1)
+        self.native_formats = self.ref.native_formats if inner is not None else ("f32", "f16", "q8", "q4")
         self.limit_bytes = limit_bytes
         self._held = 0
         self._peak = 0
@@ -109,7 +114,12 @@ class StandInDeviceOps:
     def zeros(self, shape) -> StandInArray:
         n = int(np.prod(shape)) * 4
         self._allocate(n, f"a {tuple(shape)} buffer")
-        return _dev(np.zeros(shape, np.float32))
+        buf = _dev(np.zeros(shape, np.float32))
+        weakref.finalize(buf, self._release, n)     # freed with its last reference, as a pool frees it
+        return buf
+
+    def _release(self, nbytes: int) -> None:
+        self._held -= nbytes
 
     def synchronize(self) -> None:
         pass
