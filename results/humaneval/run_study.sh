@@ -9,6 +9,7 @@ COMMON="--mode chat --threads 2 --max-tokens 384"
 Q=results/humaneval/qwen2.5-coder-0.5b-chat-sweep
 S=results/humaneval/smollm2-135m-chat-sweep
 QP=results/sparsity/qwen2.5-coder-0.5b/predictors.safetensors
+QS=results/sparsity/qwen2.5-coder-0.5b/stats.safetensors       # from results/sparsity/run.sh
 # 1. Qwen2.5-Coder-0.5B: dense + oracle sweep
 $PIPOWER sweep humaneval -m qwen2.5-coder-0.5b $COMMON --target-sparsities $SPARS --out $Q
 # 2. SmolLM2-135M (the small-model point): dense + oracle sweep
@@ -16,3 +17,7 @@ $PIPOWER sweep humaneval -m smollm2-135m $COMMON --target-sparsities $SPARS --ou
 # 3. Qwen2.5-Coder-0.5B predictor sweep (oracle points are reused from step 1)
 [ -f "$QP" ] && $PIPOWER sweep humaneval -m qwen2.5-coder-0.5b $COMMON --target-sparsities $SPARS \
     --pred-thresholds 0,1,2 --predictors "$QP" --out $Q
+# 4. Qwen2.5-Coder-0.5B placement at two budgets (~25% and ~50% of the FFN hot, q8): the hybrid scheduler
+#    (device emulated on the CPU engine when there is no GPU). Pass@1 must equal dense.
+[ -f "$QS" ] && $PIPOWER sweep humaneval -m qwen2.5-coder-0.5b $COMMON --target-sparsities $SPARS \
+    --pred-thresholds 0,1,2 --predictors "$QP" --budgets 310MiB,390MiB --stats "$QS" --out $Q
