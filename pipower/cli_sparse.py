@@ -29,6 +29,9 @@ def add_commands(sub, add_model_args) -> None:
 
     t = sub.add_parser("train-predictors", help="train per-layer activation predictors from a stats file",
                        description="Train fc1-ReLU-fc2 predictors per layer (NumPy, Adam, weighted BCE).")
+    t.add_argument("-m", "--model", default=None,
+                   help="the model the stats were profiled on (path or known name); optional: when given, "
+                        "training refuses stats recorded on another model file")
     t.add_argument("--stats", required=True, help="stats file from `pipower profile`")
     t.add_argument("--rank", type=int, default=256, help="predictor hidden size r (default: 256)")
     t.add_argument("--recall", type=float, default=None,
@@ -138,6 +141,14 @@ def cmd_train(args) -> int:
     from .sparse.predictor import TrainConfig, train_predictors
     from .sparse.stats import ActivationStats
     stats = ActivationStats.load(args.stats)
+    if args.model is not None:
+        import pipower
+
+        from .errors import InvalidArgumentError
+        fp = pipower.load(args.model, progress=False).fingerprint
+        if stats.meta.get("model_fingerprint") != fp:
+            raise InvalidArgumentError(f"{args.stats} was profiled on another model file (fingerprint "
+                                       f"{str(stats.meta.get('model_fingerprint'))[:16]}, {args.model} has {fp[:16]})")
     cfg = TrainConfig(rank=args.rank, epochs=args.epochs, pos_weight=args.pos_weight)
     print(f"{'layer':>5} {'recall':>7} {'precision':>9} {'pred.sparsity':>13} {'true sparsity':>13}")
 

@@ -29,7 +29,8 @@ def test_profile_train_plan_generate(gguf_model, tmp_path, capsys):
     assert main(["profile", "-m", str(gguf_model), "--corpus", str(corpus), "--tokens", "256", "--seq-len", "64",
                  "--samples", "200", "--target-sparsity", "0.5", "--out", stats, "--plot", str(tmp_path / "f.png")]) == 0
     assert (tmp_path / "f.png").stat().st_size > 1000
-    assert main(["train-predictors", "--stats", stats, "--rank", "8", "--epochs", "2", "--out", preds]) == 0
+    assert main(["train-predictors", "-m", str(gguf_model), "--stats", stats, "--rank", "8", "--epochs", "2",
+                 "--out", preds]) == 0
     out = capsys.readouterr().out
     assert out.strip().splitlines()[-1] == preds and "recall" in out
     assert main(["plan", "-m", str(gguf_model), "--stats", stats, "--vram-budget", "200KiB", "--out", plan]) == 0
@@ -51,3 +52,19 @@ def test_plan_budget_too_small_is_one_line_error(gguf_model, tmp_path, capsys):
     assert main(["plan", "-m", str(gguf_model), "--stats", stats, "--vram-budget", "1KiB",
                  "--out", str(tmp_path / "p")]) == 1
     assert "budget" in capsys.readouterr().err
+
+
+def test_train_predictors_refuses_stats_of_another_model(gguf_model, tmp_path, capsys):
+    from helpers_models import random_llama_config, write_gguf_from_hf, write_hf_model
+    cfg = random_llama_config(vocab_size=400)
+    other = write_gguf_from_hf(write_hf_model(tmp_path / "hf", cfg, seed=9), cfg, tmp_path / "o.gguf", qtype="F32")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("x = 1\n" * 200)
+    stats = str(tmp_path / "s.safetensors")
+    assert main(["profile", "-m", str(gguf_model), "--corpus", str(corpus), "--tokens", "64", "--seq-len", "32",
+                 "--samples", "32", "--out", stats]) == 0
+    capsys.readouterr()
+    assert main(["train-predictors", "-m", str(other), "--stats", stats, "--rank", "4", "--epochs", "1",
+                 "--out", str(tmp_path / "p.safetensors")]) == 1
+    err = capsys.readouterr().err
+    assert "another model" in err and not (tmp_path / "p.safetensors").exists()
