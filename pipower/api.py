@@ -212,7 +212,10 @@ def load(source, *, backend: str = "auto", threads: int | None = None, weights: 
         tokenizer = tokenizer_from_hf_dir(path)
     else:
         tokenizer = tokenizer_from_gguf_metadata(files.metadata)
-    transformer = Transformer(files.config, files.tensors, ops, weights=weights)
+    try:
+        transformer = Transformer(files.config, files.tensors, ops, weights=weights)
+    finally:
+        files.close()
     log.info("loaded %s (%s backend, %s weights, %d threads)", path, ops.name, weights, ops.n_threads)
     model = Model(files.config, transformer, tokenizer, files.source, files.fingerprint)
     if device_ops is not None:

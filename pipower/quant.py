@@ -65,12 +65,26 @@ def quantize(w: np.ndarray, fmt: str) -> QMatrix:
         return QMatrix(fmt, w.shape, w)
     if fmt == "f16":
         return QMatrix(fmt, w.shape, w.astype(np.float16))
-    b = _blocks(w)                                                    # [N, K/32, 32]
+    _blocks(w)                                                        # K % 32 check, clear error
+    rows = max(1, _CHUNK_FLOATS // w.shape[1])
+    if w.shape[0] > rows:     # row chunks bound the float32 temporaries (a 150k-row embedding: ~4x 0.5 GB)
+        parts = [_quantize_blocks(w[i:i + rows], fmt) for i in range(0, w.shape[0], rows)]
+        return QMatrix(fmt, w.shape, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
+    data, scales = _quantize_blocks(w, fmt)
+    return QMatrix(fmt, w.shape, data, scales)
+
+
+_CHUNK_FLOATS = 1 << 24            # 64 MiB of float32 per quantization chunk
+
+
+def _quantize_blocks(w: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray]:
+    """float32 [n, K] -> (data, scales) of q8 / q4 (see the module table)."""
+    b = _blocks(w)                                                    # [n, K/32, 32]
     if fmt == "q8":
         d = (np.abs(b).max(axis=-1) / 127).astype(np.float16)         # [N, K/32]
         inv = _safe_inverse(d)
         q = np.rint(b * inv[..., None]).clip(-127, 127).astype(np.int8)
-        return QMatrix(fmt, w.shape, q.reshape(w.shape), d)
+        return q.reshape(w.shape), d
     # q4: the signed extreme maps to -8, so the range [-8, 7] is used fully on one side
     idx = np.abs(b).argmax(axis=-1)[..., None]
     m = np.take_along_axis(b, idx, axis=-1)[..., 0]
@@ -78,7 +92,7 @@ def quantize(w: np.ndarray, fmt: str) -> QMatrix:
     inv = _safe_inverse(d)
     nib = np.minimum(15, np.floor(b * inv[..., None] + 8.5)).astype(np.uint8)   # [N, K/32, 32]
     packed = nib[..., :16] | (nib[..., 16:] << 4)                                # [N, K/32, 16]
-    return QMatrix(fmt, w.shape, packed.reshape(w.shape[0], w.shape[1] // 2), d)
+    return packed.reshape(w.shape[0], w.shape[1] // 2), d
 
 
 def _safe_inverse(d: np.ndarray) -> np.ndarray:

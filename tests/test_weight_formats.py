@@ -99,3 +99,16 @@ def test_ffn_neuron_subset_equals_zeroing_the_others(tiny):
     np.testing.assert_allclose(ops.ffn(x, g, u, dt, "silu", idx), h @ dt, rtol=1e-5, atol=1e-6)
     full = np.arange(config.intermediate_size, dtype=np.int32)
     np.testing.assert_allclose(ops.ffn(x, g, u, dt, "silu", full), ops.ffn(x, g, u, dt, "silu"), rtol=1e-6)
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_chunked_quantization_equals_one_shot(fmt, monkeypatch):
+    """Large matrices are quantized in row chunks (bounded temporaries): same bytes as in one piece."""
+    from pipower import quant
+    w = np.random.default_rng(0).standard_normal((37, 64)).astype(np.float32)
+    whole = quant.quantize(w, fmt)
+    monkeypatch.setattr(quant, "_CHUNK_FLOATS", 64 * 5)          # 5 rows per chunk, last one short
+    chunked = quant.quantize(w, fmt)
+    np.testing.assert_array_equal(chunked.data, whole.data)
+    np.testing.assert_array_equal(chunked.scales, whole.scales)
+    assert chunked.data.flags.c_contiguous and chunked.shape == whole.shape

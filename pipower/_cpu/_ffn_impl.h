@@ -47,8 +47,10 @@ static inline void pp_prefetch_row(const char *row, ptrdiff_t bytes) {
     for (ptrdiff_t o = 0; o < bytes; o += 64) PP_PREFETCH(row + o);
 }
 
-/* Neurons ahead whose rows are prefetched while the current one is computed. */
+/* Neurons ahead whose rows are prefetched while the current one is computed (-D to experiment). */
+#ifndef PP_FFN_PREFETCH_AHEAD
 #define PP_FFN_PREFETCH_AHEAD 2
+#endif
 
 /* Neurons j in [j0, j1) of the active list, summed into acc[D] (zeroed here). */
 static inline void pp_ffn_chunk(const pp_ffn_args *a, ptrdiff_t j0, ptrdiff_t j1, float *acc) {

@@ -11,6 +11,7 @@ import mmap
 import re
 import struct
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -147,8 +148,62 @@ def _progress(total: int, enabled: bool):
                 leave=False, disable=not (enabled and sys.stderr.isatty()))
 
 
+class LazyGGUFTensors(Mapping):
+    """HF name -> float32 tensor, dequantized from the memory-mapped file when it is read.
+
+    A model build reads each tensor once and re-stores it compactly (q8...), so the float32 copy of
+    the whole model never exists at once: peak memory is the compact model plus one float32 tensor
+    (a 70B q8 load needs ~75 GB, not the ~280 GB of float32). Reading a tensor twice dequantizes twice.
+    """
+
+    def __init__(self, path: Path, infos, n_head: int, n_kv_head: int, progress: bool):
+        self.path = path
+        self._infos = {hf_name(t.name): t for t in infos}
+        self._n_head, self._n_kv_head = n_head, n_kv_head       # 0: no Q/K un-permutation (not llama)
+        # a plain ndarray view of the map: numpy.memmap's subclass hooks cost ~0.7 s over gguf's row groups
+        self._mm = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
+        self.n_params = sum(int(np.prod(t.ne)) for t in infos)
+        self._bar = _progress(self.n_params, progress)
+        self._unread = set(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def __iter__(self):
+        return iter(self._infos)
+
+    def __contains__(self, name) -> bool:
+        return name in self._infos
+
+    def shape(self, name: str) -> tuple:
+        return tuple(self._infos[name].shape)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        t = self._infos[name]
+        w = gguf_quants.dequantize(tensor_bytes(self._mm, t), GGMLQuantizationType(t.ggml_type))
+        # F32 comes back as a view of the memmap: copy so the file can close and the array is writable
+        w = np.array(w, dtype=np.float32, order="C",
+                     copy=True if t.ggml_type == GGMLQuantizationType.F32 else None)
+        if w.shape != t.shape:
+            raise ModelFileError(f"{self.path}: tensor {t.name} dequantized to {w.shape}, expected {t.shape}")
+        if self._n_head and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
+            w = unpermute_rows(w, self._n_head if ".q_proj." in name else self._n_kv_head)
+        if name in self._unread:
+            self._unread.discard(name)
+            self._bar.update(int(np.prod(t.ne)))
+            if not self._unread:
+                self._bar.close()
+        return w
+
+    def close(self) -> None:
+        """Drop the file map and the progress bar (the model build is done)."""
+        self._bar.close()
+        self._mm = None
+
+
 def load_gguf(path: str | Path, *, progress: bool = True) -> ModelFiles:
-    """Load a GGUF model: dequantize every tensor to float32 and rename it to HF names."""
+    """Open a GGUF model: config, metadata and its tensors under HF names, dequantized to float32
+    lazily as they are read (LazyGGUFTensors)."""
     path = Path(path).expanduser().resolve()
     if not path.is_file():
         raise ModelFileError(f"{path}: GGUF file not found")
@@ -182,27 +237,10 @@ def load_gguf(path: str | Path, *, progress: bool = True) -> ModelFiles:
     check_tensors(config, {hf_name(t.name): np.broadcast_to(np.float32(0), t.shape) for t in infos}, str(path))
 
     permute = config.arch == "llama"
-    H, Hkv = config.num_attention_heads, config.num_key_value_heads
-    # a plain ndarray view of the map: numpy.memmap's subclass hooks cost ~0.7 s over gguf's row groups
-    mm = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
-    tensors: dict[str, np.ndarray] = {}
-    with _progress(sum(int(np.prod(t.ne)) for t in infos), progress) as bar:
-        for t in infos:
-            w = gguf_quants.dequantize(tensor_bytes(mm, t), GGMLQuantizationType(t.ggml_type))
-            # F32 comes back as a view of the memmap: copy so the file can close and the array is writable
-            w = np.array(w, dtype=np.float32, order="C",
-                         copy=True if t.ggml_type == GGMLQuantizationType.F32 else None)
-            if w.shape != t.shape:
-                raise ModelFileError(f"{path}: tensor {t.name} dequantized to {w.shape}, expected {t.shape}")
-            name = hf_name(t.name)
-            if permute and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
-                w = unpermute_rows(w, H if ".q_proj." in name else Hkv)
-            tensors[name] = w
-            bar.update(int(np.prod(t.ne)))
-    del mm
-
+    tensors = LazyGGUFTensors(path, infos, config.num_attention_heads if permute else 0,
+                              config.num_key_value_heads if permute else 0, progress)
     h = new_fingerprint()
     update_fingerprint(h, path, data_start)
-    log.info("loaded %s: %s, %d tensors, %.1fM params", path, config.architectures[0], len(tensors),
-             sum(w.size for w in tensors.values()) / 1e6)
+    log.info("opened %s: %s, %d tensors, %.1fM params", path, config.architectures[0], len(tensors),
+             tensors.n_params / 1e6)
     return ModelFiles(config, tensors, md, str(path), h.hexdigest())

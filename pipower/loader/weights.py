@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,14 +20,23 @@ _SAMPLE_BYTES = 64 * 1024
 @dataclass
 class ModelFiles:
     config: ModelConfig
-    tensors: dict[str, np.ndarray]   # HF names, float32, C-contiguous; linear weights [out, in]
+    # HF names -> float32, C-contiguous; linear weights [out, in]. A dict, or a lazy Mapping that
+    # materialises each tensor when read (GGUF: dequantized on access), with `n_params` and `close()`.
+    tensors: Mapping[str, np.ndarray]
     metadata: dict = field(default_factory=dict)  # source extras (GGUF key/values incl. tokenizer.*, or HF dir info)
     source: str = ""                 # resolved path of the file or directory
     fingerprint: str = ""            # sha256 hex of headers + sizes + content samples (no mtimes)
 
     @property
     def n_params(self) -> int:
-        return int(sum(t.size for t in self.tensors.values()))
+        n = getattr(self.tensors, "n_params", None)
+        return int(n) if n is not None else int(sum(t.size for t in self.tensors.values()))
+
+    def close(self) -> None:
+        """Release what a lazy tensor mapping holds open (after the model is built)."""
+        close = getattr(self.tensors, "close", None)
+        if close is not None:
+            close()
 
 
 def update_fingerprint(h, path: str | os.PathLike, header_len: int) -> None:
