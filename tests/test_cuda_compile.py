@@ -3,12 +3,14 @@
 Compiles the copies installed with the package (so this also checks they ship as package data).
 Skipped without nvcc; nothing here needs a GPU.
 """
+import re
 import shutil
 import subprocess
 
 import pytest
 
 from pipower import _gpu
+from pipower._gpu import kernels
 
 NVCC = shutil.which("nvcc")
 SOURCES = _gpu.cu_sources()
@@ -21,10 +23,12 @@ SOURCES = _gpu.cu_sources()
 def test_cu_compiles_to_ptx(src, arch, tmp_path):
     out = tmp_path / (src.stem + ".ptx")
     r = subprocess.run([NVCC, f"-arch={arch}", "--ptx", str(src), "-o", str(out)],
-                       capture_output=True, text=True, timeout=300)
+                       check=False, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"nvcc failed for {src.name} ({arch}):\n{r.stderr}"
     ptx = out.read_text()
     assert ".entry" in ptx   # at least one extern "C" __global__ kernel made it through
+    # and exactly the kernels the loader (pipower._gpu.kernels) expects from this file
+    assert set(re.findall(r"\.entry\s+(\w+)\(", ptx)) == {k for k, f in kernels.KERNELS.items() if f == src.name}
 
 
 def test_gpu_probe_never_raises():
@@ -33,5 +37,6 @@ def test_gpu_probe_never_raises():
     assert _gpu.available() is ok
 
 
-def test_rmsnorm_kernel_ships():
-    assert "rmsnorm.cu" in [p.name for p in SOURCES]
+def test_kernel_sources_ship():
+    """The kernels pipower._gpu.kernels loads are all there (package data: pyproject's "pipower._gpu" = ["*.cu"])."""
+    assert {"rmsnorm.cu", "ffn.cu", "linear.cu", "attention.cu"} <= {p.name for p in SOURCES}

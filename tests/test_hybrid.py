@@ -261,3 +261,52 @@ def test_dropped_kv_cache_frees_device_memory():
         run(t, IDS, steps=1)
         gc.collect()
         assert dev.allocated_bytes() == weights_only
+
+
+# --- the real GPU backend's code (CupyOps) behind the scheduler, its kernels emulated on the CPU ---------
+
+def _gpu_ok():
+    from pipower import _gpu
+    return _gpu.available()
+
+
+@pytest.fixture(params=["emu", pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    "not _gpu_ok()", reason="no CUDA device / CuPy")])])
+def emulated_cupy(request, monkeypatch):
+    """CupyOps: over pipower._gpu.emulator (the .cu kernels compiled for the host, NumPy for CuPy), or
+    on a real GPU under `-m gpu`."""
+    import sys
+
+    from pipower import _gpu
+    from pipower._gpu import emulator, kernels
+    if request.param == "gpu":
+        from pipower._gpu.ops import CupyOps
+        return CupyOps
+    if emulator.CXX is None:
+        pytest.skip("no host C++ compiler for the kernel emulator")
+    monkeypatch.setitem(sys.modules, "cupy", emulator.FakeCupy())
+    monkeypatch.setattr(_gpu, "_status", (True, None))
+    monkeypatch.setattr(kernels, "get", emulator.get)
+    from pipower._gpu.ops import CupyOps
+    return CupyOps
+
+
+@pytest.mark.parametrize("weights", ["f16", "q8"])
+def test_cupy_ops_behind_the_scheduler_equal_dense(emulated_cupy, weights):
+    """The hybrid split and layer offload with CupyOps as the device (kernels emulated) == dense, for a
+    dense run and for a sparse selection; the KV cache of device layers is CuPy memory."""
+    dense, tokens = run(transformer(weights), IDS)
+    for plan in (split_plan(random_hot(3, 160, 0.4)), layer_offload_plan(3, 2), gpu_plan(3)):
+        dev = emulated_cupy()
+        t = make_hybrid(transformer(weights), plan, dev)
+        got, got_tokens = run(t, IDS)
+        assert np.abs(got - dense).max() <= 1e-4 * np.abs(dense).max(), plan.kind
+        assert got_tokens == tokens
+        assert dev.owns(t.new_cache()._k[0])
+    ref = transformer(weights)
+    ref.ffn_neurons = FixedSelector(0.3)
+    want, _ = run(ref, IDS)
+    t = make_hybrid(transformer(weights), split_plan(random_hot(3, 160, 0.6)), emulated_cupy())
+    t.ffn_neurons = FixedSelector(0.3)
+    got, _ = run(t, IDS)
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()

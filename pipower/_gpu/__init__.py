@@ -31,11 +31,11 @@ def cu_sources() -> list[Path]:
 def _probe() -> tuple[bool, str | None]:
     try:
         import cupy
-    except Exception as exc:  # ImportError, or a CuPy built for another CUDA failing at import
+    except Exception as exc:  # noqa: BLE001 - ImportError, or a CuPy built for another CUDA failing at import
         return False, f"cupy not importable ({type(exc).__name__}: {exc})"
     try:
         n = cupy.cuda.runtime.getDeviceCount()
-    except Exception as exc:  # no driver / no device: CuPy raises CUDARuntimeError
+    except Exception as exc:  # noqa: BLE001 - no driver / no device: CuPy raises CUDARuntimeError
         return False, f"no CUDA device ({type(exc).__name__}: {exc})"
     if n < 1:
         return False, "no CUDA device"

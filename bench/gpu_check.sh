@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# GPU check of pipower's CuPy backend (pipower/_gpu: CupyOps and its .cu kernels) on a machine with an
+# NVIDIA GPU (CUDA 12 or 13 driver). Run from the repository root:
+#
+#     OUT=/path/to/output bash bench/gpu_check.sh
+#
+# Writes under $OUT:
+#   summary.txt     timestamped steps and the verdict
+#   env.txt         nvidia-smi, Python / CuPy / NumPy versions, CuPy's config
+#   install.log     only when a venv had to be made and filled
+#   pytest.log      `pytest -m gpu tests/test_gpu_ops.py` output (skip reasons, slowest tests)
+#   junit-gpu.xml   the same run as JUnit XML
+#   pytest-hybrid.log, junit-hybrid.xml   `pytest -m gpu tests/test_hybrid.py` (the scheduler on CupyOps),
+#                   when pipower's Python dependencies import there
+# Exit status: pytest's; 3 when no gpu test ran (all skipped: CuPy sees no device); 2 when setup failed.
+#
+# Python: the first of $PYTHON, python3, /opt/torch/.venv/bin/python3 that imports cupy, numpy and pytest
+# and sees a CUDA device is used as it is. Only when none does, a fresh venv outside the tree gets
+# `pip install numpy pytest cupy-cuda12x` (needs PyPI). Either way pipower runs from this source tree on
+# PYTHONPATH: the GPU tests import neither pipower's Cython extension nor its other dependencies, so
+# nothing is built and the tree is left as it was (no `pip install -e .`, which would rebuild the
+# extension in place and pull torch for [test]; a GPU box may also have no network at all).
+# Every step runs under `timeout`, cut to what is left of a 450-second budget, so the whole run ends
+# well within 8 minutes.
+set -u
+
+if [ -z "${OUT:-}" ]; then
+    echo "gpu_check.sh: set OUT to an output folder" >&2
+    exit 2
+fi
+mkdir -p "$OUT"
+: >"$OUT/summary.txt"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+unset CUPY_TF32                       # cuBLAS in plain float32: the tests compare with float32 NumPy
+DEADLINE=$((SECONDS + 450))
+
+log() { echo "[$(date -u +%Y-%m-%dT%H:%M:%SZ) +$((SECONDS))s] $*" | tee -a "$OUT/summary.txt"; }
+# seconds for a step: at most $1, never past the deadline (at least 5, so the step can fail cleanly)
+budget() { local left=$((DEADLINE - SECONDS)); [ "$left" -lt "$1" ] && echo $((left > 5 ? left : 5)) || echo "$1"; }
+
+log "gpu_check start in $(pwd) (git $(git rev-parse --short HEAD 2>/dev/null || echo '?'))"
+if [ ! -f pipower/_gpu/ops.py ] || [ ! -f tests/test_gpu_ops.py ]; then
+    log "not at the pipower repository root"
+    exit 2
+fi
+
+{ echo "== nvidia-smi"; timeout "$(budget 30)" nvidia-smi; echo "rc=$?"; } >"$OUT/env.txt" 2>&1
+log "nvidia-smi: $(grep -m1 -o 'NVIDIA [A-Z0-9].*' "$OUT/env.txt" | head -c 120 || echo 'not found')"
+
+PROBE='import cupy, numpy, pytest; n = cupy.cuda.runtime.getDeviceCount(); assert n > 0, "no device"; print("devices", n)'
+PY=""
+for cand in "${PYTHON:-}" python3 /opt/torch/.venv/bin/python3; do
+    [ -n "$cand" ] && command -v "$cand" >/dev/null 2>&1 || continue
+    echo "== probe $cand" >>"$OUT/env.txt"
+    if timeout "$(budget 90)" "$cand" -c "$PROBE" >>"$OUT/env.txt" 2>&1; then
+        PY="$cand"
+        break
+    fi
+done
+
+if [ -z "$PY" ]; then
+    VENV="${TMPDIR:-/tmp}/pipower-gpu-venv"
+    log "no Python with CuPy and a device: venv $VENV + pip install numpy pytest cupy-cuda12x"
+    if ! timeout "$(budget 60)" python3 -m venv "$VENV" >"$OUT/install.log" 2>&1; then
+        log "venv creation failed (install.log)"
+        exit 2
+    fi
+    if ! timeout "$(budget 300)" "$VENV/bin/python" -m pip install numpy pytest cupy-cuda12x \
+            >>"$OUT/install.log" 2>&1; then
+        log "pip install failed or timed out (install.log: $(tail -n 1 "$OUT/install.log"))"
+        exit 2
+    fi
+    PY="$VENV/bin/python"
+fi
+log "python: $PY; pipower from the source tree $(pwd)"
+export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}"
+
+{
+    echo "== versions"
+    timeout "$(budget 60)" "$PY" -c 'import sys, numpy, cupy
+print("python", sys.version.split()[0], sys.executable)
+print("numpy", numpy.__version__, "cupy", cupy.__version__)
+cupy.show_config()'
+} >>"$OUT/env.txt" 2>&1
+log "$(grep -m1 '^numpy' "$OUT/env.txt" || echo 'versions not read')"
+
+log "pytest -m gpu tests/test_gpu_ops.py"
+timeout "$(budget 300)" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider --durations=15 \
+    --junitxml="$OUT/junit-gpu.xml" -o junit_family=xunit2 tests/test_gpu_ops.py >"$OUT/pytest.log" 2>&1
+rc=$?
+summary=$(grep -E '(passed|failed|error|skipped|no tests ran)' "$OUT/pytest.log" | tail -n 1)
+if [ "$rc" -eq 124 ]; then
+    log "pytest timed out"
+elif [ "$rc" -eq 0 ] && ! grep -qE '[0-9]+ passed' "$OUT/pytest.log"; then
+    log "no gpu test ran: ${summary:-no summary}"
+    rc=3
+fi
+log "pytest rc=$rc: ${summary:-no summary line (see pytest.log)}"
+
+# The hybrid scheduler with the real CupyOps (tests/test_hybrid.py, gpu variants). It imports the
+# whole pipower package (safetensors, tokenizers, gguf, ... must be importable); without them this step
+# is reported and skipped, the kernel verdict above stands.
+if timeout "$(budget 60)" "$PY" -c 'import pipower.hybrid, pipower.model' >>"$OUT/env.txt" 2>&1; then
+    log "pytest -m gpu tests/test_hybrid.py"
+    timeout "$(budget 120)" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider \
+        --junitxml="$OUT/junit-hybrid.xml" -o junit_family=xunit2 tests/test_hybrid.py >"$OUT/pytest-hybrid.log" 2>&1
+    log "hybrid rc=$?: $(grep -E '(passed|failed|error|skipped|no tests ran)' "$OUT/pytest-hybrid.log" | tail -n 1)"
+else
+    log "hybrid scheduler tests skipped: pipower's Python dependencies are not importable (env.txt)"
+fi
+log "gpu_check end"
+exit "$rc"

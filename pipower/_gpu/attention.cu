@@ -1,0 +1,141 @@
+// Decode attention over the KV cache (GQA) and rotary embedding, float32.
+//
+// attn_decode_partial + attn_decode_combine: one query token (T == 1) at position p = S - 1 over the
+// keys [lo, S) of the cache (lo = p - window + 1 with a sliding window, else 0), split-K ("flash
+// decoding") so long contexts use the whole GPU:
+//   q [H, hd] contiguous; k, v: the cache's [Hkv, S, hd] head-major views: rows of one head contiguous
+//   (row stride hd), heads k_stride / v_stride elements apart (capacity * hd: may exceed S * hd).
+//   Query head h reads KV head h / G (G = H / Hkv, HF repeat_kv order). scale = 1 / sqrt(hd).
+//   hd <= 256 (8 elements per lane).
+//   partial: block (h, p) takes keys [lo + p * chunk, min(S, lo + (p + 1) * chunk)); its 4 warps take
+//     every 4th key, one key per warp step: lanes on consecutive dims (coalesced row reads), score by
+//     warp shuffle, running max / sum / weighted V (online softmax, max-subtracted: no overflow).
+//     The warps are merged through shared memory; the block writes
+//       part_m [H, P] (max score), part_l [H, P] (sum exp(s - m)), part_o [H, P, hd] (sum exp(s - m) v).
+//     Launch: grid = (H, P), block = (128) exactly.
+//   combine: out [H * hd] = sum_p e_p part_o[h, p] / sum_p e_p part_l[h, p], e_p = exp(m_p - max m).
+//     Launch: grid = (H), block = (B) any multiple of 32.
+//
+// rope_f32: HF rotate_half layout, pairs (i, i + hd/2):
+//   y[t, h, i] = x1 c - x2 s,  y[t, h, i + hd/2] = x2 c + x1 s,  x1 = x[t, h, i], x2 = x[t, h, i + hd/2],
+//   c = cos[t, i], s = sin[t, i].  x, y [T, nh, hd] contiguous (y may alias x); cos, sin [T, hd/2].
+//   Rounded multiplies and adds (no fma contraction): bit-identical to the NumPy reference.
+//   Launch: grid-stride over T * nh * hd/2 threads, any 1-D grid/block.
+
+#define ATT_WARPS 4
+#define HD_SLOTS 8          // MAX head dim 256 = 8 * 32
+
+__device__ __forceinline__ float warp_sum(float s) {
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    return s;
+}
+
+__device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
+
+extern "C" __global__ void attn_decode_partial(const float* __restrict__ q, const float* __restrict__ k,
+                                               const float* __restrict__ v, float* __restrict__ part_m,
+                                               float* __restrict__ part_l, float* __restrict__ part_o, int G,
+                                               int hd, long long k_stride, long long v_stride, int lo, int S,
+                                               int chunk, float scale) {
+    __shared__ float sm_m[ATT_WARPS], sm_l[ATT_WARPS];
+    __shared__ float sm_o[ATT_WARPS][HD_SLOTS * 32];
+    const int h = blockIdx.x, p = blockIdx.y, P = gridDim.y;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const float* qh = q + (size_t)h * hd;
+    const float* kh = k + (size_t)(h / G) * k_stride;
+    const float* vh = v + (size_t)(h / G) * v_stride;
+
+    float qr[HD_SLOTS], acc[HD_SLOTS];
+#pragma unroll
+    for (int e = 0; e < HD_SLOTS; ++e) {
+        const int dd = lane + 32 * e;
+        qr[e] = dd < hd ? qh[dd] : 0.0f;
+        acc[e] = 0.0f;
+    }
+    float m = neg_inf(), l = 0.0f;
+    const int j0 = lo + p * chunk, j1 = min(S, j0 + chunk);
+    for (int j = j0 + warp; j < j1; j += ATT_WARPS) {
+        const float* kr = kh + (size_t)j * hd;
+        float s = 0.0f;
+#pragma unroll
+        for (int e = 0; e < HD_SLOTS; ++e) {
+            const int dd = lane + 32 * e;
+            if (dd < hd) s = fmaf(qr[e], kr[dd], s);
+        }
+        s = warp_sum(s) * scale;
+        const float m_new = fmaxf(m, s);
+        const float corr = expf(m - m_new);              // 0 on the first key (m = -inf)
+        const float w = expf(s - m_new);
+        l = fmaf(l, corr, w);
+        const float* vr = vh + (size_t)j * hd;
+#pragma unroll
+        for (int e = 0; e < HD_SLOTS; ++e) {
+            const int dd = lane + 32 * e;
+            if (dd < hd) acc[e] = fmaf(w, vr[dd], acc[e] * corr);
+        }
+        m = m_new;
+    }
+
+    // merge the warps of this block
+    if (lane == 0) {
+        sm_m[warp] = m;
+        sm_l[warp] = l;
+    }
+#pragma unroll
+    for (int e = 0; e < HD_SLOTS; ++e) {
+        const int dd = lane + 32 * e;
+        if (dd < hd) sm_o[warp][dd] = acc[e];
+    }
+    __syncthreads();
+    float M = neg_inf();
+    for (int w = 0; w < ATT_WARPS; ++w) M = fmaxf(M, sm_m[w]);
+    float ew[ATT_WARPS];
+    for (int w = 0; w < ATT_WARPS; ++w) ew[w] = sm_m[w] == neg_inf() ? 0.0f : expf(sm_m[w] - M);
+    for (int dd = threadIdx.x; dd < hd; dd += blockDim.x) {
+        float o = 0.0f;
+        for (int w = 0; w < ATT_WARPS; ++w) o = fmaf(sm_o[w][dd], ew[w], o);
+        part_o[((size_t)h * P + p) * hd + dd] = o;
+    }
+    if (threadIdx.x == 0) {
+        float L = 0.0f;
+        for (int w = 0; w < ATT_WARPS; ++w) L = fmaf(sm_l[w], ew[w], L);
+        part_m[h * P + p] = M;
+        part_l[h * P + p] = L;
+    }
+}
+
+extern "C" __global__ void attn_decode_combine(const float* __restrict__ part_m, const float* __restrict__ part_l,
+                                               const float* __restrict__ part_o, float* __restrict__ out, int P,
+                                               int hd) {
+    const int h = blockIdx.x;
+    const float* pm = part_m + (size_t)h * P;
+    const float* pl = part_l + (size_t)h * P;
+    float M = neg_inf();
+    for (int p = 0; p < P; ++p) M = fmaxf(M, pm[p]);
+    float L = 0.0f;
+    for (int p = 0; p < P; ++p)
+        if (pm[p] != neg_inf()) L = fmaf(pl[p], expf(pm[p] - M), L);
+    const float inv = 1.0f / L;
+    for (int dd = threadIdx.x; dd < hd; dd += blockDim.x) {
+        float o = 0.0f;
+        for (int p = 0; p < P; ++p)
+            if (pm[p] != neg_inf()) o = fmaf(part_o[((size_t)h * P + p) * hd + dd], expf(pm[p] - M), o);
+        out[(size_t)h * hd + dd] = o * inv;
+    }
+}
+
+extern "C" __global__ void rope_f32(const float* x, const float* __restrict__ cos_t,
+                                    const float* __restrict__ sin_t, float* y, int nh, int half,
+                                    long long total) {
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long th = i / half;                   // t * nh + head
+        const int c = (int)(i - th * half);
+        const long long t = th / nh;
+        const size_t base = (size_t)th * 2 * half;
+        const float x1 = x[base + c], x2 = x[base + c + half];
+        const float co = cos_t[t * half + c], si = sin_t[t * half + c];
+        y[base + c] = __fsub_rn(__fmul_rn(x1, co), __fmul_rn(x2, si));
+        y[base + c + half] = __fadd_rn(__fmul_rn(x2, co), __fmul_rn(x1, si));
+    }
+}

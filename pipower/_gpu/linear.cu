@@ -1,0 +1,98 @@
+// Projections with compact weights, float32 activations and accumulation: y [T, N] = x [T, K] @ W^T,
+// W [N, K] row-major (HF layout, one row per output), dequantized on the fly.
+//   f16: W = float16 bits [N, K]
+//   q8 : W = int8 [N, K] and scales float16 [N, K / 32]; value = q * d; K a multiple of 32
+//
+//   gemv_f16 / gemv_q8: one warp per output row n, lanes on consecutive elements (coalesced), warp
+//     shuffle reduction, lane 0 writes y[t, n].
+//     Launch: block = (32 * W) threads, grid = (ceil(N / W), T). Each token re-reads W, so the Python
+//     side uses it for small T only (decode); larger T dequantizes W in row chunks with
+//     dequant_rows_* and multiplies with cuBLAS.
+//   dequant_rows_f16 / dequant_rows_q8: out [n, K] float32 = rows r_j of W (r_j = idx[j], or j when
+//     has_idx == 0), exactly the reference's dequantize(). Used for the cuBLAS path and embeddings.
+//     Launch: grid-stride over n * K elements, any 1-D grid/block.
+// f16 rows are read two elements at a time when K is even, q8 rows four int8 at a time; callers pass
+// allocations aligned to >= 16 bytes.
+
+__device__ __forceinline__ float h2f(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+__device__ __forceinline__ float warp_sum(float s) {
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    return s;
+}
+
+extern "C" __global__ void gemv_f16(const float* __restrict__ x, const unsigned short* __restrict__ W,
+                                    float* __restrict__ y, int N, int K) {
+    const int lane = threadIdx.x & 31;
+    const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (n >= N) return;                                   // the whole warp leaves together
+    const int t = blockIdx.y;
+    const unsigned short* w = W + (size_t)n * K;
+    const float* xt = x + (size_t)t * K;
+    float s = 0.0f;
+    if ((K & 1) == 0) {
+        const ushort2* w2 = reinterpret_cast<const ushort2*>(w);
+        const float2* x2 = reinterpret_cast<const float2*>(xt);
+        for (int i = lane; i < (K >> 1); i += 32) {
+            const ushort2 wv = w2[i];
+            const float2 xv = x2[i];
+            s = fmaf(h2f(wv.x), xv.x, s);
+            s = fmaf(h2f(wv.y), xv.y, s);
+        }
+    } else {
+        for (int i = lane; i < K; i += 32) s = fmaf(h2f(w[i]), xt[i], s);
+    }
+    s = warp_sum(s);
+    if (lane == 0) y[(size_t)t * N + n] = s;
+}
+
+// w = q * d is exact in float32 (the reference's dequantized value); only summation order differs.
+extern "C" __global__ void gemv_q8(const float* __restrict__ x, const signed char* __restrict__ Wq,
+                                   const unsigned short* __restrict__ Wd, float* __restrict__ y, int N, int K) {
+    const int lane = threadIdx.x & 31;
+    const int n = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (n >= N) return;
+    const int t = blockIdx.y;
+    const signed char* wq = Wq + (size_t)n * K;
+    const unsigned short* wd = Wd + (size_t)n * (K >> 5);
+    const float* xt = x + (size_t)t * K;
+    float s = 0.0f;
+    for (int i = 4 * lane; i < K; i += 128) {            // 4 int8 of one 32-block per lane
+        const char4 q = *reinterpret_cast<const char4*>(wq + i);
+        const float4 xv = *reinterpret_cast<const float4*>(xt + i);
+        const float d = h2f(wd[i >> 5]);
+        s = fmaf((float)q.x * d, xv.x, s);
+        s = fmaf((float)q.y * d, xv.y, s);
+        s = fmaf((float)q.z * d, xv.z, s);
+        s = fmaf((float)q.w * d, xv.w, s);
+    }
+    s = warp_sum(s);
+    if (lane == 0) y[(size_t)t * N + n] = s;
+}
+
+extern "C" __global__ void dequant_rows_f16(const unsigned short* __restrict__ W, const int* __restrict__ idx,
+                                            float* __restrict__ out, int n, int K, int has_idx) {
+    const long long total = (long long)n * K;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long j = i / K, c = i - j * K;
+        const size_t r = (size_t)(has_idx ? idx[j] : j);
+        out[i] = h2f(W[r * K + c]);
+    }
+}
+
+extern "C" __global__ void dequant_rows_q8(const signed char* __restrict__ Wq, const unsigned short* __restrict__ Wd,
+                                           const int* __restrict__ idx, float* __restrict__ out, int n, int K,
+                                           int has_idx) {
+    const long long total = (long long)n * K;
+    for (long long i = (long long)blockIdx.x * blockDim.x + threadIdx.x; i < total;
+         i += (long long)gridDim.x * blockDim.x) {
+        const long long j = i / K, c = i - j * K;
+        const size_t r = (size_t)(has_idx ? idx[j] : j);
+        out[i] = (float)Wq[r * K + c] * h2f(Wd[r * (K >> 5) + (c >> 5)]);
+    }
+}
