@@ -54,3 +54,31 @@ def time_model(model, *, prompt_ids=None, decode_tokens: int = 32, repeats: int 
         # dense bytes: with sparsity the FFN reads fewer rows, so this overstates the bytes read
         "achieved_gb_s": nbytes / step / 1e9,
     }
+
+
+def compare_settings(model, settings: dict, *, prompt_ids=None, decode_tokens: int = 32, rounds: int = 5) -> dict:
+    """Time several sparsity settings of one model against each other, interleaved round by round.
+
+    settings: name -> keyword arguments of Model.set_sparsity ({} = dense). Each round times every
+    setting once (time_model with one warm-up and one measured repeat), so drift of this shared
+    machine hits all settings alike. -> {name: {decode_tok_s (median over rounds), ffn_sparsity,
+    ratio_to_first (median of per-round ratios to the first setting), rounds: [...]}}. The model is
+    left dense.
+    """
+    if rounds < 1 or not settings:
+        raise InvalidArgumentError("need at least one round and one setting")
+    per = {name: [] for name in settings}
+    try:
+        for _ in range(rounds):
+            for name, kw in settings.items():
+                model.set_sparsity(**kw)
+                per[name].append(time_model(model, prompt_ids=prompt_ids, decode_tokens=decode_tokens, repeats=1))
+    finally:
+        model.set_sparsity()
+    first = next(iter(per.values()))
+    return {name: {"decode_tok_s": float(np.median([r["decode_tok_s"] for r in rs])),
+                   "ffn_sparsity": float(np.mean([r["ffn_sparsity"] for r in rs])),
+                   "ratio_to_first": float(np.median([r["decode_tok_s"] / f["decode_tok_s"]
+                                                      for r, f in zip(rs, first)])),
+                   "rounds": rs}
+            for name, rs in per.items()}

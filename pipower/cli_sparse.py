@@ -66,6 +66,9 @@ def add_bench(sub, add_model_args) -> None:
     from .cli import add_device_args, add_sparsity_args
     add_sparsity_args(b)
     add_device_args(b)
+    b.add_argument("--pred-thresholds", default=None, metavar="LIST",
+                   help="with --predictors: time dense and each tau_pred in LIST (e.g. 0,1,2) in one run, "
+                        "interleaved round by round, and print tokens/s relative to dense")
     b.add_argument("--json", action="store_true", help="print the measurements as one JSON object")
 
 
@@ -83,6 +86,8 @@ def cmd_bench(args) -> int:
     if args.prompt_tokens:
         from .sparse.corpus import stdlib_files, token_sequences
         ids = next(token_sequences(model.tokenizer, stdlib_files(), args.prompt_tokens, args.prompt_tokens))
+    if args.pred_thresholds is not None:
+        return _bench_thresholds(model, args, ids)
     r = time_model(model, prompt_ids=ids, decode_tokens=args.tokens, repeats=args.repeats)
     if args.json:
         print(json.dumps(r, indent=2))
@@ -92,6 +97,33 @@ def cmd_bench(args) -> int:
     print(f"decode: {r['decode_tok_s']:.2f} tok/s ({r['decode_ms']:.1f} ms/token, median of {r['repeats']} x "
           f"{r['decode_tokens']} steps); FFN sparsity {r['ffn_sparsity']:.1%} of neurons skipped per token")
     print(f"weights read per token (dense): {r['weight_mib_per_token']:.1f} MiB -> {r['achieved_gb_s']:.1f} GB/s")
+    return 0
+
+
+def _bench_thresholds(model, args, ids) -> int:
+    import json
+
+    from .benchmark import compare_settings
+    from .errors import InvalidArgumentError
+    if args.predictors is None:
+        raise InvalidArgumentError("--pred-thresholds needs --predictors")
+    try:
+        taus = [float(t) for t in args.pred_thresholds.split(",") if t.strip()]
+    except ValueError:
+        raise InvalidArgumentError(f"--pred-thresholds: not a list of numbers: {args.pred_thresholds!r}") from None
+    from .sparse.predictor import Predictors
+    preds = Predictors.load(args.predictors)              # once, not per round
+    settings = {"dense": {}, **{f"tau_pred {t:g}": {"predictors": preds, "pred_threshold": t} for t in taus}}
+    res = compare_settings(model, settings, prompt_ids=ids, decode_tokens=args.tokens, rounds=args.repeats)
+    if args.json:
+        print(json.dumps({"model": str(model.source), "weights": model.weights, "threads": model.transformer.ops.n_threads,
+                          "predictors": args.predictors, "results": res}, indent=2))
+        return 0
+    print(f"{model.source}: {model.backend} backend, {model.weights} weights, {model.transformer.ops.n_threads} "
+          f"threads; medians of {args.repeats} interleaved rounds x {args.tokens} decode steps")
+    print(f"{'setting':<14} {'decode tok/s':>12} {'vs dense':>9} {'FFN sparsity':>13}")
+    for name, r in res.items():
+        print(f"{name:<14} {r['decode_tok_s']:12.2f} {r['ratio_to_first']:9.2f} {r['ffn_sparsity']:13.1%}")
     return 0
 
 

@@ -39,6 +39,14 @@ def test_profile_train_plan_generate(gguf_model, tmp_path, capsys):
                  "--json"]) == 0
     r = json.loads(capsys.readouterr().out)
     assert r["decode_tok_s"] > 0 and 0.0 <= r["ffn_sparsity"] <= 1.0
+    # dense and several tau_pred in one interleaved run
+    assert main(["bench", "-m", str(gguf_model), "--predictors", preds, "--pred-thresholds=-100,0,100",
+                 "--tokens", "2", "--repeats", "2", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)["results"]
+    assert list(res) == ["dense", "tau_pred -100", "tau_pred 0", "tau_pred 100"]
+    assert res["dense"]["ffn_sparsity"] == 0 and res["dense"]["ratio_to_first"] == 1.0
+    assert res["tau_pred -100"]["ffn_sparsity"] == 0 and res["tau_pred 100"]["ffn_sparsity"] == 1.0
+    assert len(res["tau_pred 0"]["rounds"]) == 2
     assert main(["generate", "-m", str(gguf_model), "-n", "4", "--act-threshold", "0.1", "hello"]) == 0
     assert "FFN sparsity" in capsys.readouterr().err
 
