@@ -10,6 +10,7 @@
 #   install.log     only when a venv had to be made and filled
 #   pytest.log      `pytest -m gpu tests/test_gpu_ops.py` output (skip reasons, slowest tests)
 #   junit-gpu.xml   the same run as JUnit XML
+#   hybrid.json/.md, hybrid.log   bench/hybrid.py on the GPU (synthetic LLaMA-2-7B shape, q8)
 #   pytest-hybrid.log, junit-hybrid.xml   `pytest -m gpu tests/test_hybrid.py` (the scheduler on CupyOps),
 #                   when pipower's Python dependencies import there
 # Exit status: pytest's; 3 when no gpu test ran (all skipped: CuPy sees no device); 2 when setup failed.
@@ -20,8 +21,8 @@
 # PYTHONPATH: the GPU tests import neither pipower's Cython extension nor its other dependencies, so
 # nothing is built and the tree is left as it was (no `pip install -e .`, which would rebuild the
 # extension in place and pull torch for [test]; a GPU box may also have no network at all).
-# Every step runs under `timeout`, cut to what is left of a 450-second budget, so the whole run ends
-# well within 8 minutes.
+# Every step runs under `timeout`, cut to what is left of a 540-second budget, so the whole run ends
+# within 9 minutes (one device call may run 10).
 set -u
 
 if [ -z "${OUT:-}" ]; then
@@ -32,7 +33,7 @@ mkdir -p "$OUT"
 : >"$OUT/summary.txt"
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 unset CUPY_TF32                       # cuBLAS in plain float32: the tests compare with float32 NumPy
-DEADLINE=$((SECONDS + 450))
+DEADLINE=$((SECONDS + 540))
 
 log() { echo "[$(date -u +%Y-%m-%dT%H:%M:%SZ) +$((SECONDS))s] $*" | tee -a "$OUT/summary.txt"; }
 # seconds for a step: at most $1, never past the deadline (at least 5, so the step can fail cleanly)
@@ -107,6 +108,17 @@ if timeout "$(budget 60)" "$PY" -c 'import pipower.hybrid, pipower.model' >>"$OU
     log "hybrid rc=$?: $(grep -E '(passed|failed|error|skipped|no tests ran)' "$OUT/pytest-hybrid.log" | tail -n 1)"
 else
     log "hybrid scheduler tests skipped: pipower's Python dependencies are not importable (env.txt)"
+fi
+# The hybrid benchmark (bench/hybrid.py) needs the CPU engine: build the Cython extension here if it is
+# not importable yet (needs Cython and a C compiler on the image).
+if timeout "$(budget 30)" "$PY" -c 'import pipower._cpu as c; assert c.AVAILABLE' >>"$OUT/env.txt" 2>&1 \
+   || timeout "$(budget 240)" "$PY" setup.py build_ext --inplace -q >"$OUT/build.log" 2>&1; then
+    log "bench/hybrid.py --device gpu --shape llama2-7b (budgets 25%, 50% of the FFN)"
+    timeout "$(budget 400)" "$PY" bench/hybrid.py --device gpu --shape llama2-7b --weights q8 --budgets 0.25,0.5 \
+        --tokens 16 --repeats 3 --out "$OUT/hybrid.json" >"$OUT/hybrid.log" 2>&1
+    log "hybrid bench rc=$?: $(tail -n 3 "$OUT/hybrid.log" | tr '\n' ' ')"
+else
+    log "hybrid bench skipped: the Cython extension is not importable and did not build (build.log)"
 fi
 log "gpu_check end"
 exit "$rc"
