@@ -192,11 +192,9 @@ def load(source, *, backend: str = "auto", threads: int | None = None, weights: 
     """
     from .loader import load_model_files
     from .tokenizer import tokenizer_from_gguf_metadata, tokenizer_from_hf_dir
-    path = resolve_source(source)
-    ops = make_ops(backend, threads)
     device_ops = None
     if isinstance(vram_budget, str):
-        from .cli_sparse import parse_bytes
+        from .units import parse_bytes
         vram_budget = parse_bytes(vram_budget)
     if device == "cpu" and (vram_budget is not None or placement is not None or stats is not None):
         raise InvalidArgumentError("vram_budget, placement and stats apply to device gpu/hybrid/offload, "
@@ -205,7 +203,9 @@ def load(source, *, backend: str = "auto", threads: int | None = None, weights: 
         from .hybrid.engine import DEVICES, device_ops_for
         if device not in DEVICES:
             raise InvalidArgumentError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
-        device_ops = device_ops_for(vram_budget)         # fails fast, before reading the weights
+        device_ops = device_ops_for(vram_budget)         # fails fast, before fetching or reading weights
+    path = resolve_source(source)
+    ops = make_ops(backend, threads)
     weights = weights or default_weights(path, ops)
     files = load_model_files(path, progress=progress)
     if os.path.isdir(path):

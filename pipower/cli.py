@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from .errors import PipowerError
+from .errors import InvalidArgumentError, PipowerError
 from .fetcher import DEFAULT_MODEL, KNOWN_MODELS
 from .quant import FORMATS
 
@@ -163,6 +163,9 @@ def cmd_fetch(args) -> int:
 def cmd_info(args) -> int:
     from .info import info, model_info
     report = info()
+    if not args.model and (args.device != "cpu" or args.vram_budget or args.placement or args.hot_stats):
+        raise InvalidArgumentError("--device, --vram-budget, --placement and --hot-stats describe how to load "
+                                   "a model: give it with -m")
     if args.model:
         import pipower
         report["model"] = model_info(pipower.load(args.model, backend=args.backend, weights=args.weights,

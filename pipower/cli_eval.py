@@ -149,7 +149,7 @@ def cmd_eval(args) -> int:
     if args.benchmark == "rescore":
         return cmd_rescore(args)
 
-    from .cli_sparse import parse_bytes
+    from .units import parse_bytes
     from .eval.knobs import Point, configure
     from .eval.run import evaluate
     if args.vram_budget is not None and args.stats is None:

@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from .fetcher import DEFAULT_MODEL
+from .units import parse_bytes
 
 
 def add_commands(sub, add_model_args) -> None:
@@ -129,13 +130,6 @@ def _bench_thresholds(model, args, ids) -> int:
     return 0
 
 
-def parse_bytes(text: str) -> int:
-    units = {"kib": 2**10, "mib": 2**20, "gib": 2**30, "kb": 10**3, "mb": 10**6, "gb": 10**9, "b": 1}
-    s = text.strip().lower()
-    for u, f in sorted(units.items(), key=lambda kv: -len(kv[0])):
-        if s.endswith(u):
-            return int(float(s[:-len(u)]) * f)
-    return int(float(s))
 
 
 def cmd_profile(args) -> int:

@@ -45,6 +45,36 @@ def test_corrupt_gguf_is_one_line_error(tmp_path):
     assert out.returncode == 1 and "Traceback" not in out.stderr and "bad.gguf" in out.stderr
 
 
+@pytest.mark.parametrize("args, needle", [
+    (["generate", "--vram-budget", "1GiB", "hi"], "not to the CPU engine"),
+    (["generate", "--device", "tpu", "hi"], "invalid choice"),
+    (["info", "--device", "hybrid"], "give it with -m"),
+])
+def test_device_argument_errors_are_one_line(args, needle, capsys):
+    with pytest.raises(SystemExit) if "invalid choice" in needle else _no_raise():
+        rc = main(args)
+        assert rc == 1
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_gpu_device_without_a_gpu_says_so(capsys, monkeypatch):
+    from pipower import _gpu
+    monkeypatch.setattr(_gpu, "_status", (False, "no CUDA device (test)"))
+    assert main(["generate", "--device", "hybrid", "--vram-budget", "1GiB", "-m", "/no/such/model.gguf",
+                 "hi"]) == 1
+    err = capsys.readouterr().err
+    assert "no usable GPU" in err and "no CUDA device (test)" in err and err.strip().count("\n") == 0
+
+
+class _no_raise:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
 def test_info_reports_backends(capsys):
     assert main(["info"]) == 0
     text = capsys.readouterr().out

@@ -8,8 +8,12 @@ from pipower.cli_sparse import parse_bytes
 
 
 def test_parse_bytes():
+    from pipower.errors import InvalidArgumentError
     assert parse_bytes("4GiB") == 4 * 2**30 and parse_bytes("512MiB") == 512 * 2**20
     assert parse_bytes("2.5GB") == 2_500_000_000 and parse_bytes("1000") == 1000
+    for bad in ("lots", "4 GiBs", "-1MiB", ""):
+        with pytest.raises(InvalidArgumentError):
+            parse_bytes(bad)
 
 
 @pytest.fixture(scope="module")

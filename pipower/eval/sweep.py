@@ -25,7 +25,7 @@ KNOB_LISTS = {"act_thresholds": "act_threshold", "target_sparsities": "target_sp
 
 def _bytes(v) -> int:
     if isinstance(v, str):
-        from ..cli_sparse import parse_bytes
+        from ..units import parse_bytes
         try:
             return parse_bytes(v)
         except ValueError:
