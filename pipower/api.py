@@ -181,14 +181,15 @@ def default_weights(path: str, ops) -> str:
 
 def load(source, *, backend: str = "auto", threads: int | None = None, weights: str | None = None,
          progress: bool = True, device: str = "cpu", vram_budget: int | str | None = None,
-         placement=None, stats=None) -> Model:
+         placement=None, stats=None, predictors=None) -> Model:
     """Load a GGUF file, a Hugging Face model directory, or a known model name.
 
     weights: in-memory format of the weight matrices, f32 | f16 | q8 | q4 (pipower.quant); None = q8 for
     GGUF on the compiled backend, else f32. GGUF tensors are dequantized once, then re-stored.
     device: cpu (default) | gpu | hybrid | offload (pipower.hybrid.engine); vram_budget: bytes or
     "4GiB", a hard limit on device memory; placement (file from `pipower plan`) or stats (file from
-    `pipower profile`, solved at vram_budget) decide the hot neurons of "hybrid".
+    `pipower profile`, solved at vram_budget) decide the hot neurons of "hybrid"; predictors: the
+    predictor file you will use with set_sparsity, so the GPU plan counts its bytes.
     """
     from .loader import load_model_files
     from .tokenizer import tokenizer_from_gguf_metadata, tokenizer_from_hf_dir
@@ -196,8 +197,8 @@ def load(source, *, backend: str = "auto", threads: int | None = None, weights: 
     if isinstance(vram_budget, str):
         from .units import parse_bytes
         vram_budget = parse_bytes(vram_budget)
-    if device == "cpu" and (vram_budget is not None or placement is not None or stats is not None):
-        raise InvalidArgumentError("vram_budget, placement and stats apply to device gpu/hybrid/offload, "
+    if device == "cpu" and any(v is not None for v in (vram_budget, placement, stats, predictors)):
+        raise InvalidArgumentError("vram_budget, placement, stats and predictors apply to device gpu/hybrid/offload, "
                                    "not to the CPU engine")
     if device != "cpu":
         from .hybrid.engine import DEVICES, device_ops_for
@@ -221,5 +222,5 @@ def load(source, *, backend: str = "auto", threads: int | None = None, weights: 
     if device_ops is not None:
         from .hybrid import to_device
         to_device(model, device, vram_budget=vram_budget, placement=placement, stats=stats,
-                  device_ops=device_ops)
+                  predictors=predictors, device_ops=device_ops)
     return model

@@ -119,7 +119,10 @@ def _read_prompt(args) -> str:
 
 
 def device_kwargs(args) -> dict:
-    return dict(device=args.device, vram_budget=args.vram_budget, placement=args.placement, stats=args.hot_stats)
+    kw = dict(device=args.device, vram_budget=args.vram_budget, placement=args.placement, stats=args.hot_stats)
+    if args.device != "cpu" and getattr(args, "predictors", None):
+        kw["predictors"] = args.predictors                 # the GPU plan counts the predictors' bytes
+    return kw
 
 
 def cmd_generate(args) -> int:

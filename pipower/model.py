@@ -88,6 +88,7 @@ class Transformer:
         self.lm_head = self.embed_tokens if head is None else store(head, weights)  # [V, D], tied by default
         self.inv_freq = inv_frequencies(config)                                   # [hd/2]
         self.ffn_neurons: NeuronSelector | None = None                            # None = dense FFN
+        self.ops.prepare(self)                                                    # backend weight layout
 
     @property
     def nbytes_per_token(self) -> int:
@@ -96,8 +97,12 @@ class Transformer:
 
     def new_cache(self, max_len: int | None = None) -> KVCache:
         c = self.config
+        limit = c.max_position_embeddings
+        reserved = getattr(self.ops, "max_context", None)       # hybrid: the KV positions its budget holds
+        if reserved:
+            limit = min(limit, reserved)
         return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
-                       max_len or c.max_position_embeddings, alloc=self.ops.kv_buffer)
+                       min(max_len or limit, limit), alloc=self.ops.kv_buffer)
 
     def forward(self, ids, cache: KVCache, last_only: bool = False) -> np.ndarray:
         """ids: int [T] at positions cache.length .. +T -> logits float32 [T, V] (or [1, V] if last_only)."""

@@ -91,6 +91,9 @@ class NumpyOps:
         """A weight (float32 array or QMatrix) as this backend computes on it."""
         return w
 
+    def prepare(self, transformer) -> None:
+        """Called once when a Transformer is built on these ops: a backend may re-lay out weights."""
+
     def kv_buffer(self, layer: int, shape: tuple) -> np.ndarray:
         """Zeroed float32 KV-cache storage for `layer`, where that layer's attention runs."""
         return np.zeros(shape, np.float32)

@@ -310,3 +310,46 @@ def test_cupy_ops_behind_the_scheduler_equal_dense(emulated_cupy, weights):
     t.ffn_neurons = FixedSelector(0.3)
     got, _ = run(t, IDS)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
+
+
+# --- the engine entry point (pipower.hybrid.to_device) on a Model-like object ---------------------------
+
+def model_like(weights="q8"):
+    from types import SimpleNamespace
+    t = transformer(weights)
+    return SimpleNamespace(config=t.config, transformer=t, weights=weights, fingerprint="", plan=None)
+
+
+def test_to_device_caps_the_kv_cache_and_counts_predictors():
+    from pipower.errors import ContextLengthError
+    from pipower.hybrid import to_device
+    from pipower.hybrid.engine import plan_for
+    from pipower.sparse.predictor import LayerPredictor, Predictors
+    from pipower.sparse.stats import ActivationStats
+    rng = np.random.default_rng(0)
+    stats = ActivationStats(counts=rng.integers(0, 100, (3, 160)), n_tokens=100, tau_act=np.zeros(3, np.float32))
+    preds = Predictors([LayerPredictor(np.zeros((64, 64), np.float32), np.zeros((160, 64), np.float32),
+                                       np.zeros(160, np.float32)) for _ in range(3)])
+    budget = 330_000
+    kw = dict(vram_budget=budget, stats=stats, context_length=32, reserve_bytes=0)
+    without = plan_for(model_like(), "hybrid", **kw)
+    with_preds = plan_for(model_like(), "hybrid", predictors=preds, **kw)
+    n_hot = [sum(map(len, p.hot)) for p in (without, with_preds)]
+    assert 0 < n_hot[1] < n_hot[0]                      # the predictors' bytes come out of the FFN share
+    m = to_device(model_like(), "hybrid", device_ops=StandInDeviceOps(limit_bytes=budget), predictors=preds, **kw)
+    cache = m.transformer.new_cache(max_len=1000)
+    assert cache.max_len == 32                          # what the plan reserved, not the model's 128
+    m.transformer.ffn_neurons = __import__("pipower.sparse.predictor", fromlist=["x"]).PredictorSelector(
+        preds, -np.inf, ops=m.transformer.ops, weights="q8")
+    run_cache = m.transformer.new_cache()
+    m.transformer.forward(np.arange(30), run_cache)     # predictors placed, budget holds
+    with pytest.raises(ContextLengthError):
+        m.transformer.forward(np.arange(3), run_cache)
+
+
+def test_a_cache_made_before_the_move_is_refused():
+    t = transformer("q8")
+    old = t.new_cache()
+    make_hybrid(t, gpu_plan(3), StandInDeviceOps())
+    with pytest.raises(InvalidArgumentError, match="new_cache"):
+        t.forward(np.array([1, 2]), old)

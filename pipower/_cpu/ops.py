@@ -31,6 +31,16 @@ class CythonOps(NumpyOps):
             raise BackendError(f"pipower._cpu kernel modules are not all built ({_ATTENTION_ERROR})")
         super().__init__(n_threads)
 
+    def prepare(self, transformer) -> None:
+        """Pack every layer's FFN matrices into one huge-page arena (pipower.arena: fewer TLB misses on
+        the sparse FFN's scattered rows). Layer by layer, so the originals are freed as the arena fills."""
+        from ..arena import Arena
+        names = ("gate", "up", "down_t")
+        arena = Arena.for_weights(getattr(layer, n) for layer in transformer.layers for n in names)
+        for layer in transformer.layers:
+            for n in names:
+                setattr(layer, n, arena.copy_weight(getattr(layer, n)))
+
     def forward_scope(self, n_tokens: int):
         """BLAS runs on one thread inside a forward call. Our OpenMP kernels and OpenBLAS alternate within
         a call (prefill: BLAS GEMMs between OpenMP norms/attention/dequantization), and on 2 cores their

@@ -136,6 +136,10 @@ class CupyOps:
             raise DeviceMemoryError(f"device {self.device} out of memory (limit {self.limit_bytes}, "
                                     f"held {self._pool.used_bytes()} bytes): {exc}") from exc
 
+    def scope(self):
+        """Contract: allocations inside go through our limited pool (HybridOps wraps each forward)."""
+        return self._on_device()
+
     def allocated_bytes(self) -> int:
         return int(self._pool.used_bytes())
 
@@ -455,6 +459,7 @@ class CupyOps:
             if mask is not None:
                 h *= mask[:, j0:j1]
             out += cp.matmul(h, self._rows_f32(down, **sel))
+            h = g = None                # before the next chunk allocates: one chunk of temporaries at a time
         return out
 
     # -- attention -------------------------------------------------------------------------------------

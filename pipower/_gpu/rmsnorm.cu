@@ -1,6 +1,6 @@
 // RMSNorm over rows, float32: y[t, :] = (x[t, :] * r) * w,  r = 1 / sqrt(mean(x[t, :]^2) + eps).
 // x, y: [T, D] row-major; w: [D]. Launch: grid = (T), block = (B) with B a multiple of 32, <= 1024;
-// dynamic shared memory = (B / 32) * sizeof(float). One block per row; y may alias x.
+// dynamic shared memory = (B / 32) * sizeof(float). One block per row; y must not alias x (__restrict__).
 // Same operation order as NumpyOps.rms_norm (the float32 sum differs only by summation order).
 
 extern "C" __global__ void rms_norm_f32(const float* __restrict__ x, const float* __restrict__ w,

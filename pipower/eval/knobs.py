@@ -106,6 +106,7 @@ def run_on_placement(model, placement, budget_bytes: int) -> str:
     plan = hybrid_plan(placement)
     plan.budget_bytes = budget_bytes
     make_hybrid(model.transformer, plan, device)
+    model.transformer.ops.max_context = min(PLAN_CONTEXT, model.config.max_position_embeddings)
     model.plan = plan
     return engine
 

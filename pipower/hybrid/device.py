@@ -9,6 +9,9 @@ A device ops object is a NumpyOps-compatible backend whose arrays live in device
   to_host(a) -> ndarray     device array -> host ndarray (synchronises)
   zeros(shape) -> array     float32 device zeros (KV cache storage), counted against the limit
   synchronize()             wait for queued device work (timing)
+  scope()                   context: every device allocation inside it goes through the budgeted pool
+                            (HybridOps enters it around each forward, so selector and scheduler
+                            temporaries count against the limit too)
   allocated_bytes()         bytes held now (weights, cache, live temporaries)
   peak_bytes()              the most held at once since construction
   limit_bytes               None or the hard cap: no allocation may take the total past it
@@ -23,6 +26,7 @@ refuses them too), and memory is accounted like a device pool with a hard limit.
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 
 import numpy as np
@@ -37,7 +41,23 @@ class DeviceMemoryError(PipowerError, MemoryError):
 
 
 class StandInArray(np.ndarray):
-    """A NumPy array standing for device memory (see module doc)."""
+    """A NumPy array standing for device memory (see module doc). Like CuPy, it refuses arithmetic with
+    host arrays (other than scalars and 0-d arrays): an unintended host/device mix fails in CI."""
+
+    def __array_ufunc__(self, ufunc, method, *inputs, **kwargs):
+        args = []
+        for a in inputs + tuple(kwargs.get("out", ())):
+            if isinstance(a, np.ndarray) and not isinstance(a, StandInArray) and a.ndim > 0:
+                raise TypeError(f"{ufunc.__name__}: a host array {a.shape} mixed with a device array "
+                                f"(move it with to_device / to_host first)")
+        for a in inputs:
+            args.append(a.view(np.ndarray) if isinstance(a, StandInArray) else a)
+        if "out" in kwargs:
+            kwargs["out"] = tuple(o.view(np.ndarray) if isinstance(o, StandInArray) else o for o in kwargs["out"])
+        result = getattr(ufunc, method)(*args, **kwargs)
+        if isinstance(result, tuple):
+            return tuple(_dev(r) if isinstance(r, np.ndarray) else r for r in result)
+        return _dev(result) if isinstance(result, np.ndarray) else result
 
 
 class StandInWeight:
@@ -123,6 +143,9 @@ class StandInDeviceOps:
 
     def synchronize(self) -> None:
         pass
+
+    def scope(self):
+        return contextlib.nullcontext()
 
     def allocated_bytes(self) -> int:
         return self._held

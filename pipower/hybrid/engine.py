@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 
 DEVICES = ("cpu", "gpu", "hybrid", "offload")
 DEFAULT_CONTEXT = 4096          # KV positions reserved on the device when planning (f32)
+# Device scratch the plan keeps free: CupyOps' dequantization chunks (64 MiB), activations, attention scores
+DEFAULT_RESERVE = 96 << 20
 
 
 def device_ops_for(vram_budget: int | None):
@@ -38,12 +40,26 @@ def device_ops_for(vram_budget: int | None):
         raise DeviceUnavailableError(f"no usable GPU: {why}. Install the gpu extra (pip install "
                                      f"'pipower[gpu]') on a machine with a CUDA device, or use --device cpu")
     from .._gpu.ops import CupyOps
-    return CupyOps(limit_bytes=vram_budget)
+    # indices reaching the device come from FFNSplit or the selector's sorted lists: valid by construction,
+    # so skip the per-call check (a reduction and a sync per layer)
+    return CupyOps(limit_bytes=vram_budget, check_indices=False)
+
+
+def predictor_ranks(predictors) -> list[int] | None:
+    """Per-layer predictor hidden sizes of a predictor file or Predictors object (None -> None)."""
+    if predictors is None:
+        return None
+    from ..sparse.predictor import Predictors
+    if not isinstance(predictors, Predictors):
+        predictors = Predictors.load(predictors)
+    return [int(p.fc1.shape[0]) for p in predictors.layers]
 
 
 def plan_for(model, device: str, *, vram_budget: int | None = None, placement=None, stats=None,
-             context_length: int = DEFAULT_CONTEXT, predictor_rank: int | None = None) -> ExecutionPlan:
-    """The ExecutionPlan for `device` on a loaded Model (see module doc)."""
+             context_length: int = DEFAULT_CONTEXT, predictors=None,
+             reserve_bytes: int = DEFAULT_RESERVE) -> ExecutionPlan:
+    """The ExecutionPlan for `device` on a loaded Model (see module doc). predictors: the predictor file
+    (or Predictors) that will run, so the plan counts their device bytes; reserve_bytes: scratch kept free."""
     if device not in DEVICES:
         raise InvalidArgumentError(f"device must be one of {', '.join(DEVICES)}, got {device!r}")
     L = model.config.num_hidden_layers
@@ -58,7 +74,8 @@ def plan_for(model, device: str, *, vram_budget: int | None = None, placement=No
     if device == "offload":
         t = model.transformer
         out = int(t.lm_head.nbytes + t.final_norm.nbytes) if t.lm_head is not None else 0
-        k, output = offload_layers_for_budget(model.config, model.weights, vram_budget, context_length, out)
+        k, output = offload_layers_for_budget(model.config, model.weights, max(0, vram_budget - reserve_bytes),
+                                              context_length, out)
         log.info("layer offload: %d of %d layers on the GPU%s", k, L, " and the output head" if output else "")
         return layer_offload_plan(L, k, vram_budget, output)
     # hybrid
@@ -69,7 +86,8 @@ def plan_for(model, device: str, *, vram_budget: int | None = None, placement=No
         raise InvalidArgumentError("device='hybrid' needs a placement file (`pipower plan`) or an "
                                    "activation-stats file (`pipower profile`) to decide the hot neurons")
     if placement is None:
-        placement = solve_for(model, stats, vram_budget, context_length, predictor_rank)
+        placement = solve_for(model, stats, vram_budget, context_length, predictor_ranks(predictors),
+                              reserve_bytes)
     elif not isinstance(placement, Placement):
         placement = Placement.load(placement, expect_fingerprint=model.fingerprint)
     if len(placement.hot) != L:
@@ -79,38 +97,42 @@ def plan_for(model, device: str, *, vram_budget: int | None = None, placement=No
     return plan
 
 
-def solve_for(model, stats, vram_budget: int, context_length: int, predictor_rank: int | None):
+def solve_for(model, stats, vram_budget: int, context_length: int, ranks: list[int] | None = None,
+              reserve_bytes: int = DEFAULT_RESERVE):
     """Solve the hot sets from activation stats: the same accounting as `pipower plan`, plus the
-    float32 KV cache the hybrid engine keeps on the device."""
-    from ..sparse.placement import (
-        ffn_neuron_bytes,
-        gpu_bytes_breakdown,
-        solve_placement,
-    )
+    float32 KV cache the hybrid engine keeps on the device, the predictors (in the format they are
+    placed in, with their float32 fc2 biases) and a scratch reserve."""
+    from ..sparse.modes import _predictor_format
+    from ..sparse.placement import ffn_neuron_bytes, gpu_bytes_breakdown, solve_placement
     from ..sparse.stats import ActivationStats
     if not isinstance(stats, ActivationStats):
         stats = ActivationStats.load(stats)
-    fixed = gpu_bytes_breakdown(model.config, model.weights, predictor_hidden=predictor_rank,
-                                predictor_weights=model.weights, context_length=context_length,
-                                kv_weights="f32")
-    return solve_placement(list(stats.freqs), ffn_neuron_bytes(model.config, model.weights), vram_budget,
+    c = model.config
+    bias = 4 * c.intermediate_size * c.num_hidden_layers if ranks else 0
+    fixed = gpu_bytes_breakdown(c, model.weights, predictor_hidden=ranks,
+                                predictor_weights=_predictor_format(model), context_length=context_length,
+                                kv_weights="f32", reserve_bytes=reserve_bytes + bias)
+    return solve_placement(list(stats.freqs), ffn_neuron_bytes(c, model.weights), vram_budget,
                            fixed, fingerprint=model.fingerprint)
 
 
 def to_device(model, device: str, *, vram_budget: int | None = None, placement=None, stats=None,
-              context_length: int = DEFAULT_CONTEXT, predictor_rank: int | None = None, device_ops=None):
+              context_length: int = DEFAULT_CONTEXT, predictors=None, reserve_bytes: int = DEFAULT_RESERVE,
+              device_ops=None):
     """Move a loaded CPU Model to `device` in place (see module doc) and return it.
 
     device_ops: the device backend (default: CUDA via CuPy, limited to vram_budget); tests pass
-    pipower.hybrid.device.StandInDeviceOps to run the scheduler without a GPU.
+    pipower.hybrid.device.StandInDeviceOps to run the scheduler without a GPU. KV caches made
+    afterwards hold at most `context_length` positions (what the plan reserved).
     """
     from .build import make_hybrid
     plan = plan_for(model, device, vram_budget=vram_budget, placement=placement, stats=stats,
-                    context_length=context_length, predictor_rank=predictor_rank)
+                    context_length=context_length, predictors=predictors, reserve_bytes=reserve_bytes)
     if device == "cpu":
         return model
     if device_ops is None:
         device_ops = device_ops_for(vram_budget)
     make_hybrid(model.transformer, plan, device_ops)
+    model.transformer.ops.max_context = context_length
     model.plan = plan
     return model

@@ -86,23 +86,28 @@ class HybridOps:
         self.n_threads = host.n_threads
         self.stats = HybridStats()
         self._uploaded: dict[int, tuple] = {}      # id(host array) -> (host array, device copy), per forward
+        self._layer: int | None = None             # the layer being run (enter_layer), for checks
+        # KV positions the plan reserved on the device; Transformer.new_cache caps caches at it
+        self.max_context: int | None = None
 
     # -- placement of data ---------------------------------------------------------------------------
     def _home(self, layer: int | None) -> str:
         home = self.plan.output_home if layer is None else self.plan.layer_home[layer]
         return "host" if home == "host" else "device"
 
-    def _to(self, side: str, a):
+    def _to(self, side: str, a, reuse: bool = False):
+        """`a` on `side`. reuse: a host constant of this forward (cos/sin, read by every layer) is
+        uploaded once and the copy kept until the forward ends; everything else is not kept."""
         if a is None:
             return None
         on_device = self.device.owns(a)
         if side == "device" and not on_device:
-            # cos/sin (and other host constants) are reused by every layer of a forward: upload once
-            key = id(a)
-            hit = self._uploaded.get(key)
+            if not reuse:
+                return self.device.to_device(a)
+            hit = self._uploaded.get(id(a))
             if hit is None or hit[0] is not a:
                 hit = (a, self.device.to_device(a))
-                self._uploaded[key] = hit
+                self._uploaded[id(a)] = hit
             return hit[1]
         if side == "host" and on_device:
             return self.device.to_host(a)
@@ -116,13 +121,17 @@ class HybridOps:
 
     @contextlib.contextmanager
     def forward_scope(self, n_tokens: int):
+        """Host thread policy, and the device's budgeted allocator for everything the forward allocates
+        there (selector and scheduler temporaries included)."""
         try:
-            with self.host.forward_scope(n_tokens):
+            with self.host.forward_scope(n_tokens), self.device.scope():
                 yield
         finally:
             self._uploaded.clear()
+            self._layer = None
 
     def enter_layer(self, layer: int, x):
+        self._layer = layer
         return self._move_residual(self._home(layer), x)
 
     def enter_output(self, x):
@@ -166,10 +175,14 @@ class HybridOps:
 
     def rope(self, x, cos, sin):
         side = self._side_of(x)
-        return self._ops(side).rope(x, self._to(side, cos), self._to(side, sin))
+        return self._ops(side).rope(x, self._to(side, cos, reuse=True), self._to(side, sin, reuse=True))
 
     def attention(self, q, k, v, start_pos, window=None):
         side = self._side_of(k)
+        if self._layer is not None and side != self._home(self._layer):
+            raise InvalidArgumentError(
+                f"layer {self._layer} runs on the {self._home(self._layer)} but its KV cache is on the {side}: "
+                f"the cache was made before the model moved; make a new one (transformer.new_cache())")
         return self._ops(side).attention(self._to(side, q), k, v, start_pos, window)
 
     def ffn(self, x, gate, up, down_t, act, idx=None):
@@ -217,7 +230,10 @@ class HybridOps:
             cold = self.host.ffn(x_host, _part(gate, "cold"), up.cold, down_t.cold, act, cold_sel)
             self.stats.host_ffn_seconds += time.perf_counter() - t0
             cold = dev.to_device(cold)
-            out = cold if out is None else out + cold
+            if out is None:
+                out = cold
+            else:
+                out += cold                                  # in place: no extra device allocation
         if out is None:                                      # nothing active: the FFN adds zero
             out = dev.to_device(np.zeros((T, down_t.shape[1]), np.float32))
         self.stats.hot_neurons += n_hot
