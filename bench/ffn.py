@@ -42,9 +42,10 @@ def ffn_token_seconds(tr, idx_per_layer, x) -> float:
 
 
 def predictor_token_seconds(selector, n_layers, x) -> float:
+    """One token's predictor decisions over all layers, as decode makes them (the index lists)."""
     t0 = time.perf_counter()
     for i in range(n_layers):
-        selector.logits(i, x)
+        selector(i, x, None)
     return time.perf_counter() - t0
 
 

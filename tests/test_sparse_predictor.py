@@ -99,3 +99,36 @@ def test_rank_not_multiple_of_32_stays_float32():
     assert getattr(fc1, "fmt", None) == "q8" and isinstance(fc2, np.ndarray)
     want = PredictorSelector(Predictors([pred])).logits(0, x[:3])
     np.testing.assert_allclose(sel.logits(0, x[:3]), want, atol=2e-2 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("fmt", ["f32", "f16", "q8"])
+def test_fused_decode_predictor_equals_the_two_gemv_path(fmt):
+    """CythonOps.predict_active (one call) decides like the ops.linear path, up to float rounding at the
+    threshold, and counts the same sparsity."""
+    from pipower import _cpu
+    if not _cpu.AVAILABLE:
+        pytest.skip("compiled kernels not built")
+    from pipower.backend import make_ops
+    x, y = synthetic_layer(n=2000, D=64, F=96)
+    pred, _ = train_layer(x, y, TrainConfig(rank=32, epochs=4, batch=256, lr=3e-3))
+    for threads in (1, 2):
+        ops = make_ops("cython", threads)
+        fused = PredictorSelector(Predictors([pred]), 0.5, ops=ops, weights=fmt)
+        ref = PredictorSelector(Predictors([pred]), 0.5, ops=ops, weights=fmt)
+        active = flips = 0
+        for t in range(40):
+            xs = x[t:t + 1] * (1 + t)                            # varied scales
+            got = fused(0, xs, None)
+            logits = ref.logits(0, xs)[0]
+            want = np.flatnonzero(logits >= 0.5).astype(np.int32)
+            near = np.flatnonzero(np.abs(logits - 0.5) < 1e-4 * np.abs(logits).max())
+            assert got.dtype == np.int32 and np.all(np.diff(got) > 0)
+            assert set(got.tolist()) ^ set(want.tolist()) <= set(near.tolist()), (fmt, threads, t)
+            active += len(got)
+            flips += len(set(got.tolist()) ^ set(want.tolist()))
+        assert fused.total == 40 * 96 and fused.total - fused.skipped == active
+        assert 0 < active < 40 * 96 and flips <= 2
+    # -inf keeps the generic path (every neuron) and a [T>1] call returns a mask
+    sel = PredictorSelector(Predictors([pred]), -np.inf, ops=make_ops("cython", 1), weights=fmt)
+    np.testing.assert_array_equal(sel(0, x[:1], None), np.arange(96))
+    assert sel(0, x[:3], None).shape == (3, 96)

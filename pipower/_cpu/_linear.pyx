@@ -14,6 +14,7 @@ import numpy as np
 
 cimport numpy as cnp
 from cython.parallel cimport parallel, prange
+from libc.math cimport sqrtf
 from libc.stdint cimport int32_t, uint16_t
 
 cnp.import_array()
@@ -228,3 +229,54 @@ def gemm(fmt, data, scales, x, out=None, n_threads=1):
         else:
             out[:, n0:n1] = x @ t.T
     return out
+
+
+# ---- fused predictor (decode) ----------------------------------------------------------------------
+def predict_active(fc1, fc2, b2, x, float tau, out_idx=None, n_threads=1):
+    """The neurons a PowerInfer predictor lets through for one token, in one call:
+        xn = x / sqrt(mean(x^2) + 1e-6);  h = relu(fc1 xn) [r];  logits = fc2 h + b2 [F]
+        -> sorted int32 indices i with logits[i] >= tau (a new array, or the first n of out_idx).
+    fc1, fc2: (fmt, data, scales) of [r, D] and [F, r] matrices; b2: float32 [F]; x: float32 [D].
+    Same arithmetic as ops.linear row by row (pipower.sparse.predictor.PredictorSelector.logits), minus
+    NumPy's call overheads: on SmolLM2 the predictor's two small GEMVs were dominated by them."""
+    cdef int nt = check_threads(n_threads)
+    cdef int c1, c2
+    cdef Py_ssize_t R, D, F, R2, i, n = 0, d
+    c1, R, D = check_weight(fc1[0], fc1[1], fc1[2], "fc1")
+    c2, F, R2 = check_weight(fc2[0], fc2[1], fc2[2], "fc2")
+    if R2 != R:
+        raise ValueError(f"fc2 must be [F, {R}] to follow fc1 [{R}, {D}], got [{F}, {R2}]")
+    check_array(x, "x", (_F32,), 1)
+    check_array(b2, "b2", (_F32,), 1)
+    if x.shape[0] != D or b2.shape[0] != F:
+        raise ValueError(f"x must be ({D},) and b2 ({F},), got {x.shape} and {b2.shape}")
+    xn = np.empty(D, np.float32)
+    hidden = np.empty(R, np.float32)
+    logits = np.empty(F, np.float32)
+    idx = np.empty(F, np.int32) if out_idx is None else check_out(out_idx, "out_idx", (F,))
+    cdef float[::1] xv = x, xnv = xn, hv = hidden, lv = logits, bv = b2
+    cdef int[::1] iv = idx
+    cdef double ss = 0.0
+    cdef float s
+    cdef const char *w1 = _ptr(fc1[1])
+    cdef const char *w2 = _ptr(fc2[1])
+    cdef const uint16_t *s1 = _sptr(fc1[2])
+    cdef const uint16_t *s2 = _sptr(fc2[2])
+    cdef int nt1 = 1 if fc1[1].nbytes < PARALLEL_MIN_BYTES else <int>min(nt, R)
+    cdef int nt2 = 1 if fc2[1].nbytes < PARALLEL_MIN_BYTES else <int>min(nt, F)
+    with nogil:
+        for d in range(D):                          # mean of squares in double, then float32 as NumPy
+            ss = ss + <double>xv[d] * xv[d]
+        s = sqrtf(<float>(ss / D) + <float>1e-6)
+        for d in range(D):
+            xnv[d] = xv[d] / s
+        _gemv(c1, 1, w1, s1, &xnv[0], &hv[0], R, D, nt1)
+        for i in range(R):
+            if hv[i] < 0:
+                hv[i] = 0
+        _gemv(c2, 1, w2, s2, &hv[0], &lv[0], F, R, nt2)
+        for i in range(F):
+            if lv[i] + bv[i] >= tau:
+                iv[n] = <int>i
+                n = n + 1
+    return idx[:n]

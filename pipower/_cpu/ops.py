@@ -41,6 +41,15 @@ class CythonOps(NumpyOps):
             for n in names:
                 setattr(layer, n, arena.copy_weight(getattr(layer, n)))
 
+    def predict_active(self, fc1, fc2, b2: np.ndarray, x: np.ndarray, tau: float) -> np.ndarray:
+        """One token's predictor decision in one call (normalise, fc1, ReLU, fc2 + b2, >= tau) -> sorted
+        int32 neuron indices. fc1 [r, D], fc2 [F, r]: float32 arrays or QMatrix; x: [1, D] or [D]."""
+        def parts(w):
+            return (w.fmt, w.data, w.scales) if isinstance(w, QMatrix) else ("f32", w, None)
+        return _linear.predict_active(parts(fc1), parts(fc2), np.ascontiguousarray(b2, dtype=np.float32),
+                                      np.ascontiguousarray(x, dtype=np.float32).reshape(-1), float(tau),
+                                      n_threads=self.n_threads)
+
     def forward_scope(self, n_tokens: int):
         """BLAS runs on one thread inside a forward call. Our OpenMP kernels and OpenBLAS alternate within
         a call (prefill: BLAS GEMMs between OpenMP norms/attention/dequantization), and on 2 cores their

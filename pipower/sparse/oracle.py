@@ -26,6 +26,12 @@ class CountingSelector:
             return np.flatnonzero(active[0]).astype(np.int32)
         return active
 
+    def select_indices(self, idx: np.ndarray, n_ff: int) -> np.ndarray:
+        """One token's decision already as sorted int32 indices out of n_ff neurons: count and pass on."""
+        self.total += n_ff
+        self.skipped += n_ff - len(idx)
+        return idx
+
     @property
     def sparsity(self) -> float:
         """Fraction of FFN neurons skipped so far (0 = dense)."""

@@ -188,6 +188,11 @@ class PredictorSelector(CountingSelector):
         return self.ops.linear(hidden, fc2, b2)                       # [T, F]
 
     def __call__(self, layer: int, x: np.ndarray, h: np.ndarray):
+        fused = getattr(self.ops, "predict_active", None)       # the CPU engine's one-call decode path
+        if fused is not None and self._stored is not None and x.shape[0] == 1 and np.isfinite(self.tau):
+            fc1, fc2, b2 = self._stored[layer]
+            idx = fused(fc1, fc2, b2, x, self.tau)
+            return self.select_indices(idx, fc2.shape[0])
         return self.select(self.logits(layer, x) >= self.tau)                             # bool [T, F]
 
 
