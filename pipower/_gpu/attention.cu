@@ -22,13 +22,10 @@
 //   Rounded multiplies and adds (no fma contraction): bit-identical to the NumPy reference.
 //   Launch: grid-stride over T * nh * hd/2 threads, any 1-D grid/block.
 
+#include "common.cuh"
+
 #define ATT_WARPS 4
 #define HD_SLOTS 8          // MAX head dim 256 = 8 * 32
-
-__device__ __forceinline__ float warp_sum(float s) {
-    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-    return s;
-}
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 

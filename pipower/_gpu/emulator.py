@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import SOURCE_DIR
+from . import kernels
 from .kernels import KERNELS
 
 CXX = shutil.which("g++") or shutil.which("c++")
@@ -215,7 +215,7 @@ def _library(file: str):
             return _libs[file]
         if CXX is None:
             raise RuntimeError("no host C++ compiler (g++) to emulate the CUDA kernels")
-        src = (SOURCE_DIR / file).read_text()
+        src = kernels.source(file)                        # headers inlined, as NVRTC gets it
         sigs = signatures(src)
         code = SHIM + "\n#line 1 \"" + file + "\"\n" + _emulation_source(src) + "\n" + _wrappers(sigs)
         digest = hashlib.sha256(code.encode()).hexdigest()[:16]

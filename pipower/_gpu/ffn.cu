@@ -27,23 +27,13 @@
 // Rows of f16 data are read two elements at a time when D is even (4-byte loads), q8 rows four int8
 // at a time (D % 32 == 0 always): the callers pass allocations aligned to >= 16 bytes.
 
+#include "common.cuh"
+
 #define ACT_IDENTITY -1
 #define ACT_SILU 0
 #define ACT_GELU 1
 #define ACT_GELU_TANH 2
 #define ACT_RELU 3
-
-// float16 bits -> float32, exact (PTX conversion; no cuda_fp16.h needed, so NVRTC and nvcc agree)
-__device__ __forceinline__ float h2f(unsigned short h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-
-__device__ __forceinline__ float warp_sum(float s) {
-    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-    return s;
-}
 
 // Same formulas as pipower.ops (NumPy reference); erff is the exact erf, the reference's A&S erf is
 // within 1.5e-7 of it.

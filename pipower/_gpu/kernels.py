@@ -9,6 +9,7 @@ list matches their `extern "C" __global__` functions, so a renamed kernel is cau
 """
 from __future__ import annotations
 
+import re
 import threading
 
 from ..errors import BackendError
@@ -42,9 +43,15 @@ _functions: dict[tuple[int, str], object] = {}   # (device id, kernel) -> cupy.R
 _lock = threading.Lock()
 
 
+_INCLUDE = re.compile(r'^#include "([\w.]+\.cuh)"[ \t]*$', re.MULTILINE)
+
+
 def source(file: str) -> str:
-    """The CUDA source text of one shipped .cu file."""
-    return (SOURCE_DIR / file).read_text()
+    """The CUDA source text of one shipped .cu file, its `#include "x.cuh"` lines replaced by the
+    headers next to it (NVRTC compiles one string; the headers are pipower's own)."""
+    def inline(m):
+        return f'#line 1 "{m.group(1)}"\n' + (SOURCE_DIR / m.group(1)).read_text() + f'\n#line 1 "{file}"'
+    return _INCLUDE.sub(inline, (SOURCE_DIR / file).read_text())
 
 
 def get(name: str, device: int = 0):

@@ -14,16 +14,7 @@
 // f16 rows are read two elements at a time when K is even, q8 rows four int8 at a time; callers pass
 // allocations aligned to >= 16 bytes.
 
-__device__ __forceinline__ float h2f(unsigned short h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-
-__device__ __forceinline__ float warp_sum(float s) {
-    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
-    return s;
-}
+#include "common.cuh"
 
 extern "C" __global__ void gemv_f16(const float* __restrict__ x, const unsigned short* __restrict__ W,
                                     float* __restrict__ y, int N, int K) {

@@ -1,0 +1,16 @@
+// Device helpers shared by the kernel sources. `#include "common.cuh"` in a .cu file: nvcc finds it next
+// to the file; for NVRTC (and the CPU emulator), pipower._gpu.kernels.source() inlines it, so each
+// RawModule is still compiled from one self-contained string.
+
+// float16 bits -> float32, exact (PTX conversion; no cuda_fp16.h needed, so NVRTC and nvcc agree)
+__device__ __forceinline__ float h2f(unsigned short h) {
+    float f;
+    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+    return f;
+}
+
+// Sum over the 32 lanes of a warp; every lane gets the total.
+__device__ __forceinline__ float warp_sum(float s) {
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+    return s;
+}
