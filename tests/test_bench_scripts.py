@@ -26,17 +26,17 @@ def test_hybrid_benchmark_dry_run(tmp_path):
                         "--predictor-rank", "64", "--granularity", "64", "--threads", "1", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     engines = [(r["engine"], r["budget_fraction"]) for r in res["rows"]]
-    assert engines == [("cpu dense", None), ("cpu sparse", None), ("hybrid", 0.25), ("offload", 0.25),
-                       ("hybrid", 0.5), ("offload", 0.5)]
+    assert engines == [("cpu dense", None), ("cpu sparse", None), ("hybrid", 0.25), ("hybrid serial", 0.25),
+                       ("offload", 0.25), ("hybrid", 0.5), ("hybrid serial", 0.5), ("offload", 0.5)]
     for r in res["rows"]:
         assert r["decode_tok_s"] > 0
-        if "budget_bytes" in r:
+        if "device_bytes" in r:
             assert r["device_bytes"] <= r["budget_bytes"]
     h25, h50 = (r for r in res["rows"] if r["engine"] == "hybrid")
     # more budget -> more hot neurons; the measured hot share tracks the plan's expected share
     assert h50["hot_neurons"] > h25["hot_neurons"] and h50["hot_share"] > h25["hot_share"]
     assert abs(h25["hot_share"] - h25["plan_hot_freq_share"]) < 0.1
-    assert "vs_offload" in h25 and (tmp_path / "h.md").is_file()
+    assert "vs_offload" in h25 and "overlap_saved_ms_per_token" in h25 and (tmp_path / "h.md").is_file()
 
 
 def test_power_law_profile_hits_the_mean():

@@ -89,6 +89,9 @@ class HybridOps:
         self._layer: int | None = None             # the layer being run (enter_layer), for checks
         # KV positions the plan reserved on the device; Transformer.new_cache caps caches at it
         self.max_context: int | None = None
+        # False: wait for the device's hot part before the host starts the cold part (no overlap);
+        # the hybrid benchmark times both to measure what the overlap saves
+        self.overlap = True
 
     # -- placement of data ---------------------------------------------------------------------------
     def _home(self, layer: int | None) -> str:
@@ -224,6 +227,8 @@ class HybridOps:
         if n_hot:
             out = dev.ffn(x, _part(gate, "hot"), up.hot, down_t.hot, act,
                           None if hot_sel is None else dev.to_device(hot_sel))
+        if not self.overlap:
+            dev.synchronize()
         # 3. cold neurons on the host, overlapping the device work
         if n_cold:
             t0 = time.perf_counter()
