@@ -54,6 +54,7 @@ def test_editable_install_builds_extension_in_place(tree, tmp_path):
     code = ("import pipower, pipower._cpu as c, pathlib, sys; "
             "assert c.AVAILABLE, c.IMPORT_ERROR; "
             "print(pathlib.Path(pipower.__file__).resolve())")
-    r = subprocess.run([str(py), "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}   # the venv's own pipower, not a dev tree
+    r = subprocess.run([str(py), "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()).parent == (tree / "pipower").resolve()
