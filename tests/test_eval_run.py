@@ -381,3 +381,23 @@ def test_every_eval_flag_has_help():
             assert action.help and len(action.help) > 10, f"{name} {action.option_strings} lacks help"
             checked += 1
     assert checked > 40
+
+
+def test_mcnemar_exact_p_values():
+    from scipy.stats import binomtest
+
+    from pipower.eval.report import mcnemar_p
+    assert mcnemar_p(0, 0) == 1.0 and mcnemar_p(3, 3) == 1.0
+    for g, lost in [(0, 6), (1, 9), (4, 11), (10, 2), (20, 35)]:
+        want = binomtest(min(g, lost), g + lost, 0.5).pvalue       # two-sided exact binomial = exact McNemar
+        assert abs(mcnemar_p(g, lost) - want) < 1e-12, (g, lost)
+
+
+def test_paired_comparison_with_dense(tmp_path):
+    from pipower.eval.report import paired_vs_dense
+    evaluate(FakeModel(TWO_OF_THREE), TOY, tmp_path / "dense", max_tokens=8)            # Toy/2 fails
+    flipped = {**RIGHT, "Toy/0": "    return a - b\n"}                                   # Toy/0 fails, Toy/2 passes
+    evaluate(FakeModel(flipped), TOY, tmp_path / "act-0.1", max_tokens=8)
+    r = paired_vs_dense(tmp_path / "act-0.1")
+    assert (r["gained"], r["lost"], r["pairs"]) == (1, 1, 3) and r["p"] == 1.0
+    assert paired_vs_dense(tmp_path / "dense") is None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 from ..errors import InvalidArgumentError
@@ -17,8 +18,9 @@ from .knobs import ENGINE_NOTE, KNOBS
 from .run import SUMMARY
 
 COLUMNS = ["model", "knob", "value", "measured_sparsity", "pass@1", "ci_lo", "ci_hi", "passed", "n",
-           "samples", "decode_tok_s", "prefill_tok_s", "s_per_sample", "mode", "max_tokens", "weights",
-           "backend", "threads", "hot_freq_share", "plan_bytes", "identical_to_dense", "point"]
+           "samples", "gained_vs_dense", "lost_vs_dense", "mcnemar_p", "decode_tok_s", "prefill_tok_s",
+           "s_per_sample", "mode", "max_tokens", "weights", "backend", "threads", "hot_freq_share",
+           "plan_bytes", "identical_to_dense", "point"]
 _KNOB_ORDER = {k: i for i, k in enumerate(KNOBS)}
 
 
@@ -54,6 +56,30 @@ def _row(summary: dict, label: str, point_dir: Path) -> dict:
             "_ci_method": summary.get("ci_method")}
 
 
+def mcnemar_p(gained: int, lost: int) -> float:
+    """Exact two-sided McNemar p-value for paired pass/fail outcomes: under "the knob changes nothing",
+    each discordant problem is a fair coin between gained and lost."""
+    n = gained + lost
+    if n == 0:
+        return 1.0
+    k = min(gained, lost)
+    return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+
+
+def paired_vs_dense(point_dir: Path) -> dict | None:
+    """Problems a point solves that its sweep's dense point does not (gained), the reverse (lost), and the
+    McNemar p-value, over the (task, sample) pairs both have; None without a sibling dense point."""
+    from .run import SAMPLES, read_samples
+    dense_dir = point_dir.parent / "dense"
+    if point_dir.name == "dense" or not (dense_dir / SAMPLES).is_file() or not (point_dir / SAMPLES).is_file():
+        return None
+    dense, mine = read_samples(dense_dir / SAMPLES), read_samples(point_dir / SAMPLES)
+    keys = [k for k in mine if k in dense]
+    gained = sum(bool(mine[k]["passed"]) and not dense[k]["passed"] for k in keys)
+    lost = sum(bool(dense[k]["passed"]) and not mine[k]["passed"] for k in keys)
+    return {"gained": gained, "lost": lost, "p": mcnemar_p(gained, lost), "pairs": len(keys)}
+
+
 def collect(dirs) -> tuple[list[dict], list[dict]]:
     """-> (rows sorted by model, knob, value; the sweep.json of each directory ({} for none))."""
     rows, metas = [], []
@@ -65,7 +91,11 @@ def collect(dirs) -> tuple[list[dict], list[dict]]:
             raise InvalidArgumentError(f"{d}: no {SUMMARY} in it or in its sub-directories")
         for pd in point_dirs:
             s = json.loads((pd / SUMMARY).read_text())
-            rows.append(_row(s, _label(meta, s), pd))
+            row = _row(s, _label(meta, s), pd)
+            paired = paired_vs_dense(pd)
+            row.update(gained_vs_dense=paired and paired["gained"], lost_vs_dense=paired and paired["lost"],
+                       mcnemar_p=paired and paired["p"])
+            rows.append(row)
         if pd == d and "source" not in meta:   # a single `pipower eval` directory: describe it from its summary
             st = s["settings"]
             meta.update({**s["model"], **{k: st[k] for k in ("mode", "max_tokens", "temperature", "seed")},
@@ -104,12 +134,14 @@ def write_markdown(rows: list[dict], metas: list[dict], path: Path, plot_name: s
              "tokens. CI = 95% " + (" / ".join(methods) or "wilson") + " interval "
              "(wilson: one greedy sample per problem; normal: per-problem pass rates). "
              "tok/s = total tokens / total seconds over the point's generations.", ""]
-    lines += [("| model | knob | value | measured sparsity | Pass@1 (95% CI) | passed/n | decode tok/s | "
-               "prefill tok/s | s/sample | mode | plan hot share | same as dense |"),
-              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [("| model | knob | value | measured sparsity | Pass@1 (95% CI) | passed/n | vs dense: +gained "
+               "-lost (McNemar p) | decode tok/s | prefill tok/s | s/sample | mode | plan hot share | same as dense |"),
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        paired = ("" if r["gained_vs_dense"] is None
+                  else f"+{r['gained_vs_dense']} -{r['lost_vs_dense']} (p={r['mcnemar_p']:.2g})")
         lines.append(f"| {r['model']} | {r['knob']} | {_value_text(r)} | {r['measured_sparsity']:.1%} | "
-                     f"{r['pass@1']:.3f} ({r['ci_lo']:.3f}-{r['ci_hi']:.3f}) | {r['passed']}/{r['n']} | "
+                     f"{r['pass@1']:.3f} ({r['ci_lo']:.3f}-{r['ci_hi']:.3f}) | {r['passed']}/{r['n']} | {paired} | "
                      f"{r['decode_tok_s']:.1f} | {r['prefill_tok_s']:.1f} | {r['s_per_sample']:.1f} | {r['mode']} | "
                      f"{_fmt(r['hot_freq_share'])} | {_fmt(r['identical_to_dense'])} |")
     for model in sorted({r["model"] for r in rows}):
@@ -119,7 +151,10 @@ def write_markdown(rows: list[dict], metas: list[dict], path: Path, plot_name: s
     if any(r["knob"] == "budget" for r in rows):
         lines += ["", (f"Budget points: {ENGINE_NOTE}. The plan's hot share (expected share of activations "
                        "on the GPU) and bytes are recorded in report.csv.")]
-    lines += ["", "'same as dense' = samples whose generated text is identical to the dense point's."]
+    lines += ["", "'same as dense' = samples whose generated text is identical to the dense point's. "
+              "'vs dense' pairs each problem with the dense point's result: gained = solved only here, lost = "
+              "solved only by dense; the exact McNemar p-value asks whether the difference is more than chance "
+              "(a paired test: sharper than comparing the two confidence intervals)."]
     if plot_name:
         lines += ["", f"![Pass@1 vs measured sparsity]({plot_name})"]
     lines += ["", "## Runs"]
