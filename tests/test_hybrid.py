@@ -40,20 +40,38 @@ def random_tensors(cfg: dict, seed: int = 0) -> dict:
     def w(*shape, s=0.1):
         return (rng.standard_normal(shape) * s).astype(np.float32)
     t = {"model.embed_tokens.weight": w(V, D, s=1.0), "model.norm.weight": 1 + w(D)}
+    if not cfg.get("tie_word_embeddings", True):
+        t["lm_head.weight"] = w(V, D)
+    qwen = cfg["model_type"] == "qwen2"
+    gated = cfg.get("mlp_gated", True)
     for i in range(cfg["num_hidden_layers"]):
         p = f"model.layers.{i}."
         t.update({p + "input_layernorm.weight": 1 + w(D), p + "post_attention_layernorm.weight": 1 + w(D),
                   p + "self_attn.q_proj.weight": w(H * hd, D), p + "self_attn.k_proj.weight": w(Hkv * hd, D),
                   p + "self_attn.v_proj.weight": w(Hkv * hd, D), p + "self_attn.o_proj.weight": w(D, H * hd),
-                  p + "self_attn.q_proj.bias": w(H * hd), p + "self_attn.k_proj.bias": w(Hkv * hd),
-                  p + "self_attn.v_proj.bias": w(Hkv * hd),
-                  p + "mlp.gate_proj.weight": w(F, D), p + "mlp.up_proj.weight": w(F, D),
-                  p + "mlp.down_proj.weight": w(D, F)})
+                  p + "mlp.up_proj.weight": w(F, D), p + "mlp.down_proj.weight": w(D, F)})
+        if qwen:
+            t.update({p + "self_attn.q_proj.bias": w(H * hd), p + "self_attn.k_proj.bias": w(Hkv * hd),
+                      p + "self_attn.v_proj.bias": w(Hkv * hd)})
+        if gated:
+            t[p + "mlp.gate_proj.weight"] = w(F, D)
     return t
 
 
-def transformer(weights="f32", seed=0):
-    return Transformer(ModelConfig.from_dict(CFG), random_tensors(CFG, seed), NumpyOps(), weights=weights)
+def transformer(weights="f32", seed=0, cfg=None):
+    cfg = cfg or CFG
+    return Transformer(ModelConfig.from_dict(cfg), random_tensors(cfg, seed), NumpyOps(), weights=weights)
+
+
+# other graph features the split must carry: untied head without biases (llama), a plain ReLU MLP,
+# Mistral's sliding window (shorter than the test sequence)
+VARIANTS = {
+    "llama": {**CFG, "architectures": ["LlamaForCausalLM"], "model_type": "llama", "tie_word_embeddings": False},
+    "plain-relu": {**CFG, "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_act": "relu",
+                   "mlp_gated": False, "tie_word_embeddings": False},
+    "mistral-window": {**CFG, "architectures": ["MistralForCausalLM"], "model_type": "mistral",
+                       "sliding_window": 5, "tie_word_embeddings": False},
+}
 
 
 def run(t, ids, steps=4):
@@ -353,3 +371,23 @@ def test_a_cache_made_before_the_move_is_refused():
     make_hybrid(t, gpu_plan(3), StandInDeviceOps())
     with pytest.raises(InvalidArgumentError, match="new_cache"):
         t.forward(np.array([1, 2]), old)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_split_and_offload_equal_dense_on_other_graph_features(variant):
+    cfg = VARIANTS[variant]
+    dense, tokens = run(transformer("q8", cfg=cfg), IDS)
+    for plan in (split_plan(random_hot(3, 160, 0.4)), layer_offload_plan(3, 1, output_on_device=False)):
+        t = make_hybrid(transformer("q8", cfg=cfg), plan, StandInDeviceOps())
+        got, got_tokens = run(t, IDS)
+        assert np.abs(got - dense).max() <= 1e-5 * np.abs(dense).max(), (variant, plan.kind)
+        assert got_tokens == tokens
+
+
+@pytest.mark.parametrize("variant", ["plain-relu", "mistral-window"])
+def test_cupy_ops_on_other_graph_features(emulated_cupy, variant):
+    cfg = VARIANTS[variant]
+    dense, tokens = run(transformer("q8", cfg=cfg), IDS)
+    t = make_hybrid(transformer("q8", cfg=cfg), split_plan(random_hot(3, 160, 0.4)), emulated_cupy())
+    got, got_tokens = run(t, IDS)
+    assert np.abs(got - dense).max() <= 1e-4 * np.abs(dense).max() and got_tokens == tokens
