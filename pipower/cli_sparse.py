@@ -50,7 +50,15 @@ def add_commands(sub, add_model_args) -> None:
     add_model_args(pl)
     pl.add_argument("--stats", required=True, help="stats file from `pipower profile`")
     pl.add_argument("--vram-budget", required=True, help="budget, e.g. 4GiB, 512MiB, 2.5GB")
-    pl.add_argument("--predictor-rank", type=int, default=0, help="count predictors of this rank as GPU bytes")
+    pl.add_argument("--predictors", default=None, metavar="FILE",
+                    help="the predictor file that will run: its bytes are counted on the GPU (per-layer ranks)")
+    pl.add_argument("--predictor-rank", type=int, default=0,
+                    help="without --predictors: count predictors of this rank on every layer (0 = none)")
+    pl.add_argument("--context", type=int, default=4096,
+                    help="KV-cache positions to reserve on the GPU, float32 as the hybrid engine keeps them "
+                         "(default: 4096, what --device hybrid plans for)")
+    pl.add_argument("--reserve", default="96MiB",
+                    help="GPU scratch kept free for activations and dequantization chunks (default: 96MiB)")
     pl.add_argument("--min-neurons", type=int, default=0, help="a layer gets 0 or at least this many hot neurons")
     pl.add_argument("--granularity", type=int, default=256, help="neurons per solver variable (default: 256)")
     pl.add_argument("--out", required=True, help="placement file to write (.safetensors)")
@@ -191,14 +199,13 @@ def cmd_train(args) -> int:
 
 def cmd_plan(args) -> int:
     import pipower
-    from .sparse.placement import ffn_neuron_bytes, gpu_bytes_breakdown, solve_placement
-    from .sparse.stats import ActivationStats
-    stats = ActivationStats.load(args.stats)
+    from .hybrid.engine import predictor_ranks, solve_for
     model = pipower.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights)
-    fixed = gpu_bytes_breakdown(model.config, model.weights, predictor_hidden=args.predictor_rank or None)
-    placement = solve_placement(list(stats.freqs), ffn_neuron_bytes(model.config, model.weights),
-                                parse_bytes(args.vram_budget), fixed, min_neurons_per_layer=args.min_neurons,
-                                granularity=args.granularity, fingerprint=model.fingerprint)
+    ranks = predictor_ranks(args.predictors) if args.predictors else (
+        [args.predictor_rank] * model.config.num_hidden_layers if args.predictor_rank else None)
+    placement = solve_for(model, args.stats, parse_bytes(args.vram_budget), args.context, ranks,
+                          parse_bytes(args.reserve), min_neurons_per_layer=args.min_neurons,
+                          granularity=args.granularity)
     placement.save(args.out)
     print(placement.summary())
     print(args.out)

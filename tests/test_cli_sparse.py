@@ -37,7 +37,8 @@ def test_profile_train_plan_generate(gguf_model, tmp_path, capsys):
                  "--out", preds]) == 0
     out = capsys.readouterr().out
     assert out.strip().splitlines()[-1] == preds and "recall" in out
-    assert main(["plan", "-m", str(gguf_model), "--stats", stats, "--vram-budget", "200KiB", "--out", plan]) == 0
+    assert main(["plan", "-m", str(gguf_model), "--stats", stats, "--vram-budget", "200KiB", "--reserve", "0",
+                 "--out", plan]) == 0
     assert "total" in capsys.readouterr().out
     assert main(["bench", "-m", str(gguf_model), "--predictors", preds, "--tokens", "3", "--repeats", "1",
                  "--json"]) == 0

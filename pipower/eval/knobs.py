@@ -112,23 +112,10 @@ def run_on_placement(model, placement, budget_bytes: int) -> str:
 
 
 def solve_plan(model, stats_path, budget_bytes: int):
-    """The placement `pipower plan` would write for this model, weight format and budget."""
-    from ..sparse.placement import (
-        ffn_neuron_bytes,
-        gpu_bytes_breakdown,
-        solve_placement,
-    )
-    from ..sparse.stats import ActivationStats
-    stats = ActivationStats.load(stats_path)
-    c = model.config
-    if (stats.n_layers, stats.n_ff) != (c.num_hidden_layers, c.intermediate_size):
-        raise InvalidArgumentError(f"{stats_path}: stats for {stats.n_layers} layers x {stats.n_ff} neurons, "
-                                   f"model has {c.num_hidden_layers} x {c.intermediate_size}")
-    # the hybrid engine keeps its KV cache in f32 on the device: reserve PLAN_CONTEXT positions of it
-    context = min(PLAN_CONTEXT, c.max_position_embeddings)
-    fixed = gpu_bytes_breakdown(c, model.weights, context_length=context, kv_weights="f32")
-    return solve_placement(list(stats.freqs), ffn_neuron_bytes(c, model.weights), budget_bytes, fixed,
-                           fingerprint=model.fingerprint)
+    """The placement the hybrid engine (and `pipower plan`) would use for this model, weight format and
+    budget, with PLAN_CONTEXT positions of KV cache and the engine's scratch reserve counted."""
+    from ..hybrid.engine import solve_for
+    return solve_for(model, stats_path, budget_bytes, PLAN_CONTEXT)
 
 
 def plan_info(plan) -> dict:

@@ -97,23 +97,35 @@ def plan_for(model, device: str, *, vram_budget: int | None = None, placement=No
     return plan
 
 
-def solve_for(model, stats, vram_budget: int, context_length: int, ranks: list[int] | None = None,
-              reserve_bytes: int = DEFAULT_RESERVE):
-    """Solve the hot sets from activation stats: the same accounting as `pipower plan`, plus the
-    float32 KV cache the hybrid engine keeps on the device, the predictors (in the format they are
-    placed in, with their float32 fc2 biases) and a scratch reserve."""
+def device_fixed_bytes(model, context_length: int = DEFAULT_CONTEXT, ranks: list[int] | None = None,
+                       reserve_bytes: int = DEFAULT_RESERVE) -> dict[str, int]:
+    """What the hybrid engine puts on the device before any FFN neuron (PowerInfer's fill order):
+    attention, norms, output head, the predictors (in the format they are placed in, plus their float32
+    fc2 biases), the float32 KV cache for `context_length` positions, and a scratch reserve. `pipower
+    plan` and `device="hybrid"` both solve against it, so a plan file fits the engine that loads it."""
     from ..sparse.modes import _predictor_format
-    from ..sparse.placement import ffn_neuron_bytes, gpu_bytes_breakdown, solve_placement
+    from ..sparse.placement import gpu_bytes_breakdown
+    c = model.config
+    bias = 4 * c.intermediate_size * c.num_hidden_layers if ranks else 0
+    context_length = min(context_length, c.max_position_embeddings)      # caches never grow past it
+    return gpu_bytes_breakdown(c, model.weights, predictor_hidden=ranks, predictor_weights=_predictor_format(model),
+                               context_length=context_length, kv_weights="f32", reserve_bytes=reserve_bytes + bias)
+
+
+def solve_for(model, stats, vram_budget: int, context_length: int, ranks: list[int] | None = None,
+              reserve_bytes: int = DEFAULT_RESERVE, **solver_kwargs):
+    """Solve the hot sets from activation stats against device_fixed_bytes."""
+    from ..sparse.placement import ffn_neuron_bytes, solve_placement
     from ..sparse.stats import ActivationStats
     if not isinstance(stats, ActivationStats):
         stats = ActivationStats.load(stats)
     c = model.config
-    bias = 4 * c.intermediate_size * c.num_hidden_layers if ranks else 0
-    fixed = gpu_bytes_breakdown(c, model.weights, predictor_hidden=ranks,
-                                predictor_weights=_predictor_format(model), context_length=context_length,
-                                kv_weights="f32", reserve_bytes=reserve_bytes + bias)
+    if (stats.n_layers, stats.n_ff) != (c.num_hidden_layers, c.intermediate_size):
+        raise InvalidArgumentError(f"stats for {stats.n_layers} layers x {stats.n_ff} neurons, the model has "
+                                   f"{c.num_hidden_layers} x {c.intermediate_size}")
+    fixed = device_fixed_bytes(model, context_length, ranks, reserve_bytes)
     return solve_placement(list(stats.freqs), ffn_neuron_bytes(c, model.weights), vram_budget,
-                           fixed, fingerprint=model.fingerprint)
+                           fixed, fingerprint=model.fingerprint, **solver_kwargs)
 
 
 def to_device(model, device: str, *, vram_budget: int | None = None, placement=None, stats=None,
@@ -133,6 +145,6 @@ def to_device(model, device: str, *, vram_budget: int | None = None, placement=N
     if device_ops is None:
         device_ops = device_ops_for(vram_budget)
     make_hybrid(model.transformer, plan, device_ops)
-    model.transformer.ops.max_context = context_length
+    model.transformer.ops.max_context = min(context_length, model.config.max_position_embeddings)
     model.plan = plan
     return model

@@ -17,7 +17,8 @@ $PIPOWER sweep humaneval -m smollm2-135m $COMMON --target-sparsities $SPARS --ou
 # 3. Qwen2.5-Coder-0.5B predictor sweep (oracle points are reused from step 1)
 [ -f "$QP" ] && $PIPOWER sweep humaneval -m qwen2.5-coder-0.5b $COMMON --target-sparsities $SPARS \
     --pred-thresholds 0,1,2 --predictors "$QP" --out $Q
-# 4. Qwen2.5-Coder-0.5B placement at two budgets (~25% and ~50% of the FFN hot, q8): the hybrid scheduler
+# 4. Qwen2.5-Coder-0.5B placement at two budgets (~25% and ~50% of the FFN hot, q8, after 231 MiB of
+#    attention/output/norms/KV and the 96 MiB scratch reserve): the hybrid scheduler
 #    (device emulated on the CPU engine when there is no GPU). Pass@1 must equal dense.
 [ -f "$QS" ] && $PIPOWER sweep humaneval -m qwen2.5-coder-0.5b $COMMON --target-sparsities $SPARS \
-    --pred-thresholds 0,1,2 --predictors "$QP" --budgets 310MiB,390MiB --stats "$QS" --out $Q
+    --pred-thresholds 0,1,2 --predictors "$QP" --budgets 406MiB,486MiB --stats "$QS" --out $Q
