@@ -1,24 +1,26 @@
 #!/usr/bin/env bash
-# Issue 6's runs, in priority order; every step is resumable (rerun the script after a kill).
+# Issue 6's runs, in priority order; every step is resumable (rerun the script after a kill: finished
+# points are reused, a cut point resumes at its first missing problem).
 # Usage: bash results/humaneval/run_study.sh   (from the repository root; PIPOWER=... to override)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PIPOWER=${PIPOWER:-pipower}
-SPARS=0.25,0.5,0.7,0.85,0.95          # oracle: per-layer tau_act calibrated to skip this fraction
 COMMON="--mode chat --threads 2 --max-tokens 384"
 Q=results/humaneval/qwen2.5-coder-0.5b-chat-sweep
 S=results/humaneval/smollm2-135m-chat-sweep
 QP=results/sparsity/qwen2.5-coder-0.5b/predictors.safetensors
-QS=results/sparsity/qwen2.5-coder-0.5b/stats.safetensors       # from results/sparsity/run.sh
-# 1. Qwen2.5-Coder-0.5B: dense + oracle sweep
-$PIPOWER sweep humaneval -m qwen2.5-coder-0.5b $COMMON --target-sparsities $SPARS --out $Q
+QS=results/sparsity/qwen2.5-coder-0.5b/stats.safetensors       # both from results/sparsity/run.sh
+# oracle: per-layer tau_act calibrated to skip this fraction of (token, neuron) pairs
+# 1. Qwen2.5-Coder-0.5B dense + the first oracle points
+$PIPOWER sweep humaneval -m qwen2.5-coder-0.5b $COMMON --target-sparsities 0.25,0.5,0.7 --out $Q
 # 2. SmolLM2-135M (the small-model point): dense + oracle sweep
-$PIPOWER sweep humaneval -m smollm2-135m $COMMON --target-sparsities $SPARS --out $S
-# 3. Qwen2.5-Coder-0.5B predictor sweep (oracle points are reused from step 1)
-[ -f "$QP" ] && $PIPOWER sweep humaneval -m qwen2.5-coder-0.5b $COMMON --target-sparsities $SPARS \
+$PIPOWER sweep humaneval -m smollm2-135m $COMMON --target-sparsities 0.25,0.5,0.7,0.85 --out $S
+# 3. Qwen: the oracle point past the collapse, then the predictor sweep
+$PIPOWER sweep humaneval -m qwen2.5-coder-0.5b $COMMON --target-sparsities 0.25,0.5,0.7,0.85 \
     --pred-thresholds 0,1,2 --predictors "$QP" --out $Q
-# 4. Qwen2.5-Coder-0.5B placement at two budgets (~25% and ~50% of the FFN hot, q8, after 231 MiB of
-#    attention/output/norms/KV and the 96 MiB scratch reserve): the hybrid scheduler
-#    (device emulated on the CPU engine when there is no GPU). Pass@1 must equal dense.
-[ -f "$QS" ] && $PIPOWER sweep humaneval -m qwen2.5-coder-0.5b $COMMON --target-sparsities $SPARS \
+# 4. placement at two budgets (~25% and ~50% of the FFN hot, q8, after 231 MiB of attention/output/
+#    norms/KV and the 96 MiB scratch reserve): the hybrid scheduler (device emulated on the CPU engine
+#    when there is no GPU). Pass@1 must equal dense. Then the extreme oracle points.
+$PIPOWER sweep humaneval -m qwen2.5-coder-0.5b $COMMON --target-sparsities 0.25,0.5,0.7,0.85,0.95 \
     --pred-thresholds 0,1,2 --predictors "$QP" --budgets 406MiB,486MiB --stats "$QS" --out $Q
+$PIPOWER sweep humaneval -m smollm2-135m $COMMON --target-sparsities 0.25,0.5,0.7,0.85,0.95 --out $S
