@@ -316,6 +316,10 @@ def test_cli_eval_sweep_report(tiny, tmp_path, capsys):
                                                ("budget", str(int(96.2 * 2**20)))]
     budget = dict(zip(head, rows[4]))
     assert budget["identical_to_dense"] == "2/2" and 0 < float(budget["hot_freq_share"]) < 1
+    (bdir,) = (tmp_path / "sw").glob("budget-*")
+    from pipower import _gpu
+    engine = json.loads((bdir / "settings.json").read_text())["sparsity"]["engine"]
+    assert engine == ("hybrid-cuda" if _gpu.available() else "hybrid-emulated")
     assert dict(zip(head, rows[2]))["identical_to_dense"] == "2/2"      # tau 0 on SiLU = dense
     assert float(dict(zip(head, rows[3]))["measured_sparsity"]) > 0.2
     assert main(["report", out, str(tmp_path / "e"), "--out", str(tmp_path / "r"), "--no-plot"]) == 0

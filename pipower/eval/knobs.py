@@ -95,20 +95,14 @@ def run_on_placement(model, placement, budget_bytes: int) -> str:
     "hybrid-cuda", or "hybrid-emulated" when there is no GPU (the device side runs on the CPU engine
     behind the device contract, with the budget still a hard memory limit)."""
     from .. import _gpu
-    from ..hybrid import StandInDeviceOps, hybrid_plan, make_hybrid
+    from ..hybrid import StandInDeviceOps, to_device
     if getattr(model, "plan", None) is not None:
         raise InvalidArgumentError("the model already runs on a placement: load a fresh one per budget")
-    if _gpu.available():
-        from ..hybrid.engine import device_ops_for
-        device, engine = device_ops_for(budget_bytes), "hybrid-cuda"
-    else:
-        device, engine = StandInDeviceOps(limit_bytes=budget_bytes, inner=model.transformer.ops), "hybrid-emulated"
-    plan = hybrid_plan(placement)
-    plan.budget_bytes = budget_bytes
-    make_hybrid(model.transformer, plan, device)
-    model.transformer.ops.max_context = min(PLAN_CONTEXT, model.config.max_position_embeddings)
-    model.plan = plan
-    return engine
+    gpu = _gpu.available()
+    device = None if gpu else StandInDeviceOps(limit_bytes=budget_bytes, inner=model.transformer.ops)
+    to_device(model, "hybrid", vram_budget=budget_bytes, placement=placement, context_length=PLAN_CONTEXT,
+              device_ops=device)
+    return "hybrid-cuda" if gpu else "hybrid-emulated"
 
 
 def solve_plan(model, stats_path, budget_bytes: int):
