@@ -81,8 +81,8 @@ def bench(model_name, fmt, threads, fractions, repeats, tokens, predictors, seed
     sel = None
     if predictors:
         from pipower.sparse.predictor import PredictorSelector, Predictors
-        from pipower.sparse.modes import _predictor_format
-        sel = PredictorSelector(Predictors.load(predictors), 0.0, ops=tr.ops, weights=_predictor_format(m))
+        from pipower.sparse.modes import predictor_format
+        sel = PredictorSelector(Predictors.load(predictors), 0.0, ops=tr.ops, weights=predictor_format(m))
     samples = {"dense": [], **{f"{f:g}": [] for f in fractions}, **({"predictor": []} if sel else {})}
     with tr.ops.forward_scope(1):
         for rnd in range(repeats + 1):                         # round 0 warms up, not recorded

@@ -103,12 +103,12 @@ def device_fixed_bytes(model, context_length: int = DEFAULT_CONTEXT, ranks: list
     attention, norms, output head, the predictors (in the format they are placed in, plus their float32
     fc2 biases), the float32 KV cache for `context_length` positions, and a scratch reserve. `pipower
     plan` and `device="hybrid"` both solve against it, so a plan file fits the engine that loads it."""
-    from ..sparse.modes import _predictor_format
+    from ..sparse.modes import predictor_format
     from ..sparse.placement import gpu_bytes_breakdown
     c = model.config
     bias = 4 * c.intermediate_size * c.num_hidden_layers if ranks else 0
     context_length = min(context_length, c.max_position_embeddings)      # caches never grow past it
-    return gpu_bytes_breakdown(c, model.weights, predictor_hidden=ranks, predictor_weights=_predictor_format(model),
+    return gpu_bytes_breakdown(c, model.weights, predictor_hidden=ranks, predictor_weights=predictor_format(model),
                                context_length=context_length, kv_weights="f32", reserve_bytes=reserve_bytes + bias)
 
 

@@ -62,11 +62,11 @@ def make_selector(model, *, act_threshold: float | None = None, target_sparsity:
         if not isinstance(predictors, Predictors):
             predictors = Predictors.load(predictors)
         _check_predictors(model, predictors)
-        return PredictorSelector(predictors, pred_threshold, ops=t.ops, weights=_predictor_format(model))
+        return PredictorSelector(predictors, pred_threshold, ops=t.ops, weights=predictor_format(model))
     return None
 
 
-def _predictor_format(model) -> str:
+def predictor_format(model) -> str:
     """Predictors are read every token like the model's matrices: store them in the model's weight
     format when the ops run it natively (the Cython engine: f16/q8/q4), else keep the trainer's f32."""
     fmt = getattr(model, "weights", "f32")
