@@ -34,7 +34,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 
@@ -42,13 +41,22 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from pipower.config import ModelConfig  # noqa: E402
-from pipower.hybrid import (StandInDeviceOps, hybrid_plan, layer_offload_plan, make_hybrid)  # noqa: E402
-from pipower.hybrid.plan import offload_layers_for_budget  # noqa: E402
-from pipower.model import LayerWeights, Transformer  # noqa: E402
-from pipower.quant import QMatrix  # noqa: E402
-from pipower.sparse.oracle import CountingSelector  # noqa: E402
-from pipower.sparse.placement import ffn_neuron_bytes, gpu_bytes_breakdown, solve_placement  # noqa: E402
+from pipower.config import ModelConfig
+from pipower.hybrid import (
+    StandInDeviceOps,
+    hybrid_plan,
+    layer_offload_plan,
+    make_hybrid,
+)
+from pipower.hybrid.plan import offload_layers_for_budget
+from pipower.model import LayerWeights, Transformer
+from pipower.quant import QMatrix
+from pipower.sparse.oracle import CountingSelector
+from pipower.sparse.placement import (
+    ffn_neuron_bytes,
+    gpu_bytes_breakdown,
+    solve_placement,
+)
 
 SHAPES = {  # D, F, L, H, Hkv, V
     "llama2-7b": (4096, 11008, 32, 32, 32, 32000),

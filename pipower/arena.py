@@ -35,7 +35,7 @@ class Arena:
         self._end = self._pos + nbytes
 
     @classmethod
-    def for_weights(cls, weights) -> "Arena":
+    def for_weights(cls, weights) -> Arena:
         """An arena just big enough for these float32 arrays / QMatrix objects (None entries skipped)."""
         return cls(sum(padded_nbytes(p.nbytes) for w in weights if w is not None for p in array_parts(w)))
 

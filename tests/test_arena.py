@@ -30,8 +30,9 @@ def test_cython_model_weights_live_in_one_arena():
     from pipower import _cpu
     if not _cpu.AVAILABLE:
         pytest.skip("compiled kernels not built")
-    from pipower.backend import make_ops
     from test_hybrid import CFG, random_tensors
+
+    from pipower.backend import make_ops
     from pipower.config import ModelConfig
     from pipower.model import Transformer
     t = Transformer(ModelConfig.from_dict(CFG), random_tensors(CFG), make_ops("cython", 1), weights="q8")
