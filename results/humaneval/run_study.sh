@@ -10,17 +10,18 @@ Q=results/humaneval/qwen2.5-coder-0.5b-chat-sweep
 S=results/humaneval/smollm2-135m-chat-sweep
 QP=results/sparsity/qwen2.5-coder-0.5b/predictors.safetensors
 QS=results/sparsity/qwen2.5-coder-0.5b/stats.safetensors       # both from results/sparsity/run.sh
-# oracle: per-layer tau_act calibrated to skip this fraction of (token, neuron) pairs
+# Oracle points: per-layer tau_act calibrated to skip this fraction of (token, neuron) pairs. Qwen's
+# Pass@1 collapses between 0.5 and 0.7, so the later points fill that interval (0.4, 0.6).
 # 1. Qwen2.5-Coder-0.5B dense + the first oracle points
 $PIPOWER sweep humaneval -m qwen2.5-coder-0.5b $COMMON --target-sparsities 0.25,0.5,0.7 --out $Q
 # 2. SmolLM2-135M (the small-model point): dense + oracle sweep
-$PIPOWER sweep humaneval -m smollm2-135m $COMMON --target-sparsities 0.25,0.5,0.7,0.85 --out $S
-# 3. Qwen: the oracle point past the collapse, then the predictor sweep
-$PIPOWER sweep humaneval -m qwen2.5-coder-0.5b $COMMON --target-sparsities 0.25,0.5,0.7,0.85 \
+$PIPOWER sweep humaneval -m smollm2-135m $COMMON --target-sparsities 0.25,0.5,0.6,0.7 --out $S
+# 3. Qwen: the collapse interval, then the predictor sweep
+$PIPOWER sweep humaneval -m qwen2.5-coder-0.5b $COMMON --target-sparsities 0.25,0.4,0.5,0.6,0.7 \
     --pred-thresholds 0,1,2 --predictors "$QP" --out $Q
 # 4. placement at two budgets (~25% and ~50% of the FFN hot, q8, after 231 MiB of attention/output/
 #    norms/KV and the 96 MiB scratch reserve): the hybrid scheduler (device emulated on the CPU engine
-#    when there is no GPU). Pass@1 must equal dense. Then the extreme oracle points.
-$PIPOWER sweep humaneval -m qwen2.5-coder-0.5b $COMMON --target-sparsities 0.25,0.5,0.7,0.85,0.95 \
+#    when there is no GPU). Pass@1 must equal dense. Then SmolLM2's interval points.
+$PIPOWER sweep humaneval -m qwen2.5-coder-0.5b $COMMON --target-sparsities 0.25,0.4,0.5,0.6,0.7 \
     --pred-thresholds 0,1,2 --predictors "$QP" --budgets 406MiB,486MiB --stats "$QS" --out $Q
-$PIPOWER sweep humaneval -m smollm2-135m $COMMON --target-sparsities 0.25,0.5,0.7,0.85,0.95 --out $S
+$PIPOWER sweep humaneval -m smollm2-135m $COMMON --target-sparsities 0.25,0.4,0.5,0.6,0.7 --out $S
