@@ -16,12 +16,12 @@ QS=results/sparsity/qwen2.5-coder-0.5b/stats.safetensors       # both from resul
 $PIPOWER sweep humaneval -m qwen2.5-coder-0.5b $COMMON --target-sparsities 0.25,0.5,0.7 --out $Q
 # 2. SmolLM2-135M (the small-model point): dense + oracle sweep
 $PIPOWER sweep humaneval -m smollm2-135m $COMMON --target-sparsities 0.25,0.5,0.6,0.7 --out $S
-# 3. Qwen: the collapse interval, then the predictor sweep
-$PIPOWER sweep humaneval -m qwen2.5-coder-0.5b $COMMON --target-sparsities 0.25,0.4,0.5,0.6,0.7 \
+# 3. Qwen: the predictor sweep (finished oracle points are reused at once)
+$PIPOWER sweep humaneval -m qwen2.5-coder-0.5b $COMMON --target-sparsities 0.25,0.5,0.7 \
     --pred-thresholds 0,1,2 --predictors "$QP" --out $Q
 # 4. placement at two budgets (~25% and ~50% of the FFN hot, q8, after 231 MiB of attention/output/
 #    norms/KV and the 96 MiB scratch reserve): the hybrid scheduler (device emulated on the CPU engine
-#    when there is no GPU). Pass@1 must equal dense. Then SmolLM2's interval points.
+#    when there is no GPU). Pass@1 must equal dense. Then the collapse interval (0.4, 0.6) of both models.
 $PIPOWER sweep humaneval -m qwen2.5-coder-0.5b $COMMON --target-sparsities 0.25,0.4,0.5,0.6,0.7 \
     --pred-thresholds 0,1,2 --predictors "$QP" --budgets 406MiB,486MiB --stats "$QS" --out $Q
 $PIPOWER sweep humaneval -m smollm2-135m $COMMON --target-sparsities 0.25,0.4,0.5,0.6,0.7 --out $S
