@@ -14,3 +14,12 @@ __device__ __forceinline__ float warp_sum(float s) {
     for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
     return s;
 }
+
+// s + (4 q8 weights of one 32-block, scale d) . (4 activations), in the fixed order x, y, z, w
+__device__ __forceinline__ float fma_q8x4(char4 q, float d, float4 xv, float s) {
+    s = fmaf((float)q.x * d, xv.x, s);
+    s = fmaf((float)q.y * d, xv.y, s);
+    s = fmaf((float)q.z * d, xv.z, s);
+    s = fmaf((float)q.w * d, xv.w, s);
+    return s;
+}

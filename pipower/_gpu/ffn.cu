@@ -95,17 +95,11 @@ __device__ __forceinline__ void dots_q8(const signed char* __restrict__ gq, cons
         const float4 xv = *reinterpret_cast<const float4*>(x + i);
         const char4 q = *reinterpret_cast<const char4*>(uq + i);
         const float d = h2f(ud[i >> 5]);
-        su = fmaf((float)q.x * d, xv.x, su);
-        su = fmaf((float)q.y * d, xv.y, su);
-        su = fmaf((float)q.z * d, xv.z, su);
-        su = fmaf((float)q.w * d, xv.w, su);
+        su = fma_q8x4(q, d, xv, su);
         if (HAS_GATE) {
             const char4 p = *reinterpret_cast<const char4*>(gq + i);
             const float e = h2f(gd[i >> 5]);
-            sg = fmaf((float)p.x * e, xv.x, sg);
-            sg = fmaf((float)p.y * e, xv.y, sg);
-            sg = fmaf((float)p.z * e, xv.z, sg);
-            sg = fmaf((float)p.w * e, xv.w, sg);
+            sg = fma_q8x4(p, e, xv, sg);
         }
     }
     us = warp_sum(su);

@@ -56,10 +56,7 @@ extern "C" __global__ void gemv_q8(const float* __restrict__ x, const signed cha
         const char4 q = *reinterpret_cast<const char4*>(wq + i);
         const float4 xv = *reinterpret_cast<const float4*>(xt + i);
         const float d = h2f(wd[i >> 5]);
-        s = fmaf((float)q.x * d, xv.x, s);
-        s = fmaf((float)q.y * d, xv.y, s);
-        s = fmaf((float)q.z * d, xv.z, s);
-        s = fmaf((float)q.w * d, xv.w, s);
+        s = fma_q8x4(q, d, xv, s);
     }
     s = warp_sum(s);
     if (lane == 0) y[(size_t)t * N + n] = s;
