@@ -13,6 +13,10 @@ fresh per layer and round), then the predictors when a file is given (`--predict
 interleaved round by round so drift hits every row alike. Reported: the median over rounds of the
 per-token time summed over layers, the ratio to dense measured in the same rounds, and the dense
 FFN's achieved GB/s (FFN weight bytes / time). The issue's target: at 25% active, <= 35% of dense.
+
+Layouts (`--layouts`, timed in the same rounds, each against its own dense FFN): `bundled`, what the
+CPU engine uses (pipower.arena's neuron bundles: gate|up|down rows and scales of a neuron in one span),
+and `separate`, the three matrices each contiguous in one huge-page arena (the engine before bundles).
 """
 from __future__ import annotations
 
@@ -29,16 +33,37 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import pipower  # noqa: E402
+import pipower
 
 
-def ffn_token_seconds(tr, idx_per_layer, x) -> float:
+def ffn_token_seconds(tr, layers, idx_per_layer, x) -> float:
     """Wall time of one token's FFN over all layers (idx None = dense)."""
     ops, act = tr.ops, tr.config.hidden_act
     t0 = time.perf_counter()
-    for layer, idx in zip(tr.layers, idx_per_layer):
+    for layer, idx in zip(layers, idx_per_layer):
         ops.ffn(x, layer.gate, layer.up, layer.down_t, act, idx)
     return time.perf_counter() - t0
+
+
+def layouts_of(layers, names) -> dict:
+    """{layout name: per-layer FFN matrices (objects with gate/up/down_t)} in fresh huge-page arenas."""
+    from types import SimpleNamespace
+
+    from pipower.arena import Arena, ffn_nbytes
+    out = {}
+    for name in names:
+        if name == "bundled":
+            arena = Arena(sum(ffn_nbytes(lw.gate, lw.up, lw.down_t) for lw in layers))
+            out[name] = [SimpleNamespace(**dict(zip(("gate", "up", "down_t"),
+                                                    arena.bundle_ffn(lw.gate, lw.up, lw.down_t))))
+                         for lw in layers]
+        elif name == "separate":
+            arena = Arena.for_weights(w for lw in layers for w in (lw.gate, lw.up, lw.down_t))
+            out[name] = [SimpleNamespace(gate=arena.copy_weight(lw.gate), up=arena.copy_weight(lw.up),
+                                         down_t=arena.copy_weight(lw.down_t)) for lw in layers]
+        else:
+            raise SystemExit(f"unknown layout {name!r}; choose bundled, separate")
+    return out
 
 
 def predictor_token_seconds(selector, n_layers, x) -> float:
@@ -68,7 +93,8 @@ class _Synthetic:
         self.config = self.transformer.config
 
 
-def bench(model_name, fmt, threads, fractions, repeats, tokens, predictors, seed=0) -> dict:
+def bench(model_name, fmt, threads, fractions, repeats, tokens, predictors, layouts=("bundled",),
+          seed=0) -> list[dict]:
     if model_name.startswith("synthetic:"):
         m = _Synthetic(model_name.split(":", 1)[1], fmt, threads, seed)
     else:
@@ -80,45 +106,56 @@ def bench(model_name, fmt, threads, fractions, repeats, tokens, predictors, seed
     x = (rng.standard_normal((1, D)) * 0.5).astype(np.float32)
     sel = None
     if predictors:
-        from pipower.sparse.predictor import PredictorSelector, Predictors
         from pipower.sparse.modes import predictor_format
+        from pipower.sparse.predictor import Predictors, PredictorSelector
         sel = PredictorSelector(Predictors.load(predictors), 0.0, ops=tr.ops, weights=predictor_format(m))
-    samples = {"dense": [], **{f"{f:g}": [] for f in fractions}, **({"predictor": []} if sel else {})}
+    lay = layouts_of(tr.layers, layouts)
+    keys = ["dense", *(f"{f:g}" for f in fractions)]
+    samples = {(ln, k): [] for ln in lay for k in keys}
+    if sel:
+        samples[(layouts[0], "predictor")] = []
     with tr.ops.forward_scope(1):
         for rnd in range(repeats + 1):                         # round 0 warms up, not recorded
             per = {k: [] for k in samples}
             for _ in range(tokens):
-                per["dense"].append(ffn_token_seconds(tr, [None] * L, x))
-                for f in fractions:
-                    k = max(1, int(round(f * F)))
-                    idx = [np.sort(rng.choice(F, k, replace=False)).astype(np.int32) for _ in range(L)]
-                    per[f"{f:g}"].append(ffn_token_seconds(tr, idx, x))
+                for ln, layers in lay.items():
+                    per[(ln, "dense")].append(ffn_token_seconds(tr, layers, [None] * L, x))
+                    for f in fractions:
+                        k = max(1, int(round(f * F)))
+                        idx = [np.sort(rng.choice(F, k, replace=False)).astype(np.int32) for _ in range(L)]
+                        per[(ln, f"{f:g}")].append(ffn_token_seconds(tr, layers, idx, x))
                 if sel:
-                    per["predictor"].append(predictor_token_seconds(sel, L, x))
+                    per[(layouts[0], "predictor")].append(predictor_token_seconds(sel, L, x))
             if rnd:
                 for k, v in per.items():
                     samples[k].append(statistics.median(v))
-    ffn_bytes = sum(int(getattr(w, "nbytes", 0)) for layer in tr.layers for w in (layer.gate, layer.up, layer.down_t)
-                    if w is not None)
-    dense = statistics.median(samples["dense"])
-    rows = []
-    for k, v in samples.items():
-        med = statistics.median(v)
-        ratio = statistics.median([a / b for a, b in zip(v, samples["dense"])])   # same-round ratios
-        rows.append({"row": k, "ms_per_token": 1e3 * med, "ratio_to_dense": ratio,
-                     "samples_ms": [1e3 * s for s in v]})
-    return {"model": model_name, "weights": fmt, "threads": threads, "layers": L, "n_ff": F, "hidden": D,
-            "ffn_bytes_per_token": ffn_bytes, "dense_gb_s": ffn_bytes / dense / 1e9, "rows": rows,
-            "predictors": predictors, "repeats": repeats, "tokens_per_round": tokens}
+    ffn_bytes = sum(int(getattr(w, "nbytes", 0)) for layer in next(iter(lay.values()))
+                    for w in (layer.gate, layer.up, layer.down_t) if w is not None)
+    results = []
+    for ln in lay:
+        dense_v = samples[(ln, "dense")]
+        rows = []
+        for (l2, k), v in samples.items():
+            if l2 != ln:
+                continue
+            ratio = statistics.median([a / b for a, b in zip(v, dense_v)])      # same-round ratios
+            rows.append({"row": k, "ms_per_token": 1e3 * statistics.median(v), "ratio_to_dense": ratio,
+                         "samples_ms": [1e3 * s for s in v]})
+        results.append({"model": model_name, "weights": fmt, "threads": threads, "layout": ln, "layers": L,
+                        "n_ff": F, "hidden": D, "ffn_bytes_per_token": ffn_bytes,
+                        "dense_gb_s": ffn_bytes / statistics.median(dense_v) / 1e9, "rows": rows,
+                        "predictors": predictors, "repeats": repeats, "tokens_per_round": tokens})
+    return results
 
 
 def markdown(results) -> str:
-    out = ["| model | weights | threads | row | ms/token (all layers) | vs dense | dense FFN GB/s |",
-           "|---|---|---|---|---|---|---|"]
+    out = ["| model | weights | threads | layout | row | ms/token (all layers) | vs dense | dense FFN GB/s |",
+           "|---|---|---|---|---|---|---|---|"]
     for r in results:
         for row in r["rows"]:
             name = row["row"] if row["row"] in ("dense", "predictor") else f"sparse {float(row['row']):.0%} active"
-            out.append(f"| {r['model']} | {r['weights']} | {r['threads']} | {name} | {row['ms_per_token']:.3f} | "
+            out.append(f"| {r['model']} | {r['weights']} | {r['threads']} | {r.get('layout', 'separate')} | "
+                       f"{name} | {row['ms_per_token']:.3f} | "
                        f"{row['ratio_to_dense']:.2f} | {r['dense_gb_s']:.1f} |")
     return "\n".join(out)
 
@@ -135,6 +172,8 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=8, help="tokens per round; a round's value is their median")
     ap.add_argument("--predictors", action="append", default=[], metavar="MODEL=FILE",
                     help="also time this model's predictors (repeatable)")
+    ap.add_argument("--layouts", default="bundled",
+                    help="FFN layouts timed side by side: bundled (the engine's), separate (default: bundled)")
     ap.add_argument("--out", default=None, help="write JSON here (and the table as .md beside it)")
     a = ap.parse_args(argv)
     preds = dict(p.split("=", 1) for p in a.predictors)
@@ -142,10 +181,10 @@ def main(argv=None) -> int:
     for model in a.models.split(","):
         for fmt in a.formats.split(","):
             for th in (int(t) for t in a.threads.split(",")):
-                r = bench(model, fmt, th, [float(f) for f in a.fractions.split(",")], a.repeats, a.tokens,
-                          preds.get(model))
-                results.append(r)
-                print("\n".join(markdown([r]).splitlines()[2:]), flush=True)      # rows as they come
+                rs = bench(model, fmt, th, [float(f) for f in a.fractions.split(",")], a.repeats, a.tokens,
+                           preds.get(model), tuple(a.layouts.split(",")))
+                results.extend(rs)
+                print("\n".join(markdown(rs).splitlines()[2:]), flush=True)      # rows as they come
     table = markdown(results)
     print(table)
     if a.out:

@@ -5,6 +5,13 @@ Decode reads every FFN weight row once per token; the sparse FFN reads a scatter
 pages on allocations of 4 MiB or more, so small models' per-layer matrices (SmolLM2: 0.9 MB in q8) miss
 out. Packing the matrices into one 2 MiB-aligned buffer puts them on huge pages where the system allows
 (THP "madvise" or "always"): the 25% sparse FFN ran 15-20% faster on SmolLM2 (docs/PERF_NOTES.md).
+
+FFN bundles (`Arena.bundle_ffn`): one layer's gate, up and down_t rows of neuron i, then their scale rows,
+in one span padded to a cache line:  [gate_i | up_i | down_i | gate_s_i | up_s_i | down_s_i]. The matrices
+become row-strided views (every row still contiguous, so NumPy and every kernel read them as before). A
+sparse FFN reads one contiguous span per active neuron instead of six scattered pieces, which the kernel
+prefetches whole, two levels deep: the 25%-active FFN went from ~0.48 to ~0.33 of the dense FFN time on
+Qwen2.5-0.5B-shaped layers (docs/PERF_NOTES.md section 6).
 """
 from __future__ import annotations
 
@@ -24,6 +31,45 @@ def array_parts(w) -> list[np.ndarray]:
 
 def padded_nbytes(nbytes: int) -> int:
     return nbytes + (-nbytes) % ALIGN
+
+
+def _bundle_parts(gate, up, down_t) -> list[np.ndarray] | None:
+    """[data..., scales...] of the FFN matrices in bundle order, or None if they cannot share bundles
+    (different formats or shapes: such a layer keeps separate matrices)."""
+    mats = [w for w in (gate, up, down_t) if w is not None]
+    kinds = {(w.fmt, tuple(w.shape)) if isinstance(w, QMatrix) else ("array", w.shape) for w in mats}
+    if len(kinds) != 1 or any(p.ndim != 2 for w in mats for p in array_parts(w)):
+        return None
+    parts = [array_parts(w) for w in mats]
+    return [p[0] for p in parts] + [p[1] for p in parts if len(p) > 1]
+
+
+def bundle_stride(gate, up, down_t) -> int | None:
+    """Bytes of one neuron's span (a multiple of ALIGN), or None if these matrices cannot be bundled."""
+    parts = _bundle_parts(gate, up, down_t)
+    if parts is None:
+        return None
+    return padded_nbytes(sum(p.shape[1] * p.itemsize for p in parts))
+
+
+def ffn_nbytes(gate, up, down_t, n_rows: int | None = None) -> int:
+    """Arena bytes `bundle_ffn` (or, for matrices that cannot be bundled, `copy_weight`) will take for
+    n_rows neurons (default: all)."""
+    F = up.shape[0]
+    n = F if n_rows is None else n_rows
+    stride = bundle_stride(gate, up, down_t)
+    if stride is None:
+        return sum(padded_nbytes(p.nbytes // max(F, 1) * n)
+                   for w in (gate, up, down_t) if w is not None for p in array_parts(w))
+    return stride * n
+
+
+def _take(w, rows: np.ndarray):
+    if w is None:
+        return None
+    if isinstance(w, QMatrix):
+        return QMatrix(w.fmt, (len(rows), w.shape[1]), w.data[rows], None if w.scales is None else w.scales[rows])
+    return w[rows]
 
 
 class Arena:
@@ -49,12 +95,41 @@ class Arena:
             return QMatrix(w.fmt, w.shape, data, scales)
         return self.copy_in(w)
 
-    def copy_in(self, a: np.ndarray) -> np.ndarray:
-        a = np.ascontiguousarray(a)
-        n = a.nbytes
+    def bundle_ffn(self, gate, up, down_t, rows: np.ndarray | None = None) -> tuple:
+        """One layer's (gate or None, up, down_t) [F, D] -> arena-backed twins laid out as FFN bundles
+        (module docstring); matrices that cannot share bundles are copied separately instead.
+        rows: int neuron indices to keep (e.g. a hybrid plan's cold neurons), default all."""
+        if rows is not None:
+            rows = np.asarray(rows, dtype=np.intp)
+        parts = _bundle_parts(gate, up, down_t)
+        if parts is None:
+            return tuple(self.copy_weight(w if rows is None else _take(w, rows)) for w in (gate, up, down_t))
+        if rows is not None:
+            parts = [p[rows] for p in parts]
+        F, stride = parts[0].shape[0], bundle_stride(gate, up, down_t)
+        block = self._take(F * stride).reshape(F, stride)          # [F, stride] bytes, row i = neuron i
+        views, offset = [], 0
+        for p in parts:
+            width = p.shape[1] * p.itemsize
+            view = block[:, offset:offset + width].view(p.dtype)   # [F, cols], row stride = stride bytes
+            view[...] = p
+            views.append(view)
+            offset += width
+        n = sum(w is not None for w in (gate, up, down_t))
+        data, scales = views[:n], views[n:] or [None] * n
+        out = iter(QMatrix(w.fmt, (F, w.shape[1]), d, s) if isinstance(w, QMatrix) else d
+                   for w, d, s in zip([w for w in (gate, up, down_t) if w is not None], data, scales))
+        return tuple(None if w is None else next(out) for w in (gate, up, down_t))
+
+    def _take(self, n: int) -> np.ndarray:
         if self._pos + n > self._end:
             raise ValueError("arena too small")            # a sizing bug, never a user error
-        view = self._raw[self._pos:self._pos + n].view(a.dtype).reshape(a.shape)
-        view[...] = a
+        view = self._raw[self._pos:self._pos + n]
         self._pos += padded_nbytes(n)
+        return view
+
+    def copy_in(self, a: np.ndarray) -> np.ndarray:
+        a = np.ascontiguousarray(a)
+        view = self._take(a.nbytes).view(a.dtype).reshape(a.shape)
+        view[...] = a
         return view

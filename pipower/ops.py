@@ -65,6 +65,9 @@ class NumpyOps:
     name = "numpy"
     # weight formats this backend computes on directly; others work through dequantization (slowly)
     native_formats: tuple = ("f32",)
+    # How the FFN matrices of a prepared model sit in memory: "separate" (three matrices) or "bundled"
+    # (pipower.arena's neuron bundles, laid out by prepare(); hybrid engines bundle the cold rows too).
+    ffn_layout: str = "separate"
 
     def __init__(self, n_threads: int = 1):
         self.n_threads = n_threads

@@ -32,7 +32,8 @@ BLOCK = 32
 
 @dataclass(frozen=True)
 class QMatrix:
-    """A weight matrix [N, K] in one of FORMATS. Arrays are C-contiguous."""
+    """A weight matrix [N, K] in one of FORMATS. Each row of data/scales is contiguous; arrays are
+    C-contiguous except in FFN bundles (pipower.arena), where rows are strided views into one span."""
     fmt: str
     shape: tuple                     # (N, K) of the logical float matrix
     data: np.ndarray                 # see the module table

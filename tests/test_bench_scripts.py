@@ -51,7 +51,10 @@ def test_ffn_benchmark_on_synthetic_layers(tmp_path):
     ffn = load_script("ffn")
     out = tmp_path / "f.json"
     assert ffn.main(["--models", "synthetic:64x128x2", "--threads", "1", "--repeats", "1", "--tokens", "1",
-                     "--out", str(out)]) == 0
-    r = json.loads(out.read_text())["results"][0]
-    assert [row["row"] for row in r["rows"]] == ["dense", "0.1", "0.25", "0.5", "1"]
-    assert r["rows"][0]["ratio_to_dense"] == 1.0
+                     "--layouts", "bundled,separate", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())["results"]
+    assert [r["layout"] for r in results] == ["bundled", "separate"]
+    for r in results:
+        assert [row["row"] for row in r["rows"]] == ["dense", "0.1", "0.25", "0.5", "1"]
+        assert r["rows"][0]["ratio_to_dense"] == 1.0
+    assert "| bundled | sparse 25% active |" in out.with_suffix(".md").read_text()

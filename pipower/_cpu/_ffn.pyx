@@ -4,7 +4,9 @@
     ffn_sparse(fmt, x [D], gate, up, down_t, idx [n] | None, act, out [D], h_out [n], n_threads)
 
 gate / up / down_t are (data, scales) pairs of [F, D] matrices in format `fmt` (pipower.quant layouts;
-scales None for f32/f16), gate None for a plain MLP. idx: int32, sorted, unique, in [0, F): the active
+scales None for f32/f16), gate None for a plain MLP; rows contiguous, the three matrices row-strided alike
+(C-contiguous, or the interleaved FFN bundles of pipower.arena, whose spans the kernel prefetches whole).
+idx: int32, sorted, unique, in [0, F): the active
 neurons; None = all F neurons (the dense FFN through the same code). Each neuron's three weight rows are
 read once; no per-neuron Python.
 
@@ -26,17 +28,19 @@ cdef extern from "_ffn_impl.h" nogil:
     int PP_ACT_SILU, PP_ACT_GELU, PP_ACT_GELU_TANH, PP_ACT_RELU
     ctypedef struct pp_ffn_args:
         int fmt, simd, act
-        Py_ssize_t D
+        Py_ssize_t D, n, rs, ss
         const char *gate
         const char *up
         const char *down
         const uint16_t *gate_s
         const uint16_t *up_s
         const uint16_t *down_s
+        const char *bundle
         const int32_t *idx
         const float *x
         float *h_out
     void pp_ffn_chunk(const pp_ffn_args *a, Py_ssize_t j0, Py_ssize_t j1, float *acc)
+    const char *pp_ffn_bundle_start(const pp_ffn_args *a)
     void pp_sum_partials(const float *part, Py_ssize_t C, Py_ssize_t D, float *out, Py_ssize_t k0,
                          Py_ssize_t k1)
     void pp_barrier()
@@ -90,18 +94,21 @@ def ffn_sparse(fmt, x, gate, up, down_t, idx, act, out=None, h_out=None, n_threa
     """
     cdef int nt = check_threads(n_threads)
     cdef pp_ffn_args a
-    cdef Py_ssize_t N, D, F, n, CH, C, j
+    cdef Py_ssize_t N, D, F, n, CH, C, j, rs, ss
     if act not in ACTS:
         raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(ACTS)}")
-    a.fmt, F, D = check_weight(fmt, up[0], up[1], "up")
+    a.fmt, F, D, a.rs, a.ss = check_weight(fmt, up[0], up[1], "up")
     for name, m in (("gate", gate), ("down_t", down_t)):
         if m is None:
             if name == "down_t":
                 raise ValueError("down_t is required")
             continue
-        _, N, j = check_weight(fmt, m[0], m[1], name)
+        _, N, j, rs, ss = check_weight(fmt, m[0], m[1], name)
         if N != F or j != D:
             raise ValueError(f"{name} must be {F}x{D} like up, got {N}x{j}")
+        if N > 1 and (rs != a.rs or ss != a.ss):
+            raise ValueError(f"{name} rows must be strided like up's ({a.rs} data bytes, {a.ss} scales), "
+                             f"got {rs} and {ss}")
     check_array(x, "x", (np.dtype(np.float32),), 1)
     if x.shape[0] != D:
         raise ValueError(f"x must have shape ({D},) to match {F}x{D} FFN matrices, got {x.shape}")
@@ -135,6 +142,8 @@ def ffn_sparse(fmt, x, gate, up, down_t, idx, act, out=None, h_out=None, n_threa
     a.up_s = NULL if up[1] is None else <const uint16_t *>cnp.PyArray_DATA(up[1])
     a.down_s = NULL if down_t[1] is None else <const uint16_t *>cnp.PyArray_DATA(down_t[1])
     a.gate_s = NULL if gate is None or gate[1] is None else <const uint16_t *>cnp.PyArray_DATA(gate[1])
+    a.n = n
+    a.bundle = pp_ffn_bundle_start(&a) if F > 1 else NULL
     CH = max(MIN_CHUNK, (n + MAX_CHUNKS - 1) // MAX_CHUNKS)
     C = (n + CH - 1) // CH
     part = np.empty(C * D if C > 1 else 0, dtype=np.float32)   # [C, D] partial rows
@@ -143,3 +152,18 @@ def ffn_sparse(fmt, x, gate, up, down_t, idx, act, out=None, h_out=None, n_threa
     with nogil:
         _run(&a, n, CH, C, pp, op, <int>min(nt, C))
     return out
+
+
+def layout(fmt, gate, up, down_t):
+    """"bundled" if ffn_sparse sees these matrices as neuron bundles (each neuron's rows and scales in one
+    span, which it prefetches whole), else "separate". Same arguments as ffn_sparse."""
+    cdef pp_ffn_args a
+    cdef Py_ssize_t F
+    a.fmt, F, a.D, a.rs, a.ss = check_weight(fmt, up[0], up[1], "up")
+    a.up = <const char *>cnp.PyArray_DATA(up[0])
+    a.down = <const char *>cnp.PyArray_DATA(down_t[0])
+    a.gate = NULL if gate is None else <const char *>cnp.PyArray_DATA(gate[0])
+    a.up_s = NULL if up[1] is None else <const uint16_t *>cnp.PyArray_DATA(up[1])
+    a.down_s = NULL if down_t[1] is None else <const uint16_t *>cnp.PyArray_DATA(down_t[1])
+    a.gate_s = NULL if gate is None or gate[1] is None else <const uint16_t *>cnp.PyArray_DATA(gate[1])
+    return "bundled" if F > 1 and pp_ffn_bundle_start(&a) != NULL else "separate"

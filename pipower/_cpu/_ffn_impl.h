@@ -1,6 +1,9 @@
 /* Sparse FFN, one token: out[D] = sum over active neurons i of h_i * down_t[i],
  *   h_i = act(gate[i] . x) * (up[i] . x)      (gated, LLaMA/Qwen)   or   act(up[i] . x)   (plain MLP)
- * gate/up/down_t: [F, D] in one format (down stored transposed: neuron i's output row is contiguous).
+ * gate/up/down_t: [F, D] in one format (down stored transposed: neuron i's output row is contiguous),
+ * row-strided alike: row i of each starts i * rs bytes after its row 0, its scales i * ss halfs after.
+ * When one neuron's three rows and scales lie in one span of rs bytes (pipower/arena.py's FFN bundles),
+ * `bundle` points at neuron 0's span and the kernel prefetches whole spans (see pp_ffn_chunk).
  *
  * Work is cut into fixed chunks of neurons (chunk size a function of the number of active neurons only);
  * each chunk sums into its own partial row part[c][D], and the partials are added in chunk order. The
@@ -27,9 +30,11 @@ static inline float pp_act(int kind, float v) {
 
 typedef struct {
     int fmt, simd, act;
-    ptrdiff_t D;
-    const char *gate, *up, *down;           /* row bytes: pp_row_bytes(fmt, D); gate NULL = plain MLP */
+    ptrdiff_t D, n;                         /* n: neurons in the whole call (idx's length, or F) */
+    ptrdiff_t rs, ss;                       /* row strides: bytes (data), float16 elements (scales) */
+    const char *gate, *up, *down;           /* gate NULL = plain MLP */
     const uint16_t *gate_s, *up_s, *down_s; /* scales [F, D/32] or NULL (f32/f16) */
+    const char *bundle;                     /* neuron i's bytes lie in [bundle + i rs, + rs), or NULL */
     const int32_t *idx;                     /* [n] active neurons, or NULL: neuron j = j */
     const float *x;                         /* [D] */
     float *h_out;                           /* [n] or NULL */
@@ -46,24 +51,67 @@ typedef struct {
 static inline void pp_prefetch_row(const char *row, ptrdiff_t bytes) {
     for (ptrdiff_t o = 0; o < bytes; o += 64) PP_PREFETCH(row + o);
 }
+#if defined(__GNUC__) || defined(__clang__)
+#  define PP_PREFETCH_L2(p) __builtin_prefetch((p), 0, 1)
+#else
+#  define PP_PREFETCH_L2(p) ((void)(p))
+#endif
+static inline void pp_prefetch_span_l2(const char *span, ptrdiff_t bytes) {
+    for (ptrdiff_t o = 0; o < bytes; o += 64) PP_PREFETCH_L2(span + o);
+}
 
-/* Neurons ahead whose rows are prefetched while the current one is computed (-D to experiment). */
+/* Neurons ahead whose rows are prefetched while the current one is computed (-D to experiment).
+ * Separate rows: into L1, 2 ahead. Bundles: into L2 BUNDLE_FAR ahead and L1 BUNDLE_NEAR ahead, across
+ * chunk ends (a thread's chunks are consecutive). On this machine's hardware the two-level prefetch of
+ * contiguous spans took the 25% subset from ~0.48 to ~0.33 of the dense FFN; on separate rows it gave
+ * nothing (docs/PERF_NOTES.md section 6). */
 #ifndef PP_FFN_PREFETCH_AHEAD
 #define PP_FFN_PREFETCH_AHEAD 2
 #endif
+#ifndef PP_FFN_BUNDLE_NEAR
+#define PP_FFN_BUNDLE_NEAR 1
+#endif
+#ifndef PP_FFN_BUNDLE_FAR
+#define PP_FFN_BUNDLE_FAR 4
+#endif
+
+static inline ptrdiff_t pp_ffn_neuron(const pp_ffn_args *a, ptrdiff_t j) {
+    return a->idx ? (ptrdiff_t)a->idx[j] : j;
+}
+
+/* The start of neuron 0's span when each neuron's rows and scale rows all lie in one span of rs bytes
+ * (an FFN bundle: the kernel then prefetches whole spans), else NULL. Rows must be set (a->rs, ->ss). */
+static inline const char *pp_ffn_bundle_start(const pp_ffn_args *a) {
+    const ptrdiff_t rb = pp_row_bytes(a->fmt, a->D), sb = (a->D / PP_QB) * 2;
+    const char *part[6] = {a->gate, a->up, a->down, (const char *)a->gate_s, (const char *)a->up_s,
+                           (const char *)a->down_s};
+    const ptrdiff_t len[6] = {rb, rb, rb, sb, sb, sb};
+    const char *lo = NULL;
+    for (int k = 0; k < 6; k++)
+        if (part[k] && (!lo || part[k] < lo)) lo = part[k];
+    if (!lo || (a->up_s && a->ss * 2 != a->rs)) return NULL;   /* scale rows must advance with the span */
+    for (int k = 0; k < 6; k++)
+        if (part[k] && (part[k] + len[k] > lo + a->rs)) return NULL;
+    return lo;
+}
 
 /* Neurons j in [j0, j1) of the active list, summed into acc[D] (zeroed here). */
 static inline void pp_ffn_chunk(const pp_ffn_args *a, ptrdiff_t j0, ptrdiff_t j1, float *acc) {
-    const ptrdiff_t D = a->D, rb = pp_row_bytes(a->fmt, D), nsb = D / PP_QB;
+    const ptrdiff_t D = a->D, rb = a->rs, nsb = a->ss;
     const int q = a->up_s != NULL;
     memset(acc, 0, (size_t)D * sizeof(float));
     for (ptrdiff_t j = j0; j < j1; j++) {
-        const ptrdiff_t i = a->idx ? (ptrdiff_t)a->idx[j] : j;
-        if (a->idx && j + PP_FFN_PREFETCH_AHEAD < j1) {
-            const ptrdiff_t ip = (ptrdiff_t)a->idx[j + PP_FFN_PREFETCH_AHEAD];
-            if (a->gate) pp_prefetch_row(a->gate + ip * rb, rb);
-            pp_prefetch_row(a->up + ip * rb, rb);
-            pp_prefetch_row(a->down + ip * rb, rb);
+        const ptrdiff_t i = pp_ffn_neuron(a, j);
+        if (a->bundle) {   /* whole spans, dense or sparse: one contiguous stream per neuron */
+            if (j + PP_FFN_BUNDLE_FAR < a->n)
+                pp_prefetch_span_l2(a->bundle + pp_ffn_neuron(a, j + PP_FFN_BUNDLE_FAR) * rb, rb);
+            if (j + PP_FFN_BUNDLE_NEAR < a->n)
+                pp_prefetch_row(a->bundle + pp_ffn_neuron(a, j + PP_FFN_BUNDLE_NEAR) * rb, rb);
+        } else if (a->idx && j + PP_FFN_PREFETCH_AHEAD < j1) {
+            const ptrdiff_t ip = (ptrdiff_t)a->idx[j + PP_FFN_PREFETCH_AHEAD], len = pp_row_bytes(a->fmt, D);
+            if (a->gate) pp_prefetch_row(a->gate + ip * rb, len);
+            pp_prefetch_row(a->up + ip * rb, len);
+            pp_prefetch_row(a->down + ip * rb, len);
             if (q) {   /* the scale rows live in separate arrays: one more scattered line each */
                 if (a->gate) PP_PREFETCH(a->gate_s + ip * nsb);
                 PP_PREFETCH(a->up_s + ip * nsb);

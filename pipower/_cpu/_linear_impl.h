@@ -305,12 +305,16 @@ static inline void pp_axpy(int fmt, int simd, float h, const void *row, const ui
     }
 }
 
-/* y[n] = dot(W[n], x) for rows n in [n0, n1). data: W's bytes [N, row_bytes]; scales: [N, K/32] or NULL. */
-static inline void pp_gemv_rows(int fmt, int simd, const char *data, const uint16_t *scales,
-                                const float *x, float *y, ptrdiff_t K, ptrdiff_t n0, ptrdiff_t n1) {
-    const ptrdiff_t rb = pp_row_bytes(fmt, K), nsb = K / PP_QB;
+/* Matrices are row-strided: row n's bytes start at data + n * rs (rs >= pp_row_bytes; rs > row bytes when
+ * rows of several matrices are interleaved, see pipower/arena.py's FFN bundles) and its scales at
+ * scales + n * ss (ss in uint16 elements, >= K/32). A C-contiguous matrix has rs = row bytes, ss = K/32. */
+
+/* y[n] = dot(W[n], x) for rows n in [n0, n1). scales: NULL for f32/f16. */
+static inline void pp_gemv_rows(int fmt, int simd, const char *data, ptrdiff_t rs, const uint16_t *scales,
+                                ptrdiff_t ss, const float *x, float *y, ptrdiff_t K, ptrdiff_t n0,
+                                ptrdiff_t n1) {
     for (ptrdiff_t n = n0; n < n1; n++)
-        y[n] = pp_dot(fmt, simd, data + n * rb, scales ? scales + n * nsb : NULL, x, K);
+        y[n] = pp_dot(fmt, simd, data + n * rs, scales ? scales + n * ss : NULL, x, K);
 }
 
 /* out[K] = the float32 row exactly as quant.dequantize computes it (one rounding: (float)q * d). */
@@ -348,13 +352,13 @@ static inline void pp_dequant_row(int fmt, const void *row, const uint16_t *d, f
     }
 }
 
-/* out[r] = dequantized row idx[r] (or row r0 + r when idx is NULL), r in [r0, r1). out: [R, K]. */
-static inline void pp_dequant_rows(int fmt, const char *data, const uint16_t *scales, const int32_t *idx,
-                                   ptrdiff_t base, float *out, ptrdiff_t K, ptrdiff_t r0, ptrdiff_t r1) {
-    const ptrdiff_t rb = pp_row_bytes(fmt, K), nsb = K / PP_QB;
+/* out[r] = dequantized row idx[r] (or row base + r when idx is NULL), r in [r0, r1). out: [R, K]. */
+static inline void pp_dequant_rows(int fmt, const char *data, ptrdiff_t rs, const uint16_t *scales,
+                                   ptrdiff_t ss, const int32_t *idx, ptrdiff_t base, float *out, ptrdiff_t K,
+                                   ptrdiff_t r0, ptrdiff_t r1) {
     for (ptrdiff_t r = r0; r < r1; r++) {
         const ptrdiff_t n = idx ? (ptrdiff_t)idx[r] : base + r;
-        pp_dequant_row(fmt, data + n * rb, scales ? scales + n * nsb : NULL, out + r * K, K);
+        pp_dequant_row(fmt, data + n * rs, scales ? scales + n * ss : NULL, out + r * K, K);
     }
 }
 

@@ -67,6 +67,14 @@ def ffn(x: np.ndarray, gate, up, down_t, act: str, n_threads: int = 1,
     return _ffn_prefill(x, fu, (gd, gs), (ud, us), (dd, ds), act, idx, n_threads, mask)
 
 
+def ffn_layout(gate, up, down_t) -> str:
+    """"bundled" if the fused FFN kernel reads these matrices as neuron bundles (pipower.arena), else
+    "separate"."""
+    fu, ud, us = _parts(up)
+    fd, dd, ds = _parts(down_t)
+    return _ffn.layout(fu, None if gate is None else _parts(gate)[1:], (ud, us), (dd, ds))
+
+
 def _ffn_prefill(x, fmt, gate, up, down, act, idx, n_threads, mask=None):
     # Tiles of R neurons: dequantize their gate/up/down rows, h = act(x G^T) * (x U^T)  [T, R],
     # out += h @ Dn. Each weight row is dequantized once; BLAS does the flops.

@@ -32,14 +32,14 @@ class CythonOps(NumpyOps):
         super().__init__(n_threads)
 
     def prepare(self, transformer) -> None:
-        """Pack every layer's FFN matrices into one huge-page arena (pipower.arena: fewer TLB misses on
-        the sparse FFN's scattered rows). Layer by layer, so the originals are freed as the arena fills."""
-        from ..arena import Arena
-        names = ("gate", "up", "down_t")
-        arena = Arena.for_weights(getattr(layer, n) for layer in transformer.layers for n in names)
-        for layer in transformer.layers:
-            for n in names:
-                setattr(layer, n, arena.copy_weight(getattr(layer, n)))
+        """Lay every layer's FFN out as neuron bundles in one huge-page arena (pipower.arena: a sparse
+        FFN reads one contiguous, prefetched span per active neuron, on huge pages). Layer by layer, so
+        the originals are freed as the arena fills."""
+        from ..arena import Arena, ffn_nbytes
+        layers = transformer.layers
+        arena = Arena(sum(ffn_nbytes(layer.gate, layer.up, layer.down_t) for layer in layers))
+        for layer in layers:
+            layer.gate, layer.up, layer.down_t = arena.bundle_ffn(layer.gate, layer.up, layer.down_t)
 
     def predict_active(self, fc1, fc2, b2: np.ndarray, x: np.ndarray, tau: float) -> np.ndarray:
         """One token's predictor decision in one call (normalise, fc1, ReLU, fc2 + b2, >= tau) -> sorted
@@ -92,6 +92,7 @@ class CythonOps(NumpyOps):
 
     # -- compact-weight projections and the (sparse) FFN: pipower._cpu.linear_ops ---------------------
     native_formats = FORMATS
+    ffn_layout = "bundled"
 
     def linear(self, x: np.ndarray, weight, bias: np.ndarray | None = None) -> np.ndarray:
         """x: [T, K], weight: [N, K] (float32 array or QMatrix), bias: [N] -> [T, N]."""

@@ -23,12 +23,27 @@ def take_rows(w, rows: np.ndarray):
     return np.ascontiguousarray(w[rows])
 
 
-def split_matrix(w, split: FFNSplit, device) -> SplitMatrix | None:
+def split_matrix(w, split: FFNSplit, device, cold=None) -> SplitMatrix | None:
+    """w's hot rows placed on the device, its cold rows kept on the host (`cold`: already laid out,
+    e.g. bundled by the host's arena; default: a contiguous copy)."""
     if w is None:
         return None
     hot = device.place(take_rows(w, split.hot)) if split.hot.size else None
-    cold = take_rows(w, split.cold) if split.cold.size else None
+    if cold is None and split.cold.size:
+        cold = take_rows(w, split.cold)
     return SplitMatrix(hot, cold, split, tuple(w.shape))
+
+
+def _cold_arena(transformer, plan: ExecutionPlan, host):
+    """A huge-page arena for every split layer's cold FFN rows when the host lays FFNs out as neuron
+    bundles (CythonOps): the CPU half of the split FFN then gets the bundled kernel path too."""
+    if getattr(host, "ffn_layout", "separate") != "bundled":
+        return None
+    from ..arena import Arena, ffn_nbytes
+    need = sum(ffn_nbytes(layer.gate, layer.up, layer.down_t,
+                          FFNSplit.from_hot(plan.hot[i], layer.down_t.shape[0]).cold.size)
+               for i, (layer, home) in enumerate(zip(transformer.layers, plan.layer_home)) if home == "split")
+    return Arena(need) if need else None
 
 
 def make_hybrid(transformer, plan: ExecutionPlan, device, host=None):
@@ -43,6 +58,7 @@ def make_hybrid(transformer, plan: ExecutionPlan, device, host=None):
         raise ValueError(f"plan has {len(plan.layer_home)} layers, model {len(transformer.layers)}")
     host = host or transformer.ops
     place = device.place
+    cold_arena = _cold_arena(transformer, plan, host)
     for i, (layer, home) in enumerate(zip(transformer.layers, plan.layer_home)):
         if home == "host":
             continue
@@ -57,8 +73,11 @@ def make_hybrid(transformer, plan: ExecutionPlan, device, host=None):
                     setattr(layer, name, place(w))
         else:
             split = FFNSplit.from_hot(plan.hot[i], layer.down_t.shape[0])
-            for name in _FFN:
-                setattr(layer, name, split_matrix(getattr(layer, name), split, device))
+            mats = [getattr(layer, name) for name in _FFN]
+            colds = (cold_arena.bundle_ffn(*mats, rows=split.cold) if cold_arena is not None and split.cold.size
+                     else (None,) * len(mats))
+            for name, w, cold in zip(_FFN, mats, colds):
+                setattr(layer, name, split_matrix(w, split, device, cold))
     if plan.output_home == "device":
         transformer.final_norm = place(transformer.final_norm)
         transformer.lm_head = place(transformer.lm_head)     # its own copy even when tied to embeddings
