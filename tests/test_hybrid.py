@@ -391,3 +391,26 @@ def test_cupy_ops_on_other_graph_features(emulated_cupy, variant):
     t = make_hybrid(transformer("q8", cfg=cfg), split_plan(random_hot(3, 160, 0.4)), emulated_cupy())
     got, got_tokens = run(t, IDS)
     assert np.abs(got - dense).max() <= 1e-4 * np.abs(dense).max() and got_tokens == tokens
+
+
+def test_split_on_the_cython_host_bundles_the_cold_rows():
+    """A CythonOps host lays the cold rows of split layers out as neuron bundles (its fast sparse-FFN
+    path); the split model still equals the dense one, and the layers left whole stay bundled."""
+    from pipower import _cpu
+    if not _cpu.AVAILABLE:
+        pytest.skip("compiled kernels not built")
+    from pipower._cpu import linear_ops
+    from pipower.backend import make_ops
+
+    def cython_model():
+        return Transformer(ModelConfig.from_dict(CFG), random_tensors(CFG), make_ops("cython", 2), weights="q8")
+    dense, _ = run(cython_model(), IDS)
+    hot = random_hot(3, 160, 0.3)
+    plan = ExecutionPlan("hybrid", ["split", "split", "host"], "device", hot[:2] + [None])
+    t = make_hybrid(cython_model(), plan, StandInDeviceOps())
+    for layer in t.layers[:2]:
+        assert linear_ops.ffn_layout(layer.gate.cold, layer.up.cold, layer.down_t.cold) == "bundled"
+        assert layer.up.cold.shape == (160 - len(hot[0]), CFG["hidden_size"])
+    assert linear_ops.ffn_layout(t.layers[2].gate, t.layers[2].up, t.layers[2].down_t) == "bundled"
+    got, _ = run(t, IDS)
+    assert np.abs(got - dense).max() <= 1e-5 * np.abs(dense).max()
