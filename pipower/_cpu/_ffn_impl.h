@@ -61,18 +61,18 @@ static inline void pp_prefetch_span_l2(const char *span, ptrdiff_t bytes) {
 }
 
 /* Neurons ahead whose rows are prefetched while the current one is computed (-D to experiment).
- * Separate rows: into L1, 2 ahead. Bundles: into L2 BUNDLE_FAR ahead and L1 BUNDLE_NEAR ahead, across
- * chunk ends (a thread's chunks are consecutive). On this machine's hardware the two-level prefetch of
- * contiguous spans took the 25% subset from ~0.48 to ~0.33 of the dense FFN; on separate rows it gave
- * nothing (docs/PERF_NOTES.md section 6). */
+ * Separate rows: into L1, 2 ahead. Bundles: into L2 ~12 KiB ahead (at least 2 spans) and into L1
+ * BUNDLE_NEAR spans ahead, across chunk ends (a thread's chunks are consecutive). On this machine the
+ * two-level prefetch of contiguous spans took the 25% subset from ~0.48 to ~0.33 of the dense FFN; on
+ * separate rows it gave nothing (docs/PERF_NOTES.md section 6). */
 #ifndef PP_FFN_PREFETCH_AHEAD
 #define PP_FFN_PREFETCH_AHEAD 2
 #endif
 #ifndef PP_FFN_BUNDLE_NEAR
 #define PP_FFN_BUNDLE_NEAR 1
 #endif
-#ifndef PP_FFN_BUNDLE_FAR
-#define PP_FFN_BUNDLE_FAR 4
+#ifndef PP_FFN_BUNDLE_FAR_BYTES   /* L2 distance in bytes: 4 spans of Qwen2.5-0.5B (2880 B), 6 of SmolLM2 */
+#define PP_FFN_BUNDLE_FAR_BYTES 12288
 #endif
 
 static inline ptrdiff_t pp_ffn_neuron(const pp_ffn_args *a, ptrdiff_t j) {
@@ -99,12 +99,13 @@ static inline const char *pp_ffn_bundle_start(const pp_ffn_args *a) {
 static inline void pp_ffn_chunk(const pp_ffn_args *a, ptrdiff_t j0, ptrdiff_t j1, float *acc) {
     const ptrdiff_t D = a->D, rb = a->rs, nsb = a->ss;
     const int q = a->up_s != NULL;
+    const ptrdiff_t far = rb > PP_FFN_BUNDLE_FAR_BYTES / 2 ? 2 : PP_FFN_BUNDLE_FAR_BYTES / rb;
     memset(acc, 0, (size_t)D * sizeof(float));
     for (ptrdiff_t j = j0; j < j1; j++) {
         const ptrdiff_t i = pp_ffn_neuron(a, j);
         if (a->bundle) {   /* whole spans, dense or sparse: one contiguous stream per neuron */
-            if (j + PP_FFN_BUNDLE_FAR < a->n)
-                pp_prefetch_span_l2(a->bundle + pp_ffn_neuron(a, j + PP_FFN_BUNDLE_FAR) * rb, rb);
+            if (j + far < a->n)
+                pp_prefetch_span_l2(a->bundle + pp_ffn_neuron(a, j + far) * rb, rb);
             if (j + PP_FFN_BUNDLE_NEAR < a->n)
                 pp_prefetch_row(a->bundle + pp_ffn_neuron(a, j + PP_FFN_BUNDLE_NEAR) * rb, rb);
         } else if (a->idx && j + PP_FFN_PREFETCH_AHEAD < j1) {
