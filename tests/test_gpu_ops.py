@@ -360,6 +360,60 @@ def test_contract_transfers_and_ownership(ops):
     ops.synchronize()
 
 
+def test_add_from_host_through_pinned_staging(ops):
+    """dst += host array (the hybrid FFN's cold partial): right sums, the pinned staging buffer reused
+    and grown as needed, the host array untouched, bad arguments refused."""
+    r = rng(7)
+    dst_host = randn(r, 2, 96)
+    dst = ops.to_device(dst_host)
+    total = dst_host.copy()
+    for shape in ((2, 96), (2, 96), (2, 96)):
+        a = randn(r, *shape)
+        keep = a.copy()
+        out = ops.add_from_host(dst, a)
+        total += a
+        assert out is dst
+        np.testing.assert_array_equal(a, keep)
+    np.testing.assert_allclose(ops.to_host(dst), total, rtol=1e-6)
+    staging = ops._staging
+    small = ops.to_device(np.zeros((1, 96), np.float32))
+    ops.add_from_host(small, np.ones((1, 96), np.float32))
+    assert ops._staging is staging                                  # reused for a smaller copy
+    big = ops.to_device(np.zeros((4, 96), np.float32))
+    ops.add_from_host(big, np.full((4, 96), 2.0, np.float32))
+    assert ops._staging.size >= 4 * 96
+    np.testing.assert_array_equal(ops.to_host(big), np.full((4, 96), 2.0, np.float32))
+    np.testing.assert_array_equal(ops.to_host(small), np.ones((1, 96), np.float32))
+    with pytest.raises(InvalidArgumentError, match="shaped like"):
+        ops.add_from_host(dst, np.ones((3, 96), np.float32))
+    with pytest.raises(InvalidArgumentError, match="device array"):
+        ops.add_from_host(np.zeros((2, 96), np.float32), np.ones((2, 96), np.float32))
+
+
+def test_emulator_catches_reuse_of_pinned_memory_in_flight(monkeypatch):
+    """The emulated asynchronous copy: refilling its pinned source before synchronising an event recorded
+    after it is reported (on a GPU the copy could read the new bytes); after the sync it is fine."""
+    cp = emulator.FakeCupy()
+    stage = np.frombuffer(cp.cuda.alloc_pinned_memory(64), np.float32)
+    dst = cp.empty((16,), np.float32)
+    stage[:] = 1
+    dst.set(stage, stream=cp.cuda.get_current_stream())
+    done = cp.cuda.Event()
+    done.record()
+    stage[:] = 2                                               # too early: the copy may not have run
+    with pytest.raises(emulator.EmulationError, match="asynchronous copy"):
+        dst.set(stage, stream=cp.cuda.get_current_stream())
+    stage[:] = 1                                               # (restore, then do it right)
+    done.synchronize()
+    stage[:] = 3
+    dst.set(stage, stream=cp.cuda.get_current_stream())
+    np.testing.assert_array_equal(np.asarray(dst), np.full(16, 3, np.float32))
+    unpinned = np.zeros(16, np.float32)                        # pageable source: a synchronous copy
+    dst.set(unpinned, stream=cp.cuda.get_current_stream())
+    unpinned[:] = 5
+    cp.cuda.Device().synchronize()
+
+
 def test_place_refuses_q4(ops):
     with pytest.raises(UnsupportedModelError, match="q8"):
         ops.place(quantize(randn(rng(), 4, 64), "q4"))

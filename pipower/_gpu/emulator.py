@@ -13,6 +13,9 @@ Two pieces, so tests can run CupyOps end to end on the CPU:
 * `FakeCupy`: a NumPy-backed stand-in for the part of CuPy that pipower._gpu.ops uses. Allocations go
   through the active allocator (`cuda.using_allocator`) into a pool with CuPy's 512-byte rounding and
   `set_limit`, are 256-byte aligned like CuPy's, and start as 0xFF bytes (NaN) so unwritten output shows.
+  Asynchronous copies from pinned host memory (`ndarray.set(pinned, stream=...)`) are checked for the
+  host-side hazard: the source must not change until an event recorded after the copy (or the device)
+  has been synchronised; a later copy that finds it changed raises EmulationError.
 
 What it cannot show: speed, memory-model races beyond barriers, the device's exact math library (erff,
 expf, tanhf differ from the host's in the last ulp) and anything about the real NVRTC / driver.
@@ -316,6 +319,18 @@ def _check_guards(a: np.ndarray, who: str) -> None:
 class FakeArray(np.ndarray):
     """A NumPy array standing for CuPy device memory (`.data.ptr`, `.device.id` as CuPy's)."""
 
+    def set(self, arr, stream=None):
+        """Host -> device copy. With a stream and a pinned source it is asynchronous on a device: the
+        copy is done here at once, but the source stays registered as in flight until synchronised."""
+        arr = np.asarray(arr)
+        if arr.shape != self.shape or arr.dtype != self.dtype:
+            raise ValueError(f"set: shape/dtype mismatch {arr.shape} {arr.dtype} -> {self.shape} {self.dtype}")
+        _check_in_flight(arr, "set")
+        self.view(np.ndarray)[...] = arr
+        if stream is not None and _is_pinned(arr):
+            _STATE.copies += 1
+            _STATE.in_flight.append((_STATE.copies, arr.ctypes.data, arr.nbytes, arr.tobytes()))
+
     @property
     def data(self):
         return types.SimpleNamespace(ptr=self.__array_interface__["data"][0] if self.size else 0)
@@ -366,6 +381,47 @@ class _Pool:
         return _Block(self, size)
 
 
+def _is_pinned(a: np.ndarray) -> bool:
+    p = a.ctypes.data
+    return any(lo <= p and p + a.nbytes <= hi for lo, hi in _STATE.pinned)
+
+
+def _check_in_flight(a: np.ndarray, who: str) -> None:
+    """Raise if `a` overlaps the source of an unsynchronised async copy whose bytes have changed since."""
+    p, n = a.ctypes.data, a.nbytes
+    for _, ptr, nbytes, snapshot in _STATE.in_flight:
+        if ptr < p + n and p < ptr + nbytes:
+            now = (ctypes.c_char * nbytes).from_address(ptr).raw
+            if now != snapshot:
+                raise EmulationError(f"{who}: host memory of an asynchronous copy changed before the copy was "
+                                     f"known to be finished (synchronise an event recorded after it first)")
+
+
+class _Event:
+    def __init__(self, block=False, disable_timing=False, interprocess=False):
+        self._upto = 0
+
+    def record(self, stream=None):
+        self._upto = _STATE.copies                    # the copies queued before this point
+
+    def synchronize(self):
+        done = [c for c in _STATE.in_flight if c[0] <= self._upto]
+        for _, ptr, nbytes, snapshot in done:
+            if (ctypes.c_char * nbytes).from_address(ptr).raw != snapshot:
+                raise EmulationError("event.synchronize: the source of an async copy changed before the "
+                                     "copy finished")
+        _STATE.in_flight[:] = [c for c in _STATE.in_flight if c[0] > self._upto]
+
+
+def _alloc_pinned(nbytes: int):
+    buf = np.empty(max(int(nbytes), 1), np.uint8)
+    span = (buf.ctypes.data, buf.ctypes.data + buf.nbytes)
+    pinned = _STATE.pinned
+    pinned.append(span)
+    weakref.finalize(buf, pinned.remove, span)
+    return buf
+
+
 class _Device:
     def __init__(self, device_id=0):
         self.id = int(device_id)
@@ -378,12 +434,17 @@ class _Device:
         return False
 
     def synchronize(self):
-        pass
+        _STATE.in_flight.clear()
 
 
 class _State(threading.local):
     allocator = None
     module = None
+
+    def __init__(self):
+        self.pinned = []          # (start, end) addresses of live pinned host buffers
+        self.in_flight = []       # (seq, source address, bytes, snapshot) of unsynchronised async copies
+        self.copies = 0           # async copies queued so far (seq numbers)
 
 
 _STATE = _State()
@@ -421,6 +482,7 @@ def FakeCupy() -> types.ModuleType:
 
     m.cuda = types.SimpleNamespace(
         Device=_Device, MemoryPool=_Pool, using_allocator=using_allocator,
+        Event=_Event, alloc_pinned_memory=_alloc_pinned, get_current_stream=lambda: "default-stream",
         memory=types.SimpleNamespace(OutOfMemoryError=_OutOfMemoryError),
         runtime=types.SimpleNamespace(getDeviceCount=lambda: 1))
 
@@ -454,7 +516,10 @@ def FakeCupy() -> types.ModuleType:
 
     m.empty, m.zeros, m.asarray, m.ascontiguousarray = empty, zeros, asarray, ascontiguousarray
     m.empty_like = lambda a, dtype=None: _alloc(a.shape, dtype or a.dtype)
-    m.asnumpy = lambda a: np.array(a, copy=True).view(np.ndarray)
+    def asnumpy(a):
+        _STATE.in_flight.clear()                      # a device -> host copy synchronises the stream
+        return np.array(a, copy=True).view(np.ndarray)
+    m.asnumpy = asnumpy
     for fname in ("matmul", "tile", "arange", "where", "exp", "any"):
         setattr(m, fname, wrap(getattr(np, fname)))
     _STATE.module = m

@@ -1,7 +1,8 @@
 """CupyOps: the GPU device backend, NumpyOps semantics on CuPy arrays with the kernels of pipower/_gpu/*.cu.
 
-It meets the device contract of pipower.hybrid.device (owns / place / to_device / to_host / zeros /
-synchronize / allocated_bytes / peak_bytes / limit_bytes, plus the ops), the same as StandInDeviceOps.
+It meets the device contract of pipower.hybrid.device (owns / place / to_device / to_host / add_from_host /
+zeros / synchronize / allocated_bytes / peak_bytes / limit_bytes, plus the ops), the same as
+StandInDeviceOps.
 CuPy is imported when a CupyOps is built, never when this module is imported; kernels compile on first use.
 
 Weights: `place` turns a float32 array [N] into a CuPy float32 array and a matrix [N, K] (array or QMatrix)
@@ -107,6 +108,8 @@ class CupyOps:
             self._pool.set_limit(size=self.limit_bytes)
         self._peak = 0
         self.transfers = {"to_device": 0, "to_host": 0, "bytes_to_device": 0, "bytes_to_host": 0}
+        self._staging: np.ndarray | None = None    # pinned host float32 buffer for add_from_host
+        self._staging_copied = None                # CUDA event: the last copy out of it finished
         self._n_sm = int(cupy.cuda.Device(self.device).attributes["MultiProcessorCount"])
 
     def forward_scope(self, n_tokens: int):
@@ -203,6 +206,37 @@ class CupyOps:
         self.transfers["bytes_to_device"] += a.nbytes
         with self._on_device():
             return self._cp.asarray(a)
+
+    def add_from_host(self, dst, a):
+        """dst += a: dst a float32 device array, a a host float32 array of the same shape (the hybrid
+        FFN's cold partial sum). a is copied into pinned host memory and sent with an asynchronous copy
+        on the current stream, followed there by the add: the host does not wait for the device's queued
+        work (a plain upload from pageable memory would). Returns dst.
+
+        The staging buffer is reused call after call; before refilling it the host waits for the event
+        recorded after the previous copy, which has long finished by then (a layer's work lies between)."""
+        cp = self._cp
+        a = np.ascontiguousarray(a, dtype=F32)
+        if not self.owns(dst) or dst.dtype != F32 or tuple(dst.shape) != a.shape:
+            raise InvalidArgumentError(f"add_from_host needs a float32 device array shaped like the host "
+                                       f"array {a.shape}, got {type(dst).__name__} {getattr(dst, 'shape', '')}")
+        self.transfers["to_device"] += 1
+        self.transfers["bytes_to_device"] += a.nbytes
+        with self._on_device():
+            if self._staging_copied is not None:
+                self._staging_copied.synchronize()
+            if self._staging is None or self._staging.size < a.size:
+                mem = cp.cuda.alloc_pinned_memory(a.nbytes)          # page-locked host memory
+                self._staging = np.frombuffer(mem, F32, a.size)     # keeps `mem` alive
+            staged = self._staging[:a.size].reshape(a.shape)
+            np.copyto(staged, a)
+            stream = cp.cuda.get_current_stream()
+            part = cp.empty(a.shape, F32)                           # budgeted pool, freed after the add
+            part.set(staged, stream=stream)                         # async: the source is pinned
+            self._staging_copied = cp.cuda.Event(disable_timing=True)
+            self._staging_copied.record(stream)
+            dst += part
+        return dst
 
     def to_host(self, a) -> np.ndarray:
         if isinstance(a, DeviceMatrix):

@@ -7,6 +7,9 @@ A device ops object is a NumpyOps-compatible backend whose arrays live in device
                             against the memory limit; raises DeviceMemoryError past it
   to_device(a) -> array     host ndarray -> device array (float32/int32/bool kept)
   to_host(a) -> ndarray     device array -> host ndarray (synchronises)
+  add_from_host(dst, a)     dst += a for a host float32 array shaped like the device array dst, without
+                            the host waiting for queued device work (CupyOps: pinned staging memory and
+                            an asynchronous copy on the stream); returns dst
   zeros(shape) -> array     float32 device zeros (KV cache storage), counted against the limit
   synchronize()             wait for queued device work (timing)
   scope()                   context: every device allocation inside it goes through the budgeted pool
@@ -123,6 +126,16 @@ class StandInDeviceOps:
         self.transfers["to_device"] += 1
         self.transfers["bytes_to_device"] += a.nbytes
         return _dev(a.copy())
+
+    def add_from_host(self, dst, a):
+        a = np.ascontiguousarray(a, dtype=np.float32)
+        if not isinstance(dst, StandInArray) or dst.dtype != np.float32 or dst.shape != a.shape:
+            raise TypeError(f"add_from_host needs a float32 device array shaped like the host array "
+                            f"{a.shape}, got {type(dst).__name__} {getattr(dst, 'shape', '')}")
+        self.transfers["to_device"] += 1
+        self.transfers["bytes_to_device"] += a.nbytes
+        dst += _dev(a)
+        return dst
 
     def to_host(self, a) -> np.ndarray:
         if not self.owns(a):

@@ -13,7 +13,8 @@ Split FFN (PowerInfer, per layer and forward call), with h [T, D] the normed FFN
      as does h: the only two device -> host copies of the layer;
   2. the hot part is launched on the device (asynchronous on a real GPU: the call returns at once);
   3. meanwhile the host computes the cold part with the Cython kernel (GIL released);
-  4. the cold partial [T, D] is copied up and added to the hot partial.
+  4. the cold partial [T, D] is copied up (pinned staging memory, asynchronous on the device's stream) and
+     added in place to the hot partial; the host only waits when it needs a result (to_host).
 """
 from __future__ import annotations
 
@@ -234,11 +235,8 @@ class HybridOps:
             t0 = time.perf_counter()
             cold = self.host.ffn(x_host, _part(gate, "cold"), up.cold, down_t.cold, act, cold_sel)
             self.stats.host_ffn_seconds += time.perf_counter() - t0
-            cold = dev.to_device(cold)
-            if out is None:
-                out = cold
-            else:
-                out += cold                                  # in place: no extra device allocation
+            # 4. the cold partial goes up (pinned, async) and is added in place on the device's stream
+            out = dev.to_device(cold) if out is None else dev.add_from_host(out, cold)
         if out is None:                                      # nothing active: the FFN adds zero
             out = dev.to_device(np.zeros((T, down_t.shape[1]), np.float32))
         self.stats.hot_neurons += n_hot
