@@ -124,6 +124,8 @@ def ffn_sparse(fmt, x, gate, up, down_t, idx, act, out=None, h_out=None, n_threa
         if j:
             raise ValueError(f"idx must be sorted, unique and within [0, {F}); idx[{j - 1}] = "
                              f"{idx[j - 1]}" + (f" after {idx[j - 2]}" if j > 1 else ""))
+        if n == F:          # sorted, unique, in range and F of them: every neuron, i.e. the dense pass
+            a.idx = NULL    # (same neurons in the same order; only the prefetch policy differs)
     out = check_out(out, "out", (D,))
     a.h_out = NULL
     if h_out is not None:
