@@ -162,6 +162,25 @@ def test_resume_after_kill_and_partial_line(tmp_path):
     assert model.calls == [] and s["n_problems"] == 2
 
 
+def test_rerun_of_a_finished_run_keeps_its_summary(tmp_path, monkeypatch):
+    """A sweep re-visits finished points: nothing is generated, and the summary keeps the timestamps of
+    the run that made the samples (a later clock must not rewrite it); a new selection is re-stamped."""
+    import pipower.eval.run as run_mod
+    first = evaluate(FakeModel(RIGHT), TOY, tmp_path, max_tokens=16)
+    text = (tmp_path / "summary.json").read_text()
+
+    class Later(run_mod.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return run_mod.datetime(2099, 1, 1, tzinfo=tz)
+    monkeypatch.setattr(run_mod, "datetime", Later)
+    again = evaluate(FakeModel(RIGHT), TOY, tmp_path, max_tokens=16)
+    assert again["started_at"] == first["started_at"] and again["finished_at"] == first["finished_at"]
+    assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(text)
+    subset = evaluate(FakeModel(RIGHT), TOY[:2], tmp_path, max_tokens=16)
+    assert subset["started_at"].startswith("2099")
+
+
 def test_changed_settings_are_refused(tmp_path):
     evaluate(FakeModel(RIGHT), TOY[:1], tmp_path, max_tokens=16)
     for kwargs, model in [(dict(max_tokens=17), FakeModel(RIGHT)), (dict(max_tokens=16), FakeModel(RIGHT, "other")),

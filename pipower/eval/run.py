@@ -275,8 +275,20 @@ def evaluate(model, problems: list[dict], out_dir, *, mode: str = "completion", 
         chosen = [records[(p["task_id"], s)] for p in problems for s in range(samples)]
         summary = summarize_run(chosen, samples, full, model=model, started=started,
                                 resumed=total - len(todo))
+        if not todo:   # nothing generated: keep the timestamps of the run that made these samples
+            prev = _previous_summary(out)
+            if prev.get("settings") == summary["settings"] and prev.get("task_ids") == summary["task_ids"]:
+                for key in ("started_at", "finished_at", "resumed_samples"):
+                    summary[key] = prev.get(key, summary[key])
         write_summary(out, summary)
     return summary
+
+
+def _previous_summary(out: Path) -> dict:
+    try:
+        return json.loads((out / SUMMARY).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def write_summary(out_dir, summary: dict) -> None:
