@@ -57,4 +57,22 @@ def model_info(model) -> dict:
         "vocab": c.vocab_size, "backend": model.backend, "weights": model.weights,
         "weight_MiB_per_token": round(t.nbytes_per_token / 2**20, 1), "fingerprint": model.fingerprint[:16],
         "placement": model.plan.summary() if getattr(model, "plan", None) is not None else {"kind": "cpu"},
+        "ffn_layout": ffn_layout(t),
     }
+
+
+def ffn_layout(transformer) -> str:
+    """How the host FFN matrices sit in memory: "bundled" (neuron bundles, pipower.arena: what the CPU
+    engine lays out at load), "separate" (three matrices) or "device" (no host FFN, e.g. all on a GPU)."""
+    import numpy as np
+
+    from .quant import QMatrix
+    layers = [lw for lw in transformer.layers if isinstance(lw.up, (QMatrix, np.ndarray))]
+    if not layers:
+        return "device"
+    try:
+        from ._cpu import linear_ops
+    except ImportError:
+        return "separate"
+    kinds = {linear_ops.ffn_layout(lw.gate, lw.up, lw.down_t) for lw in layers}
+    return kinds.pop() if len(kinds) == 1 else "mixed"

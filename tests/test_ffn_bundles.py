@@ -140,3 +140,19 @@ def test_cython_model_runs_on_bundles_and_matches_numpy():
     b = tn.forward(ids, tn.new_cache(16))
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
     assert isinstance(tc.layers[0].up, QMatrix)
+
+
+def test_info_reports_the_ffn_layout():
+    from test_hybrid import CFG, ExecutionPlan, StandInDeviceOps, make_hybrid, random_tensors
+
+    from pipower.backend import make_ops
+    from pipower.config import ModelConfig
+    from pipower.info import ffn_layout
+    from pipower.model import Transformer
+    from pipower.ops import NumpyOps
+    cfg = ModelConfig.from_dict(CFG)
+    assert ffn_layout(Transformer(cfg, random_tensors(CFG), make_ops("cython", 1), weights="q8")) == "bundled"
+    assert ffn_layout(Transformer(cfg, random_tensors(CFG), NumpyOps(), weights="q8")) == "separate"
+    t = Transformer(cfg, random_tensors(CFG), NumpyOps(), weights="q8")
+    t = make_hybrid(t, ExecutionPlan("gpu", ["device"] * cfg.num_hidden_layers, "device"), StandInDeviceOps())
+    assert ffn_layout(t) == "device"
