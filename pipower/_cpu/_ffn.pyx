@@ -64,6 +64,16 @@ cdef int _check_idx(const int32_t *idx, Py_ssize_t n, Py_ssize_t F) noexcept nog
     return 0
 
 
+cdef void _set_matrices(pp_ffn_args *a, gate, up, down_t):
+    """Row and scale pointers of (data, scales) pairs already checked by check_weight."""
+    a.up = <const char *>cnp.PyArray_DATA(up[0])
+    a.down = <const char *>cnp.PyArray_DATA(down_t[0])
+    a.gate = NULL if gate is None else <const char *>cnp.PyArray_DATA(gate[0])
+    a.up_s = NULL if up[1] is None else <const uint16_t *>cnp.PyArray_DATA(up[1])
+    a.down_s = NULL if down_t[1] is None else <const uint16_t *>cnp.PyArray_DATA(down_t[1])
+    a.gate_s = NULL if gate is None or gate[1] is None else <const uint16_t *>cnp.PyArray_DATA(gate[1])
+
+
 cdef void _run(pp_ffn_args *a, Py_ssize_t n, Py_ssize_t CH, Py_ssize_t C, float *part, float *out,
                int nt) noexcept nogil:
     # Phase 1: chunk c = neurons [c*CH, min(n, (c+1)*CH)) -> part[c]. Phase 2 (after an explicit
@@ -138,12 +148,7 @@ def ffn_sparse(fmt, x, gate, up, down_t, idx, act, out=None, h_out=None, n_threa
     a.act = ACTS[act]
     a.D = D
     a.x = <const float *>cnp.PyArray_DATA(x)
-    a.up = <const char *>cnp.PyArray_DATA(up[0])
-    a.down = <const char *>cnp.PyArray_DATA(down_t[0])
-    a.gate = NULL if gate is None else <const char *>cnp.PyArray_DATA(gate[0])
-    a.up_s = NULL if up[1] is None else <const uint16_t *>cnp.PyArray_DATA(up[1])
-    a.down_s = NULL if down_t[1] is None else <const uint16_t *>cnp.PyArray_DATA(down_t[1])
-    a.gate_s = NULL if gate is None or gate[1] is None else <const uint16_t *>cnp.PyArray_DATA(gate[1])
+    _set_matrices(&a, gate, up, down_t)
     a.n = n
     a.bundle = pp_ffn_bundle_start(&a) if F > 1 else NULL
     CH = max(MIN_CHUNK, (n + MAX_CHUNKS - 1) // MAX_CHUNKS)
@@ -162,10 +167,5 @@ def layout(fmt, gate, up, down_t):
     cdef pp_ffn_args a
     cdef Py_ssize_t F
     a.fmt, F, a.D, a.rs, a.ss = check_weight(fmt, up[0], up[1], "up")
-    a.up = <const char *>cnp.PyArray_DATA(up[0])
-    a.down = <const char *>cnp.PyArray_DATA(down_t[0])
-    a.gate = NULL if gate is None else <const char *>cnp.PyArray_DATA(gate[0])
-    a.up_s = NULL if up[1] is None else <const uint16_t *>cnp.PyArray_DATA(up[1])
-    a.down_s = NULL if down_t[1] is None else <const uint16_t *>cnp.PyArray_DATA(down_t[1])
-    a.gate_s = NULL if gate is None or gate[1] is None else <const uint16_t *>cnp.PyArray_DATA(gate[1])
+    _set_matrices(&a, gate, up, down_t)
     return "bundled" if F > 1 and pp_ffn_bundle_start(&a) != NULL else "separate"
