@@ -156,3 +156,15 @@ def test_info_reports_the_ffn_layout():
     t = Transformer(cfg, random_tensors(CFG), NumpyOps(), weights="q8")
     t = make_hybrid(t, ExecutionPlan("gpu", ["device"] * cfg.num_hidden_layers, "device"), StandInDeviceOps())
     assert ffn_layout(t) == "device"
+
+
+def test_plain_float32_arrays_bundle_too():
+    """A model stored in f32 keeps plain ndarrays (not QMatrix): they bundle and compute alike."""
+    r = np.random.default_rng(4)
+    g, u, d = (r.standard_normal((10, 64)).astype(np.float32) for _ in range(3))
+    bg, bu, bd = bundled(g, u, d)
+    assert type(bu) is np.ndarray and bu.strides == (3 * 64 * 4, 4)
+    np.testing.assert_array_equal(bu, u)
+    assert linear_ops.ffn_layout(bg, bu, bd) == "bundled"
+    x = r.standard_normal((1, 64)).astype(np.float32)
+    np.testing.assert_array_equal(linear_ops.ffn(x, bg, bu, bd, "silu", 2), linear_ops.ffn(x, g, u, d, "silu", 2))
