@@ -11,6 +11,7 @@
 #   pytest.log      `pytest -m gpu tests/test_gpu_ops.py` output (skip reasons, slowest tests)
 #   junit-gpu.xml   the same run as JUnit XML
 #   hybrid.json/.md, hybrid.log   bench/hybrid.py on the GPU (synthetic LLaMA-2-7B shape, q8)
+#   hybrid-qwen1.5b.json/.md/.log the Qwen2.5-Coder-1.5B shape all on the GPU vs the CPU engine
 #   pytest-hybrid.log, junit-hybrid.xml   `pytest -m gpu tests/test_hybrid.py` (the scheduler on CupyOps),
 #                   when pipower's Python dependencies import there
 # Exit status: pytest's; 3 when no gpu test ran (all skipped: CuPy sees no device); 2 when setup failed.
@@ -117,6 +118,12 @@ if timeout "$(budget 30)" "$PY" -c 'import pipower._cpu as c; assert c.AVAILABLE
     timeout "$(budget 400)" "$PY" bench/hybrid.py --device gpu --shape llama2-7b --weights q8 --budgets 0.25,0.5 \
         --tokens 16 --repeats 3 --out "$OUT/hybrid.json" >"$OUT/hybrid.log" 2>&1
     log "hybrid bench rc=$?: $(tail -n 3 "$OUT/hybrid.log" | tr '\n' ' ')"
+    # issue #5 row (a): Qwen2.5-Coder-1.5B's shape all on the GPU (random weights: the real ones cannot
+    # be carried here), next to the CPU engine on the same shape
+    log "bench/hybrid.py --shape qwen2.5-1.5b (all on device vs CPU)"
+    timeout "$(budget 150)" "$PY" bench/hybrid.py --device gpu --shape qwen2.5-1.5b --weights q8 --budgets '' \
+        --predictor-rank 0 --tokens 16 --repeats 3 --out "$OUT/hybrid-qwen1.5b.json" >"$OUT/hybrid-qwen1.5b.log" 2>&1
+    log "qwen1.5b bench rc=$?: $(tail -n 3 "$OUT/hybrid-qwen1.5b.log" | tr '\n' ' ')"
 else
     log "hybrid bench skipped: the Cython extension is not importable and did not build (build.log)"
 fi

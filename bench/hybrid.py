@@ -14,11 +14,17 @@ with probability min(1, c / (r + 1) ** alpha), c set so the mean active fraction
 A predictor of `--predictor-rank` is evaluated on the device per layer (its cost counts; its output is
 not used: the draw stands in for its decision).
 
+Issue #5's row (a), Qwen2.5-Coder-1.5B all on the GPU: its weights cannot reach the device machine (no
+network there, 64 MiB carried), so `--shape qwen2.5-1.5b` builds a random model of that shape (28 layers,
+D 1536, F 8960, 12/2 heads, vocab 151936; ReLU, no qkv biases: the same bytes per token within 0.1%)
+and the "gpu (all on device)" row times it dense on the device. Speed does not depend on the values.
+
 Engines at each budget (budget = fixed device bytes + a fraction of the FFN bytes):
   hybrid   PowerInfer: attention, output, predictors on the GPU, hot neurons (the placement solver's
            choice from the frequency profile) on the GPU, cold ones on the CPU concurrently;
   offload  llama.cpp -ngl: as many whole layers as fit on the GPU, the rest on the CPU, all dense;
-  cpu      the CPU engine alone: dense, and sparse (same draws, predictor on the CPU).
+  cpu      the CPU engine alone: dense, and sparse (same draws, predictor on the CPU);
+  gpu      (unless --no-all-gpu) the whole model on the device, dense, no budget.
 Reported: decode tokens/s (median over repeats), hybrid / offload ratio (target >= 3 at 25%), the
 split's hot share of computed neurons, host FFN seconds per token (the CPU side of the overlap), what
 the overlap saves (the same hybrid run again with the host waiting for the device's hot part first:
@@ -48,7 +54,7 @@ from pipower.hybrid import (
     layer_offload_plan,
     make_hybrid,
 )
-from pipower.hybrid.plan import offload_layers_for_budget
+from pipower.hybrid.plan import ExecutionPlan, offload_layers_for_budget
 from pipower.model import LayerWeights, Transformer
 from pipower.quant import QMatrix
 from pipower.sparse.oracle import CountingSelector
@@ -60,6 +66,7 @@ from pipower.sparse.placement import (
 
 SHAPES = {  # D, F, L, H, Hkv, V
     "llama2-7b": (4096, 11008, 32, 32, 32, 32000),
+    "qwen2.5-1.5b": (1536, 8960, 28, 12, 2, 151936),
     "small": (1024, 2816, 8, 8, 8, 8000),
     "tiny": (256, 704, 3, 4, 4, 512),
 }
@@ -221,6 +228,11 @@ def run(args) -> dict:
 
     measure("cpu dense", fresh(template), None, {}, sparse=False)
     measure("cpu sparse", fresh(template), None, {})
+    if args.all_gpu:
+        dev = make_device(args.device, None, host)
+        t = make_hybrid(fresh(template), ExecutionPlan("gpu", ["device"] * L, "device"), dev, host)
+        measure("gpu (all on device)", t, None, {"device_bytes": dev.allocated_bytes()}, sparse=False)
+        del t, dev
     for frac in args.budgets:
         budget = int(fixed_total + frac * ffn_total)
         plan = solve_placement(probs, nb, budget, fixed, granularity=args.granularity)
@@ -272,7 +284,10 @@ def main(argv=None) -> int:
                     help="gpu: CuPy on CUDA; emulated: the device side runs on the CPU engine (a dry run)")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="llama2-7b", help="model shape (default llama2-7b)")
     ap.add_argument("--weights", choices=("q8", "f16"), default="q8", help="weight format (default q8)")
-    ap.add_argument("--budgets", default="0.25,0.5", help="FFN shares the budget holds beyond the fixed bytes")
+    ap.add_argument("--budgets", default="0.25,0.5",
+                    help="FFN shares the budget holds beyond the fixed bytes ('' = no budget rows)")
+    ap.add_argument("--no-all-gpu", dest="all_gpu", action="store_false",
+                    help="skip the row with the whole model on the device (dense)")
     ap.add_argument("--active", type=float, default=0.11, help="mean active fraction per token (default 0.11)")
     ap.add_argument("--alpha", type=float, default=1.0, help="power-law exponent of the frequency curve")
     ap.add_argument("--predictor-rank", type=int, default=1024, help="predictor hidden size (0 = none)")

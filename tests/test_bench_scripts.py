@@ -26,17 +26,33 @@ def test_hybrid_benchmark_dry_run(tmp_path):
                         "--predictor-rank", "64", "--granularity", "64", "--threads", "1", "--out", str(out)]) == 0
     res = json.loads(out.read_text())
     engines = [(r["engine"], r["budget_fraction"]) for r in res["rows"]]
-    assert engines == [("cpu dense", None), ("cpu sparse", None), ("hybrid", 0.25), ("hybrid serial", 0.25),
+    assert engines == [("cpu dense", None), ("cpu sparse", None), ("gpu (all on device)", None),
+                       ("hybrid", 0.25), ("hybrid serial", 0.25),
                        ("offload", 0.25), ("hybrid", 0.5), ("hybrid serial", 0.5), ("offload", 0.5)]
     for r in res["rows"]:
         assert r["decode_tok_s"] > 0
-        if "device_bytes" in r:
+        if "budget_bytes" in r and "device_bytes" in r:
             assert r["device_bytes"] <= r["budget_bytes"]
+    whole = next(r for r in res["rows"] if r["engine"] == "gpu (all on device)")
+    assert whole["device_bytes"] > max(r["device_bytes"] for r in res["rows"] if r["engine"] == "hybrid")
     h25, h50 = (r for r in res["rows"] if r["engine"] == "hybrid")
     # more budget -> more hot neurons; the measured hot share tracks the plan's expected share
     assert h50["hot_neurons"] > h25["hot_neurons"] and h50["hot_share"] > h25["hot_share"]
     assert abs(h25["hot_share"] - h25["plan_hot_freq_share"]) < 0.1
     assert "vs_offload" in h25 and "overlap_saved_ms_per_token" in h25 and (tmp_path / "h.md").is_file()
+
+
+def test_qwen_1_5b_stand_in_has_the_real_models_bytes_per_token():
+    """The all-GPU row of issue #5 runs a random model of Qwen2.5-Coder-1.5B's shape (its weights cannot
+    reach the device machine): same matrices, so the same weight bytes per decode step in q8, give or
+    take the biases and norms."""
+    hybrid = load_script("hybrid")
+    D, F, L, H, Hkv, V = hybrid.SHAPES["qwen2.5-1.5b"]
+    hd = D // H
+    per_layer = D * (H * hd + 2 * Hkv * hd) + H * hd * D + 3 * F * D      # q, k, v, o, gate, up, down
+    total = L * per_layer + V * D                                          # + the untied head
+    assert (L, D, F, H, Hkv, V) == (28, 1536, 8960, 12, 2, 151936)
+    assert total == pytest.approx(1.54e9, rel=0.01)                        # the 1.5B model's parameters
 
 
 def test_power_law_profile_hits_the_mean():
