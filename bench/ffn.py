@@ -49,14 +49,11 @@ def layouts_of(layers, names) -> dict:
     """{layout name: per-layer FFN matrices (objects with gate/up/down_t)} in fresh huge-page arenas."""
     from types import SimpleNamespace
 
-    from pipower.arena import Arena, ffn_nbytes
+    from pipower.arena import Arena, bundle_layers
     out = {}
     for name in names:
         if name == "bundled":
-            arena = Arena(sum(ffn_nbytes(lw.gate, lw.up, lw.down_t) for lw in layers))
-            out[name] = [SimpleNamespace(**dict(zip(("gate", "up", "down_t"),
-                                                    arena.bundle_ffn(lw.gate, lw.up, lw.down_t))))
-                         for lw in layers]
+            out[name] = [SimpleNamespace(gate=g, up=u, down_t=d) for g, u, d in bundle_layers(layers)]
         elif name == "separate":
             arena = Arena.for_weights(w for lw in layers for w in (lw.gate, lw.up, lw.down_t))
             out[name] = [SimpleNamespace(gate=arena.copy_weight(lw.gate), up=arena.copy_weight(lw.up),

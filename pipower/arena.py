@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .quant import QMatrix
+from .quant import QMatrix, take_rows
 
 HUGE_PAGE = 2 << 20
 ALIGN = 64                      # every array starts on a cache line (the kernels' vector loads like it)
@@ -44,12 +44,14 @@ def _bundle_parts(gate, up, down_t) -> list[np.ndarray] | None:
     return [p[0] for p in parts] + [p[1] for p in parts if len(p) > 1]
 
 
+def _span_bytes(parts: list[np.ndarray]) -> int:
+    return padded_nbytes(sum(p.shape[1] * p.itemsize for p in parts))
+
+
 def bundle_stride(gate, up, down_t) -> int | None:
     """Bytes of one neuron's span (a multiple of ALIGN), or None if these matrices cannot be bundled."""
     parts = _bundle_parts(gate, up, down_t)
-    if parts is None:
-        return None
-    return padded_nbytes(sum(p.shape[1] * p.itemsize for p in parts))
+    return None if parts is None else _span_bytes(parts)
 
 
 def ffn_nbytes(gate, up, down_t, n_rows: int | None = None) -> int:
@@ -64,12 +66,13 @@ def ffn_nbytes(gate, up, down_t, n_rows: int | None = None) -> int:
     return stride * n
 
 
-def _take(w, rows: np.ndarray):
-    if w is None:
-        return None
-    if isinstance(w, QMatrix):
-        return QMatrix(w.fmt, (len(rows), w.shape[1]), w.data[rows], None if w.scales is None else w.scales[rows])
-    return w[rows]
+def bundle_layers(layers):
+    """Yield each layer's (gate, up, down_t) laid out as neuron bundles in one arena sized for all of
+    them, layer by layer (a caller that stores each triple over the layer's matrices frees the originals
+    as the arena fills). layers: objects with gate / up / down_t."""
+    arena = Arena(sum(ffn_nbytes(lw.gate, lw.up, lw.down_t) for lw in layers))
+    for lw in layers:
+        yield arena.bundle_ffn(lw.gate, lw.up, lw.down_t)
 
 
 class Arena:
@@ -103,11 +106,12 @@ class Arena:
             rows = np.asarray(rows, dtype=np.intp)
         parts = _bundle_parts(gate, up, down_t)
         if parts is None:
-            return tuple(self.copy_weight(w if rows is None else _take(w, rows)) for w in (gate, up, down_t))
+            return tuple(self.copy_weight(w if rows is None or w is None else take_rows(w, rows))
+                         for w in (gate, up, down_t))
         if rows is not None:
             parts = [p[rows] for p in parts]
-        F, stride = parts[0].shape[0], bundle_stride(gate, up, down_t)
-        block = self._take(F * stride).reshape(F, stride)          # [F, stride] bytes, row i = neuron i
+        F, stride = parts[0].shape[0], _span_bytes(parts)
+        block = self._reserve(F * stride).reshape(F, stride)          # [F, stride] bytes, row i = neuron i
         views, offset = [], 0
         for p in parts:
             width = p.shape[1] * p.itemsize
@@ -121,7 +125,7 @@ class Arena:
                    for w, d, s in zip([w for w in (gate, up, down_t) if w is not None], data, scales))
         return tuple(None if w is None else next(out) for w in (gate, up, down_t))
 
-    def _take(self, n: int) -> np.ndarray:
+    def _reserve(self, n: int) -> np.ndarray:
         if self._pos + n > self._end:
             raise ValueError("arena too small")            # a sizing bug, never a user error
         view = self._raw[self._pos:self._pos + n]
@@ -130,6 +134,6 @@ class Arena:
 
     def copy_in(self, a: np.ndarray) -> np.ndarray:
         a = np.ascontiguousarray(a)
-        view = self._take(a.nbytes).view(a.dtype).reshape(a.shape)
+        view = self._reserve(a.nbytes).view(a.dtype).reshape(a.shape)
         view[...] = a
         return view

@@ -102,6 +102,14 @@ def _safe_inverse(d: np.ndarray) -> np.ndarray:
         return np.where(d32 != 0, 1 / d32, 0).astype(np.float32)
 
 
+def take_rows(w, rows: np.ndarray):
+    """Rows `rows` of a float32 array or QMatrix [N, K] -> the same format [len(rows), K], contiguous."""
+    if isinstance(w, QMatrix):
+        scales = None if w.scales is None else np.ascontiguousarray(w.scales[rows])
+        return QMatrix(w.fmt, (len(rows), w.shape[1]), np.ascontiguousarray(w.data[rows]), scales)
+    return np.ascontiguousarray(w[rows])
+
+
 def dequantize(m: QMatrix, rows: np.ndarray | None = None) -> np.ndarray:
     """QMatrix -> float32 [N, K] (or only `rows`, int indices -> [len(rows), K])."""
     data = m.data if rows is None else m.data[rows]

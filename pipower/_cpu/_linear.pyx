@@ -75,20 +75,6 @@ def check_out(out, str name, tuple shape):
     return out
 
 
-def row_stride(a, str name):
-    """Elements between consecutive rows of a 2-D array whose rows are each contiguous and do not
-    overlap (C-contiguous, or row-strided views such as pipower.arena's FFN bundles); else ValueError."""
-    if not isinstance(a, np.ndarray):
-        raise ValueError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
-    cdef Py_ssize_t item = a.itemsize, rows = a.shape[0], cols = a.shape[1]
-    if rows <= 1 or a.flags.c_contiguous:
-        return cols
-    if (cols > 1 and a.strides[1] != item) or a.strides[0] % item or a.strides[0] < cols * item:
-        raise ValueError(f"{name} must have contiguous, non-overlapping rows (strides {a.strides} for "
-                         f"shape {a.shape}); use numpy.ascontiguousarray")
-    return a.strides[0] // item
-
-
 # Format name -> (code, accepted data type numbers, whether it has scales): check_weight's fast path.
 cdef dict _FAST = {"f32": (PP_F32, cnp.NPY_FLOAT32, cnp.NPY_FLOAT32, False),
                    "f16": (PP_F16, cnp.NPY_FLOAT16, cnp.NPY_UINT16, False),
@@ -115,6 +101,20 @@ cdef Py_ssize_t _fast_row_stride(object a, int t1, int t2):
     if (cols > 1 and s1 != item) or s0 % item or s0 < cols * item:
         return -1
     return s0 // item
+
+
+def row_stride(a, str name):
+    """Elements between consecutive rows of a 2-D array whose rows are each contiguous and do not
+    overlap (C-contiguous, or row-strided views such as pipower.arena's FFN bundles); else ValueError."""
+    if not isinstance(a, np.ndarray) or a.ndim != 2:
+        raise ValueError(f"{name} must be a 2-D numpy.ndarray, got {type(a).__name__} "
+                         f"{getattr(a, 'shape', '')}")
+    cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>a)
+    cdef Py_ssize_t stride = _fast_row_stride(a, t, t)      # -1 here: the rows themselves are wrong
+    if stride < 0:
+        raise ValueError(f"{name} must have contiguous, non-overlapping rows (strides {a.strides} for "
+                         f"shape {a.shape}); use numpy.ascontiguousarray")
+    return stride
 
 
 def check_weight(fmt, data, scales, str name="w"):

@@ -35,11 +35,9 @@ class CythonOps(NumpyOps):
         """Lay every layer's FFN out as neuron bundles in one huge-page arena (pipower.arena: a sparse
         FFN reads one contiguous, prefetched span per active neuron, on huge pages). Layer by layer, so
         the originals are freed as the arena fills."""
-        from ..arena import Arena, ffn_nbytes
-        layers = transformer.layers
-        arena = Arena(sum(ffn_nbytes(layer.gate, layer.up, layer.down_t) for layer in layers))
-        for layer in layers:
-            layer.gate, layer.up, layer.down_t = arena.bundle_ffn(layer.gate, layer.up, layer.down_t)
+        from ..arena import bundle_layers
+        for layer, ffn in zip(transformer.layers, bundle_layers(transformer.layers)):
+            layer.gate, layer.up, layer.down_t = ffn
 
     def predict_active(self, fc1, fc2, b2: np.ndarray, x: np.ndarray, tau: float) -> np.ndarray:
         """One token's predictor decision in one call (normalise, fc1, ReLU, fc2 + b2, >= tau) -> sorted

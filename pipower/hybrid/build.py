@@ -3,9 +3,7 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
-
-from ..quant import QMatrix
+from ..quant import take_rows
 from .ops import FFNSplit, HybridOps, SplitMatrix
 from .plan import ExecutionPlan
 
@@ -13,14 +11,6 @@ log = logging.getLogger(__name__)
 
 _ATTENTION = ("attn_norm", "q", "k", "v", "o", "q_bias", "k_bias", "v_bias", "o_bias", "ffn_norm")
 _FFN = ("gate", "up", "down_t")
-
-
-def take_rows(w, rows: np.ndarray):
-    """Rows `rows` of a float32 array or QMatrix [N, K] -> the same format [len(rows), K], contiguous."""
-    if isinstance(w, QMatrix):
-        scales = None if w.scales is None else np.ascontiguousarray(w.scales[rows])
-        return QMatrix(w.fmt, (len(rows), w.shape[1]), np.ascontiguousarray(w.data[rows]), scales)
-    return np.ascontiguousarray(w[rows])
 
 
 def split_matrix(w, split: FFNSplit, device, cold=None) -> SplitMatrix | None:
@@ -34,15 +24,15 @@ def split_matrix(w, split: FFNSplit, device, cold=None) -> SplitMatrix | None:
     return SplitMatrix(hot, cold, split, tuple(w.shape))
 
 
-def _cold_arena(transformer, plan: ExecutionPlan, host):
+def _cold_arena(transformer, splits: dict, host):
     """A huge-page arena for every split layer's cold FFN rows when the host lays FFNs out as neuron
-    bundles (CythonOps): the CPU half of the split FFN then gets the bundled kernel path too."""
+    bundles (CythonOps): the CPU half of the split FFN then gets the bundled kernel path too.
+    splits: {layer index: FFNSplit} of the split layers."""
     if getattr(host, "ffn_layout", "separate") != "bundled":
         return None
     from ..arena import Arena, ffn_nbytes
-    need = sum(ffn_nbytes(layer.gate, layer.up, layer.down_t,
-                          FFNSplit.from_hot(plan.hot[i], layer.down_t.shape[0]).cold.size)
-               for i, (layer, home) in enumerate(zip(transformer.layers, plan.layer_home)) if home == "split")
+    layers = transformer.layers
+    need = sum(ffn_nbytes(layers[i].gate, layers[i].up, layers[i].down_t, sp.cold.size) for i, sp in splits.items())
     return Arena(need) if need else None
 
 
@@ -58,7 +48,9 @@ def make_hybrid(transformer, plan: ExecutionPlan, device, host=None):
         raise ValueError(f"plan has {len(plan.layer_home)} layers, model {len(transformer.layers)}")
     host = host or transformer.ops
     place = device.place
-    cold_arena = _cold_arena(transformer, plan, host)
+    splits = {i: FFNSplit.from_hot(plan.hot[i], layer.down_t.shape[0])
+              for i, (layer, home) in enumerate(zip(transformer.layers, plan.layer_home)) if home == "split"}
+    cold_arena = _cold_arena(transformer, splits, host)
     for i, (layer, home) in enumerate(zip(transformer.layers, plan.layer_home)):
         if home == "host":
             continue
@@ -72,7 +64,7 @@ def make_hybrid(transformer, plan: ExecutionPlan, device, host=None):
                 if w is not None:
                     setattr(layer, name, place(w))
         else:
-            split = FFNSplit.from_hot(plan.hot[i], layer.down_t.shape[0])
+            split = splits[i]
             mats = [getattr(layer, name) for name in _FFN]
             colds = (cold_arena.bundle_ffn(*mats, rows=split.cold) if cold_arena is not None and split.cold.size
                      else (None,) * len(mats))
