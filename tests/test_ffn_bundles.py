@@ -77,8 +77,8 @@ def test_bundle_of_selected_rows_and_unbundleable_layers():
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("gated", [True, False])
 @pytest.mark.parametrize("n_threads", [1, 2])
-def test_fused_ffn_over_bundles_is_bitwise_the_contiguous_result(fmt, gated, n_threads):
-    F, D = 200, 96
+@pytest.mark.parametrize("F, D", [(200, 96), (90, 768)])   # spans prefetched in one burst / spread (q8, f32)
+def test_fused_ffn_over_bundles_is_bitwise_the_contiguous_result(fmt, gated, n_threads, F, D):
     gate, up, down = ffn_mats(F, D, fmt, gated, seed=3)
     bg, bu, bd = bundled(gate, up, down)
     x = np.random.default_rng(1).standard_normal(D).astype(np.float32)

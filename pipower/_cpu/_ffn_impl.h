@@ -58,18 +58,29 @@ static inline void pp_prefetch_span_l2(const char *span, ptrdiff_t bytes) {
 }
 
 /* Neurons ahead whose rows are prefetched while the current one is computed (-D to experiment).
- * Separate rows: into L1, 2 ahead. Bundles: into L2 ~12 KiB ahead (at least 2 spans) and into L1
- * BUNDLE_NEAR spans ahead, across chunk ends (a thread's chunks are consecutive). On this machine the
- * two-level prefetch of contiguous spans took the 25% subset from ~0.48 to ~0.33 of the dense FFN; on
- * separate rows it gave nothing (docs/PERF_NOTES.md section 6). */
+ * Separate rows: into L1, 2 ahead. Bundles, index list, spans of at most PP_FFN_BURST_MAX_BYTES: into L2
+ * ~12 KiB ahead (at least 2 spans) and into L1 BUNDLE_NEAR spans ahead, each span in one burst. Longer
+ * spans: into L1 only, ~PP_FFN_SPREAD_NEAR_BYTES ahead (at least 1 span), in three parts issued before
+ * the neuron's three row operations. A burst of more line prefetches than the core has L1 miss buffers
+ * (~24 on this Zen 5) stalls the neuron being computed until lines arrive; spread out, the misses overlap
+ * the arithmetic: the 25%-active FFN on Qwen2.5-0.5B-shaped spans (2880 B) went from ~0.41 to ~0.31 of
+ * the dense FFN, on LLaMA-7B-shaped ones (13 KiB) from 0.36 to 0.28, while SmolLM2's 1856 B spans stay
+ * fastest with the two-level burst (docs/PERF_NOTES.md section 7). Bundles are prefetched across chunk
+ * ends (a thread's chunks are consecutive). */
 #ifndef PP_FFN_PREFETCH_AHEAD
 #define PP_FFN_PREFETCH_AHEAD 2
 #endif
 #ifndef PP_FFN_BUNDLE_NEAR
 #define PP_FFN_BUNDLE_NEAR 2
 #endif
-#ifndef PP_FFN_BUNDLE_FAR_BYTES   /* L2 distance in bytes: 4 spans of Qwen2.5-0.5B (2880 B), 6 of SmolLM2 */
+#ifndef PP_FFN_BUNDLE_FAR_BYTES   /* L2 distance in bytes: 6 spans of SmolLM2 (1856 B) */
 #define PP_FFN_BUNDLE_FAR_BYTES 12288
+#endif
+#ifndef PP_FFN_BURST_MAX_BYTES    /* spans up to 32 cache lines are prefetched in one burst */
+#define PP_FFN_BURST_MAX_BYTES 2048
+#endif
+#ifndef PP_FFN_SPREAD_NEAR_BYTES  /* L1 distance of spread prefetches: 4 Qwen2.5-0.5B spans, 1 of 7B */
+#define PP_FFN_SPREAD_NEAR_BYTES 12288
 #endif
 
 #ifndef PP_FFN_DENSE_NEAR      /* the dense FFN over bundles: L1 prefetch distance, L2 level on (1) / off */
@@ -99,23 +110,38 @@ static inline const char *pp_ffn_bundle_start(const pp_ffn_args *a) {
     return lo;
 }
 
+/* Lines [part/3, (part+1)/3) of a span's rb bytes into L1 (span NULL: nothing). */
+static inline void pp_prefetch_span_part(const char *span, ptrdiff_t rb, int part) {
+    if (!span) return;
+    const ptrdiff_t lines = rb / 64;
+    for (ptrdiff_t o = lines * part / 3; o < lines * (part + 1) / 3; o++) PP_PREFETCH(span + 64 * o);
+}
+
 /* Neurons j in [j0, j1) of the active list, summed into acc[D] (zeroed here). */
 static inline void pp_ffn_chunk(const pp_ffn_args *a, ptrdiff_t j0, ptrdiff_t j1, float *acc) {
     const ptrdiff_t D = a->D, rb = a->rs, nsb = a->ss;
     const int q = a->up_s != NULL;
     /* Dense (idx NULL) spans follow each other: an L1 prefetch 2 ahead keeps the stream going; the L2
-     * level only helps scattered spans (with it the dense FFN ran 5-10% slower). */
+     * level only helps scattered spans (with it the dense FFN ran 5-10% slower). Scattered spans: a
+     * burst per span when short, else spread over the neuron's work (see PP_FFN_BURST_MAX_BYTES). */
+    const int spread = a->bundle && a->idx && rb > PP_FFN_BURST_MAX_BYTES;
     const ptrdiff_t far_sparse = rb > PP_FFN_BUNDLE_FAR_BYTES / 2 ? 2 : PP_FFN_BUNDLE_FAR_BYTES / rb;
-    const ptrdiff_t far = a->idx ? far_sparse : PP_FFN_DENSE_L2 * far_sparse;
-    const ptrdiff_t near = a->idx ? PP_FFN_BUNDLE_NEAR : PP_FFN_DENSE_NEAR;
+    const ptrdiff_t far = spread ? 0 : a->idx ? far_sparse : PP_FFN_DENSE_L2 * far_sparse;
+    const ptrdiff_t near = spread ? (rb >= PP_FFN_SPREAD_NEAR_BYTES ? 1 : PP_FFN_SPREAD_NEAR_BYTES / rb)
+                         : a->idx ? PP_FFN_BUNDLE_NEAR : PP_FFN_DENSE_NEAR;
     memset(acc, 0, (size_t)D * sizeof(float));
     for (ptrdiff_t j = j0; j < j1; j++) {
         const ptrdiff_t i = pp_ffn_neuron(a, j);
+        const char *later = NULL;          /* spread: the span whose parts are prefetched below */
         if (a->bundle) {   /* whole spans, dense or sparse: one contiguous stream per neuron */
-            if (far && j + far < a->n)
-                pp_prefetch_span_l2(a->bundle + pp_ffn_neuron(a, j + far) * rb, rb);
-            if (j + near < a->n)
-                pp_prefetch_row(a->bundle + pp_ffn_neuron(a, j + near) * rb, rb);
+            if (spread) {
+                if (j + near < a->n) later = a->bundle + pp_ffn_neuron(a, j + near) * rb;
+            } else {
+                if (far && j + far < a->n)
+                    pp_prefetch_span_l2(a->bundle + pp_ffn_neuron(a, j + far) * rb, rb);
+                if (j + near < a->n)
+                    pp_prefetch_row(a->bundle + pp_ffn_neuron(a, j + near) * rb, rb);
+            }
         } else if (a->idx && j + PP_FFN_PREFETCH_AHEAD < j1) {
             const ptrdiff_t ip = (ptrdiff_t)a->idx[j + PP_FFN_PREFETCH_AHEAD], len = pp_row_bytes(a->fmt, D);
             if (a->gate) pp_prefetch_row(a->gate + ip * rb, len);
@@ -127,15 +153,14 @@ static inline void pp_ffn_chunk(const pp_ffn_args *a, ptrdiff_t j0, ptrdiff_t j1
                 PP_PREFETCH(a->down_s + ip * nsb);
             }
         }
+        /* gate before up: a bundle stores gate | up | down, so the reads ascend through the span */
+        pp_prefetch_span_part(later, rb, 0);
+        const float g = a->gate ? pp_dot(a->fmt, a->simd, a->gate + i * rb, q ? a->gate_s + i * nsb : NULL,
+                                         a->x, D) : 0.0f;
+        pp_prefetch_span_part(later, rb, 1);
         const float u = pp_dot(a->fmt, a->simd, a->up + i * rb, q ? a->up_s + i * nsb : NULL, a->x, D);
-        float h;
-        if (a->gate) {
-            const float g = pp_dot(a->fmt, a->simd, a->gate + i * rb, q ? a->gate_s + i * nsb : NULL,
-                                   a->x, D);
-            h = pp_act(a->act, g) * u;
-        } else {
-            h = pp_act(a->act, u);
-        }
+        const float h = a->gate ? pp_act(a->act, g) * u : pp_act(a->act, u);
+        pp_prefetch_span_part(later, rb, 2);
         if (a->h_out) a->h_out[j] = h;
         /* ReLU-family models give many exact zeros: skipping them saves the down row's read. */
         if (h != 0.0f)
