@@ -61,12 +61,12 @@ static inline void pp_prefetch_span_l2(const char *span, ptrdiff_t bytes) {
  * Separate rows: into L1, 2 ahead. Bundles, index list, spans of at most PP_FFN_BURST_MAX_BYTES: into L2
  * ~12 KiB ahead (at least 2 spans) and into L1 BUNDLE_NEAR spans ahead, each span in one burst. Longer
  * spans: into L1 only, ~PP_FFN_SPREAD_NEAR_BYTES ahead (at least 1 span), in three parts issued before
- * the neuron's three row operations. A burst of more line prefetches than the core has L1 miss buffers
- * (~24 on this Zen 5) stalls the neuron being computed until lines arrive; spread out, the misses overlap
- * the arithmetic: the 25%-active FFN on Qwen2.5-0.5B-shaped spans (2880 B) went from ~0.41 to ~0.31 of
- * the dense FFN, on LLaMA-7B-shaped ones (13 KiB) from 0.36 to 0.28, while SmolLM2's 1856 B spans stay
- * fastest with the two-level burst (docs/PERF_NOTES.md section 7). Bundles are prefetched across chunk
- * ends (a thread's chunks are consecutive). */
+ * the neuron's three row operations. A burst of more line prefetches than the core can keep in flight
+ * (a few dozen L1 misses) stalls the neuron being computed until lines arrive; spread out, the misses
+ * overlap the arithmetic: through bench/ffn.py the 25%-active FFN went from 0.45 to 0.34 of the dense FFN
+ * on Qwen2.5-0.5B layers (2880 B spans) and from 0.36 to 0.26 on LLaMA-7B-shaped ones (13 KiB), while
+ * SmolLM2's 1856 B spans stay fastest with the two-level burst (docs/PERF_NOTES.md section 7). Bundles
+ * are prefetched across chunk ends (a thread's chunks are consecutive). */
 #ifndef PP_FFN_PREFETCH_AHEAD
 #define PP_FFN_PREFETCH_AHEAD 2
 #endif
