@@ -113,8 +113,8 @@ static inline const char *pp_ffn_bundle_start(const pp_ffn_args *a) {
 /* Lines [part/3, (part+1)/3) of a span's rb bytes into L1 (span NULL: nothing). */
 static inline void pp_prefetch_span_part(const char *span, ptrdiff_t rb, int part) {
     if (!span) return;
-    const ptrdiff_t lines = rb / 64;
-    for (ptrdiff_t o = lines * part / 3; o < lines * (part + 1) / 3; o++) PP_PREFETCH(span + 64 * o);
+    const ptrdiff_t lines = rb / 64, first = lines * part / 3, end = lines * (part + 1) / 3;
+    pp_prefetch_row(span + 64 * first, 64 * (end - first));
 }
 
 /* Neurons j in [j0, j1) of the active list, summed into acc[D] (zeroed here). */
@@ -126,7 +126,7 @@ static inline void pp_ffn_chunk(const pp_ffn_args *a, ptrdiff_t j0, ptrdiff_t j1
      * burst per span when short, else spread over the neuron's work (see PP_FFN_BURST_MAX_BYTES). */
     const int spread = a->bundle && a->idx && rb > PP_FFN_BURST_MAX_BYTES;
     const ptrdiff_t far_sparse = rb > PP_FFN_BUNDLE_FAR_BYTES / 2 ? 2 : PP_FFN_BUNDLE_FAR_BYTES / rb;
-    const ptrdiff_t far = spread ? 0 : a->idx ? far_sparse : PP_FFN_DENSE_L2 * far_sparse;
+    const ptrdiff_t far = a->idx ? far_sparse : PP_FFN_DENSE_L2 * far_sparse;   /* unused when spread */
     const ptrdiff_t near = spread ? (rb >= PP_FFN_SPREAD_NEAR_BYTES ? 1 : PP_FFN_SPREAD_NEAR_BYTES / rb)
                          : a->idx ? PP_FFN_BUNDLE_NEAR : PP_FFN_DENSE_NEAR;
     memset(acc, 0, (size_t)D * sizeof(float));
