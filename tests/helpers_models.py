@@ -1,5 +1,6 @@
 """Tiny random models on disk, for loader / model / engine tests.
 
+`random_tensors(CFG)` is a NumPy-only tiny model in HF tensor names (no torch needed).
 `write_hf_model` uses transformers itself (random init under torch.manual_seed, save_pretrained), so the
 directory layout, tensor names, tying and sharding are exactly what HF produces. `write_gguf_from_hf`
 writes the same weights as llama.cpp's converter would (names, metadata keys, Q/K row permutation for
@@ -18,6 +19,39 @@ _ARCH_CLASSES = {"LlamaForCausalLM": ("LlamaConfig", "LlamaForCausalLM"),
                  "MistralForCausalLM": ("MistralConfig", "MistralForCausalLM")}
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
 _TORCH_DTYPES = ("float32", "float16", "bfloat16")
+
+
+# A tiny Qwen2-shaped config for graph/engine tests that need no torch (weights from random_tensors).
+CFG = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=96, hidden_size=64,
+           intermediate_size=160, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+           head_dim=16, hidden_act="silu", max_position_embeddings=128, rms_norm_eps=1e-6,
+           rope_theta=10000.0, tie_word_embeddings=True)
+
+
+def random_tensors(cfg: dict, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    D, F, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
+    H, Hkv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+
+    def w(*shape, s=0.1):
+        return (rng.standard_normal(shape) * s).astype(np.float32)
+    t = {"model.embed_tokens.weight": w(V, D, s=1.0), "model.norm.weight": 1 + w(D)}
+    if not cfg.get("tie_word_embeddings", True):
+        t["lm_head.weight"] = w(V, D)
+    qwen = cfg["model_type"] == "qwen2"
+    gated = cfg.get("mlp_gated", True)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        t.update({p + "input_layernorm.weight": 1 + w(D), p + "post_attention_layernorm.weight": 1 + w(D),
+                  p + "self_attn.q_proj.weight": w(H * hd, D), p + "self_attn.k_proj.weight": w(Hkv * hd, D),
+                  p + "self_attn.v_proj.weight": w(Hkv * hd, D), p + "self_attn.o_proj.weight": w(D, H * hd),
+                  p + "mlp.up_proj.weight": w(F, D), p + "mlp.down_proj.weight": w(D, F)})
+        if qwen:
+            t.update({p + "self_attn.q_proj.bias": w(H * hd), p + "self_attn.k_proj.bias": w(Hkv * hd),
+                      p + "self_attn.v_proj.bias": w(Hkv * hd)})
+        if gated:
+            t[p + "mlp.gate_proj.weight"] = w(F, D)
+    return t
 
 
 def random_llama_config(**overrides) -> dict:
@@ -229,3 +263,24 @@ def write_config(dir, **changes) -> dict:
     d.update(changes)
     p.write_text(json.dumps(d, indent=2))
     return d
+
+
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|extra_0|>{{ m['role'] }}\n{{ m['content'] }}<|extra_1|>\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|extra_0|>assistant\n{% endif %}")
+
+
+def write_tiny_gguf(path, seed: int = 0, extra_kv: dict | None = None, **config_overrides) -> Path:
+    """A tiny llama GGUF (D=32, 1 layer, V=300: the byte-level BPE vocab with merges and control tokens,
+    and a chat template) with random float32 weights made by NumPy alone: no torch, ~50 KB, milliseconds."""
+    from pipower.config import ModelConfig
+    from pipower.loader.validate import expected_shapes
+    cfg = random_llama_config(**{"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64,
+                                 "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 1,
+                                 "head_dim": 16, **config_overrides})
+    rng = np.random.default_rng(seed)
+    tensors = {}
+    for name, shape in expected_shapes(ModelConfig.from_dict(cfg)).items():
+        w = rng.standard_normal(shape).astype(np.float32)
+        tensors[name] = 1.0 + 0.1 * w if name.endswith("norm.weight") else 0.5 * w
+    kv = {"tokenizer.chat_template": TINY_CHAT_TEMPLATE, **(extra_kv or {})}
+    return write_gguf_from_hf(tensors, cfg, path, qtype="F32", extra_kv=kv)

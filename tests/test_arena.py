@@ -30,7 +30,7 @@ def test_cython_model_weights_live_in_one_arena():
     from pipower import _cpu
     if not _cpu.AVAILABLE:
         pytest.skip("compiled kernels not built")
-    from test_hybrid import CFG, random_tensors
+    from helpers_models import CFG, random_tensors
 
     from pipower.backend import make_ops
     from pipower.config import ModelConfig

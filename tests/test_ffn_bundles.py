@@ -125,7 +125,7 @@ def test_ffn_matrices_must_share_their_row_strides():
 
 
 def test_cython_model_runs_on_bundles_and_matches_numpy():
-    from test_hybrid import CFG, random_tensors
+    from helpers_models import CFG, random_tensors
 
     from pipower.backend import make_ops
     from pipower.config import ModelConfig
@@ -143,7 +143,9 @@ def test_cython_model_runs_on_bundles_and_matches_numpy():
 
 
 def test_info_reports_the_ffn_layout():
-    from test_hybrid import CFG, ExecutionPlan, StandInDeviceOps, make_hybrid, random_tensors
+    from helpers_models import CFG, random_tensors
+    from pipower.hybrid import StandInDeviceOps, make_hybrid
+    from pipower.hybrid.plan import ExecutionPlan
 
     from pipower.backend import make_ops
     from pipower.config import ModelConfig

@@ -26,37 +26,7 @@ from pipower.ops import NumpyOps
 from pipower.sparse.oracle import CountingSelector
 from pipower.sparse.placement import Placement
 
-CFG = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=96, hidden_size=64,
-           intermediate_size=160, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
-           head_dim=16, hidden_act="silu", max_position_embeddings=128, rms_norm_eps=1e-6,
-           rope_theta=10000.0, tie_word_embeddings=True)
-
-
-def random_tensors(cfg: dict, seed: int = 0) -> dict:
-    rng = np.random.default_rng(seed)
-    D, F, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    H, Hkv, hd = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
-
-    def w(*shape, s=0.1):
-        return (rng.standard_normal(shape) * s).astype(np.float32)
-    t = {"model.embed_tokens.weight": w(V, D, s=1.0), "model.norm.weight": 1 + w(D)}
-    if not cfg.get("tie_word_embeddings", True):
-        t["lm_head.weight"] = w(V, D)
-    qwen = cfg["model_type"] == "qwen2"
-    gated = cfg.get("mlp_gated", True)
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        t.update({p + "input_layernorm.weight": 1 + w(D), p + "post_attention_layernorm.weight": 1 + w(D),
-                  p + "self_attn.q_proj.weight": w(H * hd, D), p + "self_attn.k_proj.weight": w(Hkv * hd, D),
-                  p + "self_attn.v_proj.weight": w(Hkv * hd, D), p + "self_attn.o_proj.weight": w(D, H * hd),
-                  p + "mlp.up_proj.weight": w(F, D), p + "mlp.down_proj.weight": w(D, F)})
-        if qwen:
-            t.update({p + "self_attn.q_proj.bias": w(H * hd), p + "self_attn.k_proj.bias": w(Hkv * hd),
-                      p + "self_attn.v_proj.bias": w(Hkv * hd)})
-        if gated:
-            t[p + "mlp.gate_proj.weight"] = w(F, D)
-    return t
-
+from helpers_models import CFG, random_tensors
 
 def transformer(weights="f32", seed=0, cfg=None):
     cfg = cfg or CFG

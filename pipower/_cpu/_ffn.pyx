@@ -38,8 +38,11 @@ cdef extern from "_ffn_impl.h" nogil:
         const char *bundle
         const int32_t *idx
         const float *x
+        Py_ssize_t T
         float *h_out
+    int PP_FFN_MAX_T
     void pp_ffn_chunk(const pp_ffn_args *a, Py_ssize_t j0, Py_ssize_t j1, float *acc)
+    void pp_ffn_chunk_batch(const pp_ffn_args *a, Py_ssize_t j0, Py_ssize_t j1, float *acc)
     const char *pp_ffn_bundle_start(const pp_ffn_args *a)
     void pp_sum_partials(const float *part, Py_ssize_t C, Py_ssize_t D, float *out, Py_ssize_t k0,
                          Py_ssize_t k1)
@@ -53,6 +56,7 @@ ACTS = {"silu": PP_ACT_SILU, "gelu": PP_ACT_GELU, "gelu_tanh": PP_ACT_GELU_TANH,
 cdef Py_ssize_t MAX_CHUNKS = 32
 cdef Py_ssize_t MIN_CHUNK = 16
 cdef Py_ssize_t SUM_SLICE = 64     # floats per reduction slice (4 cache lines)
+MAX_TOKENS = PP_FFN_MAX_T          # ffn_sparse takes x [T, D] for T up to this (batch-invariant kernel)
 
 
 cdef int _check_idx(const int32_t *idx, Py_ssize_t n, Py_ssize_t F) noexcept nogil:
@@ -74,25 +78,34 @@ cdef void _set_matrices(pp_ffn_args *a, gate, up, down_t):
     a.gate_s = NULL if gate is None or gate[1] is None else <const uint16_t *>cnp.PyArray_DATA(gate[1])
 
 
+cdef inline void _chunk(const pp_ffn_args *a, Py_ssize_t j0, Py_ssize_t j1, float *acc) noexcept nogil:
+    if a.T == 1:
+        pp_ffn_chunk(a, j0, j1, acc)
+    else:
+        pp_ffn_chunk_batch(a, j0, j1, acc)
+
+
 cdef void _run(pp_ffn_args *a, Py_ssize_t n, Py_ssize_t CH, Py_ssize_t C, float *part, float *out,
                int nt) noexcept nogil:
-    # Phase 1: chunk c = neurons [c*CH, min(n, (c+1)*CH)) -> part[c]. Phase 2 (after an explicit
-    # barrier: Cython's prange is `omp for nowait`): out[k] = sum_c part[c][k], in chunk order, slices of k shared over the team.
-    cdef Py_ssize_t c, s, S = (a.D + SUM_SLICE - 1) // SUM_SLICE
+    # Phase 1: chunk c = neurons [c*CH, min(n, (c+1)*CH)) -> part[c] ([T, D], a row of TD floats).
+    # Phase 2 (after an explicit barrier: Cython's prange is `omp for nowait`): out[k] = sum_c part[c][k],
+    # in chunk order, slices of k shared over the team. Chunks depend on n only, never on T, so every
+    # token's sums are those of a decode step.
+    cdef Py_ssize_t c, s, TD = a.T * a.D, S = (TD + SUM_SLICE - 1) // SUM_SLICE
     if C == 1:                                   # one chunk: its partial is the answer
-        pp_ffn_chunk(a, 0, n, out)
+        _chunk(a, 0, n, out)
         return
     if nt <= 1:
         for c in range(C):
-            pp_ffn_chunk(a, c * CH, min(n, (c + 1) * CH), part + c * a.D)
-        pp_sum_partials(part, C, a.D, out, 0, a.D)
+            _chunk(a, c * CH, min(n, (c + 1) * CH), part + c * TD)
+        pp_sum_partials(part, C, TD, out, 0, TD)
         return
     with parallel(num_threads=nt):
         for c in prange(C, schedule="static"):
-            pp_ffn_chunk(a, c * CH, min(n, (c + 1) * CH), part + c * a.D)
+            _chunk(a, c * CH, min(n, (c + 1) * CH), part + c * TD)
         pp_barrier()
         for s in prange(S, schedule="static"):
-            pp_sum_partials(part, C, a.D, out, s * SUM_SLICE, min(a.D, (s + 1) * SUM_SLICE))
+            pp_sum_partials(part, C, TD, out, s * SUM_SLICE, min(TD, (s + 1) * SUM_SLICE))
 
 
 def ffn_sparse(fmt, x, gate, up, down_t, idx, act, out=None, h_out=None, n_threads=1, simd=True):
@@ -101,6 +114,8 @@ def ffn_sparse(fmt, x, gate, up, down_t, idx, act, out=None, h_out=None, n_threa
 
     fmt: "f32" | "f16" | "q8" | "q4"; gate, up, down_t: (data, scales) of [F, D] matrices; x: float32
     [D]; idx: int32 [n] sorted unique in [0, F), or None for all neurons; act: a key of ACTS.
+    x may also be [T, D] with 1 <= T <= MAX_TOKENS (out then [T, D], h_out not allowed): each weight row
+    is read once for all T tokens, and row t of out is bitwise ffn_sparse(x[t]) with the same idx.
     """
     cdef int nt = check_threads(n_threads)
     cdef pp_ffn_args a
@@ -119,9 +134,19 @@ def ffn_sparse(fmt, x, gate, up, down_t, idx, act, out=None, h_out=None, n_threa
         if N > 1 and (rs != a.rs or ss != a.ss):
             raise ValueError(f"{name} rows must be strided like up's ({a.rs} data bytes, {a.ss} scales), "
                              f"got {rs} and {ss}")
-    check_array(x, "x", (np.dtype(np.float32),), 1)
-    if x.shape[0] != D:
-        raise ValueError(f"x must have shape ({D},) to match {F}x{D} FFN matrices, got {x.shape}")
+    if isinstance(x, np.ndarray) and x.ndim == 2:
+        check_array(x, "x", (np.dtype(np.float32),), 2)
+        a.T = x.shape[0]
+        if not 1 <= a.T <= MAX_TOKENS or x.shape[1] != D:
+            raise ValueError(f"x must have shape (T, {D}) with 1 <= T <= {MAX_TOKENS} to match {F}x{D} "
+                             f"FFN matrices, got {x.shape}")
+        if h_out is not None:
+            raise ValueError("h_out is only returned for one token (x of shape (D,))")
+    else:
+        check_array(x, "x", (np.dtype(np.float32),), 1)
+        a.T = 1
+        if x.shape[0] != D:
+            raise ValueError(f"x must have shape ({D},) to match {F}x{D} FFN matrices, got {x.shape}")
     a.idx = NULL
     if idx is None:
         n = F
@@ -136,7 +161,7 @@ def ffn_sparse(fmt, x, gate, up, down_t, idx, act, out=None, h_out=None, n_threa
                              f"{idx[j - 1]}" + (f" after {idx[j - 2]}" if j > 1 else ""))
         if n == F:          # sorted, unique, in range and F of them: every neuron, i.e. the dense pass
             a.idx = NULL    # (same neurons in the same order; only the prefetch policy differs)
-    out = check_out(out, "out", (D,))
+    out = check_out(out, "out", x.shape)
     a.h_out = NULL
     if h_out is not None:
         h_out = check_out(h_out, "h_out", (n,))
@@ -153,7 +178,7 @@ def ffn_sparse(fmt, x, gate, up, down_t, idx, act, out=None, h_out=None, n_threa
     a.bundle = pp_ffn_bundle_start(&a) if F > 1 else NULL
     CH = max(MIN_CHUNK, (n + MAX_CHUNKS - 1) // MAX_CHUNKS)
     C = (n + CH - 1) // CH
-    part = np.empty(C * D if C > 1 else 0, dtype=np.float32)   # [C, D] partial rows
+    part = np.empty(C * a.T * D if C > 1 else 0, dtype=np.float32)   # [C, T, D] partial rows
     cdef float *pp = <float *>cnp.PyArray_DATA(part)
     cdef float *op = <float *>cnp.PyArray_DATA(out)
     with nogil:

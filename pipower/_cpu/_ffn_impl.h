@@ -1,4 +1,5 @@
-/* Sparse FFN, one token: out[D] = sum over active neurons i of h_i * down_t[i],
+/* Sparse FFN, one token (pp_ffn_chunk) or a few (pp_ffn_chunk_batch, bitwise the same per token):
+ * out[D] = sum over active neurons i of h_i * down_t[i],
  *   h_i = act(gate[i] . x) * (up[i] . x)      (gated, LLaMA/Qwen)   or   act(up[i] . x)   (plain MLP)
  * gate/up/down_t: [F, D] in one format (down stored transposed: neuron i's output row is contiguous),
  * row-strided alike: row i of each starts i * rs bytes after its row 0, its scales i * ss halfs after.
@@ -13,7 +14,7 @@
 #ifndef PIPOWER_FFN_IMPL_H
 #define PIPOWER_FFN_IMPL_H
 
-#include "_linear_impl.h"
+#include "_batch_impl.h"
 
 enum { PP_ACT_SILU = 0, PP_ACT_GELU = 1, PP_ACT_GELU_TANH = 2, PP_ACT_RELU = 3 };
 
@@ -36,8 +37,9 @@ typedef struct {
     const uint16_t *gate_s, *up_s, *down_s; /* scales [F, D/32] or NULL (f32/f16) */
     const char *bundle;                     /* neuron i's bytes lie in [bundle + i rs, + rs), or NULL */
     const int32_t *idx;                     /* [n] active neurons, or NULL: neuron j = j */
-    const float *x;                         /* [D] */
-    float *h_out;                           /* [n] or NULL */
+    const float *x;                         /* [T, D] */
+    ptrdiff_t T;                            /* tokens: 1 = decode (pp_ffn_chunk), else pp_ffn_chunk_batch */
+    float *h_out;                           /* [n] or NULL (T == 1 only) */
 } pp_ffn_args;
 
 /* Ask for a row's cache lines ahead of use. Active rows are scattered (sorted but with gaps), so the
@@ -165,6 +167,46 @@ static inline void pp_ffn_chunk(const pp_ffn_args *a, ptrdiff_t j0, ptrdiff_t j1
         /* ReLU-family models give many exact zeros: skipping them saves the down row's read. */
         if (h != 0.0f)
             pp_axpy(a->fmt, a->simd, h, a->down + i * rb, q ? a->down_s + i * nsb : NULL, acc, D);
+    }
+}
+
+/* Neurons j in [j0, j1) for T <= PP_FFN_MAX_T tokens, summed into acc[T, D] (zeroed here). Per token,
+ * the same operations in the same order as pp_ffn_chunk (gate and up dots, activation, a down axpy
+ * skipped when h is exactly 0) through the batched row kernels (_batch_impl.h), each weight row read
+ * once for all tokens: row t of the result is bitwise what pp_ffn_chunk computes for token t alone. */
+#define PP_FFN_MAX_T 64
+static inline void pp_ffn_chunk_batch(const pp_ffn_args *a, ptrdiff_t j0, ptrdiff_t j1, float *acc) {
+    const ptrdiff_t D = a->D, rb = a->rs, nsb = a->ss, T = a->T;
+    const int q = a->up_s != NULL;
+    /* Per neuron the arithmetic is T times a decode step's, so one span ahead (two when short) hides
+     * the next neuron's memory latency. */
+    const ptrdiff_t near = rb >= PP_FFN_SPREAD_NEAR_BYTES ? 1 : 2;
+    float g[PP_FFN_MAX_T], u[PP_FFN_MAX_T], h[PP_FFN_MAX_T];
+    float *rows[PP_FFN_MAX_T];
+    memset(acc, 0, (size_t)(T * D) * sizeof(float));
+    for (ptrdiff_t j = j0; j < j1; j++) {
+        const ptrdiff_t i = pp_ffn_neuron(a, j);
+        if (a->bundle && j + near < a->n) {
+            pp_prefetch_row(a->bundle + pp_ffn_neuron(a, j + near) * rb, rb);
+        } else if (!a->bundle && a->idx && j + PP_FFN_PREFETCH_AHEAD < j1) {
+            const ptrdiff_t ip = (ptrdiff_t)a->idx[j + PP_FFN_PREFETCH_AHEAD], len = pp_row_bytes(a->fmt, D);
+            if (a->gate) pp_prefetch_row(a->gate + ip * rb, len);
+            pp_prefetch_row(a->up + ip * rb, len);
+            pp_prefetch_row(a->down + ip * rb, len);
+        }
+        if (a->gate)
+            pp_dotn(a->fmt, a->simd, a->gate + i * rb, q ? a->gate_s + i * nsb : NULL, a->x, D, D, T, g, 1);
+        pp_dotn(a->fmt, a->simd, a->up + i * rb, q ? a->up_s + i * nsb : NULL, a->x, D, D, T, u, 1);
+        ptrdiff_t m = 0;                    /* tokens whose h is not exactly 0, as pp_ffn_chunk skips */
+        for (ptrdiff_t t = 0; t < T; t++) {
+            const float ht = a->gate ? pp_act(a->act, g[t]) * u[t] : pp_act(a->act, u[t]);
+            if (ht != 0.0f) {
+                h[m] = ht;
+                rows[m++] = acc + t * D;
+            }
+        }
+        if (m)
+            pp_axpyn(a->fmt, a->simd, h, a->down + i * rb, q ? a->down_s + i * nsb : NULL, rows, D, m);
     }
 }
 

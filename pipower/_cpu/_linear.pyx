@@ -2,7 +2,9 @@
 """Dense projections over pipower's weight formats (f32, f16, q8, q4; layouts in pipower/quant.py).
 
     gemv(fmt, data, scales, x [K], out [N])        decode: y = W x, row-parallel, reads W once
-    gemm(fmt, data, scales, x [T, K], out [T, N])  prefill: Y = X W^T (dequantized row tiles + BLAS)
+    gemm(fmt, data, scales, x [T, K], out [T, N])  Y = X W^T: T <= MAX_TOKENS batch-invariant row kernel
+                                                    (row t bitwise gemv(x[t])), above it dequantized
+                                                    row tiles + BLAS (large prompt prefills)
     dequantize_rows(fmt, data, scales, ...)         float32 rows exactly as quant.dequantize gives them
 
 `fmt` is the QMatrix format name, `data`/`scales` its arrays (scales None for f32/f16); each row must be
@@ -20,6 +22,11 @@ from libc.math cimport sqrtf
 from libc.stdint cimport int32_t, uint16_t
 
 cnp.import_array()
+
+cdef extern from "_batch_impl.h" nogil:
+    void pp_gemm_rows(int fmt, int simd, const char *data, Py_ssize_t rs, const uint16_t *scales,
+                      Py_ssize_t ss, const float *x, Py_ssize_t T, float *y, Py_ssize_t N, Py_ssize_t K,
+                      Py_ssize_t n0, Py_ssize_t n1)
 
 cdef extern from "_linear_impl.h" nogil:
     int PP_HAVE_AVX512
@@ -43,6 +50,9 @@ cdef object _DATA_DTYPES = {"f32": (_F32,), "f16": (_F16, _U16), "q8": (np.dtype
 cdef Py_ssize_t PARALLEL_MIN_BYTES = 1 << 16
 # gemm dequantizes this many float32 bytes of W per tile (stays in L2 while BLAS uses it).
 cdef Py_ssize_t GEMM_TILE_BYTES = 1 << 20
+# gemm over at most this many tokens runs the batch-invariant row kernel (_batch_impl.h); more tokens
+# (a long prompt's prefill) go to dequantize + BLAS, whose results depend on T.
+MAX_TOKENS = 64
 
 
 def check_threads(n_threads):
@@ -266,16 +276,35 @@ def dequantize_rows(fmt, data, scales, idx=None, start=0, stop=None, out=None, n
 
 
 # ---- gemm -----------------------------------------------------------------------------------------
-def gemm(fmt, data, scales, x, out=None, n_threads=1):
-    """Y = X @ W^T for T tokens (prefill). W: [N, K] in `fmt`; x: float32 [T, K]; out: float32 [T, N].
+cdef void _gemm_rows(int fmt, int simd, const char *data, Py_ssize_t rs, const uint16_t *scales, Py_ssize_t ss,
+                     const float *x, Py_ssize_t T, float *y, Py_ssize_t N, Py_ssize_t K, int nt) noexcept nogil:
+    # Rows split over threads as in _gemv (contiguous parts, multiples of 16 rows); each (t, n) is one
+    # dot product whose arithmetic never depends on the thread or on T.
+    cdef Py_ssize_t per, p, lo, hi
+    if nt <= 1:
+        pp_gemm_rows(fmt, simd, data, rs, scales, ss, x, T, y, N, K, 0, N)
+        return
+    per = (N + nt - 1) // nt
+    per = (per + 15) // 16 * 16
+    with parallel(num_threads=nt):
+        for p in prange(nt, schedule="static"):
+            lo = p * per
+            hi = min(N, lo + per)
+            if lo < hi:
+                pp_gemm_rows(fmt, simd, data, rs, scales, ss, x, T, y, N, K, lo, hi)
 
-    f32 goes straight to NumPy's BLAS. Compact formats are dequantized ~1 MiB of rows at a time into
-    float32 scratch (exactly dequantize()'s values, on ONE thread so the OpenMP team and the BLAS pool
-    never run at the same time) and each tile is multiplied by BLAS: Y[:, tile] = X @ tile^T. The
-    dequantization costs ~N*K*4 bytes of L2 writes, small next to the 2*T*N*K flops once T >~ 16.
-    n_threads is accepted for a uniform signature; BLAS uses its own pool (pipower.threads.blas_threads).
+
+def gemm(fmt, data, scales, x, out=None, n_threads=1, simd=True, invariant=None):
+    """Y = X @ W^T for T tokens. W: [N, K] in `fmt`; x: float32 [T, K]; out: float32 [T, N].
+
+    invariant (default: T <= MAX_TOKENS): the batched row kernel on n_threads OpenMP threads, each
+    weight row read once for all T tokens, row t of Y bitwise gemv(x[t]) (batch invariance). Otherwise
+    (long prompts): f32 goes straight to NumPy's BLAS; compact formats are dequantized ~1 MiB of rows at
+    a time into float32 scratch (exactly dequantize()'s values, on ONE thread so the OpenMP team and the
+    BLAS pool never run at the same time) and each tile is multiplied by BLAS: Y[:, tile] = X @ tile^T;
+    BLAS uses its own pool (pipower.threads.blas_threads) and its sums depend on T.
     """
-    check_threads(n_threads)
+    cdef int nt = check_threads(n_threads)
     cdef int code
     cdef Py_ssize_t N, K, T, n0, n1, R, rs, ss
     code, N, K, rs, ss = check_weight(fmt, data, scales)
@@ -285,6 +314,15 @@ def gemm(fmt, data, scales, x, out=None, n_threads=1):
         raise ValueError(f"x must have shape (T, {K}) to match a {N}x{K} matrix, got {x.shape}")
     out = check_out(out, "out", (T, N))
     if T == 0 or N == 0:
+        return out
+    if invariant is None:
+        invariant = T <= MAX_TOKENS
+    if invariant:
+        if data.nbytes < PARALLEL_MIN_BYTES:
+            nt = 1
+        _gemm_rows(code, 1 if simd else 0, _ptr(data), rs, _sptr(scales), ss,
+                   <const float *>cnp.PyArray_DATA(x), T, <float *>cnp.PyArray_DATA(out), N, K,
+                   <int>min(nt, N))
         return out
     if fmt == "f32":
         return np.matmul(x, data.T, out=out)

@@ -125,6 +125,33 @@ static inline void pp_axpy_q4_c(float h, const uint8_t *p, const uint16_t *d, fl
     }
 }
 
+/* The portable kernels are called through these out-of-line functions from every caller, single-token
+ * and batched (_batch_impl.h): inlined into different loops, `omp simd` reductions could be vectorized
+ * differently and a token's result would depend on the batch it came in. */
+#if defined(__GNUC__) || defined(__clang__)
+#  define PP_NOINLINE __attribute__((noinline))
+#else
+#  define PP_NOINLINE
+#endif
+static PP_NOINLINE float pp_dot_row_c(int fmt, const void *row, const uint16_t *d, const float *x, ptrdiff_t K) {
+    switch (fmt) {
+    case PP_F32: return pp_dot_f32_c((const float *)row, x, K);
+    case PP_F16: return pp_dot_f16_c((const uint16_t *)row, x, K);
+    case PP_Q8: return pp_dot_q8_c((const int8_t *)row, d, x, K);
+    default: return pp_dot_q4_c((const uint8_t *)row, d, x, K);
+    }
+}
+
+static PP_NOINLINE void pp_axpy_row_c(int fmt, float h, const void *row, const uint16_t *d, float *acc,
+                                      ptrdiff_t D) {
+    switch (fmt) {
+    case PP_F32: pp_axpy_f32_c(h, (const float *)row, acc, D); return;
+    case PP_F16: pp_axpy_f16_c(h, (const uint16_t *)row, acc, D); return;
+    case PP_Q8: pp_axpy_q8_c(h, (const int8_t *)row, d, acc, D); return;
+    default: pp_axpy_q4_c(h, (const uint8_t *)row, d, acc, D); return;
+    }
+}
+
 /* ================================ AVX-512 versions ================================================= */
 #if PP_HAVE_AVX512
 
@@ -159,7 +186,7 @@ static inline float pp_dot_f16_v(const uint16_t *w, const float *x, ptrdiff_t K)
         a1 = _mm512_fmadd_ps(pp_load_h16(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
     }
     float acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
-    return acc + pp_dot_f16_c(w + k, x + k, K - k);   /* < 32 leftover elements */
+    return acc + pp_dot_row_c(PP_F16, w + k, NULL, x + k, K - k);   /* < 32 leftover elements */
 }
 
 /* 16 int8 -> 16 floats; 16 packed bytes -> low and high nibbles minus 8 as floats. */
@@ -228,7 +255,7 @@ static inline void pp_axpy_f32_v(float h, const float *w, float *acc, ptrdiff_t 
     ptrdiff_t k = 0;
     for (; k + 16 <= D; k += 16)
         _mm512_storeu_ps(acc + k, _mm512_fmadd_ps(hv, _mm512_loadu_ps(w + k), _mm512_loadu_ps(acc + k)));
-    pp_axpy_f32_c(h, w + k, acc + k, D - k);
+    pp_axpy_row_c(PP_F32, h, w + k, NULL, acc + k, D - k);
 }
 
 static inline void pp_axpy_f16_v(float h, const uint16_t *w, float *acc, ptrdiff_t D) {
@@ -236,7 +263,7 @@ static inline void pp_axpy_f16_v(float h, const uint16_t *w, float *acc, ptrdiff
     ptrdiff_t k = 0;
     for (; k + 16 <= D; k += 16)
         _mm512_storeu_ps(acc + k, _mm512_fmadd_ps(hv, pp_load_h16(w + k), _mm512_loadu_ps(acc + k)));
-    pp_axpy_f16_c(h, w + k, acc + k, D - k);
+    pp_axpy_row_c(PP_F16, h, w + k, NULL, acc + k, D - k);
 }
 
 static inline void pp_axpy_q8_v(float h, const int8_t *q, const uint16_t *d, float *acc, ptrdiff_t D) {
@@ -276,12 +303,7 @@ static inline float pp_dot(int fmt, int simd, const void *row, const uint16_t *d
     }
 #endif
     (void)simd;
-    switch (fmt) {
-    case PP_F32: return pp_dot_f32_c((const float *)row, x, K);
-    case PP_F16: return pp_dot_f16_c((const uint16_t *)row, x, K);
-    case PP_Q8: return pp_dot_q8_c((const int8_t *)row, d, x, K);
-    default: return pp_dot_q4_c((const uint8_t *)row, d, x, K);
-    }
+    return pp_dot_row_c(fmt, row, d, x, K);
 }
 
 static inline void pp_axpy(int fmt, int simd, float h, const void *row, const uint16_t *d, float *acc,
@@ -297,12 +319,7 @@ static inline void pp_axpy(int fmt, int simd, float h, const void *row, const ui
     }
 #endif
     (void)simd;
-    switch (fmt) {
-    case PP_F32: pp_axpy_f32_c(h, (const float *)row, acc, D); return;
-    case PP_F16: pp_axpy_f16_c(h, (const uint16_t *)row, acc, D); return;
-    case PP_Q8: pp_axpy_q8_c(h, (const int8_t *)row, d, acc, D); return;
-    default: pp_axpy_q4_c(h, (const uint8_t *)row, d, acc, D); return;
-    }
+    pp_axpy_row_c(fmt, h, row, d, acc, D);
 }
 
 /* Matrices are row-strided: row n's bytes start at data + n * rs (rs >= pp_row_bytes; rs > row bytes when

@@ -4,9 +4,12 @@
     ffn(x [T, D], gate, up, down_t, act, n_threads, idx=None) -> [T, D]
 
 W / gate / up / down_t: a pipower.quant.QMatrix or a plain float32 ndarray [rows, K] (treated as f32).
-T == 1 (decode) runs the compiled kernels on n_threads OpenMP threads: gemv, and the fused sparse FFN
-(results bitwise independent of n_threads). T > 1 (prefill) dequantizes row tiles to float32 (exactly
-quant.dequantize's values) and multiplies them with NumPy's BLAS, which uses its own thread pool.
+T <= MAX_TOKENS runs the compiled kernels on n_threads OpenMP threads: gemv / the batched row kernel,
+and the fused sparse FFN, each weight row read once for all T tokens. Their results are bitwise
+independent of n_threads and of T: row t of a T-token call is bitwise what a one-token call computes for
+x[t] (batch invariance; with a per-token neuron mask the FFN takes the path below instead). Longer inputs
+(a long prompt's prefill) dequantize row tiles to float32 (exactly quant.dequantize's values) and multiply
+them with NumPy's BLAS, which uses its own thread pool and whose sums depend on T.
 Inputs must be float32 and C-contiguous (the graph's arrays are); the kernels raise ValueError otherwise.
 """
 from __future__ import annotations
@@ -16,6 +19,9 @@ import numpy as np
 from ..ops import ACTIVATIONS
 from ..quant import QMatrix
 from . import _ffn, _linear
+
+# Largest T on the batch-invariant kernels (the same bound for projections and the FFN).
+MAX_TOKENS = min(_linear.MAX_TOKENS, _ffn.MAX_TOKENS)
 
 # FFN prefill: float32 bytes of one dequantized [R, D] tile. Few big tiles beat many L2-sized ones here:
 # each tile costs an OpenMP -> BLAS hand-over, and with 128-neuron tiles those hand-overs dominated
@@ -36,7 +42,7 @@ def linear(x: np.ndarray, W, bias: np.ndarray | None = None, n_threads: int = 1)
     if x.ndim == 2 and x.shape[0] == 1:
         y = _linear.gemv(fmt, data, scales, x.reshape(-1), n_threads=n_threads).reshape(1, -1)
     else:
-        y = _linear.gemm(fmt, data, scales, x, n_threads=n_threads)
+        y = _linear.gemm(fmt, data, scales, x, n_threads=n_threads, invariant=x.shape[0] <= MAX_TOKENS)
     if bias is not None:
         y += bias
     return y
@@ -64,6 +70,9 @@ def ffn(x: np.ndarray, gate, up, down_t, act: str, n_threads: int = 1,
         _ffn.ffn_sparse(fu, x.reshape(-1), None if gd is None else (gd, gs), (ud, us), (dd, ds), idx, act,
                         out=out.reshape(-1), n_threads=n_threads)
         return out
+    if x.ndim == 2 and x.shape[0] <= MAX_TOKENS and mask is None:
+        return _ffn.ffn_sparse(fu, x, None if gd is None else (gd, gs), (ud, us), (dd, ds), idx, act,
+                               n_threads=n_threads)
     return _ffn_prefill(x, fu, (gd, gs), (ud, us), (dd, ds), act, idx, n_threads, mask)
 
 
