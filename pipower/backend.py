@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 
 from .errors import BackendError, InvalidArgumentError
@@ -28,9 +29,16 @@ def make_ops(backend: str = "auto", threads: int | None = None) -> NumpyOps:
     """-> the ops object for `backend`. 'auto' = cython when built, else numpy with a logged warning."""
     if backend not in BACKENDS:
         raise InvalidArgumentError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
-    threads = threads or default_threads()
-    if threads < 1:
-        raise InvalidArgumentError(f"threads must be >= 1, got {threads}")
+    available = default_threads()
+    if threads is None:
+        threads = available
+    if isinstance(threads, bool) or not isinstance(threads, numbers.Integral) or threads < 1:
+        raise InvalidArgumentError(f"threads must be an integer >= 1 (None = all {available} cores available), "
+                                   f"got {threads!r}")
+    threads = int(threads)
+    if threads > available:
+        log.warning("%d threads requested but only %d cores are available to this process: the extra threads "
+                    "share cores and usually make the kernels slower", threads, available)
     ok, why = cython_status()
     if backend == "cython" and not ok:
         raise BackendError(f"the Cython extension pipower._cpu is not built ({why}); reinstall pipower "

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import signal
 import sys
 
 from .errors import InvalidArgumentError, PipowerError
@@ -49,7 +51,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("-m", "--model", default=DEFAULT_MODEL,
                    help=f"GGUF file, Hugging Face model directory, or known model name (default: {DEFAULT_MODEL})")
     p.add_argument("-t", "--threads", type=int, default=None,
-                   help="CPU threads for the kernels (default: all cores available to this process)")
+                   help="CPU threads for the kernels, at least 1; more than the cores available to this "
+                        "process draws a warning (default: all cores available to this process)")
     p.add_argument("--backend", choices=("auto", "numpy", "cython"), default="auto",
                    help="ops backend: cython = compiled kernels, numpy = reference; auto = cython when built, "
                         "else numpy with a warning (default: auto)")
@@ -61,14 +64,23 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pipower", description="LLM inference exploiting activation sparsity.",
                                      epilog=EPILOG)
+    from . import __version__
+    parser.add_argument("-V", "--version", action="version", version=f"pipower {__version__}",
+                        help="print the version (pipower X.Y.Z) and exit")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     g = sub.add_parser("generate", help="generate text from a prompt, streaming it to stdout", epilog=EPILOG,
-                       description="Generate text, streamed to stdout; prefill and decode speed go to stderr.")
-    g.add_argument("prompt_pos", nargs="?", metavar="PROMPT", help="the prompt (or use -p)")
-    g.add_argument("-p", "--prompt", help="the prompt text")
-    g.add_argument("-f", "--file", help="read the prompt from this file")
+                       description="Generate text, streamed to stdout; prefill and decode speed go to stderr. "
+                                   "Prompts (PROMPT, -p, -f, --system, --stop) must be valid UTF-8: invalid "
+                                   "bytes are an error that names the first bad byte's offset, never replaced "
+                                   "silently. Ctrl-C stops generation, prints what was generated and the "
+                                   "stats, and exits 130.")
+    g.add_argument("prompt_pos", nargs="?", metavar="PROMPT", help="the prompt (or use -p); UTF-8 text")
+    g.add_argument("-p", "--prompt", help="the prompt text (UTF-8)")
+    g.add_argument("-f", "--file", metavar="FILE",
+                   help="read the prompt from this file, or from standard input when FILE is '-'; the bytes "
+                        "must be valid UTF-8 (an invalid byte is an error naming its offset)")
     _add_model_args(g)
     g.add_argument("-n", "--n-predict", type=int, default=256, dest="max_tokens",
                    help="maximum number of new tokens (default: 256)")
@@ -108,11 +120,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def utf8_text(raw: bytes, what: str) -> str:
+    """Strictly decode `raw`; invalid UTF-8 is an InvalidArgumentError naming the first bad byte's offset."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InvalidArgumentError(f"{what} is not valid UTF-8: byte 0x{raw[e.start]:02X} at byte offset {e.start} "
+                                   f"({e.reason}); give UTF-8 text") from None
+
+
+def argv_text(s: str | None, what: str) -> str | None:
+    """A command-line string, checked to be UTF-8. Python hands over argv bytes that are not valid UTF-8
+    as lone surrogates (surrogateescape); they would reach the tokenizer as unencodable text."""
+    if s is None:
+        return None
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        pass
+    try:
+        raw = os.fsencode(s)                      # the bytes as they were on the command line
+    except UnicodeEncodeError:
+        raw = s.encode("utf-8", "surrogatepass")
+    return utf8_text(raw, what)
+
+
 def _read_prompt(args) -> str:
-    given = [x for x in (args.prompt_pos, args.prompt) if x is not None]
-    if args.file:
-        with open(args.file, encoding="utf-8") as fh:
-            given.append(fh.read())
+    given = [x for x in (argv_text(args.prompt_pos, "the PROMPT argument"), argv_text(args.prompt, "-p PROMPT"))
+             if x is not None]
+    if args.file is not None:
+        if args.file == "-":
+            given.append(utf8_text(sys.stdin.buffer.read(), "the prompt read from standard input (-f -)"))
+        else:
+            with open(args.file, "rb") as fh:
+                given.append(utf8_text(fh.read(), f"prompt file {args.file}"))
     if len(given) != 1:
         raise SystemExit("pipower generate: error: give exactly one prompt (PROMPT, -p or -f)")
     return given[0]
@@ -128,24 +170,28 @@ def device_kwargs(args) -> dict:
 def cmd_generate(args) -> int:
     import pipower
     prompt = _read_prompt(args)
+    system = argv_text(args.system, "--system")
+    stops = tuple(argv_text(s, "--stop") for s in args.stop)
     model = pipower.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights,
                          **device_kwargs(args))
     model.set_sparsity(act_threshold=args.act_threshold, target_sparsity=args.target_sparsity,
                        predictors=args.predictors, pred_threshold=args.pred_threshold)
     kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p, seed=args.seed, stop=tuple(args.stop))
+                  top_p=args.top_p, seed=args.seed, stop=stops)
     if args.chat:
-        messages = ([{"role": "system", "content": args.system}] if args.system else [])
+        messages = ([{"role": "system", "content": system}] if system else [])
         stream = model.stream_chat(messages + [{"role": "user", "content": prompt}], **kwargs)
     else:
         stream = model.stream(prompt, **kwargs)
+    interrupted = None
     try:
         for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:     # Ctrl-C (or SIGTERM, see main): keep what was generated, exit 130
         stream.close()
         stream.stats.stop_reason = "interrupted"
+        interrupted = e
     sys.stdout.write("\n")
     st = stream.stats
     print(f"\nprefill: {st.prompt_tokens} tokens, {st.prefill_tokens_per_second:.1f} tok/s | "
@@ -154,6 +200,8 @@ def cmd_generate(args) -> int:
           f"backend: {model.backend}, {model.weights} weights, "
           f"{model.transformer.ops.n_threads} threads",
           file=sys.stderr)
+    if interrupted is not None:
+        raise interrupted
     return 0
 
 
@@ -203,16 +251,39 @@ def _commands() -> dict:
     return {"generate": cmd_generate, "fetch": cmd_fetch, "info": cmd_info, **SPARSE, **EVAL}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread like Ctrl-C's KeyboardInterrupt, so the same cleanup runs
+    (a fetch removes its partial download, generation prints what it has); exit status 143."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _check_common_args(args) -> None:
+    threads = getattr(args, "threads", None)
+    if threads is not None and threads < 1:
+        raise InvalidArgumentError(f"-t/--threads must be at least 1, got {threads}")
+
+
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="pipower: %(levelname)s: %(message)s", stream=sys.stderr)
     try:
+        previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:                  # not the main thread (main() called from a thread): leave it
+        previous = False
+    try:
+        _check_common_args(args)
         return _commands()[args.command](args)
     except PipowerError as e:
         print(f"pipower: error: {e}", file=sys.stderr)
         return 1
+    except Terminated:
+        print("pipower: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("pipower: interrupted", file=sys.stderr)
         return 130
@@ -221,6 +292,9 @@ def main(argv=None) -> int:
     except OSError as e:  # e.g. -f file missing
         print(f"pipower: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if previous is not False:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
 
 if __name__ == "__main__":

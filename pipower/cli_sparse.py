@@ -17,8 +17,11 @@ def add_commands(sub, add_model_args) -> None:
                    help="sources, any of: 'stdlib' (the Python standard library source, default), "
                         "'humaneval-prompts' (the 164 HumanEval prompts only, never solutions or tests), "
                         "files or folders (.py/.txt/.md)")
-    p.add_argument("--tokens", type=int, default=32768, help="tokens to profile (default: 32768)")
-    p.add_argument("--seq-len", type=int, default=512, help="tokens per profiled sequence (default: 512)")
+    p.add_argument("--tokens", type=int, default=32768,
+                   help="tokens to profile (default: 32768); a corpus that runs out first is profiled whole "
+                        "(in full sequences) with a warning saying how many tokens were profiled")
+    p.add_argument("--seq-len", type=int, default=512,
+                   help="tokens per profiled sequence (default: 512); the corpus must hold at least one")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--act-threshold", type=float, default=None,
                    help="tau_act: a neuron is active when |act(gate.x)| > tau_act (default: 0 for ReLU "
@@ -146,9 +149,22 @@ def cmd_profile(args) -> int:
 
     from .sparse.corpus import corpus_files, token_sequences
     from .sparse.profile import profile
-    model = pipower.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights)
+    from .errors import InvalidArgumentError
+    if args.tokens < 1:
+        raise InvalidArgumentError(f"--tokens must be at least 1, got {args.tokens}")
     files = corpus_files(args.corpus)
+    model = pipower.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights)
+    if model.tokenizer is None:
+        raise InvalidArgumentError(f"{model.source} has no tokenizer: profiling needs one to turn the corpus "
+                                   f"into tokens")
     seqs = token_sequences(model.tokenizer, files, args.seq_len, args.tokens)
+    first = next(seqs, None)            # tokenizes only until one sequence is full
+    if first is None:
+        raise InvalidArgumentError(f"the corpus ({' '.join(args.corpus)}) holds fewer tokens than one sequence of "
+                                   f"--seq-len {args.seq_len}: nothing to profile; give more text or a smaller "
+                                   f"--seq-len")
+    import itertools
+    seqs = itertools.chain([first], seqs)
     bar = tqdm(total=args.tokens, desc="profile", unit="tok", file=sys.stderr)
     tau, target = args.act_threshold, args.target_sparsity
     if tau is None and target is None:
@@ -161,6 +177,10 @@ def cmd_profile(args) -> int:
     stats = profile(model, seqs, tau_act=tau, target_sparsity=target, max_samples=args.samples,
                     progress=bar.update, meta={"corpus": " ".join(args.corpus), "files": len(files)})
     bar.close()
+    if stats.n_tokens < args.tokens:
+        print(f"pipower: warning: profiled only {stats.n_tokens} of the {args.tokens} requested tokens: the corpus "
+              f"ran out (it is cut into whole sequences of --seq-len {args.seq_len}; a shorter last piece is "
+              f"dropped)", file=sys.stderr)
     stats.save(args.out)
     freqs = stats.freqs
     print(f"profiled {stats.n_tokens} tokens; mean activity per layer: "

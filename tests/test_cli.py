@@ -117,3 +117,142 @@ def test_known_name_wins_over_a_same_named_non_model_folder(tmp_path, monkeypatc
     assert resolve_source("smollm2-135m") == "fetched:smollm2-135m"
     (tmp_path / "smollm2-135m" / "config.json").write_text("{}")
     assert resolve_source("smollm2-135m") == "smollm2-135m"
+
+
+# ---- issue #15: a newcomer's first hour ----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    from helpers_models import write_tiny_gguf
+    return str(write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf"))
+
+
+def _one_line_error(out, needle):
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().count("\n") == 0, out.stderr
+    assert needle in out.stderr, out.stderr
+
+
+def test_invalid_utf8_prompt_file_is_one_line_error_naming_the_offset(tiny_gguf, tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"Hello \xff there")
+    out = run_cli("generate", "-m", tiny_gguf, "-n", "2", "-f", str(bad))
+    _one_line_error(out, "not valid UTF-8")
+    assert "bad.txt" in out.stderr and "0xFF" in out.stderr and "offset 6" in out.stderr
+
+
+def test_invalid_utf8_argv_prompt_is_one_line_error_naming_the_offset(tiny_gguf):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for argv, where in (([b"Hello \xff"], "PROMPT argument is not valid UTF-8: byte 0xFF at byte offset 6"),
+                        ([b"-p", b"\xe2\x82 x"], "-p PROMPT is not valid UTF-8: byte 0xE2 at byte offset 0"),
+                        ([b"--chat", b"--system", b"ok\xc0", b"hi"], "--system is not valid UTF-8: byte 0xC0")):
+        out = subprocess.run([sys.executable, "-m", "pipower", "generate", "-m", tiny_gguf, "-n", "2", *argv],
+                             capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, env=env)
+        _one_line_error(out, where)
+
+
+def test_utf8_rule_is_in_the_help():
+    out = run_cli("generate", "--help")
+    assert out.returncode == 0 and "UTF-8" in out.stdout and "standard input" in out.stdout
+
+
+def test_prompt_file_dash_reads_standard_input(tiny_gguf, tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("def add(a, b):")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    outs = []
+    for args, stdin in ((["-f", "-"], "def add(a, b):"), (["-f", str(f)], None), (["def add(a, b):"], None)):
+        outs.append(subprocess.run([sys.executable, "-m", "pipower", "generate", "-m", tiny_gguf, "-n", "4", *args],
+                                   capture_output=True, text=True, timeout=120, env=env,
+                                   input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL))
+        assert outs[-1].returncode == 0, outs[-1].stderr
+    prompt_tokens = {o.stderr.split("prefill: ")[1].split()[0] for o in outs}
+    assert len(prompt_tokens) == 1 and prompt_tokens != {"0"}       # the same prompt each way
+    assert outs[0].stdout == outs[1].stdout == outs[2].stdout
+
+
+def test_invalid_utf8_on_standard_input_is_one_line_error(tiny_gguf):
+    out = subprocess.run([sys.executable, "-m", "pipower", "generate", "-m", tiny_gguf, "-f", "-"],
+                         capture_output=True, timeout=120, input=b"ok\n\x80", env=os.environ)
+    err = out.stderr.decode()
+    assert out.returncode == 1 and "Traceback" not in err and "standard input" in err and "offset 3" in err
+
+
+@pytest.mark.parametrize("flag", ["--version", "-V"])
+def test_version(flag):
+    import pipower
+    out = run_cli(flag)
+    assert out.returncode == 0 and out.stdout.strip() == f"pipower {pipower.__version__}"
+
+
+def test_zero_threads_is_one_line_error(tiny_gguf):
+    _one_line_error(run_cli("generate", "-m", tiny_gguf, "-n", "1", "-t", "0", "hi"), "--threads")
+    _one_line_error(run_cli("bench", "-m", tiny_gguf, "-t", "-2"), "--threads")
+
+
+def test_more_threads_than_cores_warns(tiny_gguf):
+    from pipower.backend import default_threads
+    n = default_threads() + 3
+    out = run_cli("generate", "-m", tiny_gguf, "-n", "1", "--backend", "numpy", "-t", str(n), "hi")
+    assert out.returncode == 0, out.stderr
+    assert f"{n} threads requested but only {default_threads()} cores" in out.stderr
+
+
+def test_library_threads_zero_raises_and_too_many_warns(caplog):
+    from pipower.backend import default_threads, make_ops
+    from pipower.errors import InvalidArgumentError
+    with pytest.raises(InvalidArgumentError, match="threads"):
+        make_ops("numpy", 0)
+    with caplog.at_level("WARNING", logger="pipower"):
+        assert make_ops("numpy", default_threads() + 1).n_threads == default_threads() + 1
+    assert "cores are available" in caplog.text
+
+
+def test_ctrl_c_during_generation_prints_the_text_so_far_and_exits_130(tiny_gguf, capsys, monkeypatch):
+    assert main(["generate", "-m", tiny_gguf, "-n", "3", "--backend", "numpy", "Once upon"]) == 0
+    full, _ = capsys.readouterr()
+    import pipower.generate as gen
+    real, calls = gen.decode_one_token, []
+
+    def decode_then_interrupt(*a, **kw):          # the user presses Ctrl-C during the third token's step
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+    monkeypatch.setattr(gen, "decode_one_token", decode_then_interrupt)
+    assert main(["generate", "-m", tiny_gguf, "-n", "50", "--backend", "numpy", "Once upon"]) == 130
+    out, err = capsys.readouterr()
+    assert len(calls) == 3
+    assert out == full                              # the 3 tokens generated before the interrupt
+    assert "decode: 3 tokens" in err and "stop: interrupted" in err and "pipower: interrupted" in err
+
+
+def test_profile_corpus_shorter_than_a_sequence_is_one_line_error(tiny_gguf, tmp_path):
+    short, empty = tmp_path / "short.txt", tmp_path / "empty.txt"
+    short.write_text("x = 1\n")
+    empty.write_text("")
+    for corpus in (short, empty):
+        out = run_cli("profile", "-m", tiny_gguf, "--corpus", str(corpus), "--out", str(tmp_path / "s.st"))
+        _one_line_error(out, "fewer tokens than one sequence of --seq-len 512")
+    assert not (tmp_path / "s.st").exists()
+
+
+def test_profile_warns_when_the_corpus_runs_out(tiny_gguf, tmp_path, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("x = 1\ny = 2\n")                 # 12 tokens: one sequence of 8, 4 left over
+    out_file = str(tmp_path / "s.safetensors")
+    assert main(["profile", "-m", tiny_gguf, "--backend", "numpy", "--corpus", str(corpus), "--seq-len", "8",
+                 "--tokens", "64", "--target-sparsity", "0.5", "--out", out_file]) == 0
+    err = capsys.readouterr().err
+    assert "profiled only 8 of the 64 requested tokens" in err
+
+
+def test_library_profile_of_no_sequences_raises(tiny_gguf):
+    import pipower
+    from pipower.errors import InvalidArgumentError
+    from pipower.sparse.profile import profile
+    m = pipower.load(tiny_gguf, backend="numpy", progress=False)
+    for kw in (dict(tau_act=0.0), dict(target_sparsity=0.5)):
+        with pytest.raises(InvalidArgumentError, match="no sequences"):
+            profile(m, [], **kw)

@@ -87,6 +87,8 @@ def profile(model, sequences, *, tau_act: float | None = None, target_sparsity: 
     calib = []
     if target_sparsity is not None:
         calib = [s for _, s in zip(range(calibration_sequences), seqs)]
+        if not calib:
+            raise InvalidArgumentError("no sequences to profile (an empty corpus, or one shorter than a sequence)")
         samples = [[] for _ in range(L)]
 
         def collect(layer, x, h):
@@ -100,6 +102,8 @@ def profile(model, sequences, *, tau_act: float | None = None, target_sparsity: 
     recorder = ActivationRecorder(t, tau, max_samples, sample_rate, seed)
     import itertools
     _run(t, itertools.chain(calib, seqs), recorder, progress)
+    if recorder.n_tokens == 0:
+        raise InvalidArgumentError("no sequences to profile (an empty corpus, or one shorter than a sequence)")
     info = {"model_fingerprint": model.fingerprint, "model_source": model.source,
             "tau_act": None if tau_act is None else float(tau_act), "target_sparsity": target_sparsity,
             "weights": t.weights, **(meta or {})}
