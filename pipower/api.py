@@ -90,15 +90,30 @@ class Model:
                                for s in range(0, ids.size, PREFILL_CHUNK)])
 
     # -- text -----------------------------------------------------------------------------------
-    def _require_tokenizer(self):
+    def _require_tokenizer(self, need: str = "text prompts need one"):
         if self.tokenizer is None:
-            raise TokenizerError(f"{self.source} has no tokenizer; pass token ids instead of text")
+            raise TokenizerError(f"{self.source} has no tokenizer (no tokenizer.json / tokenizer.model): {need}. "
+                                 f"Without one, give token ids to generate_ids() (returns the new token ids) "
+                                 f"or logits()")
         return self.tokenizer
 
     def _prompt_ids(self, prompt) -> list[int]:
+        """Token ids of `prompt`: str is encoded; a sequence of integers is taken as token ids. bytes are
+        refused rather than guessed at (as a sequence they would read as byte values = token ids)."""
         if isinstance(prompt, str):
             return self._require_tokenizer().encode(prompt)
-        ids = [int(i) for i in prompt]
+        if isinstance(prompt, (bytes, bytearray, memoryview)):
+            raise InvalidArgumentError(f"prompt is {type(prompt).__name__}: give text as str (e.g. "
+                                       f"data.decode('utf-8')) or token ids as a list of int")
+        try:
+            arr = np.asarray(prompt)
+        except (TypeError, ValueError) as e:
+            raise InvalidArgumentError(f"prompt must be str or a sequence of token ids, got "
+                                       f"{type(prompt).__name__}: {e}") from None
+        if arr.ndim != 1 or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
+            raise InvalidArgumentError(f"prompt must be str or a flat sequence of integer token ids, got "
+                                       f"{type(prompt).__name__} ({arr.dtype}, shape {arr.shape})")
+        ids = [int(i) for i in arr]
         if ids and (min(ids) < 0 or max(ids) >= self.config.vocab_size):
             raise InvalidArgumentError(f"token ids must be in [0, {self.config.vocab_size})")
         return ids
@@ -111,28 +126,45 @@ class Model:
 
     def stream(self, prompt, max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                top_p: float = 1.0, seed: int | None = None, stop: Iterable[str] = ()) -> TextStream:
-        """Iterator of text pieces as they are generated. `prompt`: text or a list of token ids.
+        """Iterator of text pieces as they are generated. `prompt`: text (str) or a list of token ids;
+        bytes are refused (InvalidArgumentError): decode them first. The output is text, so the model needs
+        a tokenizer even for an id prompt; without one, use generate_ids().
 
         The text continues the prompt, so a SentencePiece model's first piece keeps its leading space.
         """
-        return self._stream(self._prompt_ids(prompt), False, max_tokens, temperature, top_k, top_p, seed, stop)
+        ids = self._prompt_ids(prompt)
+        tok = self._require_tokenizer("generate() and stream() return text, which needs one to decode the "
+                                      "new tokens")
+        return self._stream(ids, False, max_tokens, temperature, top_k, top_p, seed, stop, tok)
 
-    def _stream(self, ids, strip_first_space, max_tokens, temperature, top_k, top_p, seed, stop) -> TextStream:
+    def _token_stream(self, ids, max_tokens, temperature, top_k, top_p, seed) -> tuple:
         if max_tokens < 0:
             raise InvalidArgumentError(f"max_tokens must be >= 0, got {max_tokens}")
-        tok = self._require_tokenizer()
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, seed))
         stats = GenerationStats()
         self.last_stats = stats
         token_ids = _count_sparsity(
             generate_ids(self.transformer, ids, sampler, max_tokens, self._stop_ids(), stats),
             self.transformer.ffn_neurons, stats)
+        return token_ids, stats
+
+    def _stream(self, ids, strip_first_space, max_tokens, temperature, top_k, top_p, seed, stop,
+                tok) -> TextStream:
+        token_ids, stats = self._token_stream(ids, max_tokens, temperature, top_k, top_p, seed)
         decoder = tok.stream_decoder(strip_first_space=strip_first_space)
         return TextStream(stream_text(token_ids, decoder, tuple(stop), stats), stats)
 
+    def generate_ids(self, prompt, max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
+                     top_p: float = 1.0, seed: int | None = None) -> list[int]:
+        """The new token ids after `prompt` (token ids, or text when the model has a tokenizer), until an
+        end-of-sequence id (not included) or max_tokens. Works without a tokenizer; stats in last_stats."""
+        ids = self._prompt_ids(prompt)
+        return list(self._token_stream(ids, max_tokens, temperature, top_k, top_p, seed)[0])
+
     def generate(self, prompt, max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop: Iterable[str] = ()) -> str:
-        """The completion of `prompt` (text or ids) as one string, without the prompt."""
+        """The completion of `prompt` (str, or a list of token ids; not bytes) as one string, without the
+        prompt. Needs a tokenizer for the text it returns: see generate_ids() for a model without one."""
         return "".join(self.stream(prompt, max_tokens, temperature, top_k, top_p, seed, stop))
 
     def chat(self, messages: list[dict], **kwargs) -> str:
@@ -142,9 +174,10 @@ class Model:
     def stream_chat(self, messages: list[dict], max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                     top_p: float = 1.0, seed: int | None = None, stop: Iterable[str] = ()) -> TextStream:
         """Like chat(), as an iterator of text pieces. The reply starts fresh: no leading space."""
-        prompt = self._require_tokenizer().apply_chat_template(messages, add_generation_prompt=True)
-        ids = self.tokenizer.encode(prompt, add_bos=None, parse_special=True)
-        return self._stream(ids, True, max_tokens, temperature, top_k, top_p, seed, stop)
+        tok = self._require_tokenizer("chat needs one for its template and its text")
+        prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
+        ids = tok.encode(prompt, add_bos=None, parse_special=True)
+        return self._stream(ids, True, max_tokens, temperature, top_k, top_p, seed, stop, tok)
 
 
 def _count_sparsity(token_ids, selector, stats: GenerationStats):

@@ -11,7 +11,7 @@ import codecs
 import re
 from typing import Iterable
 
-from ..errors import TokenizerError
+from ..errors import InvalidArgumentError, TokenizerError
 
 # Token texts that end a turn or a document in the vocabularies we meet (the same list llama.cpp
 # uses for its end-of-generation set). A model's eos id is always added on top.
@@ -32,6 +32,16 @@ def stop_ids_for(token_of_id: Iterable[tuple[int, str]], *extra_ids: int | None)
     ids = {i for i, text in token_of_id if text in END_OF_TURN_TEXTS}
     ids.update(i for i in extra_ids if i is not None)
     return frozenset(ids)
+
+
+def check_text(text: str, what: str = "text") -> None:
+    """InvalidArgumentError when `text` cannot be UTF-8 encoded: lone surrogates, e.g. bytes that were
+    not UTF-8 decoded with errors='surrogateescape' (how Python hands over such command-line arguments)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InvalidArgumentError(f"{what} is not valid Unicode: lone surrogate {text[e.start]!r} at character "
+                                   f"{e.start} (undecodable bytes? decode them as UTF-8 strictly)") from None
 
 
 def special_pattern(texts: Iterable[str]) -> re.Pattern | None:
@@ -92,6 +102,7 @@ class Tokenizer:
         """
         if not isinstance(text, str):
             raise TypeError(f"encode expects str, got {type(text).__name__}")
+        check_text(text)
         ids = self._encode(text, parse_special)
         if (self.add_bos if add_bos is None else add_bos) and self.bos_id is not None:
             ids.insert(0, self.bos_id)
