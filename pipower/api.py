@@ -214,7 +214,7 @@ def default_weights(path: str, ops) -> str:
 
 def load(source, *, backend: str = "auto", threads: int | None = None, weights: str | None = None,
          progress: bool = True, device: str = "cpu", vram_budget: int | str | None = None,
-         placement=None, stats=None, predictors=None) -> Model:
+         placement=None, stats=None, predictors=None, cache: bool = True) -> Model:
     """Load a GGUF file, a Hugging Face model directory, or a known model name.
 
     weights: in-memory format of the weight matrices, f32 | f16 | q8 | q4 (pipower.quant); None = q8 for
@@ -223,8 +223,10 @@ def load(source, *, backend: str = "auto", threads: int | None = None, weights: 
     "4GiB", a hard limit on device memory; placement (file from `pipower plan`) or stats (file from
     `pipower profile`, solved at vram_budget) decide the hot neurons of "hybrid"; predictors: the
     predictor file you will use with set_sparsity, so the GPU plan counts its bytes.
+    cache: a GGUF model on the CPU engine is prepared (converted, laid out for the backend) once and
+    kept under $PIPOWER_HOME/prepared (pipower.model_cache); later loads read that instead. False:
+    neither read nor write it. HF directories and device gpu/hybrid/offload always build afresh.
     """
-    from .loader import load_model_files
     from .tokenizer import tokenizer_from_gguf_metadata, tokenizer_from_hf_dir
     device_ops = None
     if isinstance(vram_budget, str):
@@ -241,6 +243,17 @@ def load(source, *, backend: str = "auto", threads: int | None = None, weights: 
     path = resolve_source(source)
     ops = make_ops(backend, threads)
     weights = weights or default_weights(path, ops)
+    key = None
+    if cache and device_ops is None and not os.path.isdir(path):
+        from . import model_cache
+        key = model_cache.cache_key(path, weights, ops)
+        hit = model_cache.load(key, ops)
+        if hit is not None:
+            log.info("loaded %s (%s backend, %s weights, %d threads, prepared-model cache)", path, ops.name,
+                     weights, ops.n_threads)
+            return Model(hit.config, hit.transformer, tokenizer_from_gguf_metadata(hit.tokenizer_meta),
+                         key["source"], hit.fingerprint)
+    from .loader import load_model_files
     files = load_model_files(path, progress=progress)
     if os.path.isdir(path):
         tokenizer = tokenizer_from_hf_dir(path)
@@ -251,6 +264,9 @@ def load(source, *, backend: str = "auto", threads: int | None = None, weights: 
     finally:
         files.close()
     log.info("loaded %s (%s backend, %s weights, %d threads)", path, ops.name, weights, ops.n_threads)
+    if key is not None:
+        model_cache.save(key, transformer, files.config,
+                         {k: v for k, v in files.metadata.items() if k.startswith("tokenizer.")}, files.fingerprint)
     model = Model(files.config, transformer, tokenizer, files.source, files.fingerprint)
     if device_ops is not None:
         from .hybrid import to_device

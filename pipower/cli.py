@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--system", help="system message for --chat (default: the template's own)")
     add_sparsity_args(g)
     add_device_args(g)
+    g.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write the prepared-model cache (see `pipower cache`)")
 
     f = sub.add_parser("fetch", help="download a known model and print its local path",
                        description="Fetch a known model (verified by SHA-256); the last stdout line is the path.",
@@ -117,6 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_commands(sub, _add_model_args)
     from .cli_eval import add_commands as add_eval_commands
     add_eval_commands(sub, _add_model_args)
+    from .cli_cache import add_commands as add_cache_commands
+    add_cache_commands(sub)
     return parser
 
 
@@ -173,6 +177,7 @@ def cmd_generate(args) -> int:
     system = argv_text(args.system, "--system")
     stops = tuple(argv_text(s, "--stop") for s in args.stop)
     model = pipower.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights,
+                         cache=not args.no_cache,
                          **device_kwargs(args))
     model.set_sparsity(act_threshold=args.act_threshold, target_sparsity=args.target_sparsity,
                        predictors=args.predictors, pred_threshold=args.pred_threshold)
@@ -248,7 +253,8 @@ def cmd_info(args) -> int:
 def _commands() -> dict:
     from .cli_eval import COMMANDS as EVAL
     from .cli_sparse import COMMANDS as SPARSE
-    return {"generate": cmd_generate, "fetch": cmd_fetch, "info": cmd_info, **SPARSE, **EVAL}
+    from .cli_cache import COMMANDS as CACHE
+    return {"generate": cmd_generate, "fetch": cmd_fetch, "info": cmd_info, **SPARSE, **EVAL, **CACHE}
 
 
 class Terminated(KeyboardInterrupt):

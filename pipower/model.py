@@ -29,6 +29,13 @@ def store(w: np.ndarray, fmt: str):
     return w if fmt == "f32" else quantize(w, fmt)
 
 
+def stored(tensors, name: str, fmt: str):
+    """store(tensors[name], fmt); a lazy mapping with its own `stored` (the GGUF loader) converts a large
+    matrix row chunk by row chunk, so its float32 copy never exists whole."""
+    convert = getattr(tensors, "stored", None)
+    return convert(name, fmt) if convert is not None else store(tensors[name], fmt)
+
+
 @dataclass
 class LayerWeights:
     attn_norm: np.ndarray            # [D]
@@ -74,21 +81,27 @@ class LayerWeights:
 class Transformer:
     """Weights + graph. Stateless between calls: all per-sequence state lives in the KVCache."""
 
-    def __init__(self, config: ModelConfig, tensors: dict[str, np.ndarray], ops: NumpyOps | None = None,
-                 weights: str = "f32"):
+    def __init__(self, config: ModelConfig, tensors: dict[str, np.ndarray] | None, ops: NumpyOps | None = None,
+                 weights: str = "f32", *, prepared: tuple | None = None):
+        """prepared: (embed_tokens, layers, final_norm, lm_head) already in `weights` format and in the
+        layout `ops.prepare` makes (pipower.model_cache): used as they are, `tensors` unused."""
         if weights not in FORMATS:
             raise InvalidArgumentError(f"unknown weight format {weights!r}; choose one of {', '.join(FORMATS)}")
         self.config = config
         self.ops = ops or NumpyOps()
         self.weights = weights                                                    # f32 | f16 | q8 | q4
-        self.embed_tokens = store(tensors["model.embed_tokens.weight"], weights)  # [V, D]
-        self.layers = [LayerWeights.from_tensors(tensors, i, weights) for i in range(config.num_hidden_layers)]
-        self.final_norm = tensors["model.norm.weight"]                            # [D]
-        head = tensors.get("lm_head.weight")
-        self.lm_head = self.embed_tokens if head is None else store(head, weights)  # [V, D], tied by default
+        if prepared is not None:
+            self.embed_tokens, self.layers, self.final_norm, self.lm_head = prepared
+        else:
+            self.embed_tokens = stored(tensors, "model.embed_tokens.weight", weights)  # [V, D]
+            self.layers = [LayerWeights.from_tensors(tensors, i, weights) for i in range(config.num_hidden_layers)]
+            self.final_norm = tensors["model.norm.weight"]                        # [D]
+            self.lm_head = (stored(tensors, "lm_head.weight", weights) if "lm_head.weight" in tensors
+                            else self.embed_tokens)                               # [V, D], tied by default
         self.inv_freq = inv_frequencies(config)                                   # [hd/2]
         self.ffn_neurons: NeuronSelector | None = None                            # None = dense FFN
-        self.ops.prepare(self)                                                    # backend weight layout
+        if prepared is None:
+            self.ops.prepare(self)                                                # backend weight layout
 
     @property
     def nbytes_per_token(self) -> int:

@@ -18,6 +18,7 @@ import numpy as np
 from gguf import quants as gguf_quants
 from gguf.constants import GGMLQuantizationType
 
+from ..arena import release_free_memory
 from ..config import ModelConfig
 from ..errors import ModelFileError, UnsupportedModelError
 from ..tokenizer.gguf_meta import read_gguf_header
@@ -40,6 +41,7 @@ _LAYER_NAMES = {"attn_norm": "input_layernorm", "ffn_norm": "post_attention_laye
                 "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
                 "ffn_down": "mlp.down_proj"}
 _LAYER_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)$")
+STORE_CHUNK_FLOATS = 1 << 22     # LazyGGUFTensors.stored: rows of at most 16 MiB of float32 at a time
 
 
 def hf_name(gguf_name: str) -> str:
@@ -149,7 +151,8 @@ def _progress(total: int, enabled: bool):
 
 
 class LazyGGUFTensors(Mapping):
-    """HF name -> float32 tensor, dequantized from the memory-mapped file when it is read.
+    """HF name -> float32 tensor, dequantized from the file when it is read (`stored`: straight to a
+    compact format, a large matrix in row chunks).
 
     A model build reads each tensor once and re-stores it compactly (q8...), so the float32 copy of
     the whole model never exists at once: peak memory is the compact model plus one float32 tensor
@@ -160,8 +163,7 @@ class LazyGGUFTensors(Mapping):
         self.path = path
         self._infos = {hf_name(t.name): t for t in infos}
         self._n_head, self._n_kv_head = n_head, n_kv_head       # 0: no Q/K un-permutation (not llama)
-        # a plain ndarray view of the map: numpy.memmap's subclass hooks cost ~0.7 s over gguf's row groups
-        self._mm = np.memmap(path, dtype=np.uint8, mode="r").view(np.ndarray)
+        self._open = True
         self.n_params = sum(int(np.prod(t.ne)) for t in infos)
         self._bar = _progress(self.n_params, progress)
         self._unread = set(self._infos)
@@ -178,27 +180,84 @@ class LazyGGUFTensors(Mapping):
     def shape(self, name: str) -> tuple:
         return tuple(self._infos[name].shape)
 
-    def __getitem__(self, name: str) -> np.ndarray:
-        t = self._infos[name]
-        w = gguf_quants.dequantize(tensor_bytes(self._mm, t), GGMLQuantizationType(t.ggml_type))
-        # F32 comes back as a view of the memmap: copy so the file can close and the array is writable
-        w = np.array(w, dtype=np.float32, order="C",
-                     copy=True if t.ggml_type == GGMLQuantizationType.F32 else None)
-        if w.shape != t.shape:
-            raise ModelFileError(f"{self.path}: tensor {t.name} dequantized to {w.shape}, expected {t.shape}")
-        if self._n_head and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
-            w = unpermute_rows(w, self._n_head if ".q_proj." in name else self._n_kv_head)
+    def _raw(self, t: TensorInfo, rows: tuple[int, int] | None = None) -> np.ndarray:
+        """The file bytes of tensor t (or of its rows [r0, r1), 2-D tensors only) as `gguf.quants`
+        takes them. Read into a private buffer rather than mapped: pages of a map that the build touched
+        would stay in this process's RSS (~ the file size) until the map is dropped."""
+        if not self._open:
+            raise ModelFileError(f"{self.path}: tensors read after close()")
+        if rows is not None:
+            r0, r1 = rows
+            row_bytes = t.n_bytes // t.shape[0]
+            t = TensorInfo(t.name, t.ggml_type, (t.ne[0], r1 - r0), t.offset + r0 * row_bytes,
+                           (r1 - r0) * row_bytes)
+        buf = np.empty(t.n_bytes, np.uint8)
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(t.offset)
+                n = f.readinto(memoryview(buf))
+        except OSError as e:
+            raise ModelFileError(f"{self.path}: cannot read tensor {t.name}: {e}") from e
+        if n != t.n_bytes:
+            raise ModelFileError(f"{self.path}: truncated GGUF: tensor {t.name} is cut short")
+        return tensor_bytes(buf, TensorInfo(t.name, t.ggml_type, t.ne, 0, t.n_bytes))
+
+    def _dequantize(self, t: TensorInfo, rows: tuple[int, int] | None = None) -> np.ndarray:
+        release_free_memory()       # the last tensor's float32 temporaries, before this one's
+        w = gguf_quants.dequantize(self._raw(t, rows), GGMLQuantizationType(t.ggml_type))
+        # F32 comes back as a view of the read buffer: no copy needed, it is ours and writable
+        return np.asarray(w, dtype=np.float32, order="C")
+
+    def _count(self, name: str, t: TensorInfo) -> None:
         if name in self._unread:
             self._unread.discard(name)
             self._bar.update(int(np.prod(t.ne)))
             if not self._unread:
                 self._bar.close()
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        t = self._infos[name]
+        w = self._dequantize(t)
+        if w.shape != t.shape:
+            raise ModelFileError(f"{self.path}: tensor {t.name} dequantized to {w.shape}, expected {t.shape}")
+        if self._n_head and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
+            w = unpermute_rows(w, self._n_head if ".q_proj." in name else self._n_kv_head)
+        self._count(name, t)
         return w
 
+    def stored(self, name: str, fmt: str):
+        """`pipower.model.store(self[name], fmt)` built over row chunks of the file tensor, so the float32
+        copy of a large matrix (Qwen2.5-0.5B's embedding: 545 MB, plus gguf's temporaries) never exists
+        whole. Bitwise the same: dequantization and every compact format work row by row."""
+        from ..model import store
+        from ..quant import QMatrix
+        t = self._infos[name]
+        permuted = self._n_head and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name)
+        N = t.shape[0] if len(t.shape) == 2 else 0
+        rows = max(1, STORE_CHUNK_FLOATS // max(t.ne[0], 1))
+        if permuted or N <= rows:
+            return store(self[name], fmt)
+        out = None
+        for r0 in range(0, N, rows):
+            r1 = min(N, r0 + rows)
+            w = self._dequantize(t, (r0, r1))
+            if w.shape != (r1 - r0, t.shape[1]):
+                raise ModelFileError(f"{self.path}: tensor {t.name} rows dequantized to {w.shape}")
+            part = store(w, fmt)
+            pieces = (part,) if fmt == "f32" else (part.data, part.scales)
+            if out is None:
+                out = tuple(np.empty((N, *p.shape[1:]), p.dtype) for p in pieces if p is not None)
+            for o, p in zip(out, pieces):
+                o[r0:r1] = p
+        self._count(name, t)
+        if fmt == "f32":
+            return out[0]
+        return QMatrix(fmt, tuple(t.shape), out[0], out[1] if len(out) > 1 else None)
+
     def close(self) -> None:
-        """Drop the file map and the progress bar (the model build is done)."""
+        """Close the progress bar; later reads fail (the model build is done)."""
         self._bar.close()
-        self._mm = None
+        self._open = False
 
 
 def load_gguf(path: str | Path, *, progress: bool = True) -> ModelFiles:

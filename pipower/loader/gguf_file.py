@@ -3,8 +3,8 @@
 The metadata key/values before them are read by `pipower.tokenizer.gguf_meta.read_gguf_header` (a fast
 mmap parser; `gguf.GGUFReader` builds one numpy view per array element and takes 6 s just to open the
 0.5B Qwen file). Here we continue from where it stopped. Every length is checked before use, so a
-truncated or garbage file fails at once with a ModelFileError. Tensor data is read through a memmap and
-dequantized with `gguf.quants`.
+truncated or garbage file fails at once with a ModelFileError. Tensor data is read (by
+`gguf.LazyGGUFTensors`) and dequantized with `gguf.quants`.
 
 Tensor info layout (v2/v3, little-endian): string name (u64 length + UTF-8), u32 n_dims, u64 ne[n_dims],
 u32 ggml_type, u64 offset relative to the data section, which starts at the next multiple of
