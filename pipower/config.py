@@ -5,6 +5,7 @@ GGUF metadata is translated into the same names by the GGUF loader, so the graph
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,9 +110,19 @@ class ModelConfig:
                                         f"num_key_value_heads {self.num_key_value_heads}")
         if self.head_dim % 2:
             raise UnsupportedModelError(f"head_dim {self.head_dim} must be even for RoPE")
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise UnsupportedModelError(f"rope_scaling must be a dict or null, got {self.rope_scaling!r}")
         rope_type = (self.rope_scaling or {}).get("rope_type", "default")
         if rope_type not in ("default", "linear", "llama3"):
             raise UnsupportedModelError(f"unsupported rope_scaling type {rope_type!r}; supported: none, linear, llama3")
+        needed = {"linear": ("factor",), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                                    "original_max_position_embeddings")}.get(rope_type, ())
+        for k in needed:
+            v = self.rope_scaling.get(k)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+                raise UnsupportedModelError(f"rope_scaling type {rope_type} needs a positive number {k}, got {v!r}")
+        if rope_type == "llama3" and self.rope_scaling["low_freq_factor"] == self.rope_scaling["high_freq_factor"]:
+            raise UnsupportedModelError("rope_scaling type llama3 needs low_freq_factor != high_freq_factor")
 
     @property
     def eos_token_ids(self) -> list[int]:

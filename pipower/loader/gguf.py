@@ -7,6 +7,7 @@ interleaved RoPE layout; we undo that so the graph applies HF's rotate-half RoPE
 from __future__ import annotations
 
 import logging
+import math
 import mmap
 import re
 import struct
@@ -80,9 +81,33 @@ def _get(md: dict, key: str, path: Path, default=None):
     return default
 
 
+MAX_HPARAM = 2**31 - 1          # bound on a count or size hyper-parameter (llama.cpp keeps them in int32)
+
+
+def _whole(v, key: str, path: Path) -> int:
+    """A positive integer hyper-parameter; any other type or value is a damaged file."""
+    if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= MAX_HPARAM:
+        raise ModelFileError(f"{path}: bad GGUF metadata value {key} = {v!r}: expected an integer in "
+                             f"[1, {MAX_HPARAM}]")
+    return v
+
+
+def _positive(v, key: str, path: Path) -> float:
+    """A positive finite real hyper-parameter (epsilon, RoPE base, scaling factor)."""
+    if not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) and v > 0:
+        r = _f32(v)
+        if math.isfinite(r) and r > 0:            # still, once rounded to float32 as llama.cpp reads it
+            return r
+    raise ModelFileError(f"{path}: bad GGUF metadata value {key} = {v!r}: expected a positive finite "
+                         f"float32 number")
+
+
 def config_from_gguf(md: dict, infos: dict[str, TensorInfo], path: Path) -> ModelConfig:
-    """Translate `{arch}.*` metadata into a ModelConfig under HF key names."""
+    """Translate `{arch}.*` metadata into a ModelConfig under HF key names. Every hyper-parameter is
+    checked for type and range, so damaged metadata is a ModelFileError, never a stray exception."""
     arch = _get(md, "general.architecture", path)
+    if not isinstance(arch, str):
+        raise ModelFileError(f"{path}: bad GGUF metadata value general.architecture = {arch!r}: expected a string")
     if arch not in SUPPORTED_ARCHS:
         raise UnsupportedModelError(f"{path}: GGUF architecture {arch!r} is not supported; "
                                     f"supported: {sorted(SUPPORTED_ARCHS)}")
@@ -94,31 +119,42 @@ def config_from_gguf(md: dict, infos: dict[str, TensorInfo], path: Path) -> Mode
     def key(k, default=None):
         return _get(md, f"{arch}.{k}", path, default)
 
+    def whole(k, default=None):
+        return _whole(key(k, default), f"{arch}.{k}", path)
+
+    def positive(k, default=None):
+        return _positive(key(k, default), f"{arch}.{k}", path)
+
     emb = infos.get("token_embd.weight")
     if emb is None:
         raise ModelFileError(f"{path}: GGUF tensor token_embd.weight missing")
+    n_layers = whole("block_count")
+    if n_layers > len(infos):                     # each layer has several tensors
+        raise ModelFileError(f"{path}: bad GGUF metadata value {arch}.block_count = {n_layers}: the file holds "
+                             f"only {len(infos)} tensors")
     try:
-        D, H = int(key("embedding_length")), int(key("attention.head_count"))
-        hd = int(key("attention.key_length", D // H))
-        if int(key("attention.value_length", hd)) != hd:
+        D, H = whole("embedding_length"), whole("attention.head_count")
+        hd = whole("attention.key_length", max(D // H, 1))
+        if whole("attention.value_length", hd) != hd:
             raise UnsupportedModelError(f"{path}: attention.value_length != key_length is not supported")
-        rope_dim = int(key("rope.dimension_count", hd))
+        rope_dim = whole("rope.dimension_count", hd)
         if rope_dim != hd:
             raise UnsupportedModelError(f"{path}: partial RoPE (rope.dimension_count {rope_dim} != head_dim "
                                         f"{hd}) is not supported")
         cfg = dict(
             architectures=[SUPPORTED_ARCHS[arch]], model_type=arch,
             vocab_size=emb.shape[0] if len(emb.shape) == 2 else len(md.get("tokenizer.ggml.tokens") or []),
-            hidden_size=D, intermediate_size=int(key("feed_forward_length")),
-            num_hidden_layers=int(key("block_count")), num_attention_heads=H,
-            num_key_value_heads=int(key("attention.head_count_kv", H)), head_dim=hd, hidden_act="silu",
-            max_position_embeddings=int(key("context_length")),
-            rms_norm_eps=_f32(key("attention.layer_norm_rms_epsilon")),
-            rope_theta=_f32(key("rope.freq_base", 10000.0)), rope_scaling=_rope_scaling(md, arch),
+            hidden_size=D, intermediate_size=whole("feed_forward_length"),
+            num_hidden_layers=n_layers, num_attention_heads=H,
+            num_key_value_heads=whole("attention.head_count_kv", H), head_dim=hd, hidden_act="silu",
+            max_position_embeddings=whole("context_length"),
+            rms_norm_eps=positive("attention.layer_norm_rms_epsilon"),
+            rope_theta=positive("rope.freq_base", 10000.0), rope_scaling=_rope_scaling(md, arch, path),
             # llama arch with biases: HF's attention_bias puts them on q, k, v and o
             attention_bias=arch == "llama" and "blk.0.attn_q.bias" in infos,
             tie_word_embeddings="output.weight" not in infos,
-            bos_token_id=md.get("tokenizer.ggml.bos_token_id"), eos_token_id=md.get("tokenizer.ggml.eos_token_id"),
+            bos_token_id=_token_id(md, "tokenizer.ggml.bos_token_id"),
+            eos_token_id=_token_id(md, "tokenizer.ggml.eos_token_id"),
         )
     except (TypeError, ValueError, ZeroDivisionError) as e:   # e.g. a string or per-layer array as a count
         raise ModelFileError(f"{path}: bad GGUF metadata value for {arch}: {e}") from e
@@ -128,19 +164,31 @@ def config_from_gguf(md: dict, infos: dict[str, TensorInfo], path: Path) -> Mode
         raise UnsupportedModelError(f"{path}: {e}") from e
 
 
-def _rope_scaling(md: dict, arch: str) -> dict | None:
+def _token_id(md: dict, key: str) -> int | None:
+    """An optional special-token id for the config; a value that is not an integer is ignored here (the
+    tokenizer reports it)."""
+    v = md.get(key)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v >= 0 else None
+
+
+def _rope_scaling(md: dict, arch: str, path: Path) -> dict | None:
     p = f"{arch}.rope.scaling."
     kind = md.get(p + "type")
-    factor = md.get(p + "factor")
+    factor_key = p + "factor"
     if kind is None and md.get(f"{arch}.rope.scale_linear"):      # older converters
-        kind, factor = "linear", md[f"{arch}.rope.scale_linear"]
+        kind, factor_key = "linear", f"{arch}.rope.scale_linear"
+    factor = md.get(factor_key)
+    if kind is not None and not isinstance(kind, str):
+        raise ModelFileError(f"{path}: bad GGUF metadata value {p}type = {kind!r}: expected a string")
     if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
         return None
-    out = {"rope_type": kind, "factor": _f32(factor if factor is not None else 1.0)}
-    for gkey, hkey in (("low_freq_factor", "low_freq_factor"), ("high_freq_factor", "high_freq_factor"),
-                       ("original_context_length", "original_max_position_embeddings")):
+    out = {"rope_type": kind, "factor": 1.0 if factor is None else _positive(factor, factor_key, path)}
+    for gkey, hkey in (("low_freq_factor", "low_freq_factor"), ("high_freq_factor", "high_freq_factor")):
         if p + gkey in md:
-            out[hkey] = md[p + gkey]
+            out[hkey] = _positive(md[p + gkey], p + gkey, path)
+    if p + "original_context_length" in md:
+        out["original_max_position_embeddings"] = _whole(md[p + "original_context_length"],
+                                                         p + "original_context_length", path)
     return out
 
 

@@ -83,9 +83,16 @@ def build_hf_bpe(tokens: Sequence[str], merges: Sequence[str], pre: str):
         cut = m.find(" ", 1)                  # a merge is 'left right'; left never starts with ' '
         if cut < 0:
             raise TokenizerError(f"malformed BPE merge {m!r} (expected 'left right')")
-        pairs.append((m[:cut], m[cut + 1:]))
-    model = models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges, fuse_unk=False,
-                       byte_fallback=False)
+        pair = (m[:cut], m[cut + 1:])
+        for t in (*pair, pair[0] + pair[1]):  # `tokenizers` refuses these with a bare Exception
+            if t not in vocab:
+                raise TokenizerError(f"BPE merge {m!r} names {t!r}, which is not in the vocabulary")
+        pairs.append(pair)
+    try:
+        model = models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges, fuse_unk=False,
+                           byte_fallback=False)
+    except Exception as e:                    # noqa: BLE001 - `tokenizers` raises plain Exception
+        raise TokenizerError(f"cannot build the BPE tokenizer from this vocabulary: {e}") from e
     hf = HFTokenizer(model)
     hf.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]

@@ -20,6 +20,7 @@ _SCALARS = {0: ("B", "u1"), 1: ("b", "i1"), 2: ("H", "u2"), 3: ("h", "i2"), 4: (
             5: ("i", "i4"), 6: ("f", "f4"), 7: ("?", "u1"), 10: ("Q", "u8"), 11: ("q", "i8"),
             12: ("d", "f8")}
 _BOOL, _STRING, _ARRAY = 7, 8, 9
+MAX_ARRAY_NESTING = 8         # arrays of arrays: GGUF allows them; real files nest at most once
 
 
 @dataclass
@@ -52,13 +53,16 @@ class _Cursor:
         self.pos = end
         return s
 
-    def value(self, vtype: int):
+    def value(self, vtype: int, depth: int = 0):
         if vtype in _SCALARS:
             v = self.unpack(_SCALARS[vtype][0])
             return bool(v) if vtype == _BOOL else v
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
+            if depth >= MAX_ARRAY_NESTING:
+                raise ModelFileError(f"{self.path}: GGUF arrays nested more than {MAX_ARRAY_NESTING} deep at "
+                                     f"byte {self.pos}: a corrupt header")
             etype, n = self.unpack("I"), self.unpack("Q")
             if etype in _SCALARS:             # one numpy read instead of n struct calls
                 dtype = np.dtype(self.order + _SCALARS[etype][1])
@@ -70,7 +74,9 @@ class _Cursor:
                 return arr.astype(bool).tolist() if etype == _BOOL else arr.tolist()
             if etype == _STRING:
                 return [self.string() for _ in range(n)]
-            return [self.value(etype) for _ in range(n)]
+            if etype != _ARRAY:
+                raise ModelFileError(f"{self.path}: unknown GGUF array element type {etype} at byte {self.pos}")
+            return [self.value(etype, depth + 1) for _ in range(n)]
         raise ModelFileError(f"{self.path}: unknown GGUF value type {vtype} at byte {self.pos}")
 
 
