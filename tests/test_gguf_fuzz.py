@@ -335,7 +335,8 @@ def _run(files: dict[str, bytes], tmp_path: Path, timeout: int, good: bytes | No
         names[str(p)] = name
     listing = tmp_path / "files.json"
     listing.write_text(json.dumps(list(names)))
-    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore",
+           "PIPOWER_HOME": str(tmp_path / "home")}
     args = [sys.executable, str(WORKER), str(listing)]
     if good is not None:
         (tmp_path / "good.gguf").write_bytes(good)
