@@ -44,6 +44,7 @@ import json
 import logging
 import mmap
 import os
+import shutil
 import struct
 import tempfile
 import time
@@ -70,6 +71,7 @@ _DTYPES = {"|i1", "|u1", "<f2", "<f4"}
 # the code whose edits change what a cached file must contain (besides the ops' own prepare module)
 _CODE = ("quant.py", "arena.py", "model.py", "loader/gguf.py")
 LOAD_MODES = ("mmap", "read")
+MIN_FREE_BYTES = 1 << 30            # a cache file is not written when it would leave less disk free
 
 
 class CacheFileError(PipowerError):
@@ -257,6 +259,12 @@ def save(key: dict, transformer, config: ModelConfig, tokenizer_meta: dict | Non
     tmp = None
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(final.parent).free
+        if free < data_offset + data_nbytes + MIN_FREE_BYTES:
+            log.warning("not writing the prepared-model cache %s: it needs %.0f MiB and %.0f MiB are free "
+                        "(keeping %.0f MiB spare)", final, (data_offset + data_nbytes) / 2**20, free / 2**20,
+                        MIN_FREE_BYTES / 2**20)
+            return None
         fd, tmp = tempfile.mkstemp(dir=final.parent, prefix=".tmp-", suffix=SUFFIX)
         crc = 0
         with os.fdopen(fd, "wb") as f:

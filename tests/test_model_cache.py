@@ -211,6 +211,14 @@ def test_unwritable_cache_is_a_warning_not_an_error(tmp_path, monkeypatch, caplo
     np.testing.assert_array_equal(m.logits(IDS), load(path, cache=False).logits(IDS))
 
 
+def test_no_cache_file_when_the_disk_is_nearly_full(tmp_path, monkeypatch, caplog):
+    path = write_model(tmp_path / "m.gguf")
+    monkeypatch.setattr(model_cache, "MIN_FREE_BYTES", 1 << 62)
+    with caplog.at_level(logging.WARNING, logger="pipower"):
+        load(path)
+    assert "not writing the prepared-model cache" in caplog.text and cache_files() == []
+
+
 _CHILD = textwrap.dedent("""
     import hashlib, sys
     import pipower
