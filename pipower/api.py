@@ -14,6 +14,7 @@ from .errors import InvalidArgumentError, ModelFileError, TokenizerError
 from .fetcher import KNOWN_MODELS, fetch
 from .generate import GenerationStats, generate_ids, stream_text
 from .model import Transformer
+from .ops import DOTS
 from .sampling import Sampler, SamplingParams
 
 log = logging.getLogger(__name__)
@@ -212,9 +213,29 @@ def default_weights(path: str, ops) -> str:
     return "q8" if "q8" in ops.native_formats and not os.path.isdir(path) else "f32"
 
 
+def default_dot(weights: str, device: str = "cpu") -> str:
+    """Integer dot products where they are implemented and faster: q4 weights on the CPU engine (decode
+    ~2x faster than the float path, bench/batch.py); everything else multiplies in float."""
+    return "int8" if weights == "q4" and device == "cpu" else "float"
+
+
+def check_dot(dot: str | None, weights: str, device: str = "cpu") -> str:
+    """The `dot` of load(): None -> default_dot; else validated against the weight format and device."""
+    if dot is None:
+        return default_dot(weights, device)
+    if dot not in DOTS:
+        raise InvalidArgumentError(f"dot must be one of {', '.join(DOTS)}, got {dot!r}")
+    if dot == "int8" and weights != "q4":
+        raise InvalidArgumentError(f"dot='int8' (integer dot products) is implemented for q4 weights, not "
+                                   f"{weights}; use weights='q4' or dot='float'")
+    if dot == "int8" and device != "cpu":
+        raise InvalidArgumentError(f"dot='int8' runs on the CPU engine only, not device {device!r}")
+    return dot
+
+
 def load(source, *, backend: str = "auto", threads: int | None = None, weights: str | None = None,
          progress: bool = True, device: str = "cpu", vram_budget: int | str | None = None,
-         placement=None, stats=None, predictors=None, cache: bool = True) -> Model:
+         placement=None, stats=None, predictors=None, cache: bool = True, dot: str | None = None) -> Model:
     """Load a GGUF file, a Hugging Face model directory, or a known model name.
 
     weights: in-memory format of the weight matrices, f32 | f16 | q8 | q4 (pipower.quant); None = q8 for
@@ -223,6 +244,9 @@ def load(source, *, backend: str = "auto", threads: int | None = None, weights: 
     "4GiB", a hard limit on device memory; placement (file from `pipower plan`) or stats (file from
     `pipower profile`, solved at vram_budget) decide the hot neurons of "hybrid"; predictors: the
     predictor file you will use with set_sparsity, so the GPU plan counts its bytes.
+    dot: "float" or "int8": how q4 projections multiply. "int8" quantizes activations per 32-block to
+    int8 and sums 4-bit x int8 products exactly (pipower.intdot), like llama.cpp; None = "int8" for q4
+    weights on the CPU engine, else "float" (the only choice for other formats and devices).
     cache: a GGUF model on the CPU engine is prepared (converted, laid out for the backend) once and
     kept under $PIPOWER_HOME/prepared (pipower.model_cache); later loads read that instead. False:
     neither read nor write it. HF directories and device gpu/hybrid/offload always build afresh.
@@ -243,6 +267,7 @@ def load(source, *, backend: str = "auto", threads: int | None = None, weights: 
     path = resolve_source(source)
     ops = make_ops(backend, threads)
     weights = weights or default_weights(path, ops)
+    ops.dot = check_dot(dot, weights, device)
     key = None
     if cache and device_ops is None and not os.path.isdir(path):
         from . import model_cache

@@ -9,7 +9,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from .errors import ContextLengthError
+from .errors import ContextLengthError, InvalidArgumentError
 
 
 def _host_zeros(layer: int, shape: tuple) -> np.ndarray:
@@ -62,6 +62,13 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.length += n
+
+    def truncate(self, length: int) -> None:
+        """Forget positions length.. (speculative decoding rolls back rejected draft tokens); the storage
+        stays, and the next forward overwrites those positions."""
+        if not 0 <= length <= self.length:
+            raise InvalidArgumentError(f"cannot truncate a cache of {self.length} positions to {length}")
+        self.length = length
 
     def reset(self) -> None:
         self.length = 0

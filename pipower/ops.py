@@ -1,10 +1,10 @@
 """The ops interface: every numeric op the graph uses, with its NumPy reference.
 
-`NumpyOps` is the reference and the fallback; `pipower._cpu.ops.CythonOps` (and later the CuPy backend)
+`NumpyOps` is the reference and the fallback; `pipower._cpu.ops.CythonOps` and the device backends
 override only the ops they accelerate, with the same signatures, and tests compare them to this class.
 Shapes: T tokens in the call, S cached positions, D hidden, H / Hkv heads, hd head dim, F FFN neurons.
-All activations are float32; weights handed to `linear` are float32 [out, in] here (compact formats come
-with the CPU engine and are hidden behind the same call).
+All activations are float32; weights are float32 arrays [out, in] or pipower.quant.QMatrix, which the
+reference dequantizes (or, for q4 with dot="int8", multiplies through pipower.intdot).
 """
 from __future__ import annotations
 
@@ -12,9 +12,12 @@ import contextlib
 
 import numpy as np
 
-from .quant import QMatrix, dequantize
+from . import intdot
+from .errors import InvalidArgumentError
+from .quant import QMatrix, dequantize, take_rows
 
 F32 = np.float32
+DOTS = ("float", "int8")   # NumpyOps.dot
 
 
 def as_f32(w) -> np.ndarray:
@@ -69,8 +72,26 @@ class NumpyOps:
     # (pipower.arena's neuron bundles, laid out by prepare(); hybrid engines bundle the cold rows too).
     ffn_layout: str = "separate"
 
-    def __init__(self, n_threads: int = 1):
+    def __init__(self, n_threads: int = 1, dot: str = "float"):
         self.n_threads = n_threads
+        self.dot = dot
+
+    @property
+    def dot(self) -> str:
+        """How q4 projections multiply: "float" (weights converted to float32, x exact) or "int8" (x
+        quantized per 32-block to int8, exact integer block sums: pipower.intdot). Other formats are
+        always float."""
+        return self._dot
+
+    @dot.setter
+    def dot(self, mode: str) -> None:
+        if mode not in DOTS:
+            raise InvalidArgumentError(f"dot must be one of {', '.join(DOTS)}, got {mode!r}")
+        self._dot = mode
+
+    def _int_dot(self, w) -> bool:
+        """True when w's products take the integer path."""
+        return self._dot == "int8" and isinstance(w, QMatrix) and w.fmt == "q4"
 
     def forward_scope(self, n_tokens: int):
         """Context entered around one forward call of n_tokens tokens (thread-pool policy); none here."""
@@ -115,7 +136,7 @@ class NumpyOps:
     # rows it needs, which is slow but exactly the values the compiled kernels read.
     def linear(self, x: np.ndarray, weight, bias: np.ndarray | None = None) -> np.ndarray:
         """x: [T, K], weight: [N, K] (HF layout, array or QMatrix), bias: [N] -> [T, N]."""
-        y = x @ as_f32(weight).T
+        y = intdot.dot_q4(weight, x) if self._int_dot(weight) else x @ as_f32(weight).T
         if bias is not None:
             y += bias
         return y
@@ -145,9 +166,13 @@ class NumpyOps:
 
     def _ffn_hidden(self, x, gate, up, act, idx) -> np.ndarray:
         """act(gate x) * (up x) over the neurons idx (all when None) -> [T, n]."""
-        h = x @ _rows(up, idx).T
+        def project(w):
+            if self._int_dot(w):
+                return intdot.dot_q4(w if idx is None else take_rows(w, idx), x)
+            return x @ _rows(w, idx).T
+        h = project(up)
         if gate is not None:
-            h *= self.activation(act, x @ _rows(gate, idx).T)
+            h *= self.activation(act, project(gate))
         else:
             h = self.activation(act, h)
         return h

@@ -92,10 +92,15 @@ VARIANTS = {
 }
 
 
-def cython_transformer(cfg: dict, fmt: str, n_threads: int = 2):
+def cython_transformer(cfg: dict, fmt: str, n_threads: int = 2, dot: str = "float"):
     from pipower._cpu.ops import CythonOps
     from pipower.model import Transformer
-    return Transformer(ModelConfig.from_dict(cfg), random_tensors(cfg, seed=5), CythonOps(n_threads), weights=fmt)
+    return Transformer(ModelConfig.from_dict(cfg), random_tensors(cfg, seed=5), CythonOps(n_threads, dot),
+                       weights=fmt)
+
+
+# every weight format on the float path, and q4 on the integer path (pipower.intdot)
+PATHS = [(fmt, "float") for fmt in FORMATS] + [("q4", "int8")]
 
 
 def steps(t, ids, prefix: int, batches) -> np.ndarray:
@@ -110,11 +115,11 @@ def steps(t, ids, prefix: int, batches) -> np.ndarray:
     return np.concatenate(out)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt,dot", PATHS)
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_forward_is_bitwise_the_same_however_tokens_are_batched(fmt, variant):
+def test_forward_is_bitwise_the_same_however_tokens_are_batched(fmt, dot, variant):
     cfg = VARIANTS[variant]
-    t = cython_transformer(cfg, fmt)
+    t = cython_transformer(cfg, fmt, dot=dot)
     ids = np.random.default_rng(6).integers(0, cfg["vocab_size"], 7 + 33)
     one_by_one = steps(t, ids, 7, [1] * 33)
     for batches in ([33], [2, 3, 4, 8, 16], [16, 17], [5, 1, 9, 1, 17], [32, 1]):
@@ -125,19 +130,20 @@ def test_forward_is_bitwise_the_same_however_tokens_are_batched(fmt, variant):
     assert np.array_equal(bits(t.forward(ids[:7], t.new_cache(64))), bits(first))
 
 
-@pytest.mark.parametrize("fmt", ("f32", "q8", "q4"))
-def test_forward_bitwise_equal_for_one_and_two_threads(fmt):
+@pytest.mark.parametrize("fmt,dot", [("f32", "float"), ("q8", "float"), ("q4", "float"), ("q4", "int8")])
+def test_forward_bitwise_equal_for_one_and_two_threads(fmt, dot):
     ids = np.random.default_rng(7).integers(0, CFG["vocab_size"], 30)
-    a = steps(cython_transformer(CFG, fmt, 1), ids, 6, [1, 8, 15])
-    b = steps(cython_transformer(CFG, fmt, 2), ids, 6, [1, 8, 15])
+    a = steps(cython_transformer(CFG, fmt, 1, dot), ids, 6, [1, 8, 15])
+    b = steps(cython_transformer(CFG, fmt, 2, dot), ids, 6, [1, 8, 15])
     assert np.array_equal(bits(a), bits(b))
 
 
-def test_batched_forward_close_to_the_numpy_reference():
+@pytest.mark.parametrize("fmt,dot", [("q8", "float"), ("q4", "int8")])
+def test_batched_forward_close_to_the_numpy_reference(fmt, dot):
     from pipower.model import Transformer
     from pipower.ops import NumpyOps
     ids = np.random.default_rng(8).integers(0, CFG["vocab_size"], 24)
-    fast = steps(cython_transformer(CFG, "q8"), ids, 4, [4, 16])
-    ref_t = Transformer(ModelConfig.from_dict(CFG), random_tensors(CFG, seed=5), NumpyOps(), weights="q8")
+    fast = steps(cython_transformer(CFG, fmt, dot=dot), ids, 4, [4, 16])
+    ref_t = Transformer(ModelConfig.from_dict(CFG), random_tensors(CFG, seed=5), NumpyOps(dot=dot), weights=fmt)
     ref = steps(ref_t, ids, 4, [4, 16])
     assert np.abs(fast - ref).max() <= 1e-4 * np.abs(ref).max()

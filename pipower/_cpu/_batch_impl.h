@@ -68,25 +68,38 @@ PP_INLINE void pp_dotn_f16_v(const uint16_t *w, const float *x, ptrdiff_t ldx, p
     }
 }
 
-/* Quantized rows: per 32-block, s = w[0:16] x[0:16] + w[16:32] x[16:32], acc_(b&1) += d_b s. */
+/* Quantized rows: per 32-block b, s = w[0:16] x[0:16] + w[16:32] x[16:32], acc_(b&1) += d_b s (blocks
+ * taken in pairs so even blocks go to a0 and odd ones to a1 without a branch, as pp_dot_*_v alternates). */
 PP_INLINE void pp_dotn_q8_v(const int8_t *q, const uint16_t *d, const float *x, ptrdiff_t ldx, ptrdiff_t K,
                             const int NT, float *y, ptrdiff_t ldy) {
     __m512 a0[PP_TB], a1[PP_TB];
     for (int t = 0; t < NT; t++) { a0[t] = _mm512_setzero_ps(); a1[t] = _mm512_setzero_ps(); }
-    float ds[16];
     const ptrdiff_t nsb = K / PP_QB;
-    for (ptrdiff_t b0 = 0; b0 < nsb; b0 += 16) {
-        const ptrdiff_t ng = pp_load_scales16(d + b0, nsb - b0, ds);
-        for (ptrdiff_t j = 0; j < ng; j++) {
-            const int8_t *qb = q + (b0 + j) * PP_QB;
-            const __m512 w0 = pp_load_q8x16(qb), w1 = pp_load_q8x16(qb + 16), dv = _mm512_set1_ps(ds[j]);
-            const float *xb = x + (b0 + j) * PP_QB;
-            for (int t = 0; t < NT; t++) {
-                __m512 s = _mm512_mul_ps(w0, _mm512_loadu_ps(xb + t * ldx));
-                s = _mm512_fmadd_ps(w1, _mm512_loadu_ps(xb + t * ldx + 16), s);
-                if (j & 1) a1[t] = _mm512_fmadd_ps(dv, s, a1[t]);
-                else a0[t] = _mm512_fmadd_ps(dv, s, a0[t]);
-            }
+    ptrdiff_t b = 0;
+    for (; b + 2 <= nsb; b += 2) {
+        const int8_t *qb = q + b * PP_QB;
+        const __m512 w00 = pp_load_q8x16(qb), w01 = pp_load_q8x16(qb + 16);
+        const __m512 w10 = pp_load_q8x16(qb + 32), w11 = pp_load_q8x16(qb + 48);
+        const __m512 d0 = _mm512_set1_ps(_cvtsh_ss(d[b])), d1 = _mm512_set1_ps(_cvtsh_ss(d[b + 1]));
+        const float *xb = x + b * PP_QB;
+        for (int t = 0; t < NT; t++) {
+            __m512 s0 = _mm512_mul_ps(w00, _mm512_loadu_ps(xb + t * ldx));
+            s0 = _mm512_fmadd_ps(w01, _mm512_loadu_ps(xb + t * ldx + 16), s0);
+            a0[t] = _mm512_fmadd_ps(d0, s0, a0[t]);
+            __m512 s1 = _mm512_mul_ps(w10, _mm512_loadu_ps(xb + t * ldx + 32));
+            s1 = _mm512_fmadd_ps(w11, _mm512_loadu_ps(xb + t * ldx + 48), s1);
+            a1[t] = _mm512_fmadd_ps(d1, s1, a1[t]);
+        }
+    }
+    if (b < nsb) {   /* an odd last block: even index, so a0 */
+        const int8_t *qb = q + b * PP_QB;
+        const __m512 w00 = pp_load_q8x16(qb), w01 = pp_load_q8x16(qb + 16);
+        const __m512 d0 = _mm512_set1_ps(_cvtsh_ss(d[b]));
+        const float *xb = x + b * PP_QB;
+        for (int t = 0; t < NT; t++) {
+            __m512 s0 = _mm512_mul_ps(w00, _mm512_loadu_ps(xb + t * ldx));
+            s0 = _mm512_fmadd_ps(w01, _mm512_loadu_ps(xb + t * ldx + 16), s0);
+            a0[t] = _mm512_fmadd_ps(d0, s0, a0[t]);
         }
     }
     for (int t = 0; t < NT; t++) y[t * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(a0[t], a1[t]));
@@ -96,21 +109,32 @@ PP_INLINE void pp_dotn_q4_v(const uint8_t *p, const uint16_t *d, const float *x,
                             const int NT, float *y, ptrdiff_t ldy) {
     __m512 a0[PP_TB], a1[PP_TB];
     for (int t = 0; t < NT; t++) { a0[t] = _mm512_setzero_ps(); a1[t] = _mm512_setzero_ps(); }
-    float ds[16];
     const ptrdiff_t nsb = K / PP_QB;
-    for (ptrdiff_t b0 = 0; b0 < nsb; b0 += 16) {
-        const ptrdiff_t ng = pp_load_scales16(d + b0, nsb - b0, ds);
-        for (ptrdiff_t j = 0; j < ng; j++) {
-            __m512 lo, hi;
-            pp_load_q4x32(p + (b0 + j) * (PP_QB / 2), &lo, &hi);
-            const __m512 dv = _mm512_set1_ps(ds[j]);
-            const float *xb = x + (b0 + j) * PP_QB;
-            for (int t = 0; t < NT; t++) {
-                __m512 s = _mm512_mul_ps(lo, _mm512_loadu_ps(xb + t * ldx));
-                s = _mm512_fmadd_ps(hi, _mm512_loadu_ps(xb + t * ldx + 16), s);
-                if (j & 1) a1[t] = _mm512_fmadd_ps(dv, s, a1[t]);
-                else a0[t] = _mm512_fmadd_ps(dv, s, a0[t]);
-            }
+    ptrdiff_t b = 0;
+    for (; b + 2 <= nsb; b += 2) {
+        __m512 lo0, hi0, lo1, hi1;
+        pp_load_q4x32(p + b * (PP_QB / 2), &lo0, &hi0);
+        pp_load_q4x32(p + (b + 1) * (PP_QB / 2), &lo1, &hi1);
+        const __m512 d0 = _mm512_set1_ps(_cvtsh_ss(d[b])), d1 = _mm512_set1_ps(_cvtsh_ss(d[b + 1]));
+        const float *xb = x + b * PP_QB;
+        for (int t = 0; t < NT; t++) {
+            __m512 s0 = _mm512_mul_ps(lo0, _mm512_loadu_ps(xb + t * ldx));
+            s0 = _mm512_fmadd_ps(hi0, _mm512_loadu_ps(xb + t * ldx + 16), s0);
+            a0[t] = _mm512_fmadd_ps(d0, s0, a0[t]);
+            __m512 s1 = _mm512_mul_ps(lo1, _mm512_loadu_ps(xb + t * ldx + 32));
+            s1 = _mm512_fmadd_ps(hi1, _mm512_loadu_ps(xb + t * ldx + 48), s1);
+            a1[t] = _mm512_fmadd_ps(d1, s1, a1[t]);
+        }
+    }
+    if (b < nsb) {
+        __m512 lo0, hi0;
+        pp_load_q4x32(p + b * (PP_QB / 2), &lo0, &hi0);
+        const __m512 d0 = _mm512_set1_ps(_cvtsh_ss(d[b]));
+        const float *xb = x + b * PP_QB;
+        for (int t = 0; t < NT; t++) {
+            __m512 s0 = _mm512_mul_ps(lo0, _mm512_loadu_ps(xb + t * ldx));
+            s0 = _mm512_fmadd_ps(hi0, _mm512_loadu_ps(xb + t * ldx + 16), s0);
+            a0[t] = _mm512_fmadd_ps(d0, s0, a0[t]);
         }
     }
     for (int t = 0; t < NT; t++) y[t * ldy] = _mm512_reduce_add_ps(_mm512_add_ps(a0[t], a1[t]));

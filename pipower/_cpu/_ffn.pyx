@@ -21,6 +21,7 @@ from cython.parallel cimport parallel, prange
 from libc.stdint cimport int32_t, uint16_t
 
 from ._linear import check_array, check_out, check_threads, check_weight
+from ._linear cimport QuantizedActivations, pp_xq4
 
 cnp.import_array()
 
@@ -39,6 +40,7 @@ cdef extern from "_ffn_impl.h" nogil:
         const int32_t *idx
         const float *x
         Py_ssize_t T
+        const pp_xq4 *xq
         float *h_out
     int PP_FFN_MAX_T
     void pp_ffn_chunk(const pp_ffn_args *a, Py_ssize_t j0, Py_ssize_t j1, float *acc)
@@ -108,7 +110,8 @@ cdef void _run(pp_ffn_args *a, Py_ssize_t n, Py_ssize_t CH, Py_ssize_t C, float 
             pp_sum_partials(part, C, TD, out, s * SUM_SLICE, min(TD, (s + 1) * SUM_SLICE))
 
 
-def ffn_sparse(fmt, x, gate, up, down_t, idx, act, out=None, h_out=None, n_threads=1, simd=True):
+def ffn_sparse(fmt, x, gate, up, down_t, idx, act, out=None, h_out=None, n_threads=1, simd=True,
+               int_dot=False):
     """out[D] = sum_{i in idx} h_i * down_t[i], h_i = act(gate[i] . x) * (up[i] . x) (or act(up[i] . x)
     when gate is None). h_out: float32 [n] or None, receives h_i in idx order. Returns out.
 
@@ -116,6 +119,7 @@ def ffn_sparse(fmt, x, gate, up, down_t, idx, act, out=None, h_out=None, n_threa
     [D]; idx: int32 [n] sorted unique in [0, F), or None for all neurons; act: a key of ACTS.
     x may also be [T, D] with 1 <= T <= MAX_TOKENS (out then [T, D], h_out not allowed): each weight row
     is read once for all T tokens, and row t of out is bitwise ffn_sparse(x[t]) with the same idx.
+    int_dot (q4 only): gate and up dots over int8-quantized x (pipower.intdot); the down rows stay float.
     """
     cdef int nt = check_threads(n_threads)
     cdef pp_ffn_args a
@@ -169,6 +173,12 @@ def ffn_sparse(fmt, x, gate, up, down_t, idx, act, out=None, h_out=None, n_threa
     if n == 0 or D == 0:
         out[...] = 0
         return out
+    a.xq = NULL
+    if int_dot:
+        if fmt != "q4":
+            raise ValueError(f"integer dot products are implemented for q4 weights, not {fmt}")
+        xq = QuantizedActivations(x if x.ndim == 2 else x.reshape(1, -1))
+        a.xq = (<QuantizedActivations>xq).rows
     a.simd = 1 if simd else 0
     a.act = ACTS[act]
     a.D = D

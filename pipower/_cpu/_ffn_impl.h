@@ -14,7 +14,7 @@
 #ifndef PIPOWER_FFN_IMPL_H
 #define PIPOWER_FFN_IMPL_H
 
-#include "_batch_impl.h"
+#include "_int8_impl.h"   /* includes _batch_impl.h, _linear_impl.h */
 
 enum { PP_ACT_SILU = 0, PP_ACT_GELU = 1, PP_ACT_GELU_TANH = 2, PP_ACT_RELU = 3 };
 
@@ -39,6 +39,7 @@ typedef struct {
     const int32_t *idx;                     /* [n] active neurons, or NULL: neuron j = j */
     const float *x;                         /* [T, D] */
     ptrdiff_t T;                            /* tokens: 1 = decode (pp_ffn_chunk), else pp_ffn_chunk_batch */
+    const pp_xq4 *xq;                       /* [T] quantized x: gate/up dots on the integer path (q4), or NULL */
     float *h_out;                           /* [n] or NULL (T == 1 only) */
 } pp_ffn_args;
 
@@ -119,6 +120,13 @@ static inline void pp_prefetch_span_part(const char *span, ptrdiff_t rb, int par
     pp_prefetch_row(span + 64 * first, 64 * (end - first));
 }
 
+/* y[t] = row . x[t] for the first T tokens: the integer path when x was quantized (a->xq), else float. */
+static inline void pp_ffn_dots(const pp_ffn_args *a, const char *row, const uint16_t *d, ptrdiff_t T, float *y) {
+    if (a->xq) pp_dotn_q4i(a->simd, (const uint8_t *)row, d, a->xq, a->D, T, y, 1);
+    else if (T == 1) y[0] = pp_dot(a->fmt, a->simd, row, d, a->x, a->D);   /* the tuned decode kernel */
+    else pp_dotn(a->fmt, a->simd, row, d, a->x, a->D, a->D, T, y, 1);
+}
+
 /* Neurons j in [j0, j1) of the active list, summed into acc[D] (zeroed here). */
 static inline void pp_ffn_chunk(const pp_ffn_args *a, ptrdiff_t j0, ptrdiff_t j1, float *acc) {
     const ptrdiff_t D = a->D, rb = a->rs, nsb = a->ss;
@@ -157,10 +165,10 @@ static inline void pp_ffn_chunk(const pp_ffn_args *a, ptrdiff_t j0, ptrdiff_t j1
         }
         /* gate before up: a bundle stores gate | up | down, so the reads ascend through the span */
         pp_prefetch_span_part(later, rb, 0);
-        const float g = a->gate ? pp_dot(a->fmt, a->simd, a->gate + i * rb, q ? a->gate_s + i * nsb : NULL,
-                                         a->x, D) : 0.0f;
+        float g = 0.0f, u;
+        if (a->gate) pp_ffn_dots(a, a->gate + i * rb, q ? a->gate_s + i * nsb : NULL, 1, &g);
         pp_prefetch_span_part(later, rb, 1);
-        const float u = pp_dot(a->fmt, a->simd, a->up + i * rb, q ? a->up_s + i * nsb : NULL, a->x, D);
+        pp_ffn_dots(a, a->up + i * rb, q ? a->up_s + i * nsb : NULL, 1, &u);
         const float h = a->gate ? pp_act(a->act, g) * u : pp_act(a->act, u);
         pp_prefetch_span_part(later, rb, 2);
         if (a->h_out) a->h_out[j] = h;
@@ -194,9 +202,8 @@ static inline void pp_ffn_chunk_batch(const pp_ffn_args *a, ptrdiff_t j0, ptrdif
             pp_prefetch_row(a->up + ip * rb, len);
             pp_prefetch_row(a->down + ip * rb, len);
         }
-        if (a->gate)
-            pp_dotn(a->fmt, a->simd, a->gate + i * rb, q ? a->gate_s + i * nsb : NULL, a->x, D, D, T, g, 1);
-        pp_dotn(a->fmt, a->simd, a->up + i * rb, q ? a->up_s + i * nsb : NULL, a->x, D, D, T, u, 1);
+        if (a->gate) pp_ffn_dots(a, a->gate + i * rb, q ? a->gate_s + i * nsb : NULL, T, g);
+        pp_ffn_dots(a, a->up + i * rb, q ? a->up_s + i * nsb : NULL, T, u);
         ptrdiff_t m = 0;                    /* tokens whose h is not exactly 0, as pp_ffn_chunk skips */
         for (ptrdiff_t t = 0; t < T; t++) {
             const float ht = a->gate ? pp_act(a->act, g[t]) * u[t] : pp_act(a->act, u[t]);

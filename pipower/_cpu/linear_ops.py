@@ -36,10 +36,14 @@ def _parts(W) -> tuple:
     return "f32", W, None
 
 
-def linear(x: np.ndarray, W, bias: np.ndarray | None = None, n_threads: int = 1) -> np.ndarray:
-    """x: float32 [T, K]; W: [N, K]; bias: float32 [N] or None -> new float32 [T, N]."""
+def linear(x: np.ndarray, W, bias: np.ndarray | None = None, n_threads: int = 1,
+           int_dot: bool = False) -> np.ndarray:
+    """x: float32 [T, K]; W: [N, K]; bias: float32 [N] or None -> new float32 [T, N].
+    int_dot (q4 W): int8-quantized activations, exact integer block sums, for any T (pipower.intdot)."""
     fmt, data, scales = _parts(W)
-    if x.ndim == 2 and x.shape[0] == 1:
+    if int_dot:
+        y = _linear.gemm_int8(fmt, data, scales, x, n_threads=n_threads)
+    elif x.ndim == 2 and x.shape[0] == 1:
         y = _linear.gemv(fmt, data, scales, x.reshape(-1), n_threads=n_threads).reshape(1, -1)
     else:
         y = _linear.gemm(fmt, data, scales, x, n_threads=n_threads, invariant=x.shape[0] <= MAX_TOKENS)
@@ -49,9 +53,11 @@ def linear(x: np.ndarray, W, bias: np.ndarray | None = None, n_threads: int = 1)
 
 
 def ffn(x: np.ndarray, gate, up, down_t, act: str, n_threads: int = 1,
-        idx: np.ndarray | None = None) -> np.ndarray:
+        idx: np.ndarray | None = None, int_dot: bool = False) -> np.ndarray:
     """x: float32 [T, D]; gate (or None), up, down_t: [F, D]; idx: int32 [n] sorted unique active
-    neurons, a bool [T, F] per-token mask, or None (all) -> new float32 [T, D]. Same math as NumpyOps.ffn."""
+    neurons, a bool [T, F] per-token mask, or None (all) -> new float32 [T, D]. Same math as NumpyOps.ffn.
+    int_dot (q4): gate/up dots over int8-quantized x, on the batch-invariant kernel for every T (token
+    slices of MAX_TOKENS; a per-token mask runs each token's own neurons as its decode step would)."""
     fu, ud, us = _parts(up)
     fd, dd, ds = _parts(down_t)
     fg, gd, gs = _parts(gate) if gate is not None else (fu, None, None)
@@ -65,14 +71,26 @@ def ffn(x: np.ndarray, gate, up, down_t, act: str, n_threads: int = 1,
             idx = np.flatnonzero(idx[0]).astype(np.int32)
         else:
             mask, idx = idx, None
+    g = None if gd is None else (gd, gs)
     if x.ndim == 2 and x.shape[0] == 1:
         out = np.empty((1, x.shape[1]), dtype=np.float32)
-        _ffn.ffn_sparse(fu, x.reshape(-1), None if gd is None else (gd, gs), (ud, us), (dd, ds), idx, act,
-                        out=out.reshape(-1), n_threads=n_threads)
+        _ffn.ffn_sparse(fu, x.reshape(-1), g, (ud, us), (dd, ds), idx, act, out=out.reshape(-1),
+                        n_threads=n_threads, int_dot=int_dot)
+        return out
+    if int_dot:
+        _linear.check_array(x, "x", (np.dtype(np.float32),), 2)
+        out = np.empty_like(x)
+        if mask is not None:
+            for t in range(x.shape[0]):
+                _ffn.ffn_sparse(fu, x[t], g, (ud, us), (dd, ds), np.flatnonzero(mask[t]).astype(np.int32), act,
+                                out=out[t], n_threads=n_threads, int_dot=True)
+            return out
+        for t0 in range(0, x.shape[0], MAX_TOKENS):
+            out[t0:t0 + MAX_TOKENS] = _ffn.ffn_sparse(fu, x[t0:t0 + MAX_TOKENS], g, (ud, us), (dd, ds), idx, act,
+                                                      n_threads=n_threads, int_dot=True)
         return out
     if x.ndim == 2 and x.shape[0] <= MAX_TOKENS and mask is None:
-        return _ffn.ffn_sparse(fu, x, None if gd is None else (gd, gs), (ud, us), (dd, ds), idx, act,
-                               n_threads=n_threads)
+        return _ffn.ffn_sparse(fu, x, g, (ud, us), (dd, ds), idx, act, n_threads=n_threads)
     return _ffn_prefill(x, fu, (gd, gs), (ud, us), (dd, ds), act, idx, n_threads, mask)
 
 

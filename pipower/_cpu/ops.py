@@ -24,12 +24,12 @@ else:
 class CythonOps(NumpyOps):
     name = "cython"
 
-    def __init__(self, n_threads: int = 1):
+    def __init__(self, n_threads: int = 1, dot: str = "float"):
         if not AVAILABLE:
             raise BackendError(f"the Cython extension pipower._cpu is not built ({IMPORT_ERROR})")
         if _attention is None:
             raise BackendError(f"pipower._cpu kernel modules are not all built ({_ATTENTION_ERROR})")
-        super().__init__(n_threads)
+        super().__init__(n_threads, dot)
 
     def prepare(self, transformer) -> None:
         """Lay every layer's FFN out as neuron bundles in one huge-page arena (pipower.arena: a sparse
@@ -94,7 +94,8 @@ class CythonOps(NumpyOps):
 
     def linear(self, x: np.ndarray, weight, bias: np.ndarray | None = None) -> np.ndarray:
         """x: [T, K], weight: [N, K] (float32 array or QMatrix), bias: [N] -> [T, N]."""
-        return linear_ops.linear(np.ascontiguousarray(x, dtype=np.float32), weight, bias, self.n_threads)
+        return linear_ops.linear(np.ascontiguousarray(x, dtype=np.float32), weight, bias, self.n_threads,
+                                 int_dot=self._int_dot(weight))
 
     def embed(self, table, ids: np.ndarray) -> np.ndarray:
         """table: [V, D] (array or QMatrix) -> rows ids [T, D] as float32 (dequantized exactly)."""
@@ -106,4 +107,4 @@ class CythonOps(NumpyOps):
     def ffn(self, x: np.ndarray, gate, up, down_t, act: str, idx: np.ndarray | None = None) -> np.ndarray:
         """Same contract as NumpyOps.ffn; T == 1 runs the fused sparse kernel over idx."""
         return linear_ops.ffn(np.ascontiguousarray(x, dtype=np.float32), gate, up, down_t, act,
-                              self.n_threads, idx)
+                              self.n_threads, idx, int_dot=self._int_dot(up))

@@ -1,0 +1,117 @@
+"""What a forward over T new tokens costs, in decode steps: the batched-compute benchmark.
+
+    python bench/batch.py --models qwen2.5-coder-0.5b --formats q8,q4 --tokens 1,2,4,8,16,32 \
+        --threads 2 --repeats 7 --out bench/results/batch.json
+
+After a fixed --prompt-tokens prompt, each round times one forward over T new tokens for every T in
+--tokens (T = 1 is one decode step), rolling the KV cache back after each, so every call sees the same
+cache length. Rounds interleave the T values, so a change of the machine's speed hits them alike; the
+table gives medians over --repeats rounds and each T's time as a ratio to the T = 1 step of the same
+rounds. Only `Transformer.forward` is timed (no tokenizer or sampling). Prints a markdown table and
+writes JSON plus the table as .md next to it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:          # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+import pipower  # noqa: E402
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def time_forwards(t, prompt_ids, new_ids, tokens, repeats) -> dict:
+    """{T: [seconds of one T-token forward] per round} after the prompt; the cache is rolled back."""
+    cache = t.new_cache(len(prompt_ids) + max(tokens) + 1)
+    t.forward(prompt_ids, cache)
+    base = cache.length
+    times = {T: [] for T in tokens}
+    for r in range(repeats + 1):                       # round 0 warms up and is dropped
+        for T in tokens:
+            t0 = time.perf_counter()
+            t.forward(new_ids[:T], cache, last_only=False)
+            dt = time.perf_counter() - t0
+            cache.truncate(base)
+            if r:
+                times[T].append(dt)
+    return times
+
+
+def bench(model_name, fmt, threads, tokens, repeats, prompt_tokens) -> list[dict]:
+    path = pipower.fetch(model_name, progress=False)
+    m = pipower.load(path, backend="cython", threads=threads, weights=fmt)
+    rng = np.random.default_rng(0)
+    V = m.config.vocab_size
+    prompt = rng.integers(100, min(V, 30000), prompt_tokens)
+    new = rng.integers(100, min(V, 30000), max(tokens))
+    times = time_forwards(m.transformer, prompt, new, tokens, repeats)
+    step = statistics.median(times[1]) if 1 in times else None
+    rows = []
+    for T in tokens:
+        med = statistics.median(times[T])
+        # ratio per round (same round's T = 1 step), then the median: robust to a speed change mid-run
+        ratios = [a / b for a, b in zip(times[T], times[1])] if 1 in times else []
+        rows.append(dict(model=model_name, weights=fmt, threads=threads, T=T, ms=1e3 * med,
+                         tok_per_s=T / med, vs_step=statistics.median(ratios) if ratios else None,
+                         step_ms=None if step is None else 1e3 * step))
+    return rows
+
+
+def markdown(rows) -> str:
+    out = ["| model | weights | T | forward ms | tokens/s | x one decode step |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        vs = "" if r["vs_step"] is None else f"{r['vs_step']:.2f}"
+        out.append(f"| {r['model']} | {r['weights']} | {r['T']} | {r['ms']:.1f} | {r['tok_per_s']:.1f} | {vs} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="qwen2.5-coder-0.5b", help="comma-separated known model names")
+    ap.add_argument("--formats", default="q8,q4", help="comma-separated weight formats (f32,f16,q8,q4)")
+    ap.add_argument("--tokens", default="1,2,4,8,16,32",
+                    help="comma-separated T values (new tokens per forward); include 1 for the ratio column")
+    ap.add_argument("--threads", type=int, default=2, help="OpenMP threads of the kernels")
+    ap.add_argument("--repeats", type=int, default=7, help="timed rounds (medians over them)")
+    ap.add_argument("--prompt-tokens", type=int, default=120, help="tokens in the cache before each forward")
+    ap.add_argument("--out", type=Path, help="write JSON here (and the table as .md next to it)")
+    a = ap.parse_args(argv)
+    tokens = [int(x) for x in a.tokens.split(",")]
+    rows = []
+    for name in a.models.split(","):
+        for fmt in a.formats.split(","):
+            rows += bench(name, fmt, a.threads, tokens, a.repeats, a.prompt_tokens)
+            print(markdown(rows[-len(tokens):]), file=sys.stderr, flush=True)
+    table = markdown(rows)
+    print(table)
+    if a.out:
+        meta = dict(cpu=cpu_model(), threads=a.threads, repeats=a.repeats, prompt_tokens=a.prompt_tokens,
+                    command=" ".join(sys.argv))
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+        a.out.with_suffix(".md").write_text(f"CPU: {meta['cpu']}, {a.threads} threads, medians of {a.repeats}"
+                                            f" rounds\n\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

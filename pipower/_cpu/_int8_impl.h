@@ -1,0 +1,219 @@
+/* Integer dot products for q4 weights: activations quantized per 32-block to int8 (as llama.cpp quantizes
+ * them to Q8_0), then 4-bit x int8 block dots in exact integer arithmetic. The float path
+ * (_linear_impl.h) converts every weight to float and spends three vector float operations per 32
+ * weights and token; here a 32-block costs a quarter of a VNNI dot per token, which turns q4 decode from
+ * compute-bound into memory-bound and makes a batch of tokens cheap.
+ *
+ * The arithmetic, defined exactly (pipower/intdot.py computes it bit for bit in NumPy):
+ *   activations, per token and 32-block b of x [K]:
+ *     amax = max |x_j|;  dx_b = amax / 127;  id = dx_b ? 1 / dx_b : 0;  q_j = nearbyint(x_j * id)  (int8,
+ *     ties to even);  a block whose amax is not finite gets q = 0 and dx_b = amax, so NaN/inf propagate.
+ *   one row of weights (nibbles n_j, scales dw_b) against one token:
+ *     isum_b = sum_j (n_j - 8) q_j                                  exact int32
+ *     lane l = b mod 16 of a float32 accumulator acc[16], blocks in increasing order:
+ *     acc[l] = fma((float)isum_b, dw_b * dx_b, acc[l])              (dw_b * dx_b rounded to float32 first)
+ *     result = ((acc[i] + acc[i+8]) for i<8 -> (+ i+4) for i<4 -> (+ i+2) for i<2 -> s[0] + s[1]).
+ * The same result comes from the AVX-512 VNNI kernel and the portable C one, for any batch size and any
+ * thread count (each (token, row) is one such computation).
+ *
+ * Layout of the quantized activations of one token (pp_xq4): nb = K/32 blocks padded to nbp, a multiple
+ * of 16 (zeros: padded blocks contribute nothing), arranged per 4 blocks as the q4 nibbles are:
+ *   q [nbp/4][2][4][16] int8: [lo halves (elements 0..15) of blocks 4r..4r+3 | hi halves (16..31)]
+ *   d [nbp] float32 (dx_b), c [nbp] int32 (8 * sum_j q_j, the "- 8" of the nibbles folded in)
+ * so one 64-byte load meets the low (or high) nibbles of four blocks.
+ */
+#ifndef PIPOWER_INT8_IMPL_H
+#define PIPOWER_INT8_IMPL_H
+
+#include <math.h>
+#include <float.h>
+#include <stdint.h>
+#include <stddef.h>
+#include <string.h>
+
+#include "_batch_impl.h"   /* pp_h2f, PP_QB, PP_TB, PP_HAVE_AVX512, PP_NOINLINE */
+
+#if PP_HAVE_AVX512 && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
+    defined(__AVX512VL__)
+#  define PP_HAVE_VNNI512 1
+#else
+#  define PP_HAVE_VNNI512 0
+#endif
+
+static inline ptrdiff_t pp_xq4_blocks(ptrdiff_t K) {   /* nbp: blocks padded to a multiple of 16 */
+    return (K / PP_QB + 15) / 16 * 16;
+}
+
+/* Bytes of one token's quantized activations (q, then d, then c), 64-byte multiple. */
+static inline ptrdiff_t pp_xq4_bytes(ptrdiff_t K) {
+    const ptrdiff_t nbp = pp_xq4_blocks(K);
+    return nbp * PP_QB + nbp * 4 + nbp * 4;
+}
+
+typedef struct {
+    const int8_t *q;
+    const float *d;
+    const int32_t *c;
+} pp_xq4;
+
+static inline pp_xq4 pp_xq4_at(const char *buf, ptrdiff_t K, ptrdiff_t t) {
+    const ptrdiff_t nbp = pp_xq4_blocks(K);
+    const char *base = buf + t * pp_xq4_bytes(K);
+    pp_xq4 v = {(const int8_t *)base, (const float *)(base + nbp * PP_QB),
+                (const int32_t *)(base + nbp * PP_QB + nbp * 4)};
+    return v;
+}
+
+/* Position in q of element j (0..31) of block b. */
+static inline ptrdiff_t pp_xq4_pos(ptrdiff_t b, int j) {
+    return (b / 4) * 128 + (j / 16) * 64 + (b % 4) * 16 + (j % 16);
+}
+
+/* Quantize x [K] (K a multiple of 32) into one token's buffer (layout above). */
+static inline void pp_xq4_quantize(const float *x, ptrdiff_t K, char *buf) {
+    const ptrdiff_t nb = K / PP_QB, nbp = pp_xq4_blocks(K);
+    int8_t *q = (int8_t *)buf;
+    float *d = (float *)(buf + nbp * PP_QB);
+    int32_t *c = (int32_t *)(buf + nbp * PP_QB + nbp * 4);
+    memset(buf, 0, (size_t)pp_xq4_bytes(K));
+    for (ptrdiff_t b = 0; b < nb; b++) {
+        const float *xb = x + b * PP_QB;
+        float amax = 0.0f;
+        for (int j = 0; j < PP_QB; j++) {
+            const float a = fabsf(xb[j]);
+            amax = (a > amax || a != a) ? a : amax;     /* NaN wins, as in NumPy's max */
+        }
+        const float db = amax / 127.0f;
+        d[b] = db;
+        if (!(amax <= FLT_MAX)) continue;               /* inf / NaN: q = 0, dx = amax */
+        const float id = db != 0.0f ? 1.0f / db : 0.0f;
+        int32_t s = 0;
+        for (int j = 0; j < PP_QB; j++) {
+            float v = nearbyintf(xb[j] * id);
+            v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
+            const int8_t qj = (int8_t)v;
+            q[pp_xq4_pos(b, j)] = qj;
+            s += qj;
+        }
+        c[b] = 8 * s;
+    }
+}
+
+/* The fixed 16-lane reduction order of the result. */
+static inline float pp_lane_tree(const float *acc) {
+    float s8[8], s4[4];
+    for (int i = 0; i < 8; i++) s8[i] = acc[i] + acc[i + 8];
+    for (int i = 0; i < 4; i++) s4[i] = s8[i] + s8[i + 4];
+    return (s4[0] + s4[2]) + (s4[1] + s4[3]);
+}
+
+/* Portable: one q4 row (packed nibbles p, scales d) against one token. Out of line for the same reason
+ * as pp_dot_row_c: one compiled body for every caller. */
+static PP_NOINLINE float pp_dot_q4i_c(const uint8_t *p, const uint16_t *d, pp_xq4 x, ptrdiff_t K) {
+    float acc[16] = {0};
+    const ptrdiff_t nb = K / PP_QB;
+    for (ptrdiff_t b = 0; b < nb; b++) {
+        const uint8_t *pb = p + b * (PP_QB / 2);
+        const int8_t *xlo = x.q + pp_xq4_pos(b, 0), *xhi = x.q + pp_xq4_pos(b, 16);
+        int32_t s = 0;
+        for (int j = 0; j < 16; j++) s += (int32_t)(pb[j] & 15) * xlo[j] + (int32_t)(pb[j] >> 4) * xhi[j];
+        s -= x.c[b];
+        const float scale = pp_h2f(d[b]) * x.d[b];
+        acc[b % 16] = fmaf((float)s, scale, acc[b % 16]);
+    }
+    return pp_lane_tree(acc);
+}
+
+#if PP_HAVE_VNNI512
+/* Lanes of the sum vector D (see below) -> natural block order: V[b] = D[4 (b % 4) + b / 4]. */
+static inline __m512i pp_q4i_order(void) {
+    return _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+}
+
+static inline float pp_tree512(__m512 acc) {
+    const __m256 s8 = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
+    const __m128 s4 = _mm_add_ps(_mm256_castps256_ps128(s8), _mm256_extractf128_ps(s8, 1));
+    const __m128 s2 = _mm_add_ps(s4, _mm_movehl_ps(s4, s4));        /* [s4_0 + s4_2, s4_1 + s4_3, ..] */
+    return _mm_cvtss_f32(_mm_add_ss(s2, _mm_movehdup_ps(s2)));
+}
+
+/* y[t * ldy] = pp_dot_q4i_c(p, d, x[t], K) for t < NT, bitwise: 16 blocks at a time, their nibbles
+ * unpacked once for all tokens. Per token: 8 VNNI dots (u8 nibbles x s8 activations) into four vectors
+ * R_r holding blocks 4r..4r+3 (one per 128-bit lane), two rounds of interleaved adds give D with
+ * D[4L + r] = block 4r + L, one permute gives block order, then the exact integer correction, one
+ * conversion and one fma per 16 blocks. */
+static inline __attribute__((always_inline)) void
+pp_dotn_q4i_v(const uint8_t *p, const uint16_t *d, const pp_xq4 *x, ptrdiff_t K, const int NT, float *y,
+              ptrdiff_t ldy) {
+    __m512 acc[PP_TB];
+    for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+    const ptrdiff_t nb = K / PP_QB;
+    const __m512i low4 = _mm512_set1_epi8(15), order = pp_q4i_order();
+    for (ptrdiff_t g = 0; g < nb; g += 16) {
+        const ptrdiff_t n = nb - g < 16 ? nb - g : 16;             /* blocks in this group */
+        __m512i lo[4], hi[4];
+        for (int r = 0; r < 4; r++) {
+            const ptrdiff_t m = n - 4 * r <= 0 ? 0 : (n - 4 * r >= 4 ? 4 : n - 4 * r);
+            const __mmask64 k = m == 4 ? ~(__mmask64)0 : (((__mmask64)1 << (16 * m)) - 1);
+            const __m512i v = _mm512_maskz_loadu_epi8(k, p + (g + 4 * r) * (PP_QB / 2));
+            lo[r] = _mm512_and_si512(v, low4);
+            hi[r] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
+        }
+        const __mmask16 kb = (__mmask16)(n == 16 ? 0xFFFF : ((1u << n) - 1));
+        const __m512 dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(kb, d + g));
+        for (int t = 0; t < NT; t++) {
+            const int8_t *xq = x[t].q + g * PP_QB;
+            __m512i R[4];
+            for (int r = 0; r < 4; r++) {
+                R[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo[r], _mm512_loadu_si512(xq + 128 * r));
+                R[r] = _mm512_dpbusd_epi32(R[r], hi[r], _mm512_loadu_si512(xq + 128 * r + 64));
+            }
+            const __m512i C0 = _mm512_add_epi32(_mm512_unpacklo_epi32(R[0], R[1]), _mm512_unpackhi_epi32(R[0], R[1]));
+            const __m512i C1 = _mm512_add_epi32(_mm512_unpacklo_epi32(R[2], R[3]), _mm512_unpackhi_epi32(R[2], R[3]));
+            const __m512i D = _mm512_add_epi32(_mm512_unpacklo_epi64(C0, C1), _mm512_unpackhi_epi64(C0, C1));
+            const __m512i S = _mm512_sub_epi32(_mm512_permutexvar_epi32(order, D),
+                                               _mm512_loadu_si512(x[t].c + g));
+            const __m512 scale = _mm512_mul_ps(dw, _mm512_loadu_ps(x[t].d + g));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(S), scale, acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) y[t * ldy] = pp_tree512(acc[t]);
+}
+#endif /* PP_HAVE_VNNI512 */
+
+/* y[t * ldy] for t < T: one q4 row against T quantized tokens (x[t]), bitwise pp_dot_q4i_c each. */
+static inline void pp_dotn_q4i(int simd, const uint8_t *p, const uint16_t *d, const pp_xq4 *x, ptrdiff_t K,
+                               ptrdiff_t T, float *y, ptrdiff_t ldy) {
+#if PP_HAVE_VNNI512
+    if (simd) {
+        for (ptrdiff_t t0 = 0; t0 < T; t0 += PP_TB) {
+            const int nt = (int)(T - t0 < PP_TB ? T - t0 : PP_TB);
+            const pp_xq4 *xt = x + t0;
+            float *yt = y + t0 * ldy;
+            switch (nt) {
+            case 1: pp_dotn_q4i_v(p, d, xt, K, 1, yt, ldy); break;
+            case 2: pp_dotn_q4i_v(p, d, xt, K, 2, yt, ldy); break;
+            case 3: pp_dotn_q4i_v(p, d, xt, K, 3, yt, ldy); break;
+            case 4: pp_dotn_q4i_v(p, d, xt, K, 4, yt, ldy); break;
+            case 5: pp_dotn_q4i_v(p, d, xt, K, 5, yt, ldy); break;
+            case 6: pp_dotn_q4i_v(p, d, xt, K, 6, yt, ldy); break;
+            case 7: pp_dotn_q4i_v(p, d, xt, K, 7, yt, ldy); break;
+            default: pp_dotn_q4i_v(p, d, xt, K, 8, yt, ldy); break;
+            }
+        }
+        return;
+    }
+#endif
+    (void)simd;
+    for (ptrdiff_t t = 0; t < T; t++) y[t * ldy] = pp_dot_q4i_c(p, d, x[t], K);
+}
+
+/* Y[t, n] for rows n in [n0, n1) of a q4 matrix (row stride rs bytes, scale stride ss halfs). */
+static inline void pp_gemm_q4i_rows(int simd, const char *data, ptrdiff_t rs, const uint16_t *scales,
+                                    ptrdiff_t ss, const pp_xq4 *x, ptrdiff_t T, float *y, ptrdiff_t N,
+                                    ptrdiff_t K, ptrdiff_t n0, ptrdiff_t n1) {
+    for (ptrdiff_t n = n0; n < n1; n++)
+        pp_dotn_q4i(simd, (const uint8_t *)(data + n * rs), scales + n * ss, x, K, T, y + n, N);
+}
+
+#endif /* PIPOWER_INT8_IMPL_H */
