@@ -71,6 +71,11 @@ class Model:
         """In-memory weight format: f32, f16, q8 or q4."""
         return self.transformer.weights
 
+    @property
+    def dot(self) -> str:
+        """How q4 projections multiply: "int8" (integer dot products) or "float" (see load)."""
+        return getattr(self.transformer.ops, "dot", "float")
+
     def __repr__(self) -> str:
         c = self.config
         return (f"<pipower.Model {Path(self.source).name}: {c.arch}, {c.num_hidden_layers} layers, "

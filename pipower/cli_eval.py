@@ -155,7 +155,7 @@ def cmd_eval(args) -> int:
     if args.vram_budget is not None and args.stats is None:
         raise InvalidArgumentError("--vram-budget needs --stats (an activation-stats file to plan from)")
     problems = _problems(args)
-    model = pipower.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights)
+    model = pipower.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights, dot=args.dot)
     if args.act_threshold is not None:
         point = Point("act_threshold", args.act_threshold)
     elif args.target_sparsity is not None:
@@ -183,7 +183,8 @@ def cmd_sweep(args) -> int:
 
     def progress(point, done, total, record):
         bars.setdefault(point.name, _Bar(point.name))(done, total, record)
-    summaries = sweep(args.model, knobs, args.out, _problems(args), weights=args.weights, threads=args.threads,
+    summaries = sweep(args.model, knobs, args.out, _problems(args), weights=args.weights, dot=args.dot,
+                      threads=args.threads,
                       backend=args.backend, predictors=args.predictors, stats=args.stats,
                       progress=progress, **_run_kwargs(args))
     for point, s in zip(points_for(knobs), summaries):

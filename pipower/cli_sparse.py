@@ -92,7 +92,7 @@ def cmd_bench(args) -> int:
     import pipower
     from .benchmark import time_model
     from .cli import device_kwargs
-    model = pipower.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights,
+    model = pipower.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights, dot=args.dot,
                          **device_kwargs(args))
     model.set_sparsity(act_threshold=args.act_threshold, target_sparsity=args.target_sparsity,
                        predictors=args.predictors, pred_threshold=args.pred_threshold)
@@ -153,7 +153,7 @@ def cmd_profile(args) -> int:
     if args.tokens < 1:
         raise InvalidArgumentError(f"--tokens must be at least 1, got {args.tokens}")
     files = corpus_files(args.corpus)
-    model = pipower.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights)
+    model = pipower.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights, dot=args.dot)
     if model.tokenizer is None:
         raise InvalidArgumentError(f"{model.source} has no tokenizer: profiling needs one to turn the corpus "
                                    f"into tokens")
@@ -220,7 +220,7 @@ def cmd_train(args) -> int:
 def cmd_plan(args) -> int:
     import pipower
     from .hybrid.engine import predictor_ranks, solve_for
-    model = pipower.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights)
+    model = pipower.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights, dot=args.dot)
     ranks = predictor_ranks(args.predictors) if args.predictors else (
         [args.predictor_rank] * model.config.num_hidden_layers if args.predictor_rank else None)
     placement = solve_for(model, args.stats, parse_bytes(args.vram_budget), args.context, ranks,

@@ -256,3 +256,14 @@ def test_library_profile_of_no_sequences_raises(tiny_gguf):
     for kw in (dict(tau_act=0.0), dict(target_sparsity=0.5)):
         with pytest.raises(InvalidArgumentError, match="no sequences"):
             profile(m, [], **kw)
+
+
+def test_dot_option(tiny_gguf):
+    """--dot int8 is the q4 default, named on the stats line; on another format it is a one-line error."""
+    out = run_cli("generate", "-m", tiny_gguf, "-n", "2", "--weights", "q4", "--no-cache", "hi")
+    assert out.returncode == 0, out.stderr
+    assert "q4 weights (int8 dots)" in out.stderr
+    out = run_cli("generate", "-m", tiny_gguf, "-n", "2", "--weights", "q4", "--dot", "float", "--no-cache", "hi")
+    assert out.returncode == 0 and "int8 dots" not in out.stderr
+    _one_line_error(run_cli("generate", "-m", tiny_gguf, "-n", "1", "--weights", "q8", "--dot", "int8", "hi"),
+                    "q4 weights")

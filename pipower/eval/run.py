@@ -60,8 +60,12 @@ class EvalSettingsError(PipowerError):
 # --- settings --------------------------------------------------------------------------------------
 
 def model_settings(model) -> dict:
-    """What about the model a result depends on: the weights' fingerprint, their format, the backend."""
-    return {"model_fingerprint": model.fingerprint, "weights": model.weights, "backend": model.backend}
+    """What about the model a result depends on: the weights' fingerprint, their format, the backend, and
+    the integer dot products when on (absent for the float path, as in results made before they existed)."""
+    s = {"model_fingerprint": model.fingerprint, "weights": model.weights, "backend": model.backend}
+    if getattr(model, "dot", "float") != "float":
+        s["dot"] = model.dot
+    return s
 
 
 def _threads(model) -> int | None:
