@@ -131,59 +131,69 @@ class Model:
         return ids
 
     def stream(self, prompt, max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int | None = None, stop: Iterable[str] = ()) -> TextStream:
+               top_p: float = 1.0, seed: int | None = None, stop: Iterable[str] = (), draft=None) -> TextStream:
         """Iterator of text pieces as they are generated. `prompt`: text (str) or a list of token ids;
         bytes are refused (InvalidArgumentError): decode them first. The output is text, so the model needs
         a tokenizer even for an id prompt; without one, use generate_ids().
 
         The text continues the prompt, so a SentencePiece model's first piece keeps its leading space.
+
+        draft: speculative decoding (pipower.speculative): "lookup", "sparse:0.5", "pred:FILE[:tau]",
+        "act:TAU", combinations joined by "+", or a loaded Model with the same vocabulary. The model
+        verifies every drafted token: greedy text is token for token the plain greedy text, sampling keeps
+        the model's distribution; only speed changes. last_stats gains drafted / accepted.
         """
         ids = self._prompt_ids(prompt)
         tok = self._require_tokenizer("generate() and stream() return text, which needs one to decode the "
                                       "new tokens")
-        return self._stream(ids, False, max_tokens, temperature, top_k, top_p, seed, stop, tok)
+        return self._stream(ids, False, max_tokens, temperature, top_k, top_p, seed, stop, tok, draft)
 
-    def _token_stream(self, ids, max_tokens, temperature, top_k, top_p, seed) -> tuple:
+    def _token_stream(self, ids, max_tokens, temperature, top_k, top_p, seed, draft=None) -> tuple:
         if max_tokens < 0:
             raise InvalidArgumentError(f"max_tokens must be >= 0, got {max_tokens}")
         sampler = Sampler(SamplingParams(temperature, top_k, top_p, seed))
         stats = GenerationStats()
         self.last_stats = stats
-        token_ids = _count_sparsity(
-            generate_ids(self.transformer, ids, sampler, max_tokens, self._stop_ids(), stats),
-            self.transformer.ffn_neurons, stats)
+        if draft is None:
+            gen = generate_ids(self.transformer, ids, sampler, max_tokens, self._stop_ids(), stats)
+        else:
+            from .speculative import make_drafter, speculative_ids
+            gen = speculative_ids(self.transformer, ids, sampler, max_tokens, self._stop_ids(), stats,
+                                  make_drafter(self, draft))
+        token_ids = _count_sparsity(gen, self.transformer.ffn_neurons, stats)
         return token_ids, stats
 
     def _stream(self, ids, strip_first_space, max_tokens, temperature, top_k, top_p, seed, stop,
-                tok) -> TextStream:
-        token_ids, stats = self._token_stream(ids, max_tokens, temperature, top_k, top_p, seed)
+                tok, draft=None) -> TextStream:
+        token_ids, stats = self._token_stream(ids, max_tokens, temperature, top_k, top_p, seed, draft)
         decoder = tok.stream_decoder(strip_first_space=strip_first_space)
         return TextStream(stream_text(token_ids, decoder, tuple(stop), stats), stats)
 
     def generate_ids(self, prompt, max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-                     top_p: float = 1.0, seed: int | None = None) -> list[int]:
+                     top_p: float = 1.0, seed: int | None = None, draft=None) -> list[int]:
         """The new token ids after `prompt` (token ids, or text when the model has a tokenizer), until an
         end-of-sequence id (not included) or max_tokens. Works without a tokenizer; stats in last_stats."""
         ids = self._prompt_ids(prompt)
-        return list(self._token_stream(ids, max_tokens, temperature, top_k, top_p, seed)[0])
+        return list(self._token_stream(ids, max_tokens, temperature, top_k, top_p, seed, draft)[0])
 
     def generate(self, prompt, max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int | None = None, stop: Iterable[str] = ()) -> str:
+                 top_p: float = 1.0, seed: int | None = None, stop: Iterable[str] = (), draft=None) -> str:
         """The completion of `prompt` (str, or a list of token ids; not bytes) as one string, without the
         prompt. Needs a tokenizer for the text it returns: see generate_ids() for a model without one."""
-        return "".join(self.stream(prompt, max_tokens, temperature, top_k, top_p, seed, stop))
+        return "".join(self.stream(prompt, max_tokens, temperature, top_k, top_p, seed, stop, draft))
 
     def chat(self, messages: list[dict], **kwargs) -> str:
         """Apply the model's chat template to `messages` and generate the assistant's reply."""
         return "".join(self.stream_chat(messages, **kwargs))
 
     def stream_chat(self, messages: list[dict], max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
-                    top_p: float = 1.0, seed: int | None = None, stop: Iterable[str] = ()) -> TextStream:
+                    top_p: float = 1.0, seed: int | None = None, stop: Iterable[str] = (), draft=None
+                    ) -> TextStream:
         """Like chat(), as an iterator of text pieces. The reply starts fresh: no leading space."""
         tok = self._require_tokenizer("chat needs one for its template and its text")
         prompt = tok.apply_chat_template(messages, add_generation_prompt=True)
         ids = tok.encode(prompt, add_bos=None, parse_special=True)
-        return self._stream(ids, True, max_tokens, temperature, top_k, top_p, seed, stop, tok)
+        return self._stream(ids, True, max_tokens, temperature, top_k, top_p, seed, stop, tok, draft)
 
 
 def _count_sparsity(token_ids, selector, stats: GenerationStats):

@@ -26,6 +26,13 @@ class GenerationStats:
     decode_seconds: float = 0.0
     stop_reason: str = ""          # "eos", "stop", "length", "context"
     ffn_sparsity: float = 0.0      # fraction of FFN neurons skipped (prefill + decode); 0 = dense
+    drafted: int = 0               # speculative decoding: tokens the drafter proposed
+    accepted: int = 0              # ... and how many of them the model kept
+
+    @property
+    def draft_acceptance(self) -> float:
+        """accepted / drafted (0.0 when nothing was drafted)."""
+        return self.accepted / self.drafted if self.drafted else 0.0
 
     @property
     def prefill_tokens_per_second(self) -> float:

@@ -31,9 +31,25 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray) -> int:
         """logits: float32 [V] -> token id."""
-        p = self.params
-        if p.temperature == 0:
+        if self.params.temperature == 0:
             return int(np.argmax(logits))
+        order, probs = self._candidates(logits)
+        return int(order[self.rng.choice(order.shape[0], p=probs)])
+
+    def distribution(self, logits: np.ndarray) -> np.ndarray:
+        """The probabilities [V] (float64) this sampler draws from: temperature, then top-k, then top-p.
+        Greedy (temperature 0) is the point mass on the argmax."""
+        out = np.zeros(logits.shape[-1], dtype=np.float64)
+        if self.params.temperature == 0:
+            out[int(np.argmax(logits))] = 1.0
+            return out
+        order, probs = self._candidates(logits)
+        out[order] = probs
+        return out
+
+    def _candidates(self, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """-> (token ids, most likely first; their renormalized probabilities) after top-k and top-p."""
+        p = self.params
         z = logits.astype(np.float64) / p.temperature
         candidates = np.arange(z.shape[0])
         if p.top_k and p.top_k < z.shape[0]:
@@ -45,4 +61,4 @@ class Sampler:
             # keep the smallest prefix whose mass reaches top_p (always at least one token)
             keep = int(np.searchsorted(np.cumsum(probs), p.top_p) + 1)
             order, probs = order[:keep], probs[:keep] / probs[:keep].sum()
-        return int(order[self.rng.choice(order.shape[0], p=probs)])
+        return order, probs
