@@ -1,0 +1,227 @@
+"""Speculative decoding: greedy output is token for token the plain greedy output with every drafter,
+and the sampling rule keeps the model's distribution (checked statistically, with a control that a
+wrong rule fails the same check)."""
+import numpy as np
+import pytest
+
+from pipower import _cpu
+from pipower.config import ModelConfig
+from pipower.errors import InvalidArgumentError
+from pipower.generate import GenerationStats, generate_ids
+from pipower.sampling import Sampler, SamplingParams
+from pipower.speculative import (ChainDrafter, LookupDrafter, ModelDrafter, accept_greedy, accept_sampled,
+                                 speculative_ids)
+
+from helpers_models import CFG, random_tensors
+
+needs_ext = pytest.mark.skipif(not _cpu.AVAILABLE, reason="compiled kernels not built")
+
+
+def transformer(seed=5, fmt="q8", dot="float", cfg=CFG, gain=6.0):
+    """A tiny model whose layers matter: projections scaled up (at random_tensors' 0.1 scale the tied
+    embedding decides every argmax and the model repeats itself)."""
+    from pipower._cpu.ops import CythonOps
+    from pipower.model import Transformer
+    tensors = {k: (v * gain if ("mlp." in k or "self_attn." in k) and k.endswith("weight") else v)
+               for k, v in random_tensors(cfg, seed=seed).items()}
+    return Transformer(ModelConfig.from_dict(cfg), tensors, CythonOps(2, dot), weights=fmt)
+
+
+def prompts(n=12, seed=0):
+    """Random prompts with repeats in them, so prompt lookup finds n-grams to propose."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        motif = rng.integers(3, CFG["vocab_size"], rng.integers(3, 9)).tolist()
+        noise = rng.integers(3, CFG["vocab_size"], rng.integers(1, 12)).tolist()
+        out.append(noise + motif + noise[:3] + motif + rng.integers(3, CFG["vocab_size"], 2).tolist())
+    return out
+
+
+def plain(t, ids, n, stop=(), max_len=None):
+    s = GenerationStats()
+    return list(generate_ids(t, ids, Sampler(SamplingParams()), n, stop, s, t.new_cache(max_len))), s
+
+
+def spec(t, ids, n, drafter, stop=(), max_len=None):
+    s = GenerationStats()
+    return list(speculative_ids(t, ids, Sampler(SamplingParams()), n, stop, s, drafter, t.new_cache(max_len))), s
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt,dot", [("q8", "float"), ("f16", "float"), ("q4", "int8")])
+def test_greedy_output_is_the_plain_greedy_output_with_every_drafter(fmt, dot):
+    from pipower.sparse.oracle import OracleSelector
+    t = transformer(fmt=fmt, dot=dot)
+    other = transformer(seed=9, fmt=fmt, dot=dot)           # a different model, same vocabulary
+    drafters = {
+        "lookup": lambda: LookupDrafter(),
+        "self-dense": lambda: ModelDrafter(t, None, "self"),     # a perfect drafter: every draft accepted
+        "self-sparse": lambda: ModelDrafter(t, OracleSelector(t, 0.3), "act:0.3"),
+        "other-model": lambda: ModelDrafter(other, None, "other"),
+        "lookup+other": lambda: ChainDrafter([LookupDrafter(), ModelDrafter(other, None, "other")]),
+    }
+    for name, make in drafters.items():
+        accepted = drafted = 0
+        for ids in prompts():
+            want, _ = plain(t, ids, 40)
+            got, s = spec(t, ids, 40, make())
+            assert got == want, name
+            accepted, drafted = accepted + s.accepted, drafted + s.drafted
+            assert 0 <= s.accepted <= s.drafted
+        assert drafted > 0, name
+        if name == "self-dense":
+            assert accepted == drafted                       # the multi-token acceptance path is exercised
+        else:
+            assert accepted < drafted or name == "lookup"    # rejections (and rollbacks) happen too
+
+
+@needs_ext
+def test_stops_and_limits_match_plain_generation():
+    t = transformer()
+    for ids in prompts(6, seed=1):
+        want, _ = plain(t, ids, 30)
+        stop = {want[7]}                                     # a token that appears mid-output
+        for max_len in (None, len(ids) + 11):
+            for n in (0, 1, 5, 30):
+                a, sa = plain(t, ids, n, stop, max_len)
+                b, sb = spec(t, ids, n, ModelDrafter(t, None, "self", max_len), stop, max_len)
+                assert a == b and sa.stop_reason == sb.stop_reason and sa.new_tokens == sb.new_tokens
+
+
+def test_lookup_proposes_what_followed_the_latest_match():
+    d = LookupDrafter(max_ngram=3)
+    ctx = np.array([5, 1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 4, 1, 2, 3])
+    assert d.propose(ctx, 2)[0] == [7, 8]                    # latest earlier "1 2 3" is followed by 7 8
+    assert d.propose(np.array([4, 4, 6]), 3)[0] == []         # no earlier 6, 4 6, ...
+    assert d.propose(np.array([1, 2, 1]), 5)[0] == [2, 1]     # a 1-gram match, continuation to the end
+
+
+def test_accept_greedy_keeps_the_agreeing_prefix_and_the_models_next_token():
+    logits = np.eye(6, dtype=np.float32)[[2, 4, 1, 3]]           # argmax per row: 2, 4, 1, 3
+    assert accept_greedy([2, 4, 1], logits) == (3, 3)
+    assert accept_greedy([2, 5, 1], logits) == (1, 4)
+    assert accept_greedy([], logits[:1]) == (0, 2)
+
+
+# ---- the sampling rule, statistically --------------------------------------------------------------
+V = 6
+
+
+def _softmax(z):
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+def _first_two(rule_rng_seed, n, deterministic, broken=False):
+    """Joint counts [V, V] of the first two emitted tokens when p depends on the previous token:
+    p1 = softmax(A), p2(.|t1) = softmax(B[t1]); drafts from q1, q2(.|d1) (or fixed tokens)."""
+    rng = np.random.default_rng(0)
+    A, B = rng.normal(size=V) * 1.5, rng.normal(size=(V, V)) * 1.5
+    QA, QB = rng.normal(size=V) * 1.5, rng.normal(size=(V, V)) * 1.5
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=rule_rng_seed))
+    draw = np.random.default_rng(rule_rng_seed + 1)
+    counts = np.zeros((V, V))
+    for _ in range(n):
+        if deterministic:
+            d = [2, 3]
+            dists = None
+        else:
+            q1 = _softmax(QA)
+            d1 = int(draw.choice(V, p=q1))
+            q2 = _softmax(QB[d1])
+            d = [d1, int(draw.choice(V, p=q2))]
+            dists = np.stack([q1, q2])
+        rows = np.stack([A, B[d[0]], np.zeros(V)]).astype(np.float32)   # the third row is unused here
+        if broken:            # a wrong rule: believe the drafts came from p (accept with probability 1)
+            dists = np.stack([sampler.distribution(rows[0]), sampler.distribution(rows[1])])
+        k, nxt = accept_sampled(d, dists, rows, sampler)
+        out = d[:k] + [nxt]
+        if len(out) < 2:     # the next round would sample the second token from p2(.|first)
+            out.append(int(sampler.rng.choice(V, p=sampler.distribution(B[out[0]].astype(np.float32)))))
+        counts[out[0], out[1]] += 1
+    p1 = _softmax(A)
+    joint = p1[:, None] * np.stack([_softmax(B[i]) for i in range(V)])
+    return counts, joint
+
+
+def _chi2_p(counts, joint):
+    from scipy.stats import chisquare
+    n = counts.sum()
+    return chisquare(counts.ravel(), joint.ravel() * n).pvalue
+
+
+@pytest.mark.parametrize("deterministic", (True, False))
+def test_speculative_sampling_keeps_the_models_distribution(deterministic):
+    counts, joint = _first_two(11, 12000, deterministic)
+    assert _chi2_p(counts, joint) > 1e-3
+    bad, joint = _first_two(11, 12000, deterministic, broken=True)
+    assert _chi2_p(bad, joint) < 1e-6                          # the check has the power to see a wrong rule
+
+
+# ---- the API ---------------------------------------------------------------------------------------
+def test_bad_draft_specs_are_refused():
+    from pipower.speculative import make_drafter
+
+    class Stub:
+        transformer = None
+    for spec in ("nope", "sparse", "lookup:3", "pred:", 3.5):
+        with pytest.raises(InvalidArgumentError):
+            make_drafter(Stub(), spec)
+
+
+def test_a_draft_model_with_another_vocabulary_is_refused():
+    from pipower.speculative import check_same_vocabulary
+
+    class Tok:
+        def __init__(self, words):
+            self.words, self.vocab_size = words, len(words)
+
+        def token_text(self, i):
+            return self.words[i]
+
+    class M:
+        def __init__(self, words, n=None):
+            self.tokenizer = Tok(words)
+            self.config = type("C", (), {"vocab_size": n or len(words)})()
+    check_same_vocabulary(M(["a", "b"]), M(["a", "b"]))
+    with pytest.raises(InvalidArgumentError, match="same tokenizer"):
+        check_same_vocabulary(M(["a", "b"]), M(["a", "c"]))
+    with pytest.raises(InvalidArgumentError, match="token ids"):
+        check_same_vocabulary(M(["a", "b"]), M(["a", "b", "c"]))
+
+
+def test_real_model_greedy_text_identical_with_lookup_and_sparse_drafts():
+    import pipower
+    try:
+        path = pipower.fetch("smollm2-135m", progress=False)
+    except pipower.FetchError as e:
+        pytest.skip(f"cannot fetch: {e}")
+    m = pipower.load(path)
+    prompts_ = ["def is_prime(n):", "The quick brown fox", "import numpy as np\n\ndef moving_average(x, w):",
+                "class Stack:\n    def __init__(self):"]
+    for p in prompts_:
+        want = m.generate_ids(p, max_tokens=48)
+        for draft in ("lookup", "act:0.1", "lookup+act:0.1"):
+            assert m.generate_ids(p, max_tokens=48, draft=draft) == want, (p, draft)
+            st = m.last_stats
+            assert st.drafted >= st.accepted >= 0 and 0.0 <= st.draft_acceptance <= 1.0
+
+
+@pytest.mark.slow
+def test_qwen_humaneval_chat_greedy_identical_with_every_drafter():
+    """Many real prompts: the first 20 HumanEval chat prompts, 160 new tokens, lookup / sparse
+    self-draft / both, against plain greedy on Qwen2.5-Coder-0.5B (q8) and on q4 with integer dots."""
+    import pipower
+    from pipower.eval.humaneval import chat_messages, load_problems
+    try:
+        path = pipower.fetch("qwen2.5-coder-0.5b", progress=False)
+    except pipower.FetchError as e:
+        pytest.skip(f"cannot fetch: {e}")
+    for weights in ("q8", "q4"):
+        m = pipower.load(path, weights=weights)
+        for problem in load_problems()[:20]:
+            msgs = chat_messages(problem)
+            want = m.chat(msgs, max_tokens=160)
+            for draft in ("lookup", "sparse:0.5", "lookup+sparse:0.5"):
+                assert m.chat(msgs, max_tokens=160, draft=draft) == want, (weights, problem["task_id"], draft)
