@@ -264,7 +264,8 @@ def load(source, *, backend: str = "auto", threads: int | None = None, weights: 
     weights on the CPU engine, else "float" (the only choice for other formats and devices).
     cache: a GGUF model on the CPU engine is prepared (converted, laid out for the backend) once and
     kept under $PIPOWER_HOME/prepared (pipower.model_cache); later loads read that instead. False:
-    neither read nor write it. HF directories and device gpu/hybrid/offload always build afresh.
+    neither read nor write it. HF directories, GGUFs under 32 MiB and device gpu/hybrid/offload always
+    build afresh.
     """
     from .tokenizer import tokenizer_from_gguf_metadata, tokenizer_from_hf_dir
     device_ops = None
@@ -284,8 +285,8 @@ def load(source, *, backend: str = "auto", threads: int | None = None, weights: 
     weights = weights or default_weights(path, ops)
     ops.dot = check_dot(dot, weights, device)
     key = None
-    if cache and device_ops is None and not os.path.isdir(path):
-        from . import model_cache
+    from . import model_cache
+    if cache and device_ops is None and model_cache.worth_caching(path):
         key = model_cache.cache_key(path, weights, ops)
         hit = model_cache.load(key, ops)
         if hit is not None:

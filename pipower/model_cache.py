@@ -18,7 +18,7 @@ The data region holds blobs: each the bytes of one memory buffer of the prepared
 memory (the FFN arena whole, bundles and padding included), so every array comes back with its offset
 and strides and the kernels see the same layout. Blobs of 2 MiB or more start on a 2 MiB boundary.
 
-Keyed by the source (resolved path, size, mtime), the weight format, the backend's layout (its ffn_layout
+Only GGUF files of MIN_SOURCE_BYTES (32 MiB) or more are cached. Keyed by the source (resolved path, size, mtime), the weight format, the backend's layout (its ffn_layout
 and prepare method), LAYOUT_VERSION and a hash of the code that converts and lays out weights, so an
 edit to that code, a re-fetched file or another backend gets its own entry. One entry is kept per
 (source, weights, layout): writing a new one removes the older ones, and the entries of source
@@ -72,6 +72,7 @@ _DTYPES = {"|i1", "|u1", "<f2", "<f4"}
 _CODE = ("quant.py", "arena.py", "model.py", "loader/gguf.py")
 LOAD_MODES = ("mmap", "read")
 MIN_FREE_BYTES = 1 << 30            # a cache file is not written when it would leave less disk free
+MIN_SOURCE_BYTES = 32 << 20         # smaller GGUFs convert in well under a second: not worth a file
 
 
 class CacheFileError(PipowerError):
@@ -113,6 +114,14 @@ def _code_hash(ops) -> str:
     except (AttributeError, TypeError, ImportError, OSError):
         pass
     return h.hexdigest()[:16]
+
+
+def worth_caching(path: str | os.PathLike) -> bool:
+    """A GGUF file of at least MIN_SOURCE_BYTES (tiny test models would only fill the cache)."""
+    try:
+        return os.path.isfile(path) and os.path.getsize(path) >= MIN_SOURCE_BYTES
+    except OSError:
+        return False
 
 
 def cache_key(path: str | os.PathLike, weights: str, ops) -> dict:

@@ -28,6 +28,7 @@ TINY = dict(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_la
 def home(tmp_path, monkeypatch):
     monkeypatch.setenv("PIPOWER_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("PIPOWER_CACHE_LOAD", raising=False)
+    monkeypatch.setattr(model_cache, "MIN_SOURCE_BYTES", 0)            # tiny models are not cached otherwise
     return tmp_path / "home"
 
 
@@ -121,6 +122,13 @@ def test_key_follows_the_source_and_old_entries_go(tmp_path):
     if _cpu.AVAILABLE:
         ops_c = pipower.backend.make_ops("cython", 1)
         assert model_cache.cache_key(path, "q8", ops_c)["layout"] != model_cache.cache_key(path, "q8", ops_np)["layout"]
+
+
+def test_small_models_are_not_cached(tmp_path, monkeypatch):
+    path = write_model(tmp_path / "m.gguf")
+    monkeypatch.setattr(model_cache, "MIN_SOURCE_BYTES", path.stat().st_size + 1)
+    load(path)
+    assert cache_files() == []
 
 
 def test_entries_of_deleted_sources_are_pruned(tmp_path):
@@ -221,7 +229,8 @@ def test_no_cache_file_when_the_disk_is_nearly_full(tmp_path, monkeypatch, caplo
 
 _CHILD = textwrap.dedent("""
     import hashlib, sys
-    import pipower
+    import pipower, pipower.model_cache
+    pipower.model_cache.MIN_SOURCE_BYTES = 0
     m = pipower.load(sys.argv[1], backend=sys.argv[2], threads=1, weights="q8", progress=False)
     print(hashlib.sha256(m.logits([1, 17, 200, 3]).tobytes()).hexdigest())
 """)
