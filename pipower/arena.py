@@ -82,7 +82,7 @@ def bundle_layers(layers):
 def _malloc_trim():
     try:
         return ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):       # not glibc
+    except (OSError, AttributeError, TypeError):     # not glibc (TypeError: Windows)
         return None
 
 
