@@ -25,7 +25,7 @@ from ._linear cimport QuantizedActivations, pp_xq4
 
 cnp.import_array()
 
-cdef extern from "_ffn_impl.h" nogil:
+cdef extern from "_ffn_batch_impl.h" nogil:
     int PP_ACT_SILU, PP_ACT_GELU, PP_ACT_GELU_TANH, PP_ACT_RELU
     ctypedef struct pp_ffn_args:
         int fmt, simd, act
@@ -41,6 +41,9 @@ cdef extern from "_ffn_impl.h" nogil:
         const float *x
         Py_ssize_t T
         const pp_xq4 *xq
+        Py_ssize_t chunk
+        float *hbuf
+        unsigned char *live
         float *h_out
     int PP_FFN_MAX_T
     void pp_ffn_chunk(const pp_ffn_args *a, Py_ssize_t j0, Py_ssize_t j1, float *acc)
@@ -189,6 +192,11 @@ def ffn_sparse(fmt, x, gate, up, down_t, idx, act, out=None, h_out=None, n_threa
     CH = max(MIN_CHUNK, (n + MAX_CHUNKS - 1) // MAX_CHUNKS)
     C = (n + CH - 1) // CH
     part = np.empty(C * a.T * D if C > 1 else 0, dtype=np.float32)   # [C, T, D] partial rows
+    hbuf = np.empty(C * CH * a.T if a.T > 1 else 0, dtype=np.float32)   # [C, CH, T] h of each chunk
+    live = np.empty(C * CH if a.T > 1 else 0, dtype=np.uint8)
+    a.chunk = CH
+    a.hbuf = <float *>cnp.PyArray_DATA(hbuf)
+    a.live = <unsigned char *>cnp.PyArray_DATA(live)
     cdef float *pp = <float *>cnp.PyArray_DATA(part)
     cdef float *op = <float *>cnp.PyArray_DATA(out)
     with nogil:

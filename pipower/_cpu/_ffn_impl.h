@@ -1,4 +1,4 @@
-/* Sparse FFN, one token (pp_ffn_chunk) or a few (pp_ffn_chunk_batch, bitwise the same per token):
+/* Sparse FFN, one token (pp_ffn_chunk; a few: _ffn_batch_impl.h, bitwise the same per token):
  * out[D] = sum over active neurons i of h_i * down_t[i],
  *   h_i = act(gate[i] . x) * (up[i] . x)      (gated, LLaMA/Qwen)   or   act(up[i] . x)   (plain MLP)
  * gate/up/down_t: [F, D] in one format (down stored transposed: neuron i's output row is contiguous),
@@ -40,6 +40,9 @@ typedef struct {
     const float *x;                         /* [T, D] */
     ptrdiff_t T;                            /* tokens: 1 = decode (pp_ffn_chunk), else pp_ffn_chunk_batch */
     const pp_xq4 *xq;                       /* [T] quantized x: gate/up dots on the integer path (q4), or NULL */
+    ptrdiff_t chunk;                        /* T > 1: neurons per chunk (chunk c starts at neuron c * chunk) */
+    float *hbuf;                            /* T > 1: scratch [chunks, chunk, T] for h */
+    unsigned char *live;                    /* T > 1: scratch [chunks, chunk] */
     float *h_out;                           /* [n] or NULL (T == 1 only) */
 } pp_ffn_args;
 
@@ -175,45 +178,6 @@ static inline void pp_ffn_chunk(const pp_ffn_args *a, ptrdiff_t j0, ptrdiff_t j1
         /* ReLU-family models give many exact zeros: skipping them saves the down row's read. */
         if (h != 0.0f)
             pp_axpy(a->fmt, a->simd, h, a->down + i * rb, q ? a->down_s + i * nsb : NULL, acc, D);
-    }
-}
-
-/* Neurons j in [j0, j1) for T <= PP_FFN_MAX_T tokens, summed into acc[T, D] (zeroed here). Per token,
- * the same operations in the same order as pp_ffn_chunk (gate and up dots, activation, a down axpy
- * skipped when h is exactly 0) through the batched row kernels (_batch_impl.h), each weight row read
- * once for all tokens: row t of the result is bitwise what pp_ffn_chunk computes for token t alone. */
-#define PP_FFN_MAX_T 64
-static inline void pp_ffn_chunk_batch(const pp_ffn_args *a, ptrdiff_t j0, ptrdiff_t j1, float *acc) {
-    const ptrdiff_t D = a->D, rb = a->rs, nsb = a->ss, T = a->T;
-    const int q = a->up_s != NULL;
-    /* Per neuron the arithmetic is T times a decode step's, so one span ahead (two when short) hides
-     * the next neuron's memory latency. */
-    const ptrdiff_t near = rb >= PP_FFN_SPREAD_NEAR_BYTES ? 1 : 2;
-    float g[PP_FFN_MAX_T], u[PP_FFN_MAX_T], h[PP_FFN_MAX_T];
-    float *rows[PP_FFN_MAX_T];
-    memset(acc, 0, (size_t)(T * D) * sizeof(float));
-    for (ptrdiff_t j = j0; j < j1; j++) {
-        const ptrdiff_t i = pp_ffn_neuron(a, j);
-        if (a->bundle && j + near < a->n) {
-            pp_prefetch_row(a->bundle + pp_ffn_neuron(a, j + near) * rb, rb);
-        } else if (!a->bundle && a->idx && j + PP_FFN_PREFETCH_AHEAD < j1) {
-            const ptrdiff_t ip = (ptrdiff_t)a->idx[j + PP_FFN_PREFETCH_AHEAD], len = pp_row_bytes(a->fmt, D);
-            if (a->gate) pp_prefetch_row(a->gate + ip * rb, len);
-            pp_prefetch_row(a->up + ip * rb, len);
-            pp_prefetch_row(a->down + ip * rb, len);
-        }
-        if (a->gate) pp_ffn_dots(a, a->gate + i * rb, q ? a->gate_s + i * nsb : NULL, T, g);
-        pp_ffn_dots(a, a->up + i * rb, q ? a->up_s + i * nsb : NULL, T, u);
-        ptrdiff_t m = 0;                    /* tokens whose h is not exactly 0, as pp_ffn_chunk skips */
-        for (ptrdiff_t t = 0; t < T; t++) {
-            const float ht = a->gate ? pp_act(a->act, g[t]) * u[t] : pp_act(a->act, u[t]);
-            if (ht != 0.0f) {
-                h[m] = ht;
-                rows[m++] = acc + t * D;
-            }
-        }
-        if (m)
-            pp_axpyn(a->fmt, a->simd, h, a->down + i * rb, q ? a->down_s + i * nsb : NULL, rows, D, m);
     }
 }
 
