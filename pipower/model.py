@@ -119,40 +119,66 @@ class Transformer:
 
     def forward(self, ids, cache: KVCache, last_only: bool = False) -> np.ndarray:
         """ids: int [T] at positions cache.length .. +T -> logits float32 [T, V] (or [1, V] if last_only)."""
-        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-        T, start = ids.shape[0], cache.length
-        if start + T > cache.max_len:
-            raise ContextLengthError(f"{start + T} tokens exceed the context length {cache.max_len}")
-        with self.ops.forward_scope(T):
-            return self._forward(ids, cache, last_only)
+        return self.forward_batch([ids], [cache], last_only)[0]
 
-    def _forward(self, ids: np.ndarray, cache: KVCache, last_only: bool) -> np.ndarray:
-        T, start = ids.shape[0], cache.length
+    def forward_batch(self, ids_list, caches: list[KVCache], last_only: bool = False) -> list[np.ndarray]:
+        """Several sequences in one forward: ids_list[s] (int [T_s]) continues caches[s]. Projections, norms
+        and the FFN run once over all rows (each weight read once); attention runs per sequence over its
+        own cache. -> logits per sequence ([T_s, V], or [1, V] if last_only). On the compiled backend a
+        row's result does not depend on the other rows (batch invariance), so each sequence gets bitwise
+        what forward() alone gives it, while the batch has at most MAX_TOKENS rows (pipower._cpu.linear_ops)."""
+        if len(ids_list) != len(caches) or not caches:
+            raise InvalidArgumentError(f"forward_batch needs one cache per sequence, got {len(ids_list)} "
+                                       f"sequences and {len(caches)} caches")
+        if len(caches) > 1 and not isinstance(self.ops, NumpyOps):
+            raise InvalidArgumentError("several sequences in one forward run on the CPU engine only")
+        seqs = [np.asarray(ids, dtype=np.int64).reshape(-1) for ids in ids_list]
+        for ids, cache in zip(seqs, caches):
+            if cache.length + ids.shape[0] > cache.max_len:
+                raise ContextLengthError(f"{cache.length + ids.shape[0]} tokens exceed the context length "
+                                         f"{cache.max_len}")
+        with self.ops.forward_scope(sum(ids.shape[0] for ids in seqs)):
+            return self._forward(seqs, caches, last_only)
+
+    def _forward(self, seqs: list[np.ndarray], caches: list[KVCache], last_only: bool) -> list[np.ndarray]:
         ops = self.ops
-        cos, sin = cos_sin(self.inv_freq, start, T)                               # [T, hd/2] each
-        x = ops.embed(self.embed_tokens, ids)                                     # [T, D] residual stream
+        lengths = [ids.shape[0] for ids in seqs]
+        starts = [cache.length for cache in caches]
+        rows = np.cumsum([0] + lengths)                                           # sequence s: rows[s]:rows[s+1]
+        tables = [cos_sin(self.inv_freq, start, T) for start, T in zip(starts, lengths)]
+        cos, sin = ((tables[0][0], tables[0][1]) if len(seqs) == 1 else
+                    tuple(np.concatenate([t[j] for t in tables]) for j in (0, 1)))  # [Tsum, hd/2] each
+        ids = seqs[0] if len(seqs) == 1 else np.concatenate(seqs)
+        x = ops.embed(self.embed_tokens, ids)                                     # [Tsum, D] residual stream
         for i, layer in enumerate(self.layers):
             x = ops.enter_layer(i, x)                     # hybrid engines move x to where layer i runs
             x += self._attention(i, layer, ops.rms_norm(x, layer.attn_norm, self.config.rms_norm_eps),
-                                 cache, start, cos, sin)
+                                 caches, starts, rows, cos, sin)
             h = ops.rms_norm(x, layer.ffn_norm, self.config.rms_norm_eps)
             idx = self.ffn_neurons(i, x, h) if self.ffn_neurons is not None else None
             x += ops.ffn(h, layer.gate, layer.up, layer.down_t, self.config.hidden_act, idx)
-        cache.advance(T)
+        for cache, T in zip(caches, lengths):
+            cache.advance(T)
         if last_only:
-            x = x[-1:]
+            x = x[rows[1:] - 1]                                                   # each sequence's last row
+            rows = np.arange(len(seqs) + 1)
         x = ops.enter_output(x)
         x = ops.rms_norm(x, self.final_norm, self.config.rms_norm_eps)
-        return ops.to_host(ops.linear(x, self.lm_head))                           # [T, V] on the host
+        logits = ops.to_host(ops.linear(x, self.lm_head))                         # [rows, V] on the host
+        return [logits] if len(seqs) == 1 else [logits[rows[s]:rows[s + 1]] for s in range(len(seqs))]
 
-    def _attention(self, i, layer: LayerWeights, h, cache, start, cos, sin) -> np.ndarray:
-        """h: normed [T, D] -> attention output [T, D]; appends this layer's k/v to the cache."""
+    def _attention(self, i, layer: LayerWeights, h, caches, starts, rows, cos, sin) -> np.ndarray:
+        """h: normed [Tsum, D] -> attention output [Tsum, D]; appends this layer's k/v to each cache."""
         c, ops = self.config, self.ops
         T = h.shape[0]
         q = ops.linear(h, layer.q, layer.q_bias).reshape(T, c.num_attention_heads, c.head_dim)
         k = ops.linear(h, layer.k, layer.k_bias).reshape(T, c.num_key_value_heads, c.head_dim)
         v = ops.linear(h, layer.v, layer.v_bias).reshape(T, c.num_key_value_heads, c.head_dim)
         q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
-        k_all, v_all = cache.update_and_fetch(i, k, v)                            # [Hkv, S, hd]
-        attn = ops.attention(q, k_all, v_all, start, c.sliding_window)                # [T, H*hd]
+        parts = []
+        for s, (cache, start) in enumerate(zip(caches, starts)):
+            a, b = rows[s], rows[s + 1]
+            k_all, v_all = cache.update_and_fetch(i, k[a:b], v[a:b])              # [Hkv, S, hd]
+            parts.append(ops.attention(q[a:b], k_all, v_all, start, c.sliding_window))   # [T_s, H*hd]
+        attn = parts[0] if len(parts) == 1 else np.concatenate(parts)
         return ops.linear(attn, layer.o, layer.o_bias)

@@ -147,3 +147,28 @@ def test_batched_forward_close_to_the_numpy_reference(fmt, dot):
     ref_t = Transformer(ModelConfig.from_dict(CFG), random_tensors(CFG, seed=5), NumpyOps(dot=dot), weights=fmt)
     ref = steps(ref_t, ids, 4, [4, 16])
     assert np.abs(fast - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("fmt,dot", [("q8", "float"), ("f16", "float"), ("q4", "int8")])
+def test_several_sequences_in_one_forward_get_their_solo_results(fmt, dot):
+    """forward_batch (continuous batching): each sequence's logits are bitwise its own forward's, whatever
+    else shares the batch, at different cache positions, decode rows and verify-sized rows mixed."""
+    t = cython_transformer(VARIANTS["mistral-window"], fmt, dot=dot)
+    rng = np.random.default_rng(9)
+    prompts = [rng.integers(0, CFG["vocab_size"], n) for n in (3, 11, 7)]
+    news = [rng.integers(0, CFG["vocab_size"], n) for n in (1, 4, 1)]
+    solo, together = [], []
+    for p, new in zip(prompts, news):
+        c = t.new_cache(64)
+        t.forward(p, c)
+        solo.append(t.forward(new, c))
+    caches = []
+    for p in prompts:
+        c = t.new_cache(64)
+        t.forward(p, c)
+        caches.append(c)
+    together = t.forward_batch(news, caches)
+    for a, b in zip(solo, together):
+        assert np.array_equal(bits(a), bits(b))
+    last = t.forward_batch([n[:1] for n in news], [t.new_cache(8) for _ in news], last_only=True)
+    assert [x.shape for x in last] == [(1, CFG["vocab_size"])] * 3
