@@ -82,3 +82,31 @@ def compare_settings(model, settings: dict, *, prompt_ids=None, decode_tokens: i
                                                       for r, f in zip(rs, first)])),
                    "rounds": rs}
             for name, rs in per.items()}
+
+
+def compare_drafts(model, drafts: list, *, prompt_ids=None, new_tokens: int = 128, rounds: int = 3) -> dict:
+    """Greedy generation of new_tokens without a drafter and with each of `drafts` (speculative decoding),
+    interleaved round by round. -> {"none" | draft: {tok_s (median of new tokens / decode seconds),
+    ratio_to_plain (median of per-round ratios), drafted, accepted, draft_acceptance, identical (the
+    token ids equal the plain run's: they must)}}."""
+    if rounds < 1 or new_tokens < 1:
+        raise InvalidArgumentError("need at least one round and one new token")
+    ids = list(prompt_ids) if prompt_ids is not None else model.tokenizer.encode(DEFAULT_PROMPT)
+    names = ["none"] + [str(d) for d in drafts]
+    per = {n: [] for n in names}
+    outputs = {}
+    model.generate_ids(ids, max_tokens=4)                                # warm-up
+    for _ in range(rounds):
+        for name, draft in zip(names, [None] + list(drafts)):
+            out = model.generate_ids(ids, max_tokens=new_tokens, draft=draft)
+            st = model.last_stats
+            outputs.setdefault(name, out)
+            per[name].append({"tok_s": st.new_tokens / (st.prefill_seconds + st.decode_seconds),
+                              "drafted": st.drafted, "accepted": st.accepted})
+    plain = per["none"]
+    return {name: {"tok_s": float(np.median([r["tok_s"] for r in rs])),
+                   "ratio_to_plain": float(np.median([r["tok_s"] / p["tok_s"] for r, p in zip(rs, plain)])),
+                   "drafted": rs[-1]["drafted"], "accepted": rs[-1]["accepted"],
+                   "draft_acceptance": rs[-1]["accepted"] / rs[-1]["drafted"] if rs[-1]["drafted"] else 0.0,
+                   "identical": outputs[name] == outputs["none"]}
+            for name, rs in per.items()}

@@ -17,15 +17,20 @@ EPILOG = f"known model names: {', '.join(sorted(KNOWN_MODELS))} (fetched on firs
 
 def add_sparsity_args(p: argparse.ArgumentParser):
     """--act-threshold | --target-sparsity | --predictors (one mode at a time), --pred-threshold.
-    Returns the mutually exclusive group so a command can add more modes to it."""
+    Returns the mutually exclusive group so a command can add more modes to it. These are research knobs:
+    they change the output; for speed at dense output, generate has --draft."""
     sp = p.add_mutually_exclusive_group()
     sp.add_argument("--act-threshold", type=float, default=None, metavar="TAU",
-                    help="oracle sparsity: skip FFN neurons with |act(gate.x)| <= TAU (gate computed fully; "
-                         "0 = dense on SiLU models)")
+                    help="research knob (changes the output): oracle sparsity, skip FFN neurons with "
+                         "|act(gate.x)| <= TAU (gate computed fully, so today it decodes ~0.8x as fast as "
+                         "dense; 0 = dense on SiLU models)")
     sp.add_argument("--target-sparsity", type=float, default=None, metavar="S",
-                    help="oracle sparsity with per-layer TAU calibrated (on stdlib code) to skip fraction S")
+                    help="research knob (changes the output; ~0.8x dense speed today): oracle sparsity with "
+                         "per-layer TAU calibrated (on stdlib code) to skip fraction S")
     sp.add_argument("--predictors", default=None, metavar="FILE",
-                    help="predictor sparsity: skip neurons whose predictor logit < --pred-threshold")
+                    help="research knob (changes the output): predictor sparsity, skip neurons whose "
+                         "predictor logit < --pred-threshold (faster than dense only at high thresholds, "
+                         "which cost accuracy)")
     p.add_argument("--pred-threshold", type=float, default=0.0, metavar="TAU",
                    help="tau_pred for --predictors (default: 0, i.e. p >= 0.5)")
     return sp
@@ -101,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "(use this with instruct models)")
     g.add_argument("--system", help="system message for --chat (default: the template's own)")
     add_sparsity_args(g)
+    from .speculative import DRAFT_HELP
+    g.add_argument("--draft", default=None, metavar="D",
+                   help="speculative decoding, lossless: a drafter proposes tokens and the model verifies them "
+                        "in one batched forward, so greedy text is exactly the plain text and sampling keeps "
+                        "the model's distribution; only speed changes. D: " + DRAFT_HELP)
     add_device_args(g)
     g.add_argument("--no-cache", action="store_true",
                    help="neither read nor write the prepared-model cache (see `pipower cache`)")
@@ -187,7 +197,7 @@ def cmd_generate(args) -> int:
     model.set_sparsity(act_threshold=args.act_threshold, target_sparsity=args.target_sparsity,
                        predictors=args.predictors, pred_threshold=args.pred_threshold)
     kwargs = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p, seed=args.seed, stop=stops)
+                  top_p=args.top_p, seed=args.seed, stop=stops, draft=args.draft)
     if args.chat:
         messages = ([{"role": "system", "content": system}] if system else [])
         stream = model.stream_chat(messages + [{"role": "user", "content": prompt}], **kwargs)
@@ -207,6 +217,8 @@ def cmd_generate(args) -> int:
     print(f"\nprefill: {st.prompt_tokens} tokens, {st.prefill_tokens_per_second:.1f} tok/s | "
           f"decode: {st.new_tokens} tokens, {st.decode_tokens_per_second:.1f} tok/s | "
           f"stop: {st.stop_reason} | FFN sparsity: {st.ffn_sparsity:.1%} | "
+          + (f"draft {args.draft}: {st.accepted}/{st.drafted} accepted ({st.draft_acceptance:.0%}) | "
+             if args.draft else "") +
           f"backend: {model.backend}, {model.weights} weights" + (f" ({model.dot} dots)" if model.dot != "float" else "")
           + ", "
           f"{model.transformer.ops.n_threads} threads",

@@ -83,6 +83,10 @@ def add_bench(sub, add_model_args) -> None:
     b.add_argument("--pred-thresholds", default=None, metavar="LIST",
                    help="with --predictors: time dense and each tau_pred in LIST (e.g. 0,1,2) in one run, "
                         "interleaved round by round, and print tokens/s relative to dense")
+    b.add_argument("--draft", default=None, metavar="D[,D...]",
+                   help="speculative decoding: time greedy generation of --tokens new tokens without a drafter "
+                        "and with each comma-separated drafter, interleaved, and check the text is identical. "
+                        "Drafters: " + _draft_help())
     b.add_argument("--json", action="store_true", help="print the measurements as one JSON object")
 
 
@@ -102,6 +106,8 @@ def cmd_bench(args) -> int:
         ids = next(token_sequences(model.tokenizer, stdlib_files(), args.prompt_tokens, args.prompt_tokens))
     if args.pred_thresholds is not None:
         return _bench_thresholds(model, args, ids)
+    if args.draft is not None:
+        return _bench_drafts(model, args, ids)
     r = time_model(model, prompt_ids=ids, decode_tokens=args.tokens, repeats=args.repeats)
     if args.json:
         print(json.dumps(r, indent=2))
@@ -112,6 +118,29 @@ def cmd_bench(args) -> int:
           f"{r['decode_tokens']} steps); FFN sparsity {r['ffn_sparsity']:.1%} of neurons skipped per token")
     print(f"weights read per token (dense): {r['weight_mib_per_token']:.1f} MiB -> {r['achieved_gb_s']:.1f} GB/s")
     return 0
+
+
+def _draft_help() -> str:
+    from .speculative import DRAFT_HELP
+    return DRAFT_HELP
+
+
+def _bench_drafts(model, args, ids) -> int:
+    import json
+
+    from .benchmark import compare_drafts
+    drafts = [d.strip() for d in args.draft.split(",") if d.strip()]
+    res = compare_drafts(model, drafts, prompt_ids=ids, new_tokens=args.tokens, rounds=args.repeats)
+    if args.json:
+        print(json.dumps({"model": str(model.source), "weights": model.weights, "results": res}, indent=2))
+        return 0
+    print(f"{model.source}: {model.backend} backend, {model.weights} weights, {model.transformer.ops.n_threads} "
+          f"threads; greedy, {args.tokens} new tokens, medians of {args.repeats} interleaved rounds")
+    print(f"{'draft':<22} {'tok/s':>8} {'vs plain':>9} {'accepted/drafted':>17} {'identical':>10}")
+    for name, r in res.items():
+        acc = f"{r['accepted']}/{r['drafted']}" if name != "none" else ""
+        print(f"{name:<22} {r['tok_s']:8.2f} {r['ratio_to_plain']:9.2f} {acc:>17} {str(r['identical']):>10}")
+    return 0 if all(r["identical"] for r in res.values()) else 1
 
 
 def _bench_thresholds(model, args, ids) -> int:

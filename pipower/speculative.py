@@ -29,7 +29,24 @@ from .generate import GenerationStats, prefill
 from .sampling import Sampler
 
 MAX_DRAFT = 16            # longest draft verified in one forward
-START_DRAFT = 4           # first draft length; it then adapts to how much was accepted
+# What verifying one more token costs, in decode steps: a T-token forward costs ~1 + VERIFY_COST (T - 1)
+# steps (bench/batch.py, Qwen2.5-Coder-0.5B q8 on 2 cores: T = 4 ~2x and T = 8 ~3.5x a step).
+VERIFY_COST = 0.35
+PRIOR_ACCEPTANCE = 0.7    # a drafter's acceptance rate before it has drafted anything
+ACCEPTANCE_WEIGHT = 0.3   # weight of the latest round in the running acceptance estimate
+
+
+def draft_length(acceptance: float, room: int) -> int:
+    """The draft length that maximizes expected tokens per unit of verify cost, when each drafted token
+    is accepted with probability `acceptance` once the ones before it were: (1 + a + .. + a^k) tokens for
+    1 + VERIFY_COST k steps. 0 = not worth drafting now."""
+    best, best_gain, tokens = 0, 1.0, 1.0
+    for k in range(1, min(room, MAX_DRAFT) + 1):
+        tokens += acceptance ** k
+        gain = tokens / (1 + VERIFY_COST * k)
+        if gain > best_gain:
+            best, best_gain = k, gain
+    return best
 
 
 class LookupDrafter:
@@ -193,7 +210,7 @@ def speculative_ids(transformer, prompt_ids, sampler: Sampler, max_tokens: int, 
         return
     token = sampler(logits)
     context = list(ids)
-    k = START_DRAFT
+    acceptance = PRIOR_ACCEPTANCE
     emitted = 0
     while True:
         if token in stop_ids:
@@ -209,7 +226,7 @@ def speculative_ids(transformer, prompt_ids, sampler: Sampler, max_tokens: int, 
             return
         context.append(token)
         t_step = time.perf_counter()
-        room = min(k, max_tokens - emitted, cache.max_len - cache.length - 1)
+        room = draft_length(acceptance, min(max_tokens - emitted, cache.max_len - cache.length - 1))
         drafts, dists = drafter.propose(np.asarray(context, dtype=np.int64), room, sampler) if room > 0 \
             else ([], None)
         drafts = drafts[:room]
@@ -224,8 +241,11 @@ def speculative_ids(transformer, prompt_ids, sampler: Sampler, max_tokens: int, 
         stats.decode_seconds += time.perf_counter() - t_step
         stats.drafted += len(drafts)
         stats.accepted += n
-        if drafts:   # adapt: grow after a fully accepted draft, shrink to what was accepted otherwise
-            k = min(MAX_DRAFT, 2 * k) if n == len(drafts) else max(1, n + 1)
+        if drafts:   # per-token acceptance of this round: n accepted, then one rejection (if any)
+            rate = n / (n + 1) if n < len(drafts) else (n + 1) / (n + 2)
+            acceptance += ACCEPTANCE_WEIGHT * (rate - acceptance)
+        else:        # no draft this round: drift back towards the prior, so drafting is tried again
+            acceptance += 0.1 * (PRIOR_ACCEPTANCE - acceptance)
         for d in drafts[:n]:
             if d in stop_ids:
                 stats.stop_reason = "eos"
