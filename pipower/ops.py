@@ -9,6 +9,8 @@ reference dequantizes (or, for q4 with dot="int8", multiplies through pipower.in
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -18,6 +20,15 @@ from .quant import QMatrix, dequantize, take_rows
 
 F32 = np.float32
 DOTS = ("float", "int8")   # NumpyOps.dot
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """What ops.ffn takes as `idx` for the fused threshold FFN of one token: compute the neurons with
+    |act(gate . h)| > tau (|act(up . h)| for a plain MLP), selecting them in the same pass that computes
+    their gates; then call count(computed, total). Ops that fuse it say so with `fused_threshold`."""
+    tau: float
+    count: Callable[[int, int], None]
 
 
 def as_f32(w) -> np.ndarray:
@@ -68,6 +79,8 @@ class NumpyOps:
     name = "numpy"
     # weight formats this backend computes on directly; others work through dequantization (slowly)
     native_formats: tuple = ("f32",)
+    # ffn() takes a sparse.oracle.Threshold as idx (the selection made inside the FFN for one token)
+    fused_threshold: bool = True
     # How the FFN matrices of a prepared model sit in memory: "separate" (three matrices) or "bundled"
     # (pipower.arena's neuron bundles, laid out by prepare(); hybrid engines bundle the cold rows too).
     ffn_layout: str = "separate"
@@ -156,8 +169,14 @@ class NumpyOps:
           None                 all neurons (dense);
           int32 [n], sorted    the same neurons for all T rows;
           bool [T, F]          a per-token mask (oracle / predictor decisions during prefill).
+          Threshold (one token)  the neurons with |act(gate x)| > tau (sparse.oracle.Threshold)
         gate None = plain MLP: down(act(up x)).
         """
+        if isinstance(idx, Threshold):
+            pre = self.linear(x, gate if gate is not None else up)                    # [1, F]
+            sel = np.flatnonzero(np.abs(self.activation(act, pre[0])) > F32(idx.tau)).astype(np.int32)
+            idx.count(len(sel), pre.shape[1])
+            idx = sel
         if idx is not None and idx.dtype == np.bool_:
             if idx.shape != (x.shape[0], down_t.shape[0]):
                 raise ValueError(f"neuron mask shape {idx.shape} != (T, F) = {(x.shape[0], down_t.shape[0])}")

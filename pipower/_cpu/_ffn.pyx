@@ -27,6 +27,7 @@ cnp.import_array()
 
 cdef extern from "_ffn_batch_impl.h" nogil:
     int PP_ACT_SILU, PP_ACT_GELU, PP_ACT_GELU_TANH, PP_ACT_RELU
+    float pp_act(int kind, float v)
     ctypedef struct pp_ffn_args:
         int fmt, simd, act
         Py_ssize_t D, n, rs, ss
@@ -44,6 +45,7 @@ cdef extern from "_ffn_batch_impl.h" nogil:
         Py_ssize_t chunk
         float *hbuf
         unsigned char *live
+        const float *pre
         float *h_out
     int PP_FFN_MAX_T
     void pp_ffn_chunk(const pp_ffn_args *a, Py_ssize_t j0, Py_ssize_t j1, float *acc)
@@ -52,6 +54,8 @@ cdef extern from "_ffn_batch_impl.h" nogil:
     void pp_sum_partials(const float *part, Py_ssize_t C, Py_ssize_t D, float *out, Py_ssize_t k0,
                          Py_ssize_t k1)
     void pp_barrier()
+    void pp_ffn_gate_pass(const pp_ffn_args *a, float tau, Py_ssize_t i0, Py_ssize_t i1, float *pre,
+                          unsigned char *on)
 
 # HF activation names (pipower.ops.ACTIVATIONS) and the short "gelu_tanh".
 ACTS = {"silu": PP_ACT_SILU, "gelu": PP_ACT_GELU, "gelu_tanh": PP_ACT_GELU_TANH,
@@ -113,6 +117,27 @@ cdef void _run(pp_ffn_args *a, Py_ssize_t n, Py_ssize_t CH, Py_ssize_t C, float 
             pp_sum_partials(part, C, TD, out, s * SUM_SLICE, min(TD, (s + 1) * SUM_SLICE))
 
 
+cdef void _gate_pass(pp_ffn_args *a, float tau, Py_ssize_t F, float *pre, unsigned char *on,
+                     int nt) noexcept nogil:
+    # Static contiguous neuron ranges, multiples of 16: each thread streams its own part of the gate rows.
+    cdef Py_ssize_t per = ((F + nt - 1) // nt + 15) // 16 * 16, p
+    if nt <= 1:
+        pp_ffn_gate_pass(a, tau, 0, F, pre, on)
+        return
+    with parallel(num_threads=nt):
+        for p in prange(nt, schedule="static"):
+            if p * per < F:
+                pp_ffn_gate_pass(a, tau, p * per, min(F, (p + 1) * per), pre, on)
+
+
+def ffn_threshold(fmt, x, gate, up, down_t, tau, act, out=None, n_threads=1, simd=True, int_dot=False):
+    """The fused threshold FFN for one token: the neurons with |act(gate[i] . x)| > tau (|act(up[i] . x)|
+    for a plain MLP) are selected and computed in one call, the gate rows read once. -> (out [D],
+    number of neurons computed). out is bitwise ffn_sparse over the same selection (same dots, same
+    chunks); same arguments as ffn_sparse, x [D] only."""
+    return _ffn(fmt, x, gate, up, down_t, None, act, out, None, n_threads, simd, int_dot, tau)
+
+
 def ffn_sparse(fmt, x, gate, up, down_t, idx, act, out=None, h_out=None, n_threads=1, simd=True,
                int_dot=False):
     """out[D] = sum_{i in idx} h_i * down_t[i], h_i = act(gate[i] . x) * (up[i] . x) (or act(up[i] . x)
@@ -124,9 +149,17 @@ def ffn_sparse(fmt, x, gate, up, down_t, idx, act, out=None, h_out=None, n_threa
     is read once for all T tokens, and row t of out is bitwise ffn_sparse(x[t]) with the same idx.
     int_dot (q4 only): gate and up dots over int8-quantized x (pipower.intdot); the down rows stay float.
     """
+    return _ffn(fmt, x, gate, up, down_t, idx, act, out, h_out, n_threads, simd, int_dot, None)[0]
+
+
+cdef tuple _ffn(fmt, x, gate, up, down_t, idx, act, out, h_out, n_threads, simd, int_dot, tau):
+    """ffn_sparse, or with tau not None ffn_threshold. -> (out, neurons computed)."""
     cdef int nt = check_threads(n_threads)
     cdef pp_ffn_args a
     cdef Py_ssize_t N, D, F, n, CH, C, j, rs, ss
+    cdef float ftau
+    cdef float *pre_p
+    cdef unsigned char *on_p
     if act not in ACTS:
         raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(ACTS)}")
     a.fmt, F, D, a.rs, a.ss = check_weight(fmt, up[0], up[1], "up")
@@ -149,6 +182,8 @@ def ffn_sparse(fmt, x, gate, up, down_t, idx, act, out=None, h_out=None, n_threa
                              f"FFN matrices, got {x.shape}")
         if h_out is not None:
             raise ValueError("h_out is only returned for one token (x of shape (D,))")
+        if tau is not None:
+            raise ValueError("the fused threshold FFN takes one token (x of shape (D,))")
     else:
         check_array(x, "x", (np.dtype(np.float32),), 1)
         a.T = 1
@@ -175,7 +210,7 @@ def ffn_sparse(fmt, x, gate, up, down_t, idx, act, out=None, h_out=None, n_threa
         a.h_out = <float *>cnp.PyArray_DATA(h_out)
     if n == 0 or D == 0:
         out[...] = 0
-        return out
+        return out, 0
     a.xq = NULL
     if int_dot:
         if fmt != "q4":
@@ -189,6 +224,23 @@ def ffn_sparse(fmt, x, gate, up, down_t, idx, act, out=None, h_out=None, n_threa
     _set_matrices(&a, gate, up, down_t)
     a.n = n
     a.bundle = pp_ffn_bundle_start(&a) if F > 1 else NULL
+    a.pre = NULL
+    if tau is not None:                                    # select, then the sparse FFN over the selection
+        pre = np.empty(F, dtype=np.float32)
+        on = np.empty(F, dtype=np.uint8)
+        ftau = <float>tau
+        pre_p = <float *>cnp.PyArray_DATA(pre)
+        on_p = <unsigned char *>cnp.PyArray_DATA(on)
+        with nogil:
+            _gate_pass(&a, ftau, F, pre_p, on_p, <int>min(nt, F))
+        idx = np.flatnonzero(on).astype(np.int32)
+        n = idx.shape[0]
+        if n == 0:
+            out[...] = 0
+            return out, 0
+        a.idx = NULL if n == F else <const int32_t *>cnp.PyArray_DATA(idx)
+        a.n = n
+        a.pre = <const float *>cnp.PyArray_DATA(pre)
     CH = max(MIN_CHUNK, (n + MAX_CHUNKS - 1) // MAX_CHUNKS)
     C = (n + CH - 1) // CH
     part = np.empty(C * a.T * D if C > 1 else 0, dtype=np.float32)   # [C, T, D] partial rows
@@ -201,6 +253,23 @@ def ffn_sparse(fmt, x, gate, up, down_t, idx, act, out=None, h_out=None, n_threa
     cdef float *op = <float *>cnp.PyArray_DATA(out)
     with nogil:
         _run(&a, n, CH, C, pp, op, <int>min(nt, C))
+    return out, n
+
+
+def activation(act, x):
+    """act(x) elementwise with the FFN kernels' own formulas (pp_act): a new float32 array shaped like x.
+    Selections made from it (oracle mode's |act| > tau) agree with the fused threshold FFN's exactly."""
+    if act not in ACTS:
+        raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(ACTS)}")
+    src = np.ascontiguousarray(x, dtype=np.float32)
+    out = np.empty_like(src)
+    cdef const float *sp = <const float *>cnp.PyArray_DATA(src)
+    cdef float *op = <float *>cnp.PyArray_DATA(out)
+    cdef Py_ssize_t i, n = src.size
+    cdef int kind = ACTS[act]
+    with nogil:
+        for i in range(n):
+            op[i] = pp_act(kind, sp[i])
     return out
 
 

@@ -43,6 +43,8 @@ typedef struct {
     ptrdiff_t chunk;                        /* T > 1: neurons per chunk (chunk c starts at neuron c * chunk) */
     float *hbuf;                            /* T > 1: scratch [chunks, chunk, T] for h */
     unsigned char *live;                    /* T > 1: scratch [chunks, chunk] */
+    const float *pre;                       /* [F] gate . x per neuron (up . x for a plain MLP) computed by
+                                               the fused threshold pass, or NULL: computed here */
     float *h_out;                           /* [n] or NULL (T == 1 only) */
 } pp_ffn_args;
 
@@ -169,15 +171,38 @@ static inline void pp_ffn_chunk(const pp_ffn_args *a, ptrdiff_t j0, ptrdiff_t j1
         /* gate before up: a bundle stores gate | up | down, so the reads ascend through the span */
         pp_prefetch_span_part(later, rb, 0);
         float g = 0.0f, u;
-        if (a->gate) pp_ffn_dots(a, a->gate + i * rb, q ? a->gate_s + i * nsb : NULL, 1, &g);
+        if (a->gate) {
+            if (a->pre) g = a->pre[i];
+            else pp_ffn_dots(a, a->gate + i * rb, q ? a->gate_s + i * nsb : NULL, 1, &g);
+        }
         pp_prefetch_span_part(later, rb, 1);
-        pp_ffn_dots(a, a->up + i * rb, q ? a->up_s + i * nsb : NULL, 1, &u);
+        if (!a->gate && a->pre) u = a->pre[i];
+        else pp_ffn_dots(a, a->up + i * rb, q ? a->up_s + i * nsb : NULL, 1, &u);
         const float h = a->gate ? pp_act(a->act, g) * u : pp_act(a->act, u);
         pp_prefetch_span_part(later, rb, 2);
         if (a->h_out) a->h_out[j] = h;
         /* ReLU-family models give many exact zeros: skipping them saves the down row's read. */
         if (h != 0.0f)
             pp_axpy(a->fmt, a->simd, h, a->down + i * rb, q ? a->down_s + i * nsb : NULL, acc, D);
+    }
+}
+
+/* The fused threshold FFN's first pass (one token): for neurons [i0, i1), pre[i] = gate_i . x (up_i . x
+ * for a plain MLP) and on[i] = |act(pre[i])| > tau: the gate rows stream at dense speed, and the chunks
+ * then run over the neurons that are on, reading only their up and down rows (pp_ffn_chunk with a->pre).
+ * The dots are pp_ffn_chunk's own, so the result is bitwise the sparse FFN over the same selection. */
+static inline void pp_ffn_gate_pass(const pp_ffn_args *a, float tau, ptrdiff_t i0, ptrdiff_t i1, float *pre,
+                                    unsigned char *on) {
+    const char *w = a->gate ? a->gate : a->up;
+    const uint16_t *ws = a->gate ? a->gate_s : a->up_s;
+    const ptrdiff_t rb = pp_row_bytes(a->fmt, a->D);
+    for (ptrdiff_t i = i0; i < i1; i++) {
+        if (i + PP_FFN_PREFETCH_AHEAD < i1) {
+            pp_prefetch_row(w + (i + PP_FFN_PREFETCH_AHEAD) * a->rs, rb);
+            if (ws) PP_PREFETCH(ws + (i + PP_FFN_PREFETCH_AHEAD) * a->ss);
+        }
+        pp_ffn_dots(a, w + i * a->rs, ws ? ws + i * a->ss : NULL, 1, pre + i);
+        on[i] = fabsf(pp_act(a->act, pre[i])) > tau;
     }
 }
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..ops import ACTIVATIONS
+from ..ops import ACTIVATIONS, Threshold
 from ..quant import QMatrix
 from . import _ffn, _linear
 
@@ -55,7 +55,8 @@ def linear(x: np.ndarray, W, bias: np.ndarray | None = None, n_threads: int = 1,
 def ffn(x: np.ndarray, gate, up, down_t, act: str, n_threads: int = 1,
         idx: np.ndarray | None = None, int_dot: bool = False) -> np.ndarray:
     """x: float32 [T, D]; gate (or None), up, down_t: [F, D]; idx: int32 [n] sorted unique active
-    neurons, a bool [T, F] per-token mask, or None (all) -> new float32 [T, D]. Same math as NumpyOps.ffn.
+    neurons, a bool [T, F] per-token mask, a pipower.ops.Threshold (T = 1: the fused threshold FFN), or
+    None (all) -> new float32 [T, D]. Same math as NumpyOps.ffn.
     int_dot (q4): gate/up dots over int8-quantized x, on the batch-invariant kernel for every T (token
     slices of MAX_TOKENS; a per-token mask runs each token's own neurons as its decode step would)."""
     fu, ud, us = _parts(up)
@@ -63,6 +64,14 @@ def ffn(x: np.ndarray, gate, up, down_t, act: str, n_threads: int = 1,
     fg, gd, gs = _parts(gate) if gate is not None else (fu, None, None)
     if not fu == fd == fg:
         raise ValueError(f"gate/up/down_t must share one format, got {fg}/{fu}/{fd}")
+    if isinstance(idx, Threshold):             # one token: select and compute in one call
+        if x.shape[0] != 1:
+            raise ValueError(f"the fused threshold FFN takes one token, got {x.shape[0]}")
+        out = np.empty((1, x.shape[1]), dtype=np.float32)
+        _, n = _ffn.ffn_threshold(fu, x.reshape(-1), None if gd is None else (gd, gs), (ud, us), (dd, ds),
+                                  idx.tau, act, out=out.reshape(-1), n_threads=n_threads, int_dot=int_dot)
+        idx.count(n, up.shape[0])
+        return out
     mask = None
     if idx is not None and idx.dtype == np.bool_:
         if idx.shape != (x.shape[0], up.shape[0]):

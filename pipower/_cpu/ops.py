@@ -63,6 +63,12 @@ class CythonOps(NumpyOps):
         x2 = x.reshape(-1, x.shape[-1])                         # [T, D]
         return kernels.rms_norm(x2, weight, eps, n_threads=self.n_threads).reshape(x.shape)
 
+    def activation(self, name: str, x: np.ndarray) -> np.ndarray:
+        """The FFN kernels' own activation formulas (libm), so selections made outside the kernels
+        (oracle mode's |act(gate . h)| > tau) are the ones the fused threshold FFN makes."""
+        from . import _ffn
+        return _ffn.activation(name, x)
+
     def rope(self, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         """x: [T, nh, hd]; cos/sin: [T, hd/2] -> new [T, nh, hd] (HF rotate-half pairs (i, i + hd/2))."""
         x = np.ascontiguousarray(x, dtype=np.float32)

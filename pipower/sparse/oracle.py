@@ -1,12 +1,15 @@
 """Oracle mode: compute each layer's gate fully, then skip up/down of neurons with |act(gate)| <= tau_act.
 
-It measures the accuracy cost of tau_act alone, without predictor error. Decode (T = 1) hands the kernels
-sorted indices; prefill hands a per-token mask so each token skips exactly its own inactive neurons.
+It measures the accuracy cost of tau_act alone, without predictor error. Decode (T = 1) hands the ops a
+Threshold where they fuse the selection into the FFN (the gate computed once: pipower._cpu's
+ffn_threshold), else sorted indices; prefill hands a per-token mask so each token skips exactly its own
+inactive neurons.
 """
 from __future__ import annotations
 
 import numpy as np
 
+from ..ops import Threshold
 from .profile import gate_activations
 
 
@@ -25,6 +28,11 @@ class CountingSelector:
         if active.shape[0] == 1:
             return np.flatnonzero(active[0]).astype(np.int32)
         return active
+
+    def count(self, computed: int, total: int) -> None:
+        """Record one token's decision made elsewhere (the fused threshold FFN): computed of total."""
+        self.total += total
+        self.skipped += total - computed
 
     def select_indices(self, idx: np.ndarray, n_ff: int) -> np.ndarray:
         """One token's decision already as sorted int32 indices out of n_ff neurons: count and pass on."""
@@ -51,4 +59,6 @@ class OracleSelector(CountingSelector):
         self.tau = np.broadcast_to(np.asarray(tau_act, np.float32), (L,)).copy()   # [L]
 
     def __call__(self, layer: int, x: np.ndarray, h: np.ndarray):
+        if h.shape[0] == 1 and getattr(self.transformer.ops, "fused_threshold", False):
+            return Threshold(float(self.tau[layer]), self.count)          # one pass in ops.ffn
         return self.select(gate_activations(self.transformer, layer, h) > self.tau[layer])   # bool [T, F]

@@ -12,7 +12,6 @@ import logging
 import numpy as np
 
 from ..errors import InvalidArgumentError
-from ..ops import ACTIVATIONS
 from .stats import ActivationStats
 
 log = logging.getLogger(__name__)
@@ -23,7 +22,7 @@ def gate_activations(transformer, layer: int, h: np.ndarray) -> np.ndarray:
     lw = transformer.layers[layer]
     w = lw.gate if lw.gate is not None else lw.up
     pre = transformer.ops.linear(h, w)
-    return np.abs(ACTIVATIONS[transformer.config.hidden_act](pre))
+    return np.abs(transformer.ops.activation(transformer.config.hidden_act, pre))
 
 
 def calibrate_thresholds(samples: list[np.ndarray], target_sparsity: float) -> np.ndarray:

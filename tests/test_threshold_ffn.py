@@ -1,0 +1,97 @@
+"""The fused threshold FFN (oracle mode in one pass): the same selection and bitwise the same output as
+selecting from a separately computed gate and running the sparse FFN over that selection."""
+import numpy as np
+import pytest
+
+from pipower import _cpu
+from pipower.config import ModelConfig
+from pipower.ops import ACTIVATIONS, NumpyOps, Threshold
+from pipower.quant import quantize
+
+from helpers_models import CFG, random_tensors
+
+pytestmark = pytest.mark.skipif(not _cpu.AVAILABLE, reason="compiled kernels not built")
+
+
+def bits(a):
+    return np.ascontiguousarray(a, dtype=np.float32).view(np.uint32)
+
+
+def compact(w, fmt):
+    if fmt == "f32":
+        return w, None
+    q = quantize(w, fmt)
+    return q.data, q.scales
+
+
+@pytest.mark.parametrize("fmt,int_dot", [("f32", False), ("f16", False), ("q8", False), ("q4", False),
+                                         ("q4", True)])
+@pytest.mark.parametrize("act,gated", [("silu", True), ("relu", False), ("gelu_pytorch_tanh", True)])
+def test_fused_threshold_is_bitwise_the_sparse_ffn_over_its_selection(fmt, int_dot, act, gated):
+    from pipower._cpu import _ffn, _linear
+    rng = np.random.default_rng(1)
+    D, F = 96, 400
+    mats = [compact((0.3 * rng.standard_normal((F, D))).astype(np.float32), fmt) for _ in range(3)]
+    gate = mats[0] if gated else None
+    sel_w = mats[0] if gated else mats[1]
+    for trial in range(3):
+        x = rng.standard_normal(D).astype(np.float32)
+        pre = (_linear.gemm_int8(fmt, *sel_w, x.reshape(1, -1))[0] if int_dot
+               else _linear.gemv(fmt, *sel_w, x))
+        a = np.abs(_ffn.activation(act, pre))                   # the kernels' own act (libm)
+        srt = np.sort(a)
+        for q in (0.0, 0.3, 0.8):
+            tau = np.float32(np.quantile(a, q))            # exactly an activation value at q = 0
+            sel = np.flatnonzero(a > tau).astype(np.int32)
+            for nt in (1, 2):
+                out, n = _ffn.ffn_threshold(fmt, x, gate, mats[1], mats[2], tau, act, n_threads=nt,
+                                            int_dot=int_dot)
+                ref = _ffn.ffn_sparse(fmt, x, gate, mats[1], mats[2], sel, act, n_threads=nt, int_dot=int_dot)
+                assert n == len(sel)
+                assert np.array_equal(bits(out), bits(ref)), (trial, q, nt)
+    out, n = _ffn.ffn_threshold(fmt, x, gate, mats[1], mats[2], np.float32(1e30), act, int_dot=int_dot)
+    assert n == 0 and not out.any()
+    with pytest.raises(ValueError, match="one token"):
+        _ffn.ffn_threshold(fmt, np.zeros((2, D), np.float32), gate, mats[1], mats[2], 0.1, act)
+
+
+def _transformer(ops, fmt):
+    from pipower.model import Transformer
+    return Transformer(ModelConfig.from_dict(CFG), random_tensors(CFG, seed=3), ops, weights=fmt)
+
+
+@pytest.mark.parametrize("fmt,dot", [("q8", "float"), ("q4", "int8"), ("f16", "float")])
+def test_threshold_mode_decode_same_with_and_without_fusion(fmt, dot, monkeypatch):
+    """Oracle mode's decode steps through the fused kernel equal the unfused path (gate GEMV, NumPy
+    selection, sparse FFN) bitwise, with the same measured sparsity."""
+    from pipower._cpu.ops import CythonOps
+    from pipower.sparse.oracle import OracleSelector
+    ids = np.random.default_rng(2).integers(0, CFG["vocab_size"], 20)
+    results = []
+    for fused in (True, False):
+        t = _transformer(CythonOps(2, dot), fmt)
+        monkeypatch.setattr(type(t.ops), "fused_threshold", fused)
+        t.ffn_neurons = sel = OracleSelector(t, 0.02)
+        cache = t.new_cache(32)
+        t.forward(ids[:6], cache)
+        steps = np.concatenate([t.forward(ids[i:i + 1], cache) for i in range(6, 20)])
+        results.append((steps, sel.skipped, sel.total))
+    (a, sa, ta), (b, sb, tb) = results
+    assert np.array_equal(bits(a), bits(b))
+    assert (sa, ta) == (sb, tb) and 0 < sa < ta
+
+
+def test_numpy_reference_of_the_threshold_idx():
+    rng = np.random.default_rng(4)
+    D, F = 32, 64
+    g, u, d = ((0.3 * rng.standard_normal((F, D))).astype(np.float32) for _ in range(3))
+    x = rng.standard_normal((1, D)).astype(np.float32)
+    ops = NumpyOps()
+    a = np.abs(ACTIVATIONS["silu"](x @ g.T))[0]
+    srt = np.sort(a)
+    tau = float((srt[F // 2] + srt[F // 2 + 1]) / 2)
+    counted = []
+    out = ops.ffn(x, g, u, d, "silu", Threshold(tau, lambda n, total: counted.append((n, total))))
+    sel = np.flatnonzero(a > np.float32(tau)).astype(np.int32)
+    np.testing.assert_array_equal(out, ops.ffn(x, g, u, d, "silu", sel))
+    assert counted == [(len(sel), F)]
