@@ -66,18 +66,26 @@ def mcnemar_p(gained: int, lost: int) -> float:
     return min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
 
 
-def paired_vs_dense(point_dir: Path) -> dict | None:
-    """Problems a point solves that its sweep's dense point does not (gained), the reverse (lost), and the
-    McNemar p-value, over the (task, sample) pairs both have; None without a sibling dense point."""
+def paired(base_dir: Path, point_dir: Path) -> dict:
+    """Problems point_dir's run solves that base_dir's does not (gained), the reverse (lost), the exact
+    McNemar p-value, and how many (task, sample) pairs both have and how many completions are identical."""
     from .run import SAMPLES, read_samples
+    base, mine = read_samples(Path(base_dir) / SAMPLES), read_samples(Path(point_dir) / SAMPLES)
+    keys = [k for k in mine if k in base]
+    gained = sum(bool(mine[k]["passed"]) and not base[k]["passed"] for k in keys)
+    lost = sum(bool(base[k]["passed"]) and not mine[k]["passed"] for k in keys)
+    same = sum(mine[k].get("completion") == base[k].get("completion") for k in keys)
+    return {"gained": gained, "lost": lost, "p": mcnemar_p(gained, lost), "pairs": len(keys),
+            "identical_completions": same}
+
+
+def paired_vs_dense(point_dir: Path) -> dict | None:
+    """paired() against the sweep's dense point; None without a sibling dense point."""
+    from .run import SAMPLES
     dense_dir = point_dir.parent / "dense"
     if point_dir.name == "dense" or not (dense_dir / SAMPLES).is_file() or not (point_dir / SAMPLES).is_file():
         return None
-    dense, mine = read_samples(dense_dir / SAMPLES), read_samples(point_dir / SAMPLES)
-    keys = [k for k in mine if k in dense]
-    gained = sum(bool(mine[k]["passed"]) and not dense[k]["passed"] for k in keys)
-    lost = sum(bool(dense[k]["passed"]) and not mine[k]["passed"] for k in keys)
-    return {"gained": gained, "lost": lost, "p": mcnemar_p(gained, lost), "pairs": len(keys)}
+    return paired(dense_dir, point_dir)
 
 
 def collect(dirs) -> tuple[list[dict], list[dict]]:
