@@ -25,6 +25,10 @@ def _add_problem_args(p) -> None:
                    help="sampling temperature; 0 = greedy (default: 0)")
     p.add_argument("--seed", type=int, default=0,
                    help="base seed; each (problem, sample) derives its own from it (default: 0)")
+    p.add_argument("--draft", default=None, metavar="D",
+                   help="speculative decoding with drafter D (lookup, sparse:S, act:TAU, pred:FILE[:TAU], "
+                        "a+b): the same text as without (greedy), faster; samples record drafted/accepted "
+                        "and the summary the acceptance (default: none)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output directory; rerunning into it resumes (settings must match)")
 
@@ -120,7 +124,7 @@ class _Bar:
 
 def _run_kwargs(args) -> dict:
     return dict(mode=args.mode, max_tokens=args.max_tokens, samples=args.samples,
-                temperature=args.temperature, seed=args.seed)
+                temperature=args.temperature, seed=args.seed, draft=args.draft)
 
 
 def _print_summary(s: dict, where) -> None:
@@ -129,7 +133,9 @@ def _print_summary(s: dict, where) -> None:
     print(f"pass@1 {s['pass@1']:.3f} (95% CI {lo:.3f}-{hi:.3f}, {s['ci_method']}) {ks}  "
           f"{s['passed']}/{s['n_samples']} samples passed on {s['n_problems']} problems | "
           f"FFN sparsity {s['ffn_sparsity']:.1%} | decode {s['decode_tok_s']:.1f} tok/s, "
-          f"prefill {s['prefill_tok_s']:.1f} tok/s | {where}")
+          f"prefill {s['prefill_tok_s']:.1f} tok/s"
+          + (f" | draft accepted {s['accepted']}/{s['drafted']} ({s['draft_acceptance']:.0%})" if "drafted" in s else "")
+          + f" | {where}")
 
 
 def cmd_rescore(args) -> int:

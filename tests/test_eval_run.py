@@ -424,3 +424,18 @@ def test_paired_comparison_with_dense(tmp_path):
     r = paired_vs_dense(tmp_path / "act-0.1")
     assert (r["gained"], r["lost"], r["pairs"]) == (1, 1, 3) and r["p"] == 1.0
     assert paired_vs_dense(tmp_path / "dense") is None
+
+
+def test_cli_eval_with_a_drafter_records_acceptance_and_keeps_the_completions(tiny, tmp_path, capsys):
+    from pipower.cli import main
+    from pipower.eval.report import paired
+    from pipower.eval.run import SAMPLES, read_samples
+    common = ["-m", tiny.gguf, "--data", tiny.data, "--max-tokens", "24", "--limit", "3"]
+    assert main(["eval", "humaneval", *common, "--out", str(tmp_path / "plain")]) == 0
+    assert main(["eval", "humaneval", *common, "--draft", "lookup+act:0.5", "--out", str(tmp_path / "d")]) == 0
+    assert "draft accepted" in capsys.readouterr().out
+    s = json.loads((tmp_path / "d" / "summary.json").read_text())
+    assert s["settings"]["draft"] == "lookup+act:0.5" and s["drafted"] >= s["accepted"] >= 0
+    assert all("drafted" in r for r in read_samples(tmp_path / "d" / SAMPLES).values())
+    p = paired(tmp_path / "plain", tmp_path / "d")
+    assert p["identical_completions"] == p["pairs"] == 3 and p["gained"] == p["lost"] == 0

@@ -185,10 +185,13 @@ def _fence_closed(text: str, entry_point: str) -> bool:
 
 
 def generate_one(model, problem: dict, mode: str, *, max_tokens: int, temperature: float, top_k: int,
-                 top_p: float, seed: int) -> tuple[str, dict]:
+                 top_p: float, seed: int, draft=None) -> tuple[str, dict]:
     """-> (raw generated text, stats dict). Measures FFN sparsity from the selector's own counters,
-    which stay right even when a chat reply is cut short at its closed code block."""
+    which stay right even when a chat reply is cut short at its closed code block. draft: speculative
+    decoding (pipower.speculative; the text is the same, the stats gain drafted / accepted)."""
     kw = dict(max_tokens=max_tokens, temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if draft is not None:
+        kw["draft"] = draft
     sel = _selector(model)
     counts0 = (sel.skipped, sel.total) if hasattr(sel, "skipped") else None
     t0 = time.perf_counter()
@@ -209,10 +212,12 @@ def generate_one(model, problem: dict, mode: str, *, max_tokens: int, temperatur
     if counts0 is not None:
         total = sel.total - counts0[1]
         sparsity = (sel.skipped - counts0[0]) / total if total else 0.0
-    return "".join(pieces), {
-        "new_tokens": st.new_tokens, "prompt_tokens": st.prompt_tokens, "seconds": round(seconds, 4),
-        "prefill_seconds": round(st.prefill_seconds, 4), "decode_seconds": round(st.decode_seconds, 4),
-        "ffn_sparsity": float(sparsity), "stop_reason": "code_block" if early else st.stop_reason}
+    rec = {"new_tokens": st.new_tokens, "prompt_tokens": st.prompt_tokens, "seconds": round(seconds, 4),
+           "prefill_seconds": round(st.prefill_seconds, 4), "decode_seconds": round(st.decode_seconds, 4),
+           "ffn_sparsity": float(sparsity), "stop_reason": "code_block" if early else st.stop_reason}
+    if draft is not None:
+        rec.update(drafted=st.drafted, accepted=st.accepted)
+    return "".join(pieces), rec
 
 
 # --- the run ---------------------------------------------------------------------------------------
@@ -220,7 +225,7 @@ def generate_one(model, problem: dict, mode: str, *, max_tokens: int, temperatur
 def evaluate(model, problems: list[dict], out_dir, *, mode: str = "completion", max_tokens: int = 384,
              samples: int = 1, temperature: float = 0.0, seed: int = 0, top_k: int = 0, top_p: float = 1.0,
              settings: dict | None = None, check_timeout: float = CHECK_TIMEOUT_S,
-             progress: Callable[[int, int, dict | None], None] | None = None) -> dict:
+             progress: Callable[[int, int, dict | None], None] | None = None, draft: str | None = None) -> dict:
     """Evaluate `model` (already configured for sparsity) on `problems`; -> the summary dict.
 
     settings: what the caller configured that the model cannot report itself, normally
@@ -228,6 +233,8 @@ def evaluate(model, problems: list[dict], out_dir, *, mode: str = "completion", 
         the model has a neuron selector installed (its results would be filed as dense).
     progress(done, total, record): called once before the first new sample (done = samples reused
         from an earlier run, record None), then after each sample.
+    draft: speculative decoding with this drafter (a name, see pipower.speculative); recorded in the
+        settings (greedy text must equal the plain run's) with drafted/accepted per sample.
     Raises EvalSettingsError if out_dir holds results made with other settings.
     """
     if mode not in MODES:
@@ -248,6 +255,8 @@ def evaluate(model, problems: list[dict], out_dir, *, mode: str = "completion", 
         "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed,
         "prompt": list(STOP_SEQUENCES) if mode == "completion" else CHAT_INSTRUCTION,
         "check_timeout_s": check_timeout}
+    if draft is not None:
+        core["draft"] = str(draft)
     clash = set(core) & set(settings)
     if clash:
         raise InvalidArgumentError(f"settings may not override {sorted(clash)}: pass them as arguments")
@@ -266,7 +275,7 @@ def evaluate(model, problems: list[dict], out_dir, *, mode: str = "completion", 
             for i, (p, s) in enumerate(todo):
                 seed_i = sample_seed(seed, p, s)
                 raw, stats = generate_one(model, p, mode, max_tokens=max_tokens, temperature=temperature,
-                                          top_k=top_k, top_p=top_p, seed=seed_i)
+                                          top_k=top_k, top_p=top_p, seed=seed_i, draft=draft)
                 completion = extract_completion(p, raw, mode)
                 res = check(p, completion, timeout=check_timeout)
                 rec = {"task_id": p["task_id"], "sample": s, "seed": seed_i, "passed": res["passed"],
@@ -286,6 +295,15 @@ def evaluate(model, problems: list[dict], out_dir, *, mode: str = "completion", 
                     summary[key] = prev.get(key, summary[key])
         write_summary(out, summary)
     return summary
+
+
+def _draft_totals(records: list[dict]) -> dict:
+    """Speculative decoding's counts over the samples that have them ({} for plain runs)."""
+    if not any("drafted" in r for r in records):
+        return {}
+    drafted = sum(r.get("drafted", 0) for r in records)
+    accepted = sum(r.get("accepted", 0) for r in records)
+    return {"drafted": drafted, "accepted": accepted, "draft_acceptance": accepted / drafted if drafted else 0.0}
 
 
 def _previous_summary(out: Path) -> dict:
@@ -355,6 +373,7 @@ def summarize_run(records: list[dict], samples: int, settings: dict, *, model=No
         "prefill_tok_s": prompt_toks / prefill_s if prefill_s else 0.0,
         "new_tokens": sum(r["new_tokens"] for r in records), "prompt_tokens": prompt_toks,
         "generation_seconds": sum(r["seconds"] for r in records),
+        **_draft_totals(records),
         "seconds_per_sample": sum(r["seconds"] + r["check_seconds"] for r in records) / len(records),
         "check_seconds": sum(r["check_seconds"] for r in records),
         "task_ids": list(by_task), "resumed_samples": resumed,

@@ -64,7 +64,7 @@ def equivalent_command(model_spec: str, points: list[Point], out_dir, problems, 
                        predictors=None, stats=None) -> str:
     """The `pipower sweep humaneval` command line that reproduces this sweep."""
     cmd = ["pipower", "sweep", "humaneval", "-m", str(model_spec)]
-    for opt in ("weights", "dot", "threads", "backend"):
+    for opt in ("weights", "dot", "threads", "backend", "draft"):
         if params.get(opt) is not None:
             cmd += [f"--{opt}", str(params[opt])]
     for arg, knob in KNOB_LISTS.items():
@@ -93,6 +93,7 @@ def compare_with_dense(out: Path, point_dir: Path, problems) -> dict:
 def sweep(model_spec, knobs: Mapping, out_dir, problems: list[dict], *, mode: str = "completion",
           max_tokens: int = 384, samples: int = 1, temperature: float = 0.0, seed: int = 0,
           weights: str | None = None, threads: int | None = None, backend: str = "auto", dot: str | None = None,
+          draft: str | None = None,
           predictors=None, stats=None, command: str | None = None, write_report: bool = True,
           progress: Callable[[Point, int, int, dict | None], None] | None = None) -> list[dict]:
     """Evaluate dense plus every knob value in `knobs` ({"act_thresholds": [...], "target_sparsities":
@@ -116,6 +117,8 @@ def sweep(model_spec, knobs: Mapping, out_dir, problems: list[dict], *, mode: st
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     params = dict(mode=mode, max_tokens=max_tokens, samples=samples, temperature=temperature, seed=seed)
+    if draft is not None:
+        params["draft"] = draft
     meta = {"model_spec": str(model_spec), "source": str(model.source), "fingerprint": model.fingerprint,
             "weights": model.weights, "dot": getattr(model, "dot", "float"), "backend": model.backend, **params,
             "threads": getattr(model.transformer.ops, "n_threads", None),
