@@ -136,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_commands(sub, _add_model_args)
     from .cli_cache import add_commands as add_cache_commands
     add_cache_commands(sub)
+    from .cli_serve import add_commands as add_serve_commands
+    add_serve_commands(sub, _add_model_args)
     return parser
 
 
@@ -272,7 +274,8 @@ def _commands() -> dict:
     from .cli_eval import COMMANDS as EVAL
     from .cli_sparse import COMMANDS as SPARSE
     from .cli_cache import COMMANDS as CACHE
-    return {"generate": cmd_generate, "fetch": cmd_fetch, "info": cmd_info, **SPARSE, **EVAL, **CACHE}
+    from .cli_serve import COMMANDS as SERVE
+    return {"generate": cmd_generate, "fetch": cmd_fetch, "info": cmd_info, **SPARSE, **EVAL, **CACHE, **SERVE}
 
 
 class Terminated(KeyboardInterrupt):
