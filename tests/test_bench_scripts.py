@@ -1,5 +1,6 @@
 """The prepared benchmark scripts run end to end on tiny shapes (bench/hybrid.py with the device
-emulated on the CPU engine, bench/ffn.py on synthetic layers), so a GPU session can run them as they are."""
+emulated on the CPU engine, bench/ffn.py on synthetic layers, bench/decode.py re-rendering a stored
+result), so a GPU session can run them as they are."""
 import importlib.util
 import json
 from pathlib import Path
@@ -42,17 +43,53 @@ def test_hybrid_benchmark_dry_run(tmp_path):
     assert "vs_offload" in h25 and "overlap_saved_ms_per_token" in h25 and (tmp_path / "h.md").is_file()
 
 
-def test_qwen_1_5b_stand_in_has_the_real_models_bytes_per_token():
-    """The all-GPU row of issue #5 runs a random model of Qwen2.5-Coder-1.5B's shape (its weights cannot
-    reach the device machine): same matrices, so the same weight bytes per decode step in q8, give or
-    take the biases and norms."""
+@pytest.mark.parametrize("fmt", ["q8", "f16"])
+def test_stand_in_model_has_the_loaded_models_bytes(fmt):
+    """bench/hybrid.py builds its models in the compact format directly (the all-GPU row of issue #5 is
+    a random model of Qwen2.5-Coder-1.5B's shape): every matrix the decode step reads has the shape,
+    format and bytes the loader gives a model of that config."""
+    from helpers_models import random_tensors
+    from pipower.model import Transformer
+    from pipower.ops import NumpyOps
+
     hybrid = load_script("hybrid")
-    D, F, L, H, Hkv, V = hybrid.SHAPES["qwen2.5-1.5b"]
-    hd = D // H
-    per_layer = D * (H * hd + 2 * Hkv * hd) + H * hd * D + 3 * F * D      # q, k, v, o, gate, up, down
-    total = L * per_layer + V * D                                          # + the untied head
-    assert (L, D, F, H, Hkv, V) == (28, 1536, 8960, 12, 2, 151936)
-    assert total == pytest.approx(1.54e9, rel=0.01)                        # the 1.5B model's parameters
+    stand_in = hybrid.synthetic_transformer("tiny", fmt, NumpyOps())
+    cfg = stand_in.config
+    tensors = random_tensors(dict(model_type="llama", vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+                                  intermediate_size=cfg.intermediate_size, num_hidden_layers=cfg.num_hidden_layers,
+                                  num_attention_heads=cfg.num_attention_heads,
+                                  num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+                                  tie_word_embeddings=False))
+    loaded = Transformer(cfg, tensors, NumpyOps(), weights=fmt)
+    for a, b in zip(stand_in.layers, loaded.layers):
+        for name in ("q", "k", "v", "o", "gate", "up", "down_t"):
+            wa, wb = getattr(a, name), getattr(b, name)
+            assert (wa.fmt, wa.shape, wa.nbytes) == (wb.fmt, wb.shape, wb.nbytes), name
+    assert stand_in.nbytes_per_token == loaded.nbytes_per_token
+
+
+def test_decode_benchmark_renders_a_stored_result(tmp_path):
+    """bench/decode.py --render rebuilds the table of a stored run: one line per measured row, the
+    numbers taken from the JSON."""
+    decode = load_script("decode")
+    src = ROOT / "bench" / "results" / "decode.json"
+    stored = json.loads(src.read_text())
+    out = tmp_path / "d.json"
+    out.write_text(src.read_text())
+    decode.main(["--render", str(out)])
+    lines = out.with_suffix(".md").read_text().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("| model |"))
+    assert lines[header] == "| " + " | ".join(decode.COLUMNS) + " |"
+    table = lines[header + 2:header + 2 + len(stored["rows"])]
+    assert all(line.startswith("| ") for line in table) and not lines[header + 2 + len(stored["rows"])].strip()
+    for line, row in zip(table, stored["rows"]):
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert len(cells) == len(decode.COLUMNS)
+        assert cells[:3] == [row["model"], row["engine"], row["weights"]]
+        if row.get("status") == "ok":
+            assert cells[decode.COLUMNS.index("decode tok/s")] == f"{row['decode_tps']:.1f}"
+        else:
+            assert row["status"] in cells
 
 
 def test_power_law_profile_hits_the_mean():

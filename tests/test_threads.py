@@ -1,5 +1,7 @@
 """pipower.threads: scoped BLAS limits restore the pool, and the pool report has what `info` shows."""
 import os
+import subprocess
+import sys
 
 import numpy as np  # noqa: F401  (loads the BLAS library the helpers control)
 import pytest
@@ -35,9 +37,20 @@ def test_pool_info_shape():
         assert p["user_api"] == "blas" and p["num_threads"] >= 1
 
 
-def test_openmp_wait_policy_default_is_set():
-    from pipower import _cpu  # noqa: F401  (importing it applies the default)
-    assert os.environ.get("OMP_WAIT_POLICY") or os.environ.get("GOMP_SPINCOUNT")
+@pytest.mark.parametrize("user_env, want", [
+    ({}, ("PASSIVE", "1000")),                                   # nothing set: pipower's default
+    ({"OMP_WAIT_POLICY": "ACTIVE"}, ("ACTIVE", None)),          # the user's choice is kept
+    ({"GOMP_SPINCOUNT": "5"}, (None, "5")),
+])
+def test_importing_the_kernels_applies_the_openmp_default(user_env, want):
+    """In a fresh process (this one may have inherited either variable), importing pipower._cpu sets
+    the wait policy before the OpenMP runtime loads, unless the user set one."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = ("import os; from pipower import _cpu; "
+            "print(os.environ.get('OMP_WAIT_POLICY'), os.environ.get('GOMP_SPINCOUNT'))")
+    out = subprocess.run([sys.executable, "-c", code], env={**env, **user_env}, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out == [str(w) for w in want]
 
 
 def test_openmp_env_defaults_respect_user(monkeypatch):
