@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import sys
 import time
@@ -27,16 +26,7 @@ if str(ROOT) not in sys.path:          # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 import pipower  # noqa: E402
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from pipower.benchmark import cpu_model, read_gbs  # noqa: E402
 
 
 def time_forwards(t, prompt_ids, new_ids, tokens, repeats) -> dict:
@@ -57,8 +47,11 @@ def time_forwards(t, prompt_ids, new_ids, tokens, repeats) -> dict:
 
 
 def bench(model_name, fmt, threads, tokens, repeats, prompt_tokens) -> list[dict]:
+    """fmt: a weight format, or "q4-float" for q4 on the float path (q4 defaults to integer dots)."""
     path = pipower.fetch(model_name, progress=False)
-    m = pipower.load(path, backend="cython", threads=threads, weights=fmt)
+    weights, _, dot = fmt.partition("-")
+    m = pipower.load(path, backend="cython", threads=threads, weights=weights, dot=dot or None)
+    fmt = weights + ("-int8" if m.dot == "int8" else "")
     rng = np.random.default_rng(0)
     V = m.config.vocab_size
     prompt = rng.integers(100, min(V, 30000), prompt_tokens)
@@ -87,7 +80,8 @@ def markdown(rows) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="qwen2.5-coder-0.5b", help="comma-separated known model names")
-    ap.add_argument("--formats", default="q8,q4", help="comma-separated weight formats (f32,f16,q8,q4)")
+    ap.add_argument("--formats", default="q8,q4", help="comma-separated weight formats (f32,f16,q8,q4; q4 runs "
+                    "integer dots by default, q4-float the float path)")
     ap.add_argument("--tokens", default="1,2,4,8,16,32",
                     help="comma-separated T values (new tokens per forward); include 1 for the ratio column")
     ap.add_argument("--threads", type=int, default=2, help="OpenMP threads of the kernels")
@@ -96,20 +90,24 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, help="write JSON here (and the table as .md next to it)")
     a = ap.parse_args(argv)
     tokens = [int(x) for x in a.tokens.split(",")]
+    gbs = [read_gbs(a.threads)]
     rows = []
     for name in a.models.split(","):
         for fmt in a.formats.split(","):
             rows += bench(name, fmt, a.threads, tokens, a.repeats, a.prompt_tokens)
             print(markdown(rows[-len(tokens):]), file=sys.stderr, flush=True)
+    gbs.append(read_gbs(a.threads))
     table = markdown(rows)
     print(table)
+    print(f"CPU: {cpu_model()}; memory read {gbs[0]:.1f} GB/s at the start, {gbs[1]:.1f} at the end")
     if a.out:
-        meta = dict(cpu=cpu_model(), threads=a.threads, repeats=a.repeats, prompt_tokens=a.prompt_tokens,
-                    command=" ".join(sys.argv))
+        meta = dict(cpu=cpu_model(), read_gbs=gbs, threads=a.threads, repeats=a.repeats,
+                    prompt_tokens=a.prompt_tokens, command=" ".join(sys.argv))
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-        a.out.with_suffix(".md").write_text(f"CPU: {meta['cpu']}, {a.threads} threads, medians of {a.repeats}"
-                                            f" rounds\n\n{table}\n")
+        a.out.with_suffix(".md").write_text(f"CPU: {meta['cpu']}, memory read {gbs[0]:.1f} / {gbs[1]:.1f} GB/s "
+                                            f"(start / end), {a.threads} threads, medians of {a.repeats} rounds"
+                                            f"\n\n`{meta['command']}`\n\n{table}\n")
     return 0
 
 

@@ -14,6 +14,29 @@ from .errors import InvalidArgumentError
 DEFAULT_PROMPT = "def quicksort(items):\n    \"\"\"Sort a list of numbers.\"\"\"\n"
 
 
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo), so a table says which machine made it."""
+    import platform
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def read_gbs(threads: int) -> float | None:
+    """Memory read bandwidth now (GB/s over a 256 MiB buffer, median of 5), or None without the compiled
+    kernels: reported next to speeds, so a slower machine can be told from a slower pipower."""
+    from . import _cpu
+    if not _cpu.AVAILABLE:
+        return None
+    from ._cpu import _bandwidth
+    return float(_bandwidth.read_bandwidth_gbs(np.ones(64 << 20, np.float32), n_threads=threads))
+
+
 def _selector_counts(t) -> tuple[int, int]:
     sel = t.ffn_neurons
     return (sel.skipped, sel.total) if sel is not None and hasattr(sel, "skipped") else (0, 0)

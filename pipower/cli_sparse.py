@@ -108,11 +108,17 @@ def cmd_bench(args) -> int:
         return _bench_thresholds(model, args, ids)
     if args.draft is not None:
         return _bench_drafts(model, args, ids)
+    from .benchmark import cpu_model, read_gbs
+    gbs = read_gbs(model.transformer.ops.n_threads)
     r = time_model(model, prompt_ids=ids, decode_tokens=args.tokens, repeats=args.repeats)
+    r.update(cpu=cpu_model(), read_gbs=gbs, dot=model.dot)
     if args.json:
         print(json.dumps(r, indent=2))
         return 0
-    print(f"{model.source}: {r['backend']} backend, {r['weights']} weights, {r['threads']} threads")
+    print(f"{model.source}: {r['backend']} backend, {r['weights']} weights ({model.dot} dots), {r['threads']} "
+          f"threads")
+    print(f"machine: {r['cpu']}, memory read {gbs:.1f} GB/s just before (speeds scale with it: compare "
+          f"runs of one machine)" if gbs else f"machine: {r['cpu']}")
     print(f"prefill {r['prompt_tokens']} tokens: {r['prefill_tok_s']:.1f} tok/s")
     print(f"decode: {r['decode_tok_s']:.2f} tok/s ({r['decode_ms']:.1f} ms/token, median of {r['repeats']} x "
           f"{r['decode_tokens']} steps); FFN sparsity {r['ffn_sparsity']:.1%} of neurons skipped per token")
