@@ -241,6 +241,7 @@ def test_max_tokens_zero(client):
     ({"prompt": []}, "prompt"),
     ({}, "prompt"),
     ({"prompt": "hello " * 300, "max_tokens": 1}, "prompt"),             # past the 256-token context
+    ({"prompt": "hello " * 4000, "max_tokens": 1}, "prompt"),            # (tokenized on a worker thread)
 ])
 def test_bad_completion_requests_are_400(server, body, param):
     err = assert_error(http(server, "POST", "/v1/completions", json=body), 400, param)
@@ -434,6 +435,23 @@ def test_serve_without_the_extra_says_so(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert r.stderr.strip().count("\n") == 0 and 'pip install "pipower[server]"' in r.stderr
+
+
+def test_bench_script_runs(tiny_path, tmp_path):
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("bench_serve", Path(__file__).resolve().parents[1] / "bench" / "serve.py")
+    if spec is None or not Path(spec.origin).is_file():
+        pytest.skip("bench/serve.py is not here (installed tests)")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "serve.json"
+    assert bench.main(["--model", str(tiny_path), "--threads", "1", "--clients", "1,2", "--requests", "2",
+                       "--max-tokens", "4", "--rounds", "1", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["clients"] for r in res["rows"]] == [1, 2] and res["rows"][0]["vs_1"] == 1.0
+    assert all(r["requests"] == 2 * r["clients"] and r["errors"] == 0 for r in res["rows"])
+    assert "| clients |" in out.with_suffix(".md").read_text()
 
 
 # ---- a real model (slow) ---------------------------------------------------------------------------

@@ -50,6 +50,7 @@ from .text import StopTextStream
 log = logging.getLogger(__name__)
 
 MAX_STOP_STRINGS = 4                    # OpenAI's limit
+BIG_BODY = 16 << 10                     # bodies above this are tokenized on a worker thread
 UNSUPPORTED = {                         # parameters we refuse rather than silently ignore
     "logprobs": "logprobs are not supported", "top_logprobs": "logprobs are not supported",
     "echo": "echo is not supported", "suffix": "suffix (fill-in-the-middle) is not supported",
@@ -279,7 +280,10 @@ class _Generation:
         self.wake = asyncio.Event()
 
         def listener():                           # engine thread -> event loop
-            loop.call_soon_threadsafe(self.wake.set)
+            try:
+                loop.call_soon_threadsafe(self.wake.set)
+            except RuntimeError:                  # the loop is gone (server stopped): nobody is waiting
+                pass
         self.text = StopTextStream(model.tokenizer.stream_decoder(strip_first_space=chat), p.stop)
         self.tokens = 0
         self.started = time.monotonic()
@@ -420,7 +424,8 @@ def create_app(model, engine: BatchEngine, settings: ServerSettings) -> Starlett
                              "max_queue": engine.max_queue, "context": engine.context,
                              "completed": s.completed, "cancelled": s.cancelled, "failed": s.failed,
                              "rejected": s.rejected, "generated_tokens": s.generated_tokens,
-                             "steps": s.steps, "mean_batch": round(s.mean_batch, 3), "max_batch_seen": s.max_rows},
+                             "steps": s.steps, "step_rows": s.step_rows, "mean_batch": round(s.mean_batch, 3),
+                             "max_batch_seen": s.max_rows},
                             status_code=200 if ok else 503)
 
     async def generate(request: Request, chat: bool):
@@ -432,7 +437,11 @@ def create_app(model, engine: BatchEngine, settings: ServerSettings) -> Starlett
             raise _bad(None, str(e)) from None
         if model.tokenizer is None:
             raise _bad(None, "this model has no tokenizer: the server returns text, which needs one")
-        ids = _chat_ids(model, body) if chat else _prompt_ids(model, body)
+        tokenize = _chat_ids if chat else _prompt_ids
+        if int(request.headers.get("content-length") or 0) > BIG_BODY:    # keep the event loop responsive
+            ids = await asyncio.to_thread(tokenize, model, body)
+        else:
+            ids = tokenize(model, body)
         gen = _Generation(engine, model, ids, p, chat)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         now = int(time.time())
