@@ -43,14 +43,13 @@ if str(ROOT) not in sys.path:          # run from a checkout without installing
 # loads the same libgomp later and inherits it).
 import pipower  # noqa: E402
 from pipower import _cpu  # noqa: E402
+from pipower.sparse.placement import layer_weight_bytes  # noqa: E402
 
 NA = "n/a (not implemented)"
 HUMANEVAL = dict(problems=164, prompt_tokens=150, new_tokens=150)
 PIPOWER_FORMATS = ("f32", "f16", "q8", "q4")
 LLAMA_FOR = {"f32": "F32", "f16": "F16", "q8": "Q8_0", "q4": "Q4_0"}     # pipower format -> GGUF type
 LLAMA_FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7}                  # llama_ftype values
-MATRIX_FIELDS = ("q", "k", "v", "o", "gate", "up", "down_t", "down")
-FFN_FIELDS = ("gate", "up", "down_t", "down")
 
 
 def log(*a):
@@ -78,26 +77,13 @@ class Bandwidth:
 
 
 # ---- pipower --------------------------------------------------------------------------------------
-def _nbytes(w) -> int:
-    return 0 if w is None else int(w.nbytes)
-
-
 def pipower_bytes(tr) -> dict:
-    """Weight bytes one decode step reads, from the model's own arrays: attention / FFN matrices of
-    every layer, and the output head. (The embedding row and norms are negligible.)"""
-    attn = ffn = 0
-    for layer in tr.layers:
-        for name in MATRIX_FIELDS:
-            if not hasattr(layer, name):
-                continue
-            if name == "down" and hasattr(layer, "down_t"):
-                continue
-            b = _nbytes(getattr(layer, name))
-            if name in FFN_FIELDS:
-                ffn += b
-            else:
-                attn += b
-    head = _nbytes(tr.lm_head)
+    """Weight bytes one decode step reads: the attention / FFN matrices of every layer (pipower's byte
+    accounting for the model's format) and the output head. (The embedding row, norms and biases are
+    negligible.)"""
+    per = layer_weight_bytes(tr.config, tr.weights)
+    L = tr.config.num_hidden_layers
+    attn, ffn, head = L * per["attention"], L * per["ffn"], int(tr.lm_head.nbytes)
     return {"attn": attn, "ffn": ffn, "head": head, "total": attn + ffn + head}
 
 
@@ -122,24 +108,13 @@ class RandomNeurons:
 
 
 def set_active_fraction(tr, frac: float, seed: int) -> str:
-    """Make the FFN compute a random `frac` of its neurons; -> how (or raise NotImplementedError)."""
-    if hasattr(tr, "set_ffn_active_fraction"):
-        tr.set_ffn_active_fraction(frac, seed)
-        return "Transformer.set_ffn_active_fraction"
-    if hasattr(tr, "ffn_neurons"):
-        tr.ffn_neurons = RandomNeurons(tr.config.num_hidden_layers, tr.config.intermediate_size, frac, seed)
-        return "Transformer.ffn_neurons = RandomNeurons"
-    raise NotImplementedError("no FFN neuron-selection hook on Transformer")
+    """Make the FFN compute a random `frac` of its neurons; -> how (recorded in the row)."""
+    tr.ffn_neurons = RandomNeurons(tr.config.num_hidden_layers, tr.config.intermediate_size, frac, seed)
+    return "Transformer.ffn_neurons = RandomNeurons"
 
 
 def clear_active_fraction(tr) -> None:
-    if hasattr(tr, "set_ffn_active_fraction"):
-        try:
-            tr.set_ffn_active_fraction(None, 0)
-        except Exception:  # noqa: BLE001 - an older hook may not take None
-            pass
-    if hasattr(tr, "ffn_neurons"):
-        tr.ffn_neurons = None
+    tr.ffn_neurons = None
 
 
 def load_pipower(path: str, backend: str, fmt: str, threads: int):
@@ -423,11 +398,7 @@ def bench_pipower(model_name, path, args, ids512, ids150, prompt, bandwidth, row
             for frac in args.fractions:
                 srow = {**base, "engine": "pipower-cython sparse", "ffn_active": frac}
                 bw = bandwidth.measure(3)
-                try:
-                    srow["hook"] = set_active_fraction(tr, frac, args.seed)
-                except NotImplementedError as ex:
-                    rows.append(finish_row({**srow, "status": NA, "detail": str(ex)}, bw))
-                    continue
+                srow["hook"] = set_active_fraction(tr, frac, args.seed)
                 srow["bytes_per_token"] = int(nb["attn"] + frac * nb["ffn"] + nb["head"])
                 try:
                     d = repeat(lambda: pipower_decode(tr, prompt, args.tokens, args.max_run_seconds),

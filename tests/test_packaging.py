@@ -39,7 +39,7 @@ def test_wheel_contents(tree, tmp_path):
     (whl,) = tmp_path.glob("pipower-0.1.0-*.whl")
     names = zipfile.ZipFile(whl).namelist()
     assert any(n.startswith("pipower/_cpu/_kernels.") and n.endswith((".so", ".pyd")) for n in names), names
-    assert "pipower/_gpu/rmsnorm.cu" in names
+    assert "pipower/_gpu/rmsnorm.cu" in names and "pipower/_gpu/emulator_shim.h" in names
     entry = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "pipower = pipower.cli:main" in zipfile.ZipFile(whl).read(entry).decode()
 

@@ -1,4 +1,4 @@
-"""Hot/cold placement solver: budget, per-layer minimum, optimality vs brute force, files, split_active."""
+"""Hot/cold placement solver: budget, per-layer minimum, optimality vs brute force, files, byte accounting."""
 import itertools
 import json
 
@@ -8,7 +8,8 @@ import pytest
 from pipower.config import ModelConfig
 from pipower.errors import InvalidArgumentError, ModelFileError, PipowerError
 from pipower.sparse.placement import (Placement, PlacementError, ffn_neuron_bytes, fixed_gpu_bytes,
-                                      gpu_bytes_breakdown, order_layers, solve_placement, split_active)
+                                      gpu_bytes_breakdown, layer_weight_bytes, order_layers,
+                                      solve_placement)
 
 
 def power_law(rng, L, n):
@@ -221,23 +222,6 @@ def test_summary_lists_every_layer_and_totals():
     assert int(s[3].split()[1]) == p.n_hot == 10
 
 
-@pytest.mark.parametrize("seed", range(20))
-def test_split_active_is_a_sorted_disjoint_partition(seed):
-    rng = np.random.default_rng(seed)
-    n = int(rng.integers(1, 5000))
-    active = np.sort(rng.choice(n, int(rng.integers(0, n + 1)), replace=False)).astype(np.int32)
-    hot = np.sort(rng.choice(n, int(rng.integers(0, n + 1)), replace=False)).astype(np.int32)
-    mask = np.zeros(n, dtype=bool)
-    mask[hot] = True
-    for h in (hot, mask):
-        gpu, cpu = split_active(active, h)
-        assert gpu.dtype == cpu.dtype == np.int32
-        assert np.all(np.diff(gpu) > 0) and np.all(np.diff(cpu) > 0)
-        assert np.intersect1d(gpu, cpu).size == 0
-        np.testing.assert_array_equal(np.union1d(gpu, cpu), active)
-        np.testing.assert_array_equal(gpu, np.intersect1d(active, hot))
-
-
 def test_fixed_bytes_terms_add_up_to_the_parameter_count():
     # Qwen2.5-0.5B has 494,032,768 parameters (tied embeddings, q/k/v biases); LLaMA-2-7B 6,738,415,616.
     qwen = ModelConfig(architectures=["Qwen2ForCausalLM"], vocab_size=151936, hidden_size=896,
@@ -260,6 +244,28 @@ def test_fixed_bytes_terms_add_up_to_the_parameter_count():
     assert fixed_gpu_bytes(llama, "q4", predictor_hidden=1024) == sum(t.values())
     with pytest.raises(InvalidArgumentError):
         gpu_bytes_breakdown(llama, "q3")
+
+
+@pytest.mark.parametrize("fmt", ["f32", "f16", "q8", "q4"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama-plain-mlp"])
+def test_layer_weight_bytes_are_a_loaded_layers_bytes(fmt, arch):
+    """The one byte formula (placement budgets, layer offload, bench/decode.py) equals the bytes of the
+    arrays a loaded model keeps, per part, for each format (q/k/v biases; a plain MLP has no gate)."""
+    from helpers_models import CFG, random_tensors
+    from pipower.model import Transformer
+    from pipower.ops import NumpyOps
+    d = dict(CFG) if arch == "qwen2" else dict(CFG, architectures=["LlamaForCausalLM"], model_type="llama",
+                                                   mlp_gated=False, hidden_act="relu")
+    cfg = ModelConfig.from_dict(d)
+    t = Transformer(cfg, random_tensors(d), NumpyOps(), weights=fmt)
+    per = layer_weight_bytes(cfg, fmt)
+    for layer in t.layers:
+        def nbytes(*names):
+            return sum(getattr(layer, n).nbytes for n in names if getattr(layer, n) is not None)
+        assert per == {"attention": nbytes("q", "k", "v", "o"),
+                       "biases": nbytes("q_bias", "k_bias", "v_bias", "o_bias"),
+                       "ffn": nbytes("gate", "up", "down_t"), "norms": nbytes("attn_norm", "ffn_norm")}
+        assert sum(per.values()) == layer.nbytes
 
 
 def test_a_70b_shaped_instance_solves_exactly_with_the_dp():

@@ -77,10 +77,3 @@ def get(name: str, device: int = 0):
             raise BackendError(f"compiling {file} for device {device} failed: {exc}") from exc
         _functions[key] = fn
     return fn
-
-
-def clear_cache() -> None:
-    """Forget compiled modules (tests; CuPy's on-disk cache still makes the next compile quick)."""
-    with _lock:
-        _modules.clear()
-        _functions.clear()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InvalidArgumentError
-from ..sparse.placement import BYTES_PER_WEIGHT, Placement, PlacementError
+from ..sparse.placement import Placement, PlacementError, layer_weight_bytes
 
 HOMES = ("device", "host", "split")
 KINDS = ("gpu", "hybrid", "layer-offload", "cpu")
@@ -82,13 +82,12 @@ def layer_offload_plan(n_layers: int, n_device_layers: int, budget_bytes: int | 
 
 
 def layer_bytes(config, weights: str, context_length: int) -> int:
-    """Device bytes of one whole layer: its seven matrices in `weights`, f32 norms and biases, and its
-    float32 KV cache for `context_length` positions (the hybrid engine keeps the cache in f32)."""
+    """Device bytes of one whole layer: its weights (`layer_weight_bytes`: matrices in `weights`, f32
+    norms and biases) and its float32 KV cache for `context_length` positions (the hybrid engine keeps
+    the cache in f32)."""
     c = config
-    D, F, H, Hkv, hd = c.hidden_size, c.intermediate_size, c.num_attention_heads, c.num_key_value_heads, c.head_dim
-    n = H * hd * D * 2 + 2 * Hkv * hd * D + 3 * F * D
-    bias = 4 * (H * hd + 2 * Hkv * hd) if getattr(c, "qkv_bias", False) else 0
-    return int(n * BYTES_PER_WEIGHT[weights]) + bias + 2 * 4 * D + 2 * 4 * context_length * Hkv * hd
+    kv = 2 * 4 * context_length * c.num_key_value_heads * c.head_dim
+    return sum(layer_weight_bytes(c, weights).values()) + kv
 
 
 def offload_layers_for_budget(config, weights: str, budget_bytes: int, context_length: int,

@@ -15,8 +15,10 @@ Model (docs/PLACEMENT.md has the full argument):
   table would be too large for; HiGHS stalls on the biggest ones, see PLACEMENT.md).
 
 The result is a `Placement`: per layer sorted int32 hot indices, saved as safetensors
-(`layer.{i}.hot`) with JSON metadata. `split_active` splits one token's active neurons into the GPU
-(hot) and CPU (cold) parts for the hybrid FFN.
+(`layer.{i}.hot`) with JSON metadata.
+
+Byte accounting (`layer_weight_bytes`, `ffn_neuron_bytes`) is the one formula for what a layer's weights
+cost in a format; the placement budget, layer offload (hybrid/plan.py) and bench/decode.py use it.
 """
 from __future__ import annotations
 
@@ -75,6 +77,28 @@ def ffn_neuron_bytes(config, weights: str | float = "f16") -> int:
     return rows * _tensor_bytes(D, _bpw(weights))
 
 
+def layer_weight_bytes(config, weights: str | float = "f16", norm_weights: str | float = "f32") -> dict[str, int]:
+    """Bytes of one decoder layer's weights, part by part (config: a pipower ModelConfig):
+      attention  q [H*hd, D], k and v [Hkv*hd, D], o [D, H*hd] in `weights`;
+      biases     the f32 q/k/v biases (qkv_bias) and o bias (o_bias) where the architecture has them;
+      ffn        n_ff neurons of `ffn_neuron_bytes` (gate, up and down_t rows; no gate in a plain MLP);
+      norms      the attention and FFN norms, [D] each, in `norm_weights`.
+    """
+    c = config
+    D, F = c.hidden_size, c.intermediate_size
+    H, Hkv, hd = c.num_attention_heads, c.num_key_value_heads or c.num_attention_heads, \
+        c.head_dim or c.hidden_size // c.num_attention_heads
+    bw = _bpw(weights)
+    bias = 4 * (H * hd + 2 * Hkv * hd) if getattr(c, "qkv_bias", False) else 0
+    if getattr(c, "o_bias", False):
+        bias += 4 * D
+    return {"attention": _tensor_bytes(H * hd * D, bw) + 2 * _tensor_bytes(Hkv * hd * D, bw)
+            + _tensor_bytes(D * H * hd, bw),
+            "biases": bias,
+            "ffn": F * ffn_neuron_bytes(c, weights),
+            "norms": 2 * _tensor_bytes(D, _bpw(norm_weights))}
+
+
 def gpu_bytes_breakdown(config, weights: str | float = "f16", *,
                         predictor_hidden: int | Sequence[int] | None = None,
                         predictor_weights: str | float = "f16",
@@ -101,14 +125,10 @@ def gpu_bytes_breakdown(config, weights: str | float = "f16", *,
     """
     c = config
     L, D, V, F = c.num_hidden_layers, c.hidden_size, c.vocab_size, c.intermediate_size
-    H, Hkv, hd = c.num_attention_heads, c.num_key_value_heads or c.num_attention_heads, \
-        c.head_dim or c.hidden_size // c.num_attention_heads
+    Hkv, hd = c.num_key_value_heads or c.num_attention_heads, c.head_dim or c.hidden_size // c.num_attention_heads
     bw = _bpw(weights)
-    attn = _tensor_bytes(H * hd * D, bw) + 2 * _tensor_bytes(Hkv * hd * D, bw) + _tensor_bytes(D * H * hd, bw)
-    if getattr(c, "qkv_bias", False):
-        attn += 4 * (H * hd + 2 * Hkv * hd)
-    if getattr(c, "o_bias", False):
-        attn += 4 * D
+    layer = layer_weight_bytes(c, weights)
+    attn = layer["attention"] + layer["biases"]
     if predictor_hidden is None:
         pred = 0
     else:
@@ -396,12 +416,6 @@ class Placement:
         total = sum(self.layer_freq)
         return float(sum(self.layer_hot_freq) / total) if total > 0 else 0.0
 
-    def hot_mask(self, layer: int) -> np.ndarray:
-        """bool [n_ff] of one layer: True = hot (GPU)."""
-        m = np.zeros(self.n_ff[layer], dtype=bool)
-        m[self.hot[layer]] = True
-        return m
-
     def summary(self) -> str:
         """A table: per layer hot count, hot %, hot frequency share; then totals and the solver."""
         lines = [f"{'layer':>5} {'hot':>8} {'n_ff':>8} {'hot %':>7} {'freq share':>10}"]
@@ -576,25 +590,3 @@ def solve_placement(freqs: Sequence | Mapping, neuron_bytes: int | Sequence[int]
     if p.bytes_used > budget:                                    # by construction impossible; never ship it
         raise PlacementError(f"internal error: placement uses {p.bytes_used} bytes of a {budget} budget")
     return p
-
-
-# ----------------------------------------------------------------------------------------------------
-# Runtime helper for the hybrid FFN
-
-
-def split_active(active_idx: np.ndarray, hot: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Split one layer's active neurons into (gpu_idx, cpu_idx), both sorted int32, disjoint, union = input.
-
-    active_idx: sorted int32 [k] (predicted-active neurons). hot: bool [n_ff] mask (O(k), the fast path)
-    or sorted int32 hot indices (O(k log n_hot) via searchsorted).
-    """
-    active = np.asarray(active_idx)
-    hot = np.asarray(hot)
-    if hot.dtype == np.bool_:
-        on_gpu = hot[active]                                     # (k,)
-    elif hot.size == 0:
-        on_gpu = np.zeros(active.shape, dtype=bool)
-    else:
-        pos = np.searchsorted(hot, active)                       # (k,) insertion points
-        on_gpu = hot[np.minimum(pos, hot.size - 1)] == active
-    return active[on_gpu].astype(np.int32, copy=False), active[~on_gpu].astype(np.int32, copy=False)
