@@ -186,6 +186,13 @@ class Model:
         """Apply the model's chat template to `messages` and generate the assistant's reply."""
         return "".join(self.stream_chat(messages, **kwargs))
 
+    def chat_session(self, system: str | None = None, **kwargs):
+        """A multi-turn conversation (pipower.chat.ChatSession) whose history stays in one KV cache:
+        `session.send(text)` streams the reply and prefills only the new turn. kwargs: max_tokens,
+        temperature, top_k, top_p, seed."""
+        from .chat import ChatSession
+        return ChatSession(self, system, **kwargs)
+
     def stream_chat(self, messages: list[dict], max_tokens: int = 128, temperature: float = 0.0, top_k: int = 0,
                     top_p: float = 1.0, seed: int | None = None, stop: Iterable[str] = (), draft=None
                     ) -> TextStream:
@@ -229,8 +236,9 @@ def default_weights(path: str, ops) -> str:
 
 
 def default_dot(weights: str, device: str = "cpu") -> str:
-    """Integer dot products where they are implemented and faster: q4 weights on the CPU engine (decode
-    ~2x faster than the float path, bench/batch.py); everything else multiplies in float."""
+    """Integer dot products by default where they are faster and checked on HumanEval: q4 weights on the
+    CPU engine (decode ~2x faster than the float path). q8 takes dot="int8" on request (not the default
+    until its HumanEval comparison is done); f32/f16 and the devices multiply in float."""
     return "int8" if weights == "q4" and device == "cpu" else "float"
 
 
@@ -240,9 +248,9 @@ def check_dot(dot: str | None, weights: str, device: str = "cpu") -> str:
         return default_dot(weights, device)
     if dot not in DOTS:
         raise InvalidArgumentError(f"dot must be one of {', '.join(DOTS)}, got {dot!r}")
-    if dot == "int8" and weights != "q4":
-        raise InvalidArgumentError(f"dot='int8' (integer dot products) is implemented for q4 weights, not "
-                                   f"{weights}; use weights='q4' or dot='float'")
+    if dot == "int8" and weights not in ("q4", "q8"):
+        raise InvalidArgumentError(f"dot='int8' (integer dot products) is implemented for q4 and q8 weights, "
+                                   f"not {weights}; use weights='q4' or 'q8', or dot='float'")
     if dot == "int8" and device != "cpu":
         raise InvalidArgumentError(f"dot='int8' runs on the CPU engine only, not device {device!r}")
     return dot
@@ -259,9 +267,9 @@ def load(source, *, backend: str = "auto", threads: int | None = None, weights: 
     "4GiB", a hard limit on device memory; placement (file from `pipower plan`) or stats (file from
     `pipower profile`, solved at vram_budget) decide the hot neurons of "hybrid"; predictors: the
     predictor file you will use with set_sparsity, so the GPU plan counts its bytes.
-    dot: "float" or "int8": how q4 projections multiply. "int8" quantizes activations per 32-block to
-    int8 and sums 4-bit x int8 products exactly (pipower.intdot), like llama.cpp; None = "int8" for q4
-    weights on the CPU engine, else "float" (the only choice for other formats and devices).
+    dot: "float" or "int8": how q4 / q8 projections multiply. "int8" quantizes activations per 32-block
+    to int8 and sums 4/8-bit x int8 products exactly (pipower.intdot), like llama.cpp; None = "int8" for
+    q4 weights on the CPU engine, else "float" (the only choice for f32/f16 and the devices).
     cache: a GGUF model on the CPU engine is prepared (converted, laid out for the backend) once and
     kept under $PIPOWER_HOME/prepared (pipower.model_cache); later loads read that instead. False:
     neither read nor write it. HF directories, GGUFs under 32 MiB and device gpu/hybrid/offload always

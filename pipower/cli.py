@@ -65,10 +65,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="in-memory weight format: f32, f16, q8 (int8 blocks of 32), q4 (4-bit blocks of 32); "
                         "default: q8 for GGUF files when the backend has compact kernels, else f32")
     p.add_argument("--dot", choices=("int8", "float"), default=None,
-                   help="how q4 weights multiply: int8 = activations quantized per 32-block to int8 and "
-                        "exact 4-bit x int8 sums (as llama.cpp does; ~2x faster decode), float = weights "
+                   help="how q4/q8 weights multiply: int8 = activations quantized per 32-block to int8 and "
+                        "exact 4/8-bit x int8 sums (as llama.cpp does; q4 decodes ~2x faster), float = weights "
                         "converted to float32 with exact activations. Default: int8 for --weights q4 on the "
-                        "CPU engine; other formats and devices are float only")
+                        "CPU engine, float otherwise; f32/f16 and the GPU devices are float only")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,6 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_cache_commands(sub)
     from .cli_serve import add_commands as add_serve_commands
     add_serve_commands(sub, _add_model_args)
+    from .cli_chat import add_commands as add_chat_commands
+    add_chat_commands(sub, _add_model_args)
     return parser
 
 
@@ -275,7 +277,9 @@ def _commands() -> dict:
     from .cli_sparse import COMMANDS as SPARSE
     from .cli_cache import COMMANDS as CACHE
     from .cli_serve import COMMANDS as SERVE
-    return {"generate": cmd_generate, "fetch": cmd_fetch, "info": cmd_info, **SPARSE, **EVAL, **CACHE, **SERVE}
+    from .cli_chat import COMMANDS as CHAT
+    return {"generate": cmd_generate, "fetch": cmd_fetch, "info": cmd_info, **SPARSE, **EVAL, **CACHE, **SERVE,
+            **CHAT}
 
 
 class Terminated(KeyboardInterrupt):

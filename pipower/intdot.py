@@ -1,13 +1,13 @@
 """Integer dot products over int8-quantized activations: the exact NumPy reference.
 
-The compiled kernels (pipower/_cpu/_int8_impl.h) compute y = W x for q4 weights W by quantizing x per
-32-block to int8 (as llama.cpp quantizes activations to Q8_0) and summing 4-bit x int8 products exactly in
-integers; the float work left is one fma per block in a fixed order. This module does the same arithmetic
-bit for bit, so tests compare the kernels to it with `array_equal`, and it bounds the error against the
-float path (`dot_q4` vs `dequantize(W) @ x`). The rules (see the header for the same text):
+The compiled kernels (pipower/_cpu/_int8_impl.h) compute y = W x for q4 and q8 weights W by quantizing x
+per 32-block to int8 (as llama.cpp quantizes activations to Q8_0) and summing 4/8-bit x int8 products
+exactly in integers; the float work left is one fma per block in a fixed order. This module does the same
+arithmetic bit for bit, so tests compare the kernels to it with `array_equal`, and it bounds the error
+against the float path (`dot` vs `dequantize(W) @ x`). The rules (see the header for the same text):
 
     activations, per token and 32-block:  dx = max|x| / 127;  q = rint(x / dx) via x * (1 / dx)
-    one row, per block b:                 isum_b = sum (nibble - 8) * q          (exact int32)
+    one row, per block b:                 isum_b = sum w * q   (w = nibble - 8, or the int8)  exact int32
     lane b % 16 of acc[16], in block order: acc = fma(float(isum_b), float32(dw_b * dx_b), acc)
     result: acc[i] + acc[i+8] -> + [i+4] -> + [i+2] -> s[0] + s[1]
 
@@ -81,14 +81,17 @@ def q4_nibbles(m: QMatrix) -> np.ndarray:
     return np.concatenate([(p & 15) - 8, (p >> 4) - 8], axis=-1).reshape(N, -1)
 
 
-def dot_q4(m: QMatrix, x: np.ndarray) -> np.ndarray:
+FORMATS = ("q4", "q8")   # weight formats with integer dot products
+
+
+def dot(m: QMatrix, x: np.ndarray) -> np.ndarray:
     """Y [T, N] = W x over int8-quantized activations, bit for bit what the compiled kernels give.
-    m: q4 QMatrix [N, K]; x: float32 [T, K] (or [K])."""
-    if m.fmt != "q4":
-        raise ValueError(f"integer dot products are defined for q4 weights, not {m.fmt}")
+    m: q4 or q8 QMatrix [N, K]; x: float32 [T, K] (or [K])."""
+    if m.fmt not in FORMATS:
+        raise ValueError(f"integer dot products are defined for q4 and q8 weights, not {m.fmt}")
     x2 = np.atleast_2d(np.asarray(x, dtype=np.float32))
     q, dx = quantize_activations(x2)
-    w = q4_nibbles(m)
+    w = q4_nibbles(m) if m.fmt == "q4" else m.data.astype(np.int32)
     N, K = w.shape
     nb = K // QB
     # exact per-block integer sums [T, N, nb]

@@ -4,7 +4,7 @@
 override only the ops they accelerate, with the same signatures, and tests compare them to this class.
 Shapes: T tokens in the call, S cached positions, D hidden, H / Hkv heads, hd head dim, F FFN neurons.
 All activations are float32; weights are float32 arrays [out, in] or pipower.quant.QMatrix, which the
-reference dequantizes (or, for q4 with dot="int8", multiplies through pipower.intdot).
+reference dequantizes (or, for q4 / q8 with dot="int8", multiplies through pipower.intdot).
 """
 from __future__ import annotations
 
@@ -91,9 +91,9 @@ class NumpyOps:
 
     @property
     def dot(self) -> str:
-        """How q4 projections multiply: "float" (weights converted to float32, x exact) or "int8" (x
-        quantized per 32-block to int8, exact integer block sums: pipower.intdot). Other formats are
-        always float."""
+        """How q4 / q8 projections multiply: "float" (weights converted to float32, x exact) or "int8" (x
+        quantized per 32-block to int8, exact integer block sums: pipower.intdot). f32 and f16 weights
+        always multiply in float."""
         return self._dot
 
     @dot.setter
@@ -104,7 +104,7 @@ class NumpyOps:
 
     def _int_dot(self, w) -> bool:
         """True when w's products take the integer path."""
-        return self._dot == "int8" and isinstance(w, QMatrix) and w.fmt == "q4"
+        return self._dot == "int8" and isinstance(w, QMatrix) and w.fmt in intdot.FORMATS
 
     def forward_scope(self, n_tokens: int):
         """Context entered around one forward call of n_tokens tokens (thread-pool policy); none here."""
@@ -149,7 +149,7 @@ class NumpyOps:
     # rows it needs, which is slow but exactly the values the compiled kernels read.
     def linear(self, x: np.ndarray, weight, bias: np.ndarray | None = None) -> np.ndarray:
         """x: [T, K], weight: [N, K] (HF layout, array or QMatrix), bias: [N] -> [T, N]."""
-        y = intdot.dot_q4(weight, x) if self._int_dot(weight) else x @ as_f32(weight).T
+        y = intdot.dot(weight, x) if self._int_dot(weight) else x @ as_f32(weight).T
         if bias is not None:
             y += bias
         return y
@@ -187,7 +187,7 @@ class NumpyOps:
         """act(gate x) * (up x) over the neurons idx (all when None) -> [T, n]."""
         def project(w):
             if self._int_dot(w):
-                return intdot.dot_q4(w if idx is None else take_rows(w, idx), x)
+                return intdot.dot(w if idx is None else take_rows(w, idx), x)
             return x @ _rows(w, idx).T
         h = project(up)
         if gate is not None:

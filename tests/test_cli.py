@@ -265,5 +265,5 @@ def test_dot_option(tiny_gguf):
     assert "q4 weights (int8 dots)" in out.stderr
     out = run_cli("generate", "-m", tiny_gguf, "-n", "2", "--weights", "q4", "--dot", "float", "--no-cache", "hi")
     assert out.returncode == 0 and "int8 dots" not in out.stderr
-    _one_line_error(run_cli("generate", "-m", tiny_gguf, "-n", "1", "--weights", "q8", "--dot", "int8", "hi"),
-                    "q4 weights")
+    _one_line_error(run_cli("generate", "-m", tiny_gguf, "-n", "1", "--weights", "f16", "--dot", "int8", "hi"),
+                    "q4 and q8 weights")

@@ -100,7 +100,7 @@ def cython_transformer(cfg: dict, fmt: str, n_threads: int = 2, dot: str = "floa
 
 
 # every weight format on the float path, and q4 on the integer path (pipower.intdot)
-PATHS = [(fmt, "float") for fmt in FORMATS] + [("q4", "int8")]
+PATHS = [(fmt, "float") for fmt in FORMATS] + [("q4", "int8"), ("q8", "int8")]
 
 
 def steps(t, ids, prefix: int, batches) -> np.ndarray:
@@ -130,7 +130,8 @@ def test_forward_is_bitwise_the_same_however_tokens_are_batched(fmt, dot, varian
     assert np.array_equal(bits(t.forward(ids[:7], t.new_cache(64))), bits(first))
 
 
-@pytest.mark.parametrize("fmt,dot", [("f32", "float"), ("q8", "float"), ("q4", "float"), ("q4", "int8")])
+@pytest.mark.parametrize("fmt,dot", [("f32", "float"), ("q8", "float"), ("q4", "float"), ("q4", "int8"),
+                                     ("q8", "int8")])
 def test_forward_bitwise_equal_for_one_and_two_threads(fmt, dot):
     ids = np.random.default_rng(7).integers(0, CFG["vocab_size"], 30)
     a = steps(cython_transformer(CFG, fmt, 1, dot), ids, 6, [1, 8, 15])
@@ -138,7 +139,7 @@ def test_forward_bitwise_equal_for_one_and_two_threads(fmt, dot):
     assert np.array_equal(bits(a), bits(b))
 
 
-@pytest.mark.parametrize("fmt,dot", [("q8", "float"), ("q4", "int8")])
+@pytest.mark.parametrize("fmt,dot", [("q8", "float"), ("q4", "int8"), ("q8", "int8")])
 def test_batched_forward_close_to_the_numpy_reference(fmt, dot):
     from pipower.model import Transformer
     from pipower.ops import NumpyOps

@@ -1,6 +1,6 @@
-"""Integer dot products (q4 weights x int8-quantized activations): the compiled kernels equal the exact
-NumPy reference (pipower.intdot) bit for bit, the reference's fma is exact, and the integer path stays
-within its error bound of the float path."""
+"""Integer dot products (q4 / q8 weights x int8-quantized activations): the compiled kernels equal the
+exact NumPy reference (pipower.intdot) bit for bit, the reference's fma is exact, and the integer path
+stays within its error bound of the float path."""
 from fractions import Fraction
 
 import numpy as np
@@ -48,12 +48,16 @@ def test_fma32_is_the_correctly_rounded_fused_multiply_add():
     assert np.float32(np.float64(a[-2]) * np.float64(b[-2]) + np.float64(c[-2])) != u   # the trap is real
 
 
-def arranged(q: np.ndarray) -> np.ndarray:
-    """Reference int8 [T, K] -> the kernel's layout: per 4 blocks, the low halves then the high halves."""
+def arranged(q: np.ndarray, fmt: str = "q4") -> np.ndarray:
+    """Reference int8 [T, K] -> the kernel's layout: for q4 per 4 blocks the low halves then the high
+    halves, for q8 element order; padded with zero blocks to a multiple of 16."""
     T, K = q.shape
     nb = K // 32
     nbp = (nb + 15) // 16 * 16
     out = np.zeros((T, nbp * 32), np.int8)
+    if fmt == "q8":
+        out[:, :K] = q
+        return out
     for b in range(nb):
         for half in range(2):
             pos = (b // 4) * 128 + half * 64 + (b % 4) * 16
@@ -62,96 +66,102 @@ def arranged(q: np.ndarray) -> np.ndarray:
 
 
 @needs_ext
-def test_activation_quantization_matches_the_reference():
+@pytest.mark.parametrize("fmt,factor", [("q4", 8), ("q8", 128)])
+def test_activation_quantization_matches_the_reference(fmt, factor):
     from pipower._cpu._linear import QuantizedActivations
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((5, 576)) * rng.uniform(0.01, 100, (5, 1))).astype(np.float32)
     x[1, 32:64] = 0.0                               # an all-zero block: dx = 0, q = 0
     x[2, 5] = 1e-39                                 # a subnormal
     q, dx = intdot.quantize_activations(x)
-    kq, kd, kc = QuantizedActivations(x).arrays()
+    kq, kd, kc = QuantizedActivations(x, fmt).arrays()
     nb = 576 // 32
-    assert np.array_equal(kq, arranged(q))
+    assert np.array_equal(kq, arranged(q, fmt))
     assert np.array_equal(bits(kd[:, :nb]), bits(dx)) and not kd[:, nb:].any()
-    assert np.array_equal(kc[:, :nb], 8 * q.reshape(5, nb, 32).astype(np.int32).sum(-1))
+    assert np.array_equal(kc[:, :nb], factor * q.reshape(5, nb, 32).astype(np.int32).sum(-1))
     assert np.abs(q).max() <= 127 and q.dtype == np.int8
 
 
 @needs_ext
+@pytest.mark.parametrize("fmt", ("q4", "q8"))
 @pytest.mark.parametrize("simd", SIMD)
 @pytest.mark.parametrize("K", (32, 96, 512, 576, 896, 1056))
-def test_q4_integer_gemm_is_bitwise_the_reference(simd, K):
+def test_integer_gemm_is_bitwise_the_reference(fmt, simd, K):
     from pipower._cpu import _linear
     rng = np.random.default_rng(K)
-    m = quantize(rng.standard_normal((40, K)).astype(np.float32), "q4")
+    m = quantize(rng.standard_normal((40, K)).astype(np.float32), fmt)
     x = rng.standard_normal((33, K)).astype(np.float32)
-    ref = intdot.dot_q4(m, x)
+    ref = intdot.dot(m, x)
     for nt in (1, 2):
         for T in (1, 2, 3, 8, 9, 17, 33):
-            y = _linear.gemm_int8("q4", m.data, m.scales, x[:T], n_threads=nt, simd=simd)
+            y = _linear.gemm_int8(fmt, m.data, m.scales, x[:T], n_threads=nt, simd=simd)
             assert np.array_equal(bits(y), bits(ref[:T])), (nt, T)
 
 
 @needs_ext
-def test_non_finite_activations_propagate():
+@pytest.mark.parametrize("fmt", ("q4", "q8"))
+def test_non_finite_activations_propagate(fmt):
     from pipower._cpu import _linear
-    m = quantize(np.random.default_rng(2).standard_normal((8, 64)).astype(np.float32), "q4")
+    m = quantize(np.random.default_rng(2).standard_normal((8, 64)).astype(np.float32), fmt)
     x = np.ones((2, 64), np.float32)
     x[0, 3] = np.inf
     x[1, 40] = np.nan
     for simd in SIMD:
-        y = _linear.gemm_int8("q4", m.data, m.scales, x, simd=simd)
+        y = _linear.gemm_int8(fmt, m.data, m.scales, x, simd=simd)
         assert np.isnan(y).all()
-    assert np.isnan(intdot.dot_q4(m, x)).all()
+    assert np.isnan(intdot.dot(m, x)).all()
 
 
-def test_integer_path_within_its_error_bound_of_the_float_path():
+@pytest.mark.parametrize("fmt", ("q4", "q8"))
+def test_integer_path_within_its_error_bound_of_the_float_path(fmt):
     """|int - float| <= sum over blocks of (dx_b / 2) * ||w_b||_1 plus float rounding: the only change
     is each activation's rounding to its block's int8 grid."""
     rng = np.random.default_rng(3)
     K = 896
-    m = quantize(rng.standard_normal((64, K)).astype(np.float32), "q4")
+    m = quantize(rng.standard_normal((64, K)).astype(np.float32), fmt)
     x = (rng.standard_normal((6, K)) * rng.uniform(0.1, 10, (6, 1))).astype(np.float32)
     w = dequantize(m).astype(np.float64)
     ref = x.astype(np.float64) @ w.T
     _, dx = intdot.quantize_activations(x)
     l1 = np.abs(w).reshape(64, K // 32, 32).sum(-1)                  # [N, nb]
     bound = (dx.astype(np.float64) / 2) @ l1.T                         # [T, N]
-    err = np.abs(intdot.dot_q4(m, x) - ref)
+    err = np.abs(intdot.dot(m, x) - ref)
     assert np.all(err <= bound * 1.0001 + 1e-5 * np.abs(ref).max())
     assert err.max() > 0                                             # the paths really differ
 
 
 @needs_ext
+@pytest.mark.parametrize("fmt", ("q4", "q8"))
 @pytest.mark.parametrize("simd", SIMD)
-def test_integer_ffn_rows_are_bitwise_single_tokens(simd):
+def test_integer_ffn_rows_are_bitwise_single_tokens(fmt, simd):
     from pipower._cpu import _ffn
     rng = np.random.default_rng(4)
     D, F = 96, 200
     mats = []
     for _ in range(3):
-        q = quantize((0.2 * rng.standard_normal((F, D))).astype(np.float32), "q4")
+        q = quantize((0.2 * rng.standard_normal((F, D))).astype(np.float32), fmt)
         mats.append((q.data, q.scales))
     x = rng.standard_normal((20, D)).astype(np.float32)
     idx = np.sort(rng.choice(F, 50, replace=False)).astype(np.int32)
     for sel in (None, idx):
         for nt in (1, 2):
-            single = np.stack([_ffn.ffn_sparse("q4", r, mats[0], mats[1], mats[2], sel, "silu", n_threads=nt,
+            single = np.stack([_ffn.ffn_sparse(fmt, r, mats[0], mats[1], mats[2], sel, "silu", n_threads=nt,
                                                simd=simd, int_dot=True) for r in x])
             for T in (2, 7, 20):
-                out = _ffn.ffn_sparse("q4", x[:T], mats[0], mats[1], mats[2], sel, "silu", n_threads=nt,
+                out = _ffn.ffn_sparse(fmt, x[:T], mats[0], mats[1], mats[2], sel, "silu", n_threads=nt,
                                       simd=simd, int_dot=True)
                 assert np.array_equal(bits(out), bits(single[:T]))
 
 
 @needs_ext
-def test_integer_ffn_close_to_the_numpy_reference():
+@pytest.mark.parametrize("fmt", ("q4", "q8"))
+def test_integer_ffn_close_to_the_numpy_reference(fmt):
     """Gate/up are bitwise the reference's; the down sums differ only in float summation order."""
     from pipower._cpu import linear_ops
     from pipower.ops import NumpyOps
     rng = np.random.default_rng(5)
     D, F = 64, 160
-    g, u, d = (quantize((0.2 * rng.standard_normal((F, D))).astype(np.float32), "q4") for _ in range(3))
+    g, u, d = (quantize((0.2 * rng.standard_normal((F, D))).astype(np.float32), fmt) for _ in range(3))
     x = rng.standard_normal((9, D)).astype(np.float32)
     mask = rng.random((9, F)) < 0.4
     ref_ops = NumpyOps(dot="int8")
@@ -168,8 +178,9 @@ def test_dot_option_is_validated():
     assert check_dot(None, "q4") == "int8" and check_dot(None, "q8") == "float"
     assert check_dot(None, "q4", device="hybrid") == "float"
     assert check_dot("float", "q4") == "float"
-    with pytest.raises(InvalidArgumentError, match="q4"):
-        check_dot("int8", "q8")
+    assert check_dot("int8", "q8") == "int8"
+    with pytest.raises(InvalidArgumentError, match="q4 and q8"):
+        check_dot("int8", "f16")
     with pytest.raises(InvalidArgumentError, match="CPU"):
         check_dot("int8", "q4", device="gpu")
     with pytest.raises(InvalidArgumentError, match="dot must be"):

@@ -21,7 +21,7 @@ from cython.parallel cimport parallel, prange
 from libc.stdint cimport int32_t, uint16_t
 
 from ._linear import check_array, check_out, check_threads, check_weight
-from ._linear cimport QuantizedActivations, pp_xq4
+from ._linear cimport QuantizedActivations, pp_xq
 
 cnp.import_array()
 
@@ -41,7 +41,7 @@ cdef extern from "_ffn_batch_impl.h" nogil:
         const int32_t *idx
         const float *x
         Py_ssize_t T
-        const pp_xq4 *xq
+        const pp_xq *xq
         Py_ssize_t chunk
         float *hbuf
         unsigned char *live
@@ -147,7 +147,7 @@ def ffn_sparse(fmt, x, gate, up, down_t, idx, act, out=None, h_out=None, n_threa
     [D]; idx: int32 [n] sorted unique in [0, F), or None for all neurons; act: a key of ACTS.
     x may also be [T, D] with 1 <= T <= MAX_TOKENS (out then [T, D], h_out not allowed): each weight row
     is read once for all T tokens, and row t of out is bitwise ffn_sparse(x[t]) with the same idx.
-    int_dot (q4 only): gate and up dots over int8-quantized x (pipower.intdot); the down rows stay float.
+    int_dot (q4, q8): gate and up dots over int8-quantized x (pipower.intdot); the down rows stay float.
     """
     return _ffn(fmt, x, gate, up, down_t, idx, act, out, h_out, n_threads, simd, int_dot, None)[0]
 
@@ -213,9 +213,7 @@ cdef tuple _ffn(fmt, x, gate, up, down_t, idx, act, out, h_out, n_threads, simd,
         return out, 0
     a.xq = NULL
     if int_dot:
-        if fmt != "q4":
-            raise ValueError(f"integer dot products are implemented for q4 weights, not {fmt}")
-        xq = QuantizedActivations(x if x.ndim == 2 else x.reshape(1, -1))
+        xq = QuantizedActivations(x if x.ndim == 2 else x.reshape(1, -1), fmt)
         a.xq = (<QuantizedActivations>xq).rows
     a.simd = 1 if simd else 0
     a.act = ACTS[act]

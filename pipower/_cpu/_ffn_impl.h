@@ -39,7 +39,7 @@ typedef struct {
     const int32_t *idx;                     /* [n] active neurons, or NULL: neuron j = j */
     const float *x;                         /* [T, D] */
     ptrdiff_t T;                            /* tokens: 1 = decode (pp_ffn_chunk), else pp_ffn_chunk_batch */
-    const pp_xq4 *xq;                       /* [T] quantized x: gate/up dots on the integer path (q4), or NULL */
+    const pp_xq *xq;                       /* [T] quantized x: gate/up dots on the integer path (q4/q8), or NULL */
     ptrdiff_t chunk;                        /* T > 1: neurons per chunk (chunk c starts at neuron c * chunk) */
     float *hbuf;                            /* T > 1: scratch [chunks, chunk, T] for h */
     unsigned char *live;                    /* T > 1: scratch [chunks, chunk] */
@@ -127,7 +127,7 @@ static inline void pp_prefetch_span_part(const char *span, ptrdiff_t rb, int par
 
 /* y[t] = row . x[t] for the first T tokens: the integer path when x was quantized (a->xq), else float. */
 static inline void pp_ffn_dots(const pp_ffn_args *a, const char *row, const uint16_t *d, ptrdiff_t T, float *y) {
-    if (a->xq) pp_dotn_q4i(a->simd, (const uint8_t *)row, d, a->xq, a->D, T, y, 1);
+    if (a->xq) pp_dotn_int(a->fmt, a->simd, row, d, a->xq, a->D, T, y, 1);
     else if (T == 1) y[0] = pp_dot(a->fmt, a->simd, row, d, a->x, a->D);   /* the tuned decode kernel */
     else pp_dotn(a->fmt, a->simd, row, d, a->x, a->D, a->D, T, y, 1);
 }

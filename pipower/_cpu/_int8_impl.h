@@ -8,19 +8,20 @@
  *   activations, per token and 32-block b of x [K]:
  *     amax = max |x_j|;  dx_b = amax / 127;  id = dx_b ? 1 / dx_b : 0;  q_j = nearbyint(x_j * id)  (int8,
  *     ties to even);  a block whose amax is not finite gets q = 0 and dx_b = amax, so NaN/inf propagate.
- *   one row of weights (nibbles n_j, scales dw_b) against one token:
- *     isum_b = sum_j (n_j - 8) q_j                                  exact int32
+ *   one row of weights (w_j = nibble - 8 for q4, the int8 itself for q8; scales dw_b) against one token:
+ *     isum_b = sum_j w_j q_j                                        exact int32
  *     lane l = b mod 16 of a float32 accumulator acc[16], blocks in increasing order:
  *     acc[l] = fma((float)isum_b, dw_b * dx_b, acc[l])              (dw_b * dx_b rounded to float32 first)
  *     result = ((acc[i] + acc[i+8]) for i<8 -> (+ i+4) for i<4 -> (+ i+2) for i<2 -> s[0] + s[1]).
  * The same result comes from the AVX-512 VNNI kernel and the portable C one, for any batch size and any
  * thread count (each (token, row) is one such computation).
  *
- * Layout of the quantized activations of one token (pp_xq4): nb = K/32 blocks padded to nbp, a multiple
- * of 16 (zeros: padded blocks contribute nothing), arranged per 4 blocks as the q4 nibbles are:
+ * Layout of the quantized activations of one token (pp_xq): nb = K/32 blocks padded to nbp, a multiple
+ * of 16 (zeros: padded blocks contribute nothing); for q4 arranged per 4 blocks as the nibbles are,
  *   q [nbp/4][2][4][16] int8: [lo halves (elements 0..15) of blocks 4r..4r+3 | hi halves (16..31)]
- *   d [nbp] float32 (dx_b), c [nbp] int32 (8 * sum_j q_j, the "- 8" of the nibbles folded in)
- * so one 64-byte load meets the low (or high) nibbles of four blocks.
+ * so one 64-byte load meets the low (or high) nibbles of four blocks; for q8 in element order;
+ *   d [nbp] float32 (dx_b), c [nbp] int32: the correction of the unsigned operand of VNNI's u8 x s8 dot,
+ *   8 * sum_j q_j for q4 (nibbles are w + 8), 128 * sum_j q_j for q8 (weights enter as w + 128).
  */
 #ifndef PIPOWER_INT8_IMPL_H
 #define PIPOWER_INT8_IMPL_H
@@ -40,13 +41,13 @@
 #  define PP_HAVE_VNNI512 0
 #endif
 
-static inline ptrdiff_t pp_xq4_blocks(ptrdiff_t K) {   /* nbp: blocks padded to a multiple of 16 */
+static inline ptrdiff_t pp_xq_blocks(ptrdiff_t K) {   /* nbp: blocks padded to a multiple of 16 */
     return (K / PP_QB + 15) / 16 * 16;
 }
 
 /* Bytes of one token's quantized activations (q, then d, then c), 64-byte multiple. */
-static inline ptrdiff_t pp_xq4_bytes(ptrdiff_t K) {
-    const ptrdiff_t nbp = pp_xq4_blocks(K);
+static inline ptrdiff_t pp_xq_bytes(ptrdiff_t K) {
+    const ptrdiff_t nbp = pp_xq_blocks(K);
     return nbp * PP_QB + nbp * 4 + nbp * 4;
 }
 
@@ -54,28 +55,31 @@ typedef struct {
     const int8_t *q;
     const float *d;
     const int32_t *c;
-} pp_xq4;
+} pp_xq;
 
-static inline pp_xq4 pp_xq4_at(const char *buf, ptrdiff_t K, ptrdiff_t t) {
-    const ptrdiff_t nbp = pp_xq4_blocks(K);
-    const char *base = buf + t * pp_xq4_bytes(K);
-    pp_xq4 v = {(const int8_t *)base, (const float *)(base + nbp * PP_QB),
+static inline pp_xq pp_xq_at(const char *buf, ptrdiff_t K, ptrdiff_t t) {
+    const ptrdiff_t nbp = pp_xq_blocks(K);
+    const char *base = buf + t * pp_xq_bytes(K);
+    pp_xq v = {(const int8_t *)base, (const float *)(base + nbp * PP_QB),
                 (const int32_t *)(base + nbp * PP_QB + nbp * 4)};
     return v;
 }
 
+enum { PP_XQ_Q4 = 0, PP_XQ_Q8 = 1 };   /* the weight format the activations are laid out for */
+
 /* Position in q of element j (0..31) of block b. */
-static inline ptrdiff_t pp_xq4_pos(ptrdiff_t b, int j) {
+static inline ptrdiff_t pp_xq_pos(int kind, ptrdiff_t b, int j) {
+    if (kind == PP_XQ_Q8) return b * PP_QB + j;
     return (b / 4) * 128 + (j / 16) * 64 + (b % 4) * 16 + (j % 16);
 }
 
-/* Quantize x [K] (K a multiple of 32) into one token's buffer (layout above). */
-static inline void pp_xq4_quantize(const float *x, ptrdiff_t K, char *buf) {
-    const ptrdiff_t nb = K / PP_QB, nbp = pp_xq4_blocks(K);
+/* Quantize x [K] (K a multiple of 32) into one token's buffer (layout above) for weights of `kind`. */
+static inline void pp_xq_quantize(const float *x, ptrdiff_t K, char *buf, int kind) {
+    const ptrdiff_t nb = K / PP_QB, nbp = pp_xq_blocks(K);
     int8_t *q = (int8_t *)buf;
     float *d = (float *)(buf + nbp * PP_QB);
     int32_t *c = (int32_t *)(buf + nbp * PP_QB + nbp * 4);
-    memset(buf, 0, (size_t)pp_xq4_bytes(K));
+    memset(buf, 0, (size_t)pp_xq_bytes(K));
     for (ptrdiff_t b = 0; b < nb; b++) {
         const float *xb = x + b * PP_QB;
         float amax = 0.0f;
@@ -92,10 +96,10 @@ static inline void pp_xq4_quantize(const float *x, ptrdiff_t K, char *buf) {
             float v = nearbyintf(xb[j] * id);
             v = v > 127.0f ? 127.0f : (v < -127.0f ? -127.0f : v);
             const int8_t qj = (int8_t)v;
-            q[pp_xq4_pos(b, j)] = qj;
+            q[pp_xq_pos(kind, b, j)] = qj;
             s += qj;
         }
-        c[b] = 8 * s;
+        c[b] = (kind == PP_XQ_Q8 ? 128 : 8) * s;
     }
 }
 
@@ -109,15 +113,29 @@ static inline float pp_lane_tree(const float *acc) {
 
 /* Portable: one q4 row (packed nibbles p, scales d) against one token. Out of line for the same reason
  * as pp_dot_row_c: one compiled body for every caller. */
-static PP_NOINLINE float pp_dot_q4i_c(const uint8_t *p, const uint16_t *d, pp_xq4 x, ptrdiff_t K) {
+static PP_NOINLINE float pp_dot_q4i_c(const uint8_t *p, const uint16_t *d, pp_xq x, ptrdiff_t K) {
     float acc[16] = {0};
     const ptrdiff_t nb = K / PP_QB;
     for (ptrdiff_t b = 0; b < nb; b++) {
         const uint8_t *pb = p + b * (PP_QB / 2);
-        const int8_t *xlo = x.q + pp_xq4_pos(b, 0), *xhi = x.q + pp_xq4_pos(b, 16);
+        const int8_t *xlo = x.q + pp_xq_pos(PP_XQ_Q4, b, 0), *xhi = x.q + pp_xq_pos(PP_XQ_Q4, b, 16);
         int32_t s = 0;
         for (int j = 0; j < 16; j++) s += (int32_t)(pb[j] & 15) * xlo[j] + (int32_t)(pb[j] >> 4) * xhi[j];
         s -= x.c[b];
+        const float scale = pp_h2f(d[b]) * x.d[b];
+        acc[b % 16] = fmaf((float)s, scale, acc[b % 16]);
+    }
+    return pp_lane_tree(acc);
+}
+
+/* Portable: one q8 row (int8 q, scales d) against one token (activations in element order). */
+static PP_NOINLINE float pp_dot_q8i_c(const int8_t *w, const uint16_t *d, pp_xq x, ptrdiff_t K) {
+    float acc[16] = {0};
+    const ptrdiff_t nb = K / PP_QB;
+    for (ptrdiff_t b = 0; b < nb; b++) {
+        const int8_t *wb = w + b * PP_QB, *xb = x.q + b * PP_QB;
+        int32_t s = 0;
+        for (int j = 0; j < PP_QB; j++) s += (int32_t)wb[j] * xb[j];
         const float scale = pp_h2f(d[b]) * x.d[b];
         acc[b % 16] = fmaf((float)s, scale, acc[b % 16]);
     }
@@ -143,7 +161,7 @@ static inline float pp_tree512(__m512 acc) {
  * D[4L + r] = block 4r + L, one permute gives block order, then the exact integer correction, one
  * conversion and one fma per 16 blocks. */
 static inline __attribute__((always_inline)) void
-pp_dotn_q4i_v(const uint8_t *p, const uint16_t *d, const pp_xq4 *x, ptrdiff_t K, const int NT, float *y,
+pp_dotn_q4i_v(const uint8_t *p, const uint16_t *d, const pp_xq *x, ptrdiff_t K, const int NT, float *y,
               ptrdiff_t ldy) {
     __m512 acc[PP_TB];
     for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
@@ -179,41 +197,85 @@ pp_dotn_q4i_v(const uint8_t *p, const uint16_t *d, const pp_xq4 *x, ptrdiff_t K,
     }
     for (int t = 0; t < NT; t++) y[t * ldy] = pp_tree512(acc[t]);
 }
+
+/* The q8 kernel: weights enter VNNI's unsigned operand as w + 128 (xor 0x80, once for all tokens), so
+ * the dot of a block is isum + 128 sum(q), and c holds 128 sum(q). Eight dots per 16 blocks and token
+ * into R_r (blocks 2r and 2r+1, four 128-bit lanes each: 0-1 for block 2r, 2-3 for 2r+1); three rounds
+ * of interleaved adds leave F[4 g + p] = block 2p (g = 0), 2p+1 (g = 1), 8+2p (g = 2), 9+2p (g = 3). */
+static inline __attribute__((always_inline)) void
+pp_dotn_q8i_v(const int8_t *w, const uint16_t *d, const pp_xq *x, ptrdiff_t K, const int NT, float *y,
+              ptrdiff_t ldy) {
+    __m512 acc[PP_TB];
+    for (int t = 0; t < NT; t++) acc[t] = _mm512_setzero_ps();
+    const ptrdiff_t nb = K / PP_QB;
+    const __m512i bias = _mm512_set1_epi8((char)0x80);
+    const __m512i order = _mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15);
+    for (ptrdiff_t g = 0; g < nb; g += 16) {
+        const ptrdiff_t n = nb - g < 16 ? nb - g : 16;
+        __m512i W[8];
+        for (int r = 0; r < 8; r++) {
+            const ptrdiff_t m = n - 2 * r <= 0 ? 0 : (n - 2 * r >= 2 ? 2 : 1);
+            const __mmask64 k = m == 2 ? ~(__mmask64)0 : (((__mmask64)1 << (32 * m)) - 1);
+            /* blocks past the row read as 0x80 = 0 + 128 against zero-padded activations: no effect */
+            W[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(k, w + (g + 2 * r) * PP_QB), bias);
+        }
+        const __mmask16 kb = (__mmask16)(n == 16 ? 0xFFFF : ((1u << n) - 1));
+        const __m512 dw = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(kb, d + g));
+        for (int t = 0; t < NT; t++) {
+            const int8_t *xq = x[t].q + g * PP_QB;
+            __m512i R[8], C[4];
+            for (int r = 0; r < 8; r++)
+                R[r] = _mm512_dpbusd_epi32(_mm512_setzero_si512(), W[r], _mm512_loadu_si512(xq + 64 * r));
+            for (int k = 0; k < 4; k++)
+                C[k] = _mm512_add_epi32(_mm512_unpacklo_epi32(R[2 * k], R[2 * k + 1]),
+                                        _mm512_unpackhi_epi32(R[2 * k], R[2 * k + 1]));
+            const __m512i E0 = _mm512_add_epi32(_mm512_unpacklo_epi64(C[0], C[1]), _mm512_unpackhi_epi64(C[0], C[1]));
+            const __m512i E1 = _mm512_add_epi32(_mm512_unpacklo_epi64(C[2], C[3]), _mm512_unpackhi_epi64(C[2], C[3]));
+            const __m512i F = _mm512_add_epi32(_mm512_shuffle_i32x4(E0, E1, 0x88), _mm512_shuffle_i32x4(E0, E1, 0xDD));
+            const __m512i S = _mm512_sub_epi32(_mm512_permutexvar_epi32(order, F), _mm512_loadu_si512(x[t].c + g));
+            const __m512 scale = _mm512_mul_ps(dw, _mm512_loadu_ps(x[t].d + g));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(S), scale, acc[t]);
+        }
+    }
+    for (int t = 0; t < NT; t++) y[t * ldy] = pp_tree512(acc[t]);
+}
 #endif /* PP_HAVE_VNNI512 */
 
-/* y[t * ldy] for t < T: one q4 row against T quantized tokens (x[t]), bitwise pp_dot_q4i_c each. */
-static inline void pp_dotn_q4i(int simd, const uint8_t *p, const uint16_t *d, const pp_xq4 *x, ptrdiff_t K,
+/* y[t * ldy] for t < T: one q4 or q8 row (fmt) against T quantized tokens (x[t], laid out for fmt),
+ * bitwise pp_dot_q4i_c / pp_dot_q8i_c each. */
+static inline void pp_dotn_int(int fmt, int simd, const void *row, const uint16_t *d, const pp_xq *x, ptrdiff_t K,
                                ptrdiff_t T, float *y, ptrdiff_t ldy) {
 #if PP_HAVE_VNNI512
     if (simd) {
         for (ptrdiff_t t0 = 0; t0 < T; t0 += PP_TB) {
             const int nt = (int)(T - t0 < PP_TB ? T - t0 : PP_TB);
-            const pp_xq4 *xt = x + t0;
+            const pp_xq *xt = x + t0;
             float *yt = y + t0 * ldy;
-            switch (nt) {
-            case 1: pp_dotn_q4i_v(p, d, xt, K, 1, yt, ldy); break;
-            case 2: pp_dotn_q4i_v(p, d, xt, K, 2, yt, ldy); break;
-            case 3: pp_dotn_q4i_v(p, d, xt, K, 3, yt, ldy); break;
-            case 4: pp_dotn_q4i_v(p, d, xt, K, 4, yt, ldy); break;
-            case 5: pp_dotn_q4i_v(p, d, xt, K, 5, yt, ldy); break;
-            case 6: pp_dotn_q4i_v(p, d, xt, K, 6, yt, ldy); break;
-            case 7: pp_dotn_q4i_v(p, d, xt, K, 7, yt, ldy); break;
-            default: pp_dotn_q4i_v(p, d, xt, K, 8, yt, ldy); break;
+            if (fmt == PP_Q8) {
+#define PP_C(N) pp_dotn_q8i_v((const int8_t *)row, d, xt, K, N, yt, ldy)
+                PP_CASES_TB(PP_C)
+#undef PP_C
+            } else {
+#define PP_C(N) pp_dotn_q4i_v((const uint8_t *)row, d, xt, K, N, yt, ldy)
+                PP_CASES_TB(PP_C)
+#undef PP_C
             }
         }
         return;
     }
 #endif
     (void)simd;
-    for (ptrdiff_t t = 0; t < T; t++) y[t * ldy] = pp_dot_q4i_c(p, d, x[t], K);
+    for (ptrdiff_t t = 0; t < T; t++)
+        y[t * ldy] = fmt == PP_Q8 ? pp_dot_q8i_c((const int8_t *)row, d, x[t], K)
+                                  : pp_dot_q4i_c((const uint8_t *)row, d, x[t], K);
 }
 
-/* Y[t, n] for rows n in [n0, n1) of a q4 matrix (row stride rs bytes, scale stride ss halfs). */
-static inline void pp_gemm_q4i_rows(int simd, const char *data, ptrdiff_t rs, const uint16_t *scales,
-                                    ptrdiff_t ss, const pp_xq4 *x, ptrdiff_t T, float *y, ptrdiff_t N,
+/* Y[t, n] for rows n in [n0, n1) of a q4 / q8 matrix (row stride rs bytes, scale stride ss halfs). */
+static inline void pp_gemm_int_rows(int fmt, int simd, const char *data, ptrdiff_t rs, const uint16_t *scales,
+                                    ptrdiff_t ss, const pp_xq *x, ptrdiff_t T, float *y, ptrdiff_t N,
                                     ptrdiff_t K, ptrdiff_t n0, ptrdiff_t n1) {
     for (ptrdiff_t n = n0; n < n1; n++)
-        pp_dotn_q4i(simd, (const uint8_t *)(data + n * rs), scales + n * ss, x, K, T, y + n, N);
+        pp_dotn_int(fmt, simd, data + n * rs, scales + n * ss, x, K, T, y + n, N);
 }
 
 #endif /* PIPOWER_INT8_IMPL_H */

@@ -1,10 +1,10 @@
 # Declarations shared with _ffn.pyx: the quantized activations of the integer q4 dots.
 cdef extern from "_int8_impl.h" nogil:
-    ctypedef struct pp_xq4:
+    ctypedef struct pp_xq:
         pass
 
 
 cdef class QuantizedActivations:
-    cdef char *buf          # T tokens x pp_xq4_bytes(K)
-    cdef pp_xq4 *rows       # [T] views into buf
+    cdef char *buf          # T tokens x pp_xq_bytes(K)
+    cdef pp_xq *rows       # [T] views into buf
     cdef readonly Py_ssize_t T, K

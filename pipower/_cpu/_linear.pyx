@@ -27,12 +27,13 @@ from libc.stdlib cimport malloc, free
 
 cdef extern from "_int8_impl.h" nogil:
     int PP_HAVE_VNNI512
-    Py_ssize_t pp_xq4_bytes(Py_ssize_t K)
-    pp_xq4 pp_xq4_at(const char *buf, Py_ssize_t K, Py_ssize_t t)
-    void pp_xq4_quantize(const float *x, Py_ssize_t K, char *buf)
-    void pp_gemm_q4i_rows(int simd, const char *data, Py_ssize_t rs, const uint16_t *scales, Py_ssize_t ss,
-                          const pp_xq4 *x, Py_ssize_t T, float *y, Py_ssize_t N, Py_ssize_t K, Py_ssize_t n0,
-                          Py_ssize_t n1)
+    Py_ssize_t pp_xq_bytes(Py_ssize_t K)
+    pp_xq pp_xq_at(const char *buf, Py_ssize_t K, Py_ssize_t t)
+    int PP_XQ_Q4, PP_XQ_Q8
+    void pp_xq_quantize(const float *x, Py_ssize_t K, char *buf, int kind)
+    void pp_gemm_int_rows(int fmt, int simd, const char *data, Py_ssize_t rs, const uint16_t *scales,
+                          Py_ssize_t ss, const pp_xq *x, Py_ssize_t T, float *y, Py_ssize_t N, Py_ssize_t K,
+                          Py_ssize_t n0, Py_ssize_t n1)
 
 cdef extern from "_batch_impl.h" nogil:
     void pp_gemm_rows(int fmt, int simd, const char *data, Py_ssize_t rs, const uint16_t *scales,
@@ -307,23 +308,27 @@ cdef void _gemm_rows(int fmt, int simd, const char *data, Py_ssize_t rs, const u
 
 
 cdef class QuantizedActivations:
-    """x [T, K] quantized per 32-block for the integer q4 dots (_int8_impl.h layout), in C memory."""
+    """x [T, K] quantized per 32-block for the integer dots with weights in `fmt` (q4 or q8; the layout
+    of _int8_impl.h), in C memory."""
 
-    def __cinit__(self, x):
+    def __cinit__(self, x, fmt="q4"):
+        if fmt not in ("q4", "q8"):
+            raise ValueError(f"integer dot products are implemented for q4 and q8 weights, not {fmt}")
+        cdef int kind = PP_XQ_Q8 if fmt == "q8" else PP_XQ_Q4
         check_array(x, "x", (_F32,), 2)
         self.T, self.K = x.shape[0], x.shape[1]
         if self.K % 32:
             raise ValueError(f"the integer dot needs K a multiple of 32, got {self.K}")
-        cdef Py_ssize_t nbytes = pp_xq4_bytes(self.K), t
+        cdef Py_ssize_t nbytes = pp_xq_bytes(self.K), t
         self.buf = <char *>malloc(max(1, self.T * nbytes))
-        self.rows = <pp_xq4 *>malloc(max(1, self.T) * sizeof(pp_xq4))
+        self.rows = <pp_xq *>malloc(max(1, self.T) * sizeof(pp_xq))
         if self.buf == NULL or self.rows == NULL:
             raise MemoryError()
         cdef const float *xp = <const float *>cnp.PyArray_DATA(x)
         with nogil:
             for t in range(self.T):
-                pp_xq4_quantize(xp + t * self.K, self.K, self.buf + t * nbytes)
-                self.rows[t] = pp_xq4_at(self.buf, self.K, t)
+                pp_xq_quantize(xp + t * self.K, self.K, self.buf + t * nbytes, kind)
+                self.rows[t] = pp_xq_at(self.buf, self.K, t)
 
     def __dealloc__(self):
         free(self.buf)
@@ -332,17 +337,17 @@ cdef class QuantizedActivations:
     def arrays(self):
         """-> (q int8 [T, nbp*32] in the kernel's arrangement, d float32 [T, nbp], c int32 [T, nbp]) copies,
         for tests against pipower.intdot."""
-        cdef Py_ssize_t nbytes = pp_xq4_bytes(self.K), nbp = nbytes // 40
+        cdef Py_ssize_t nbytes = pp_xq_bytes(self.K), nbp = nbytes // 40
         raw = np.frombuffer((<char *>self.buf)[:self.T * nbytes], dtype=np.uint8).reshape(self.T, nbytes)
         return (raw[:, :nbp * 32].view(np.int8).copy(), raw[:, nbp * 32:nbp * 36].view(np.float32).copy(),
                 raw[:, nbp * 36:].view(np.int32).copy())
 
 
-cdef void _gemm_q4i(int simd, const char *data, Py_ssize_t rs, const uint16_t *scales, Py_ssize_t ss,
-                    const pp_xq4 *x, Py_ssize_t T, float *y, Py_ssize_t N, Py_ssize_t K, int nt) noexcept nogil:
+cdef void _gemm_int(int fmt, int simd, const char *data, Py_ssize_t rs, const uint16_t *scales, Py_ssize_t ss,
+                    const pp_xq *x, Py_ssize_t T, float *y, Py_ssize_t N, Py_ssize_t K, int nt) noexcept nogil:
     cdef Py_ssize_t per, p, lo, hi
     if nt <= 1:
-        pp_gemm_q4i_rows(simd, data, rs, scales, ss, x, T, y, N, K, 0, N)
+        pp_gemm_int_rows(fmt, simd, data, rs, scales, ss, x, T, y, N, K, 0, N)
         return
     per = (N + nt - 1) // nt
     per = (per + 15) // 16 * 16
@@ -351,19 +356,19 @@ cdef void _gemm_q4i(int simd, const char *data, Py_ssize_t rs, const uint16_t *s
             lo = p * per
             hi = min(N, lo + per)
             if lo < hi:
-                pp_gemm_q4i_rows(simd, data, rs, scales, ss, x, T, y, N, K, lo, hi)
+                pp_gemm_int_rows(fmt, simd, data, rs, scales, ss, x, T, y, N, K, lo, hi)
 
 
 def gemm_int8(fmt, data, scales, x, out=None, n_threads=1, simd=True):
-    """Y = X @ W^T over int8-quantized activations (q4 weights only): x float32 [T, K] is quantized per
-    32-block (pipower.intdot), then exact 4-bit x int8 block dots; out float32 [T, N]. Any T; row t is
+    """Y = X @ W^T over int8-quantized activations (q4 or q8 weights): x float32 [T, K] is quantized per
+    32-block (pipower.intdot), then exact 4/8-bit x int8 block dots; out float32 [T, N]. Any T; row t is
     bitwise the one-token result (batch invariance) for any n_threads, VNNI or portable kernel alike."""
     cdef int nt = check_threads(n_threads)
     cdef int code
     cdef Py_ssize_t N, K, T, rs, ss
     code, N, K, rs, ss = check_weight(fmt, data, scales)
-    if fmt != "q4":
-        raise ValueError(f"integer dot products are implemented for q4 weights, not {fmt}")
+    if fmt not in ("q4", "q8"):
+        raise ValueError(f"integer dot products are implemented for q4 and q8 weights, not {fmt}")
     if x.ndim == 1:
         x = x.reshape(1, -1)
     check_array(x, "x", (_F32,), 2)
@@ -373,10 +378,10 @@ def gemm_int8(fmt, data, scales, x, out=None, n_threads=1, simd=True):
     out = check_out(out, "out", (T, N))
     if T == 0 or N == 0:
         return out
-    xq = QuantizedActivations(x)
+    xq = QuantizedActivations(x, fmt)
     if data.nbytes < PARALLEL_MIN_BYTES:
         nt = 1
-    _gemm_q4i(1 if simd else 0, _ptr(data), rs, _sptr(scales), ss, (<QuantizedActivations>xq).rows, T,
+    _gemm_int(code, 1 if simd else 0, _ptr(data), rs, _sptr(scales), ss, (<QuantizedActivations>xq).rows, T,
               <float *>cnp.PyArray_DATA(out), N, K, <int>min(nt, N))
     return out
 

@@ -39,7 +39,7 @@ def _parts(W) -> tuple:
 def linear(x: np.ndarray, W, bias: np.ndarray | None = None, n_threads: int = 1,
            int_dot: bool = False) -> np.ndarray:
     """x: float32 [T, K]; W: [N, K]; bias: float32 [N] or None -> new float32 [T, N].
-    int_dot (q4 W): int8-quantized activations, exact integer block sums, for any T (pipower.intdot)."""
+    int_dot (q4 or q8 W): int8-quantized activations, exact integer block sums, for any T (pipower.intdot)."""
     fmt, data, scales = _parts(W)
     if int_dot:
         y = _linear.gemm_int8(fmt, data, scales, x, n_threads=n_threads)
@@ -57,7 +57,7 @@ def ffn(x: np.ndarray, gate, up, down_t, act: str, n_threads: int = 1,
     """x: float32 [T, D]; gate (or None), up, down_t: [F, D]; idx: int32 [n] sorted unique active
     neurons, a bool [T, F] per-token mask, a pipower.ops.Threshold (T = 1: the fused threshold FFN), or
     None (all) -> new float32 [T, D]. Same math as NumpyOps.ffn.
-    int_dot (q4): gate/up dots over int8-quantized x, on the batch-invariant kernel for every T (token
+    int_dot (q4, q8): gate/up dots over int8-quantized x, on the batch-invariant kernel for every T (token
     slices of MAX_TOKENS; a per-token mask runs each token's own neurons as its decode step would)."""
     fu, ud, us = _parts(up)
     fd, dd, ds = _parts(down_t)
