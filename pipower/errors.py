@@ -44,5 +44,9 @@ class DeviceUnavailableError(BackendError):
     """A GPU engine was asked for, but CuPy or a CUDA device is missing (the message says which)."""
 
 
+class DeviceMemoryError(PipowerError, MemoryError):
+    """An allocation would take device memory past the budget (the VRAM budget is a hard limit)."""
+
+
 class InvalidArgumentError(PipowerError, ValueError):
     """A call argument is out of range or inconsistent (empty prompt, negative temperature...)."""

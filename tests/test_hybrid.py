@@ -279,6 +279,30 @@ def emulated_cupy(request, monkeypatch):
     return CupyOps
 
 
+def test_device_backends_meet_the_device_contract(emulated_cupy):
+    """StandInDeviceOps and CupyOps have every method and attribute of the DeviceOps protocol."""
+    from pipower.hybrid.device import DeviceOps
+    methods = [n for n, v in vars(DeviceOps).items() if callable(v) and not n.startswith("_")]
+    attributes = list(DeviceOps.__annotations__)
+    assert {"place", "to_device", "to_host", "add_from_host", "ffn", "attention"} <= set(methods)
+    assert attributes == ["name", "native_formats", "limit_bytes", "transfers"]
+    for dev in (StandInDeviceOps(), emulated_cupy(limit_bytes=1 << 20)):
+        missing = [n for n in methods + attributes if not hasattr(dev, n)]
+        assert not missing, (type(dev).__name__, missing)
+
+
+def test_gpu_backend_does_not_import_the_hybrid_engine():
+    """pipower._gpu sits below pipower.hybrid: no import circle (DeviceMemoryError lives in errors.py)."""
+    import subprocess
+    import sys
+    code = ("import sys, pipower._gpu.ops, pipower._gpu.memory; "
+            "bad = [m for m in sys.modules if m.startswith('pipower.hybrid')]; assert not bad, bad; "
+            "from pipower.errors import DeviceMemoryError as a; from pipower.hybrid import DeviceMemoryError as b; "
+            "from pipower.hybrid.device import DeviceMemoryError as c; assert a is b is c")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+
+
 @pytest.mark.parametrize("weights", ["f16", "q8"])
 def test_cupy_ops_behind_the_scheduler_equal_dense(emulated_cupy, weights):
     """The hybrid split and layer offload with CupyOps as the device (kernels emulated) == dense, for a

@@ -7,11 +7,11 @@ engine.py  `device=` of pipower.load: the plan from a budget + placement/stats, 
 device.py  the device-ops contract and a NumPy stand-in (CI runs the scheduler without a GPU)
 """
 from .build import make_hybrid
-from .device import DeviceMemoryError, StandInDeviceOps
+from .device import DeviceMemoryError, DeviceOps, StandInDeviceOps
 from .engine import DEVICES, plan_for, to_device
 from .ops import FFNSplit, HybridOps, HybridStats, SplitMatrix
 from .plan import ExecutionPlan, cpu_plan, gpu_plan, hybrid_plan, layer_offload_plan
 
-__all__ = ["DEVICES", "DeviceMemoryError", "ExecutionPlan", "FFNSplit", "HybridOps", "HybridStats",
+__all__ = ["DEVICES", "DeviceMemoryError", "DeviceOps", "ExecutionPlan", "FFNSplit", "HybridOps", "HybridStats",
            "SplitMatrix", "StandInDeviceOps", "cpu_plan", "gpu_plan", "hybrid_plan", "layer_offload_plan",
            "make_hybrid", "plan_for", "to_device"]

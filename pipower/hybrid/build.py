@@ -2,10 +2,14 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from ..quant import take_rows
 from .ops import FFNSplit, HybridOps, SplitMatrix
 from .plan import ExecutionPlan
+
+if TYPE_CHECKING:
+    from .device import DeviceOps
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +40,7 @@ def _cold_arena(transformer, splits: dict, host):
     return Arena(need) if need else None
 
 
-def make_hybrid(transformer, plan: ExecutionPlan, device, host=None):
+def make_hybrid(transformer, plan: ExecutionPlan, device: DeviceOps, host=None):
     """Place `transformer`'s weights as `plan` says and make its ops a HybridOps(device, host).
 
     Modifies `transformer` in place (the host copies of placed weights are dropped, so host memory

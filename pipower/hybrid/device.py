@@ -1,27 +1,8 @@
-"""The device side of the hybrid engine: the contract a GPU ops backend meets, and a NumPy stand-in.
+"""The device side of the hybrid engine: the contract a GPU ops backend meets (`DeviceOps`), and a
+NumPy stand-in (`StandInDeviceOps`).
 
-A device ops object is a NumpyOps-compatible backend whose arrays live in device memory, plus:
-
-  owns(a) -> bool           a lives on the device (a device array, or a weight returned by place)
-  place(w) -> weight        host float32 array [N, K] / [N] or QMatrix -> its device copy; counted
-                            against the memory limit; raises DeviceMemoryError past it
-  to_device(a) -> array     host ndarray -> device array (float32/int32/bool kept)
-  to_host(a) -> ndarray     device array -> host ndarray (synchronises)
-  add_from_host(dst, a)     dst += a for a host float32 array shaped like the device array dst, without
-                            the host waiting for queued device work (CupyOps: pinned staging memory and
-                            an asynchronous copy on the stream); returns dst
-  zeros(shape) -> array     float32 device zeros (KV cache storage), counted against the limit
-  synchronize()             wait for queued device work (timing)
-  scope()                   context: every device allocation inside it goes through the budgeted pool
-                            (HybridOps enters it around each forward, so selector and scheduler
-                            temporaries count against the limit too)
-  allocated_bytes()         bytes held now (weights, cache, live temporaries)
-  peak_bytes()              the most held at once since construction
-  limit_bytes               None or the hard cap: no allocation may take the total past it
-
-and the usual ops (rms_norm, activation, linear, ffn, rope, attention) taking and returning device
-arrays, with weights that `place` returned. Device ops never receive host arrays; the hybrid ops move
-data explicitly (to_device / to_host), so every transfer is visible and counted.
+Device ops never receive host arrays; the hybrid ops move data explicitly (to_device / to_host), so
+every transfer is visible and counted. `pipower._gpu.ops.CupyOps` is the CUDA implementation.
 
 `StandInDeviceOps` meets the contract with NumPy inside: CI (no GPU) runs the hybrid scheduler through
 it. Device arrays are a marked ndarray subclass, so a host array reaching a device op raises (CuPy
@@ -31,16 +12,80 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from typing import Protocol
 
 import numpy as np
 
-from ..errors import PipowerError
+from ..errors import DeviceMemoryError     # defined in pipower.errors; still importable from here
 from ..ops import NumpyOps
 from ..quant import QMatrix
 
 
-class DeviceMemoryError(PipowerError, MemoryError):
-    """An allocation would take device memory past the budget (the VRAM budget is a hard limit)."""
+class DeviceOps(Protocol):
+    """What HybridOps needs of a device backend: NumpyOps' ops on device arrays, plus placement,
+    transfers and memory accounting. Shapes as NumpyOps (T tokens, D hidden, F FFN neurons, N x K a
+    weight, H / Hkv query / kv heads, hd head dim, S cached positions); "device array" is the backend's
+    array type (a CuPy array, a StandInArray), "placed weight" what `place` returned."""
+
+    name: str
+    native_formats: tuple[str, ...]     # weight formats the device ops run without converting
+    limit_bytes: int | None             # None, or the hard cap: no allocation may take the total past it
+    transfers: dict[str, int]           # to_device / to_host: copies; bytes_to_device / bytes_to_host
+
+    # -- placement, transfers, memory --------------------------------------------------------------
+    def owns(self, a) -> bool:
+        """a lives on the device (a device array, or a placed weight)."""
+
+    def place(self, w):
+        """Host weight (float32 [N] / [N, K], or QMatrix [N, K]) -> its device copy, counted against the
+        limit until the ops object goes; DeviceMemoryError past it. A placed weight is returned as is."""
+
+    def to_device(self, a):
+        """Host ndarray -> device array of the same shape and dtype (float32 / int32 / bool)."""
+
+    def to_host(self, a) -> np.ndarray:
+        """Device array -> host ndarray (waits for queued device work)."""
+
+    def add_from_host(self, dst, a):
+        """dst += a, dst a float32 device array, a a host float32 array of its shape; the host does not
+        wait for queued device work (CupyOps: pinned staging memory, an asynchronous copy). -> dst."""
+
+    def zeros(self, shape):
+        """float32 device zeros (KV cache storage), counted against the limit while referenced."""
+
+    def synchronize(self) -> None:
+        """Wait for queued device work (timing)."""
+
+    def scope(self) -> contextlib.AbstractContextManager:
+        """Context: every device allocation inside goes through the budgeted pool (HybridOps enters it
+        around each forward, so selector and scheduler temporaries count against the limit too)."""
+
+    def allocated_bytes(self) -> int:
+        """Bytes held now: weights, caches, live temporaries."""
+
+    def peak_bytes(self) -> int:
+        """The most bytes held at once since construction."""
+
+    # -- ops: device arrays in, new device arrays out ----------------------------------------------
+    def rms_norm(self, x, weight, eps: float):
+        """x [..., D], weight [D] (placed) -> [..., D]."""
+
+    def activation(self, name: str, x):
+        """Elementwise activation by HF name (silu, gelu, gelu_pytorch_tanh, relu...) -> x's shape."""
+
+    def linear(self, x, weight, bias=None):
+        """x [T, K], weight placed [N, K], bias [N] or None -> [T, N]."""
+
+    def ffn(self, x, gate, up, down_t, act: str, idx=None):
+        """x [T, D]; gate (None: plain MLP), up, down_t placed [F, D] -> [T, D]. idx: None (all
+        neurons), int32 [n] sorted unique neuron ids, or bool [T, F] per-token mask."""
+
+    def rope(self, x, cos, sin):
+        """x [T, nh, hd], cos / sin [T, hd/2] -> [T, nh, hd] (HF rotate-half pairs (i, i + hd/2))."""
+
+    def attention(self, q, k, v, start_pos: int, window: int | None = None):
+        """q [T, H, hd]; k, v [Hkv, S, hd] cache views -> [T, H * hd], causal from start_pos (and a
+        sliding window of `window` positions when given)."""
 
 
 class StandInArray(np.ndarray):
@@ -81,7 +126,7 @@ def _dev(a: np.ndarray) -> StandInArray:
 
 
 class StandInDeviceOps:
-    """NumPy reference ops behind the device contract, with transfer and memory accounting.
+    """NumPy reference ops behind the device contract (DeviceOps), with transfer and memory accounting.
 
     Memory: placed weights are held until the ops object goes, zeros() buffers (KV caches) until
     their last reference goes; temporaries are not tracked (a real pool frees them at once; the

@@ -12,6 +12,7 @@ The budget is enforced by the device ops as a hard memory limit (DeviceMemoryErr
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 from ..errors import InvalidArgumentError
 from .plan import (
@@ -23,6 +24,9 @@ from .plan import (
     offload_layers_for_budget,
 )
 
+if TYPE_CHECKING:
+    from .device import DeviceOps
+
 log = logging.getLogger(__name__)
 
 DEVICES = ("cpu", "gpu", "hybrid", "offload")
@@ -31,7 +35,7 @@ DEFAULT_CONTEXT = 4096          # KV positions reserved on the device when plann
 DEFAULT_RESERVE = 96 << 20
 
 
-def device_ops_for(vram_budget: int | None):
+def device_ops_for(vram_budget: int | None) -> DeviceOps:
     """The CUDA device ops, with the budget as their memory limit. Raises DeviceUnavailableError."""
     from .. import _gpu
     from ..errors import DeviceUnavailableError

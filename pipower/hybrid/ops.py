@@ -21,11 +21,15 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..errors import InvalidArgumentError
 from .plan import ExecutionPlan
+
+if TYPE_CHECKING:
+    from .device import DeviceOps
 
 
 @dataclass
@@ -81,7 +85,7 @@ class HybridStats:
 class HybridOps:
     name = "hybrid"
 
-    def __init__(self, device, host, plan: ExecutionPlan):
+    def __init__(self, device: DeviceOps, host, plan: ExecutionPlan):
         self.device, self.host, self.plan = device, host, plan
         self.native_formats = tuple(f for f in host.native_formats if f in device.native_formats)
         self.n_threads = host.n_threads
