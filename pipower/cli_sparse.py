@@ -28,8 +28,14 @@ def add_commands(sub, add_model_args) -> None:
                         "models; SiLU/GELU neurons are never exactly 0, so they default to --target-sparsity 0.5)")
     g.add_argument("--target-sparsity", type=float, default=None,
                    help="calibrate a per-layer tau_act so this fraction of neurons is inactive")
-    p.add_argument("--samples", type=int, default=16384,
-                   help="(input, label) rows kept per layer for predictor training (default: 16384)")
+    p.add_argument("--samples", type=int, default=None,
+                   help="(input, label) rows kept per layer for predictor training, drawn evenly over the "
+                        "profiled tokens; they are nearly all of the file (2*hidden + ffn/8 bytes per row and "
+                        "layer). Default: as many as fit --max-size, at most 16384 and --tokens")
+    p.add_argument("--max-size", default="100MB", metavar="SIZE",
+                   help="size the stats file may reach when --samples is not given, e.g. 100MB, 1GiB "
+                        "(default: 100MB: 1719 rows per layer on Qwen2.5-Coder-0.5B, 2470 on SmolLM2-135M). "
+                        "The size is printed before profiling starts")
     p.add_argument("--out", required=True, help="stats file to write (.safetensors)")
     p.add_argument("--plot", default=None, metavar="PNG", help="also write sorted frequency curves to this PNG")
 
@@ -192,6 +198,7 @@ def cmd_profile(args) -> int:
     if model.tokenizer is None:
         raise InvalidArgumentError(f"{model.source} has no tokenizer: profiling needs one to turn the corpus "
                                    f"into tokens")
+    samples, rate = _profile_samples(model.config, args)
     seqs = token_sequences(model.tokenizer, files, args.seq_len, args.tokens)
     first = next(seqs, None)            # tokenizes only until one sequence is full
     if first is None:
@@ -209,7 +216,7 @@ def cmd_profile(args) -> int:
             target = 0.5
             print(f"{model.config.hidden_act} model and no threshold given: calibrating per-layer tau_act "
                   f"for --target-sparsity {target}", file=sys.stderr)
-    stats = profile(model, seqs, tau_act=tau, target_sparsity=target, max_samples=args.samples,
+    stats = profile(model, seqs, tau_act=tau, target_sparsity=target, max_samples=samples, sample_rate=rate,
                     progress=bar.update, meta={"corpus": " ".join(args.corpus), "files": len(files)})
     bar.close()
     if stats.n_tokens < args.tokens:
@@ -217,6 +224,9 @@ def cmd_profile(args) -> int:
               f"ran out (it is cut into whole sequences of --seq-len {args.seq_len}; a shorter last piece is "
               f"dropped)", file=sys.stderr)
     stats.save(args.out)
+    import os
+    print(f"wrote {args.out}: {_size(os.path.getsize(args.out))}, {stats.inputs[0].shape[0] if stats.inputs else 0} "
+          f"sampled rows per layer", file=sys.stderr)
     freqs = stats.freqs
     print(f"profiled {stats.n_tokens} tokens; mean activity per layer: "
           + " ".join(f"{f:.2f}" for f in freqs.mean(axis=1)))
@@ -226,6 +236,39 @@ def cmd_profile(args) -> int:
         print(f"plot: {args.plot}")
     print(args.out)
     return 0
+
+
+def _profile_samples(config, args) -> tuple[int, float]:
+    """(rows kept per layer, sampling rate): --samples, or as many as fit --max-size; the rate spreads them
+    over all --tokens. Says the file's size on stderr before any profiling."""
+    from .errors import InvalidArgumentError
+    from .sparse.stats import estimate_bytes, samples_within
+    L, D, F = config.num_hidden_layers, config.hidden_size, config.intermediate_size
+    if args.samples is not None:
+        if args.samples < 0:
+            raise InvalidArgumentError(f"--samples must be >= 0, got {args.samples}")
+        samples, why = args.samples, "--samples"
+    else:
+        budget = parse_bytes(args.max_size)
+        samples = min(samples_within(L, D, F, budget), MAX_AUTO_SAMPLES)
+        why = f"what fits --max-size {args.max_size}"
+        if samples < 10:
+            raise InvalidArgumentError(f"--max-size {args.max_size} leaves room for {samples} sampled rows per layer "
+                                       f"(predictor training needs at least 10; the counts alone take "
+                                       f"{estimate_bytes(L, D, F, 0) / 1e6:.1f} MB): give a larger size or --samples")
+    samples = min(samples, args.tokens)
+    rate = min(1.0, samples / args.tokens) if args.tokens else 1.0
+    print(f"stats file: at most {_size(estimate_bytes(L, D, F, samples))} ({samples} sampled rows per layer "
+          f"({why}) x {L} layers x {2 * D + (F + 7) // 8} bytes, plus the counts); {MAX_AUTO_SAMPLES} rows would "
+          f"be {_size(estimate_bytes(L, D, F, MAX_AUTO_SAMPLES))}", file=sys.stderr)
+    return samples, rate
+
+
+MAX_AUTO_SAMPLES = 16384       # the old default, which wrote 945 MB for Qwen2.5-Coder-0.5B
+
+
+def _size(n: int) -> str:
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.1f} kB"
 
 
 def cmd_train(args) -> int:
@@ -241,12 +284,31 @@ def cmd_train(args) -> int:
             raise InvalidArgumentError(f"{args.stats} was profiled on another model file (fingerprint "
                                        f"{str(stats.meta.get('model_fingerprint'))[:16]}, {args.model} has {fp[:16]})")
     cfg = TrainConfig(rank=args.rank, epochs=args.epochs, pos_weight=args.pos_weight)
+    from tqdm import tqdm
+    n = stats.inputs[0].shape[0] if stats.inputs else 0
+    print(f"training {stats.n_layers} layers x {args.epochs} epochs on {n} sampled rows per layer "
+          f"(rank {args.rank})", file=sys.stderr)
     print(f"{'layer':>5} {'recall':>7} {'precision':>9} {'pred.sparsity':>13} {'true sparsity':>13}")
+    # one bar over every epoch of every layer: its rate and time remaining are the ETA (stderr)
+    bar = tqdm(total=stats.n_layers * args.epochs, desc="train-predictors", unit="epoch", file=sys.stderr)
+    ranks = {}
+
+    def epoch_done(layer, rank, epoch):
+        if epoch == 0 and ranks.setdefault(layer, rank) != rank:     # --recall retrains at a higher rank
+            ranks[layer] = rank
+            bar.total += args.epochs
+        bar.set_postfix_str(f"layer {layer}/{stats.n_layers}" + (f" rank {rank}" if rank != args.rank else ""),
+                            refresh=False)
+        bar.update(1)
 
     def done(i, r):
-        print(f"{i:5d} {r.recall:7.3f} {r.precision:9.3f} {r.predicted_sparsity:13.3f} {r.true_sparsity:13.3f}",
-              flush=True)
-    preds = train_predictors(stats, cfg, target_recall=args.recall, layer_done=done)
+        tqdm.write(f"{i:5d} {r.recall:7.3f} {r.precision:9.3f} {r.predicted_sparsity:13.3f} {r.true_sparsity:13.3f}",
+                   file=sys.stdout)
+        sys.stdout.flush()
+    try:
+        preds = train_predictors(stats, cfg, target_recall=args.recall, layer_done=done, epoch_done=epoch_done)
+    finally:
+        bar.close()
     preds.save(args.out)
     print(args.out)
     return 0

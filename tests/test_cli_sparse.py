@@ -81,3 +81,93 @@ def test_train_predictors_refuses_stats_of_another_model(gguf_model, tmp_path, c
                  "--out", str(tmp_path / "p.safetensors")]) == 1
     err = capsys.readouterr().err
     assert "another model" in err and not (tmp_path / "p.safetensors").exists()
+
+
+# ---- #15: the stats file's size is chosen and said before profiling; training shows an ETA ----------------
+
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory):
+    from helpers_models import write_tiny_gguf
+    return str(write_tiny_gguf(tmp_path_factory.mktemp("tiny") / "tiny.gguf", max_position_embeddings=512))
+
+
+@pytest.fixture()
+def code_corpus(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("def f(x):\n    return x * 2\n" * 200)
+    return str(corpus)
+
+
+def test_stats_size_estimate():
+    from pipower.sparse.stats import estimate_bytes, samples_within
+    # Qwen2.5-Coder-0.5B (24 layers, D 896, F 4864): the old default of 16384 rows wrote 945 MB
+    assert round(estimate_bytes(24, 896, 4864, 16384) / 1e6) == 945
+    n = samples_within(24, 896, 4864, 100_000_000)
+    assert n == 1719 and estimate_bytes(24, 896, 4864, n) <= 100_000_000 < estimate_bytes(24, 896, 4864, n + 1)
+    assert samples_within(24, 896, 4864, 1000) == 0
+
+
+def test_profile_default_fits_max_size_and_says_it_first(tiny_gguf, code_corpus, tmp_path, capsys):
+    from pipower.sparse.stats import ActivationStats, estimate_bytes
+    out = str(tmp_path / "s.safetensors")
+    assert main(["profile", "-m", tiny_gguf, "--corpus", code_corpus, "--tokens", "1024", "--seq-len", "64",
+                 "--max-size", "20kB", "--act-threshold", "0.1", "--out", out]) == 0
+    err = capsys.readouterr().err
+    said = err.split("stats file: at most ")[1]
+    assert err.index("stats file: at most") < err.index("profile:")          # before the profiling bar
+    rows = int(said.split("(")[1].split()[0])
+    assert rows == (20_000 - estimate_bytes(1, 32, 64, 0)) // (2 * 32 + 8)  # every byte row that fits 20 kB
+    assert estimate_bytes(1, 32, 64, rows) <= 20_000 and said.split()[1] == "kB"
+    assert (tmp_path / "s.safetensors").stat().st_size <= estimate_bytes(1, 32, 64, rows)
+    stats = ActivationStats.load(out)
+    kept = stats.inputs[0].shape[0]
+    # drawn at rows/tokens over the whole corpus, not the first rows: about `rows`, never more
+    assert 0.7 * rows < kept <= rows and stats.n_tokens == 1024
+    assert f"wrote {out}: " in err and f"{kept} sampled rows per layer" in err
+
+
+def test_profile_samples_flag_wins_and_old_files_still_load(tiny_gguf, code_corpus, tmp_path, capsys):
+    from pipower.sparse.stats import ActivationStats
+    out = str(tmp_path / "s.safetensors")
+    assert main(["profile", "-m", tiny_gguf, "--corpus", code_corpus, "--tokens", "256", "--seq-len", "64",
+                 "--samples", "500", "--act-threshold", "0.1", "--out", out]) == 0
+    assert "(256 sampled rows per layer (--samples)" in capsys.readouterr().err   # capped at --tokens
+    stats = ActivationStats.load(out)
+    assert stats.inputs[0].shape[0] == 256 and stats.meta["version"] == 1    # the same format as before
+
+
+def test_profile_max_size_too_small_is_one_line_error(tiny_gguf, code_corpus, tmp_path, capsys):
+    assert main(["profile", "-m", tiny_gguf, "--corpus", code_corpus, "--max-size", "5kB",
+                 "--out", str(tmp_path / "s")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "--max-size 5kB" in err and "\n" not in err and not (tmp_path / "s").exists()
+
+
+def test_train_predictors_shows_a_progress_bar_with_eta(tiny_gguf, code_corpus, tmp_path, capsys):
+    stats, preds = str(tmp_path / "s.safetensors"), str(tmp_path / "p.safetensors")
+    assert main(["profile", "-m", tiny_gguf, "--corpus", code_corpus, "--tokens", "256", "--seq-len", "64",
+                 "--act-threshold", "0.1", "--out", stats]) == 0
+    capsys.readouterr()
+    assert main(["train-predictors", "--stats", stats, "--rank", "8", "--epochs", "3", "--recall", "0.999",
+                 "--out", preds]) == 0
+    cap = capsys.readouterr()
+    assert cap.out.strip().splitlines()[-1] == preds and "recall" in cap.out
+    assert "train-predictors" in cap.err and "epoch" in cap.err and "<" in cap.err     # tqdm: elapsed<remaining
+    bar = cap.err.replace("\r", "\n").strip().splitlines()[-1]
+    done, total = bar.split("|")[2].split()[0].split("/")
+    assert done == total and int(total) >= 3                     # retrains at higher ranks grow the total
+
+
+def test_train_predictors_epoch_callback():
+    import numpy as np
+
+    from pipower.sparse.predictor import TrainConfig, train_predictors
+    from pipower.sparse.stats import ActivationStats
+    rng = np.random.default_rng(0)
+    L, n, D, F = 2, 64, 16, 24
+    x = [rng.standard_normal((n, D)).astype(np.float16) for _ in range(L)]
+    y = [np.packbits(rng.random((n, F)) < 0.3, axis=1) for _ in range(L)]
+    stats = ActivationStats(np.zeros((L, F), np.int64), n, np.zeros(L, np.float32), x, y)
+    calls = []
+    train_predictors(stats, TrainConfig(rank=4, epochs=2), epoch_done=lambda *a: calls.append(a))
+    assert calls == [(0, 4, 0), (0, 4, 1), (1, 4, 0), (1, 4, 1)]

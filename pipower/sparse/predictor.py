@@ -197,18 +197,22 @@ class PredictorSelector(CountingSelector):
 
 
 def train_predictors(stats, cfg: TrainConfig, *, target_recall: float | None = None, max_rank: int = 1024,
-                     layer_done=None) -> Predictors:
+                     layer_done=None, epoch_done=None) -> Predictors:
     """Train one predictor per layer from an ActivationStats' samples (numeric layer order).
 
     target_recall: if a layer's held-out recall at tau_pred = 0 falls short, retrain it with double the
-    rank (up to max_rank). layer_done: callable(layer, report) for progress display.
+    rank (up to max_rank). layer_done: callable(layer, report) for progress display; epoch_done:
+    callable(layer, rank, epoch) after every epoch (a retrain at a higher rank starts again at epoch 0),
+    for a progress bar with a time estimate: the work is n_layers * cfg.epochs epochs, plus retrains.
     """
     layers, reports = [], []
     for i in range(stats.n_layers):
         x, y = stats.inputs[i].astype(np.float32), stats.layer_labels(i)
         rank = cfg.rank
         while True:
-            pred, report = train_layer(x, y, TrainConfig(**{**cfg.__dict__, "rank": rank, "seed": cfg.seed + i}))
+            tick = None if epoch_done is None else (lambda e, i=i, r=rank: epoch_done(i, r, e))
+            pred, report = train_layer(x, y, TrainConfig(**{**cfg.__dict__, "rank": rank, "seed": cfg.seed + i}),
+                                       progress=tick)
             if target_recall is None or report.recall >= target_recall or rank * 2 > min(max_rank, x.shape[1]):
                 break
             rank *= 2

@@ -6,6 +6,10 @@ Tensors (L layers, F FFN neurons, D hidden, n sampled tokens per layer):
   layer.{i}.x     float16 [n, D]  sampled pre-FFN-norm residual rows (predictor inputs), layer i
   layer.{i}.y     uint8 [n, ceil(F/8)]  their activity labels, np.packbits along neurons
 Layers are written and read by numeric index (never by sorting key strings: "10" < "2").
+
+Size: the sampled rows dominate, 2 D + ceil(F/8) bytes per row and layer (Qwen2.5-0.5B: 2400 bytes x 24
+layers, so 16384 rows per layer make a 945 MB file, 1736 rows 100 MB). `estimate_bytes` says the size
+before profiling; `samples_within` picks the row count for a size (what `pipower profile` does by default).
 """
 from __future__ import annotations
 
@@ -17,6 +21,24 @@ from .files import open_tensors, save_tensors
 
 FORMAT = "pipower-activation-stats"
 FORMAT_VERSION = 1
+_HEADER_BYTES = 4096          # safetensors header (JSON names, shapes, offsets; our metadata), generous
+
+
+def sample_row_bytes(hidden_size: int, n_ff: int) -> int:
+    """Bytes one sampled token costs in one layer: its float16 input row and its packed labels."""
+    return 2 * hidden_size + (n_ff + 7) // 8
+
+
+def estimate_bytes(n_layers: int, hidden_size: int, n_ff: int, samples: int) -> int:
+    """Size of a stats file with `samples` rows per layer (an upper bound when fewer rows are kept)."""
+    fixed = n_layers * n_ff * 8 + n_layers * 4 + _HEADER_BYTES + n_layers * 200
+    return fixed + n_layers * samples * sample_row_bytes(hidden_size, n_ff)
+
+
+def samples_within(n_layers: int, hidden_size: int, n_ff: int, max_bytes: int) -> int:
+    """The most rows per layer whose stats file stays within `max_bytes` (0 if even the counts do not)."""
+    room = max_bytes - estimate_bytes(n_layers, hidden_size, n_ff, 0)
+    return max(room // (n_layers * sample_row_bytes(hidden_size, n_ff)), 0)
 
 
 @dataclass
