@@ -15,6 +15,9 @@ speed hits every level; the table gives, per level, the median over rounds of
   p50/p95 s    request latency (send to last byte) over all the level's requests
   TTFT p50 s   time to the first text chunk
   mean batch   sequences per batched decode step while the level ran (from /health)
+  tok/CPU s    completion tokens per CPU second the server process used (Linux, a server this script
+               started): less sensitive than wall time to other programs taking the cores, and its ratio
+               to 1 client ("CPU vs 1") tells what batching saves when the machine is shared
 
 Prints a markdown table and writes JSON plus the table as .md next to it. Only loopback addresses.
 """
@@ -145,7 +148,18 @@ def health(url: str) -> dict:
     return data
 
 
-def run_level(url, clients, per_client, max_tokens, api_key, offset) -> dict:
+def cpu_seconds(pid: int | None) -> float | None:
+    """user + system CPU seconds of process `pid` and its threads (Linux /proc), else None."""
+    if pid is None:
+        return None
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def run_level(url, clients, per_client, max_tokens, api_key, offset, pid=None) -> dict:
     results, errors = [], []
 
     def client(c):
@@ -156,6 +170,7 @@ def run_level(url, clients, per_client, max_tokens, api_key, offset) -> dict:
             except Exception as e:                 # noqa: BLE001 - reported, the level is marked failed
                 errors.append(str(e))
     h0 = health(url)
+    cpu0 = cpu_seconds(pid)
     t0 = time.perf_counter()
     threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
     for t in threads:
@@ -163,12 +178,14 @@ def run_level(url, clients, per_client, max_tokens, api_key, offset) -> dict:
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    cpu1 = cpu_seconds(pid)
     h1 = health(url)
     steps = h1["steps"] - h0["steps"]
     rows = h1["step_rows"] - h0["step_rows"]
     tokens = sum(r["tokens"] for r in results)
     return {"clients": clients, "requests": len(results), "errors": errors, "tokens": tokens, "wall_s": wall,
-            "agg_tok_s": tokens / wall if wall else 0.0, "latencies": [r["latency"] for r in results],
+            "agg_tok_s": tokens / wall if wall else 0.0,
+            "server_cpu_s": None if cpu0 is None or cpu1 is None else cpu1 - cpu0, "latencies": [r["latency"] for r in results],
             "ttfts": [r["ttft"] for r in results], "mean_batch": rows / steps if steps else 0.0,
             "finish": {f: sum(r["finish"] == f for r in results) for f in ("stop", "length")}}
 
@@ -204,6 +221,8 @@ def summarize(rounds: list[list[dict]], levels: list[int]) -> list[dict]:
     for i, c in enumerate(levels):
         per = [r[i] for r in rounds]
         base = [r[0]["agg_tok_s"] for r in rounds]
+        cpu = [p["tokens"] / p["server_cpu_s"] if p.get("server_cpu_s") else None for p in per]
+        cpu_base = [r[0]["tokens"] / r[0]["server_cpu_s"] if r[0].get("server_cpu_s") else None for r in rounds]
         lat = [x for p in per for x in p["latencies"]]
         ttft = [x for p in per for x in p["ttfts"]]
         rows.append({
@@ -214,17 +233,25 @@ def summarize(rounds: list[list[dict]], levels: list[int]) -> list[dict]:
             "vs_1": statistics.median(p["agg_tok_s"] / b for p, b in zip(per, base) if b),
             "p50_s": pct(lat, 50), "p95_s": pct(lat, 95), "ttft_p50_s": pct(ttft, 50),
             "mean_batch": statistics.median(p["mean_batch"] for p in per),
+            "tok_per_cpu_s": statistics.median(cpu) if None not in cpu else None,
+            "cpu_vs_1": (statistics.median(a / b for a, b in zip(cpu, cpu_base))
+                         if None not in cpu and None not in cpu_base else None),
             "finish_stop": sum(p["finish"]["stop"] for p in per),
         })
     return rows
 
 
 def table(rows) -> str:
-    out = ["| clients | requests | tokens | agg tok/s | vs 1 client | p50 s | p95 s | TTFT p50 s | mean batch |",
-           "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| clients | requests | tokens | agg tok/s | vs 1 client | p50 s | p95 s | TTFT p50 s | mean batch "
+           "| tok/CPU s | CPU vs 1 |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def opt(x, fmt):
+        return "n/a" if x is None else format(x, fmt)
     for r in rows:
         out.append(f"| {r['clients']} | {r['requests']} | {r['tokens']} | {r['agg_tok_s']:.1f} | {r['vs_1']:.2f}x | "
-                   f"{r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['ttft_p50_s']:.2f} | {r['mean_batch']:.2f} |")
+                   f"{r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['ttft_p50_s']:.2f} | {r['mean_batch']:.2f} | "
+                   f"{opt(r['tok_per_cpu_s'], '.1f')} | {opt(r['cpu_vs_1'], '.2f')}x |")
     return "\n".join(out)
 
 
@@ -259,9 +286,11 @@ def main(argv=None) -> int:
         for rnd in range(args.rounds):
             got = []
             for c in levels:
-                res = run_level(url, c, args.requests, args.max_tokens, args.api_key, offset=rnd)
+                res = run_level(url, c, args.requests, args.max_tokens, args.api_key, offset=rnd,
+                                pid=server.proc.pid if server else None)
                 log(f"round {rnd + 1} clients {c}: {res['tokens']} tokens in {res['wall_s']:.1f} s = "
-                    f"{res['agg_tok_s']:.1f} tok/s, mean batch {res['mean_batch']:.2f}, errors {len(res['errors'])}")
+                    f"{res['agg_tok_s']:.1f} tok/s, mean batch {res['mean_batch']:.2f}, server CPU "
+                    f"{res['server_cpu_s'] or 0:.1f} s, errors {len(res['errors'])}")
                 got.append(res)
             rounds.append(got)
     finally:

@@ -40,7 +40,7 @@ class Server:
     def __init__(self, model_path, *args, cwd):
         cmd = [sys.executable, "-m", "pipower", "serve", "-m", str(model_path), "--host", "127.0.0.1",
                "--port", "0", "-t", "1", "--model-name", "tiny", *args]
-        self.proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        self.proc = subprocess.Popen(cmd, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                      stderr=subprocess.PIPE, text=True)
         self.lines = []
         self._ready = threading.Event()

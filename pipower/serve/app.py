@@ -275,7 +275,7 @@ def _chat_ids(model, body: dict) -> list[int]:
 class _Generation:
     """One request's tokens, turned into text pieces on the event loop."""
 
-    def __init__(self, engine: BatchEngine, model, ids: list[int], p: GenParams, chat: bool):
+    def __init__(self, engine: BatchEngine, model, ids: list[int], p: GenParams, chat: bool, retry_after_s: int = 1):
         loop = asyncio.get_running_loop()
         self.wake = asyncio.Event()
 
@@ -292,7 +292,7 @@ class _Generation:
                                                            listener=listener)
         except QueueFullError as e:
             raise APIError(429, str(e), type="rate_limit_error", code="queue_full",
-                           headers={"Retry-After": "1"}) from None
+                           headers={"Retry-After": str(retry_after_s)}) from None
         except EngineClosedError as e:
             raise APIError(503, str(e), type="server_error", code="shutting_down") from None
         except ContextLengthError as e:
@@ -442,7 +442,7 @@ def create_app(model, engine: BatchEngine, settings: ServerSettings) -> Starlett
             ids = await asyncio.to_thread(tokenize, model, body)
         else:
             ids = tokenize(model, body)
-        gen = _Generation(engine, model, ids, p, chat)
+        gen = _Generation(engine, model, ids, p, chat, settings.retry_after_s)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         now = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
