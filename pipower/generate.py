@@ -58,9 +58,9 @@ def decode_one_token(transformer, token: int, cache: KVCache) -> np.ndarray:
     return transformer.forward(np.array([token]), cache, last_only=True)[-1]
 
 
-def generate_ids(transformer, prompt_ids, sampler: Sampler, max_tokens: int, stop_ids: Iterable[int],
-                 stats: GenerationStats, cache: KVCache | None = None) -> Iterator[int]:
-    """Yield new token ids until a stop id (not yielded), max_tokens, or the context is full."""
+def start(transformer, prompt_ids, stats: GenerationStats, cache: KVCache | None = None
+          ) -> tuple[KVCache, np.ndarray]:
+    """Check the prompt and prefill it (timed into stats) -> (the cache, logits of its last position [V])."""
     ids = np.asarray(prompt_ids, dtype=np.int64)
     cache = cache or transformer.new_cache()
     if len(ids) == 0:
@@ -68,12 +68,19 @@ def generate_ids(transformer, prompt_ids, sampler: Sampler, max_tokens: int, sto
     if len(ids) >= cache.max_len:
         raise ContextLengthError(f"prompt of {len(ids)} tokens does not fit the context of {cache.max_len} "
                                  f"(one position is needed for the first new token)")
-    stop_ids = frozenset(stop_ids)
     stats.prompt_tokens = len(ids)
     t0 = time.perf_counter()
     logits = prefill(transformer, ids, cache)
     stats.prefill_seconds = time.perf_counter() - t0
     stats.stop_reason = "length"
+    return cache, logits
+
+
+def generate_ids(transformer, prompt_ids, sampler: Sampler, max_tokens: int, stop_ids: Iterable[int],
+                 stats: GenerationStats, cache: KVCache | None = None) -> Iterator[int]:
+    """Yield new token ids until a stop id (not yielded), max_tokens, or the context is full."""
+    cache, logits = start(transformer, prompt_ids, stats, cache)
+    stop_ids = frozenset(stop_ids)
     for n in range(max_tokens):
         token = sampler(logits)
         if token in stop_ids:

@@ -24,8 +24,8 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from .cache import KVCache
-from .errors import ContextLengthError, InvalidArgumentError
-from .generate import GenerationStats, prefill
+from .errors import InvalidArgumentError
+from .generate import GenerationStats, start
 from .sampling import Sampler
 
 MAX_DRAFT = 16            # longest draft verified in one forward
@@ -193,23 +193,12 @@ def speculative_ids(transformer, prompt_ids, sampler: Sampler, max_tokens: int, 
                     stats: GenerationStats, drafter, cache: KVCache | None = None) -> Iterator[int]:
     """Like generate.generate_ids (same tokens for greedy, same distribution when sampling), with drafts
     verified k + 1 at a time. stats gains drafted / accepted counts."""
-    ids = np.asarray(prompt_ids, dtype=np.int64)
-    cache = cache or transformer.new_cache()
-    if len(ids) == 0:
-        raise InvalidArgumentError("empty prompt: give at least one token (most models want BOS)")
-    if len(ids) >= cache.max_len:
-        raise ContextLengthError(f"prompt of {len(ids)} tokens does not fit the context of {cache.max_len} "
-                                 f"(one position is needed for the first new token)")
+    cache, logits = start(transformer, prompt_ids, stats, cache)
     stop_ids = frozenset(stop_ids)
-    stats.prompt_tokens = len(ids)
-    t0 = time.perf_counter()
-    logits = prefill(transformer, ids, cache)
-    stats.prefill_seconds = time.perf_counter() - t0
-    stats.stop_reason = "length"
     if max_tokens == 0:
         return
     token = sampler(logits)
-    context = list(ids)
+    context = [int(i) for i in prompt_ids]
     acceptance = PRIOR_ACCEPTANCE
     emitted = 0
     while True:
