@@ -185,7 +185,8 @@ def run_level(url, clients, per_client, max_tokens, api_key, offset, pid=None) -
     tokens = sum(r["tokens"] for r in results)
     return {"clients": clients, "requests": len(results), "errors": errors, "tokens": tokens, "wall_s": wall,
             "agg_tok_s": tokens / wall if wall else 0.0,
-            "server_cpu_s": None if cpu0 is None or cpu1 is None else cpu1 - cpu0, "latencies": [r["latency"] for r in results],
+            "server_cpu_s": None if cpu0 is None or cpu1 is None else cpu1 - cpu0,
+            "latencies": [r["latency"] for r in results],
             "ttfts": [r["ttft"] for r in results], "mean_batch": rows / steps if steps else 0.0,
             "finish": {f: sum(r["finish"] == f for r in results) for f in ("stop", "length")}}
 

@@ -216,8 +216,8 @@ class BatchEngine:
     """Continuous batching over one Transformer (see the module docstring).
 
     max_batch: sequences decoded together (at most batch_limit(transformer.ops)); max_queue: requests
-    that may wait for a batch slot (beyond the free slots) before submit() raises QueueFullError; context: KV positions per request (None =
-    the model's context length).
+    that may wait for a batch slot (beyond the free slots) before submit() raises QueueFullError;
+    context: KV positions per request (None = the model's context length).
     """
 
     def __init__(self, transformer, *, max_batch: int = 8, max_queue: int = 64, context: int | None = None):
