@@ -86,6 +86,10 @@ def add_bench(sub, add_model_args) -> None:
     from .cli import add_device_args, add_sparsity_args
     add_sparsity_args(b)
     add_device_args(b)
+    b.add_argument("--target-sparsities", default=None, metavar="LIST",
+                   help="time dense and oracle mode (the fused threshold FFN) at each target sparsity in LIST "
+                        "(e.g. 0.25,0.4) in one run, interleaved round by round, and print tokens/s relative "
+                        "to dense")
     b.add_argument("--pred-thresholds", default=None, metavar="LIST",
                    help="with --predictors: time dense and each tau_pred in LIST (e.g. 0,1,2) in one run, "
                         "interleaved round by round, and print tokens/s relative to dense")
@@ -110,7 +114,7 @@ def cmd_bench(args) -> int:
     if args.prompt_tokens:
         from .sparse.corpus import stdlib_files, token_sequences
         ids = next(token_sequences(model.tokenizer, stdlib_files(), args.prompt_tokens, args.prompt_tokens))
-    if args.pred_thresholds is not None:
+    if args.pred_thresholds is not None or args.target_sparsities is not None:
         return _bench_thresholds(model, args, ids)
     if args.draft is not None:
         return _bench_drafts(model, args, ids)
@@ -160,15 +164,25 @@ def _bench_thresholds(model, args, ids) -> int:
 
     from .benchmark import compare_settings
     from .errors import InvalidArgumentError
-    if args.predictors is None:
-        raise InvalidArgumentError("--pred-thresholds needs --predictors")
-    try:
-        taus = [float(t) for t in args.pred_thresholds.split(",") if t.strip()]
-    except ValueError:
-        raise InvalidArgumentError(f"--pred-thresholds: not a list of numbers: {args.pred_thresholds!r}") from None
-    from .sparse.predictor import Predictors
-    preds = Predictors.load(args.predictors)              # once, not per round
-    settings = {"dense": {}, **{f"tau_pred {t:g}": {"predictors": preds, "pred_threshold": t} for t in taus}}
+
+    def numbers(text, flag):
+        try:
+            return [float(t) for t in text.split(",") if t.strip()]
+        except ValueError:
+            raise InvalidArgumentError(f"{flag}: not a list of numbers: {text!r}") from None
+    settings = {"dense": {}}
+    if args.target_sparsities is not None:
+        from .sparse.modes import calibrate_taus
+        for s in numbers(args.target_sparsities, "--target-sparsities"):
+            calibrate_taus(model, s)                      # once, before timing (then read from its cache)
+            settings[f"target {s:g}"] = {"target_sparsity": s}
+    if args.pred_thresholds is not None:
+        if args.predictors is None:
+            raise InvalidArgumentError("--pred-thresholds needs --predictors")
+        from .sparse.predictor import Predictors
+        preds = Predictors.load(args.predictors)              # once, not per round
+        settings.update({f"tau_pred {t:g}": {"predictors": preds, "pred_threshold": t}
+                         for t in numbers(args.pred_thresholds, "--pred-thresholds")})
     res = compare_settings(model, settings, prompt_ids=ids, decode_tokens=args.tokens, rounds=args.repeats)
     if args.json:
         print(json.dumps({"model": str(model.source), "weights": model.weights, "threads": model.transformer.ops.n_threads,

@@ -52,6 +52,12 @@ def test_profile_train_plan_generate(gguf_model, tmp_path, capsys):
     assert res["dense"]["ffn_sparsity"] == 0 and res["dense"]["ratio_to_first"] == 1.0
     assert res["tau_pred -100"]["ffn_sparsity"] == 0 and res["tau_pred 100"]["ffn_sparsity"] == 1.0
     assert len(res["tau_pred 0"]["rounds"]) == 2
+    # dense and oracle mode (the fused threshold FFN) at target sparsities, interleaved
+    assert main(["bench", "-m", str(gguf_model), "--target-sparsities", "0.3,0.6", "--tokens", "2",
+                 "--repeats", "1", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)["results"]
+    assert list(res) == ["dense", "target 0.3", "target 0.6"]
+    assert 0 < res["target 0.3"]["ffn_sparsity"] < res["target 0.6"]["ffn_sparsity"] < 1
     assert main(["generate", "-m", str(gguf_model), "-n", "4", "--act-threshold", "0.1", "hello"]) == 0
     assert "FFN sparsity" in capsys.readouterr().err
 

@@ -29,6 +29,7 @@ def calibrate_taus(model, target_sparsity: float, n_tokens: int = CALIBRATION_TO
     if not 0.0 <= target_sparsity < 1.0:
         raise InvalidArgumentError(f"target sparsity must be in [0, 1), got {target_sparsity}")
     t = model.transformer
+    seq_len = min(seq_len, t.config.max_position_embeddings)     # small models have short contexts
     cache = pipower_home() / "calibration" / f"{model.fingerprint[:16]}-{t.weights}-{n_tokens}-{target_sparsity:g}.json"
     if cache.is_file():
         return np.array(json.loads(cache.read_text())["tau_act"], np.float32)
