@@ -30,20 +30,44 @@ from .sampling import Sampler
 
 MAX_DRAFT = 16            # longest draft verified in one forward
 # What verifying one more token costs, in decode steps: a T-token forward costs ~1 + VERIFY_COST (T - 1)
-# steps (bench/batch.py, Qwen2.5-Coder-0.5B q8 on 2 cores: T = 4 ~2x and T = 8 ~3.5x a step).
+# steps (bench/batch.py, Qwen2.5-Coder-0.5B q8 on 2 cores: T = 4 ~2x and T = 8 ~3.5x a step). The
+# starting value; a generation then measures its own forwards (VerifyCost), since the ratio depends on
+# the weight format, the integer dots and how busy the machine is.
 VERIFY_COST = 0.35
 PRIOR_ACCEPTANCE = 0.7    # a drafter's acceptance rate before it has drafted anything
 ACCEPTANCE_WEIGHT = 0.3   # weight of the latest round in the running acceptance estimate
 
 
-def draft_length(acceptance: float, room: int) -> int:
+class VerifyCost:
+    """Running estimate of what one more verified token costs, relative to a one-token forward: the
+    mean seconds of one-token forwards (rounds without a draft) and of the extra tokens of longer ones."""
+
+    def __init__(self, prior: float = VERIFY_COST, weight: float = 0.2):
+        self.prior, self.weight = prior, weight
+        self.step = self.extra = None        # seconds: a one-token forward; one more token in a forward
+
+    def add(self, tokens: int, seconds: float) -> None:
+        if tokens == 1:
+            self.step = seconds if self.step is None else self.step + self.weight * (seconds - self.step)
+        elif self.step is not None:
+            per = max(0.0, seconds - self.step) / (tokens - 1)
+            self.extra = per if self.extra is None else self.extra + self.weight * (per - self.extra)
+
+    @property
+    def ratio(self) -> float:
+        if self.step is None or self.extra is None or self.step <= 0:
+            return self.prior
+        return min(2.0, max(0.02, self.extra / self.step))
+
+
+def draft_length(acceptance: float, room: int, cost: float = VERIFY_COST) -> int:
     """The draft length that maximizes expected tokens per unit of verify cost, when each drafted token
     is accepted with probability `acceptance` once the ones before it were: (1 + a + .. + a^k) tokens for
-    1 + VERIFY_COST k steps. 0 = not worth drafting now."""
+    1 + cost k steps. 0 = not worth drafting now."""
     best, best_gain, tokens = 0, 1.0, 1.0
     for k in range(1, min(room, MAX_DRAFT) + 1):
         tokens += acceptance ** k
-        gain = tokens / (1 + VERIFY_COST * k)
+        gain = tokens / (1 + cost * k)
         if gain > best_gain:
             best, best_gain = k, gain
     return best
@@ -200,6 +224,7 @@ def speculative_ids(transformer, prompt_ids, sampler: Sampler, max_tokens: int, 
     token = sampler(logits)
     context = [int(i) for i in prompt_ids]
     acceptance = PRIOR_ACCEPTANCE
+    cost = VerifyCost()
     emitted = 0
     while True:
         if token in stop_ids:
@@ -215,12 +240,14 @@ def speculative_ids(transformer, prompt_ids, sampler: Sampler, max_tokens: int, 
             return
         context.append(token)
         t_step = time.perf_counter()
-        room = draft_length(acceptance, min(max_tokens - emitted, cache.max_len - cache.length - 1))
+        room = draft_length(acceptance, min(max_tokens - emitted, cache.max_len - cache.length - 1), cost.ratio)
         drafts, dists = drafter.propose(np.asarray(context, dtype=np.int64), room, sampler) if room > 0 \
             else ([], None)
         drafts = drafts[:room]
         base = cache.length
+        t_fwd = time.perf_counter()
         rows = transformer.forward(np.asarray([token] + drafts, dtype=np.int64), cache, last_only=False)
+        cost.add(1 + len(drafts), time.perf_counter() - t_fwd)
         if sampler.params.temperature == 0:
             n, nxt = accept_greedy(drafts, rows)
         else:

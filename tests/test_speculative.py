@@ -225,3 +225,17 @@ def test_qwen_humaneval_chat_greedy_identical_with_every_drafter():
             want = m.chat(msgs, max_tokens=160)
             for draft in ("lookup", "sparse:0.5", "lookup+sparse:0.5"):
                 assert m.chat(msgs, max_tokens=160, draft=draft) == want, (weights, problem["task_id"], draft)
+
+
+def test_draft_length_and_the_verify_cost_estimate():
+    from pipower.speculative import VerifyCost, draft_length
+    assert draft_length(0.0, 16) == 0 and draft_length(0.3, 16, cost=0.5) == 0    # not worth drafting
+    assert draft_length(0.95, 16, cost=0.05) > draft_length(0.95, 16, cost=0.5) >= 1
+    assert draft_length(0.99, 3, cost=0.01) == 3                                   # room bounds it
+    c = VerifyCost(prior=0.35)
+    assert c.ratio == 0.35
+    c.add(4, 0.5)                          # no one-token forward measured yet: still the prior
+    assert c.ratio == 0.35
+    c.add(1, 0.1)
+    c.add(5, 0.18)                         # 4 extra tokens for 0.08 s over a 0.1 s step
+    assert abs(c.ratio - 0.2) < 1e-9
