@@ -94,9 +94,9 @@ def ffn(x: np.ndarray, gate, up, down_t, act: str, n_threads: int = 1,
                 _ffn.ffn_sparse(fu, x[t], g, (ud, us), (dd, ds), np.flatnonzero(mask[t]).astype(np.int32), act,
                                 out=out[t], n_threads=n_threads, int_dot=True)
             return out
-        for t0 in range(0, x.shape[0], MAX_TOKENS):
-            out[t0:t0 + MAX_TOKENS] = _ffn.ffn_sparse(fu, x[t0:t0 + MAX_TOKENS], g, (ud, us), (dd, ds), idx, act,
-                                                      n_threads=n_threads, int_dot=True)
+        for t0 in range(0, x.shape[0], MAX_TOKENS):            # row slices: contiguous, written in place
+            _ffn.ffn_sparse(fu, x[t0:t0 + MAX_TOKENS], g, (ud, us), (dd, ds), idx, act,
+                            out=out[t0:t0 + MAX_TOKENS], n_threads=n_threads, int_dot=True)
         return out
     if x.ndim == 2 and x.shape[0] <= MAX_TOKENS and mask is None:
         return _ffn.ffn_sparse(fu, x, g, (ud, us), (dd, ds), idx, act, n_threads=n_threads)
