@@ -49,6 +49,10 @@ def add_commands(sub, add_model_args) -> None:
     t.add_argument("--recall", type=float, default=None,
                    help="double a layer's rank until held-out recall reaches this (e.g. 0.95)")
     t.add_argument("--epochs", type=int, default=12, help="training epochs per layer (default: 12)")
+    t.add_argument("--min-steps", type=int, default=180,
+                   help="train more epochs than --epochs when needed to make this many optimizer steps (batches "
+                        "of 1024) per layer, so a small stats file still trains to convergence (default: 180, "
+                        "what 12 epochs over 16384 rows make)")
     t.add_argument("--pos-weight", type=float, default=3.0,
                    help="weight of active neurons in the loss; > 1 favours recall (default: 3)")
     t.add_argument("--out", required=True, help="predictor file to write (.safetensors)")
@@ -297,20 +301,22 @@ def cmd_train(args) -> int:
         if stats.meta.get("model_fingerprint") != fp:
             raise InvalidArgumentError(f"{args.stats} was profiled on another model file (fingerprint "
                                        f"{str(stats.meta.get('model_fingerprint'))[:16]}, {args.model} has {fp[:16]})")
-    cfg = TrainConfig(rank=args.rank, epochs=args.epochs, pos_weight=args.pos_weight)
+    cfg = TrainConfig(rank=args.rank, epochs=args.epochs, pos_weight=args.pos_weight, min_steps=args.min_steps)
     from tqdm import tqdm
     n = stats.inputs[0].shape[0] if stats.inputs else 0
-    print(f"training {stats.n_layers} layers x {args.epochs} epochs on {n} sampled rows per layer "
-          f"(rank {args.rank})", file=sys.stderr)
+    epochs = cfg.epochs_for(n) if n else args.epochs
+    print(f"training {stats.n_layers} layers x {epochs} epochs on {n} sampled rows per layer (rank {args.rank}"
+          + (f"; more than --epochs {args.epochs} to make --min-steps {args.min_steps}" if epochs > args.epochs else "")
+          + ")", file=sys.stderr)
     print(f"{'layer':>5} {'recall':>7} {'precision':>9} {'pred.sparsity':>13} {'true sparsity':>13}")
     # one bar over every epoch of every layer: its rate and time remaining are the ETA (stderr)
-    bar = tqdm(total=stats.n_layers * args.epochs, desc="train-predictors", unit="epoch", file=sys.stderr)
+    bar = tqdm(total=stats.n_layers * epochs, desc="train-predictors", unit="epoch", file=sys.stderr)
     ranks = {}
 
     def epoch_done(layer, rank, epoch):
         if epoch == 0 and ranks.setdefault(layer, rank) != rank:     # --recall retrains at a higher rank
             ranks[layer] = rank
-            bar.total += args.epochs
+            bar.total += epochs
         bar.set_postfix_str(f"layer {layer}/{stats.n_layers}" + (f" rank {rank}" if rank != args.rank else ""),
                             refresh=False)
         bar.update(1)

@@ -154,14 +154,23 @@ def test_train_predictors_shows_a_progress_bar_with_eta(tiny_gguf, code_corpus, 
     assert main(["profile", "-m", tiny_gguf, "--corpus", code_corpus, "--tokens", "256", "--seq-len", "64",
                  "--act-threshold", "0.1", "--out", stats]) == 0
     capsys.readouterr()
-    assert main(["train-predictors", "--stats", stats, "--rank", "8", "--epochs", "3", "--recall", "0.999",
-                 "--out", preds]) == 0
+    assert main(["train-predictors", "--stats", stats, "--rank", "8", "--epochs", "3", "--min-steps", "5",
+                 "--recall", "0.999", "--out", preds]) == 0
     cap = capsys.readouterr()
     assert cap.out.strip().splitlines()[-1] == preds and "recall" in cap.out
     assert "train-predictors" in cap.err and "epoch" in cap.err and "<" in cap.err     # tqdm: elapsed<remaining
     bar = cap.err.replace("\r", "\n").strip().splitlines()[-1]
     done, total = bar.split("|")[2].split()[0].split("/")
-    assert done == total and int(total) >= 3                     # retrains at higher ranks grow the total
+    # 256 rows = 1 step per epoch: 5 epochs per training (--min-steps 5); retrains at higher ranks add 5 each
+    assert done == total and int(total) % 5 == 0 and "x 5 epochs" in cap.err and "--min-steps 5" in cap.err
+
+
+def test_min_steps_sets_the_epochs():
+    from pipower.sparse.predictor import TrainConfig
+    cfg = TrainConfig(epochs=12, min_steps=180)
+    assert cfg.epochs_for(16384) == 12            # 15 steps per epoch already make 180
+    assert cfg.epochs_for(1719) == 90             # 1548 rows to fit = 2 steps per epoch
+    assert TrainConfig(epochs=12).epochs_for(1719) == 12
 
 
 def test_train_predictors_epoch_callback():
@@ -177,3 +186,6 @@ def test_train_predictors_epoch_callback():
     calls = []
     train_predictors(stats, TrainConfig(rank=4, epochs=2), epoch_done=lambda *a: calls.append(a))
     assert calls == [(0, 4, 0), (0, 4, 1), (1, 4, 0), (1, 4, 1)]
+    calls.clear()
+    train_predictors(stats, TrainConfig(rank=4, epochs=1, min_steps=3), epoch_done=lambda *a: calls.append(a))
+    assert [c[2] for c in calls] == [0, 1, 2, 0, 1, 2]

@@ -42,11 +42,19 @@ class LayerPredictor:
 class TrainConfig:
     rank: int = 256              # r; PowerInfer used ~1/3-1/2 of D for LLaMA-7B
     epochs: int = 12
+    min_steps: int = 0           # more epochs when needed to reach this many Adam steps (small sample sets)
     batch: int = 1024
     lr: float = 1e-3
     pos_weight: float = 3.0      # weight of active-neuron terms in the BCE: >1 favours recall
     holdout: float = 0.1
     seed: int = 0
+
+    def epochs_for(self, n: int) -> int:
+        """Epochs trained on n samples: `epochs`, or more until `min_steps` minibatch steps are done. With
+        few samples a fixed epoch count is a handful of steps (1719 rows: 24), far from converged."""
+        fit = n - max(int(n * self.holdout), 1)
+        steps_per_epoch = max(-(-fit // self.batch), 1)
+        return max(self.epochs, -(-self.min_steps // steps_per_epoch))
 
 
 @dataclass
@@ -94,7 +102,7 @@ def train_layer(x: np.ndarray, y: np.ndarray, cfg: TrainConfig, progress=None) -
     v = {k: np.zeros_like(p) for k, p in params.items()}
     b1, b2, eps, step = np.float32(0.9), np.float32(0.999), np.float32(1e-8), 0
     best, best_loss = None, np.inf
-    for epoch in range(cfg.epochs):
+    for epoch in range(cfg.epochs_for(n)):
         rng.shuffle(fit)
         for s in range(0, len(fit), cfg.batch):
             b = fit[s:s + cfg.batch]
@@ -203,7 +211,8 @@ def train_predictors(stats, cfg: TrainConfig, *, target_recall: float | None = N
     target_recall: if a layer's held-out recall at tau_pred = 0 falls short, retrain it with double the
     rank (up to max_rank). layer_done: callable(layer, report) for progress display; epoch_done:
     callable(layer, rank, epoch) after every epoch (a retrain at a higher rank starts again at epoch 0),
-    for a progress bar with a time estimate: the work is n_layers * cfg.epochs epochs, plus retrains.
+    for a progress bar with a time estimate: the work is n_layers * cfg.epochs_for(samples) epochs, plus
+    retrains.
     """
     layers, reports = [], []
     for i in range(stats.n_layers):
