@@ -51,7 +51,7 @@ def bench(model_name, fmt, threads, tokens, repeats, prompt_tokens) -> list[dict
     path = pipower.fetch(model_name, progress=False)
     weights, _, dot = fmt.partition("-")
     m = pipower.load(path, backend="cython", threads=threads, weights=weights, dot=dot or None)
-    fmt = weights + ("-int8" if m.dot == "int8" else "")
+    fmt = f"{weights}-{m.dot}" if weights in ("q4", "q8") else weights    # q4-int8, q8-float, ...
     rng = np.random.default_rng(0)
     V = m.config.vocab_size
     prompt = rng.integers(100, min(V, 30000), prompt_tokens)
