@@ -216,13 +216,13 @@ def cmd_profile(args) -> int:
     if model.tokenizer is None:
         raise InvalidArgumentError(f"{model.source} has no tokenizer: profiling needs one to turn the corpus "
                                    f"into tokens")
-    samples, rate = _profile_samples(model.config, args)
     seqs = token_sequences(model.tokenizer, files, args.seq_len, args.tokens)
     first = next(seqs, None)            # tokenizes only until one sequence is full
     if first is None:
         raise InvalidArgumentError(f"the corpus ({' '.join(args.corpus)}) holds fewer tokens than one sequence of "
                                    f"--seq-len {args.seq_len}: nothing to profile; give more text or a smaller "
                                    f"--seq-len")
+    samples, rate = _profile_samples(model.config, args)     # says the file's size before profiling
     import itertools
     seqs = itertools.chain([first], seqs)
     bar = tqdm(total=args.tokens, desc="profile", unit="tok", file=sys.stderr)

@@ -10,6 +10,7 @@ they are test oracles only.
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,10 @@ _ARCH_CLASSES = {"LlamaForCausalLM": ("LlamaConfig", "LlamaForCausalLM"),
 _MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2", "MistralForCausalLM": "mistral"}
 _TORCH_DTYPES = ("float32", "float16", "bfloat16")
 
+
+# Working folder for child processes (`python -m pipower`): never the source tree, whose pipower package
+# has no compiled extension when pipower was installed with `pip install .` (see conftest.py).
+CHILD_CWD = tempfile.gettempdir()
 
 # A tiny Qwen2-shaped config for graph/engine tests that need no torch (weights from random_tensors).
 CFG = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=96, hidden_size=64,

@@ -18,6 +18,7 @@ from pipower.chat import ChatSession, _tail_after
 from pipower.errors import ContextLengthError, InvalidArgumentError, TokenizerError
 
 from helpers_models import write_tiny_gguf
+from helpers_models import CHILD_CWD
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +215,7 @@ ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONIOENCODING": "utf-8"}
 
 
 def _chat(*args, stdin: bytes, timeout=120):
-    return subprocess.run([sys.executable, "-m", "pipower", "chat", *args], input=stdin, capture_output=True,
+    return subprocess.run(cwd=CHILD_CWD, args=[sys.executable, "-m", "pipower", "chat", *args], input=stdin, capture_output=True,
                           timeout=timeout, env=ENV)
 
 
@@ -253,7 +254,7 @@ def test_repl_without_a_chat_template_is_a_one_line_error(tmp_path):
 
 
 def test_help_explains_the_flags():
-    out = subprocess.run([sys.executable, "-m", "pipower", "chat", "--help"], capture_output=True, text=True,
+    out = subprocess.run(cwd=CHILD_CWD, args=[sys.executable, "-m", "pipower", "chat", "--help"], capture_output=True, text=True,
                          env=ENV, timeout=60)
     assert out.returncode == 0
     for flag in ("-m", "-t", "--weights", "--dot", "--backend", "--temp", "--top-k", "--top-p", "-s", "-n",
@@ -265,7 +266,7 @@ class _Repl:
     """A `pipower chat` process fed through a pipe, its output collected as it comes."""
 
     def __init__(self, *args):
-        self.p = subprocess.Popen([sys.executable, "-m", "pipower", "chat", *args], stdin=subprocess.PIPE,
+        self.p = subprocess.Popen(cwd=CHILD_CWD, args=[sys.executable, "-m", "pipower", "chat", *args], stdin=subprocess.PIPE,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV)
         self.out, self.err = bytearray(), bytearray()
         for stream, buf in ((self.p.stdout, self.out), (self.p.stderr, self.err)):

@@ -6,11 +6,12 @@ import sys
 import pytest
 
 from pipower.cli import build_parser, main
+from helpers_models import CHILD_CWD
 
 
 def run_cli(*args, timeout=120):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    return subprocess.run([sys.executable, "-m", "pipower", *args], capture_output=True, text=True,
+    return subprocess.run(cwd=CHILD_CWD, args=[sys.executable, "-m", "pipower", *args], capture_output=True, text=True,
                           timeout=timeout, stdin=subprocess.DEVNULL, env=env)
 
 
@@ -147,7 +148,7 @@ def test_invalid_utf8_argv_prompt_is_one_line_error_naming_the_offset(tiny_gguf)
     for argv, where in (([b"Hello \xff"], "PROMPT argument is not valid UTF-8: byte 0xFF at byte offset 6"),
                         ([b"-p", b"\xe2\x82 x"], "-p PROMPT is not valid UTF-8: byte 0xE2 at byte offset 0"),
                         ([b"--chat", b"--system", b"ok\xc0", b"hi"], "--system is not valid UTF-8: byte 0xC0")):
-        out = subprocess.run([sys.executable, "-m", "pipower", "generate", "-m", tiny_gguf, "-n", "2", *argv],
+        out = subprocess.run(cwd=CHILD_CWD, args=[sys.executable, "-m", "pipower", "generate", "-m", tiny_gguf, "-n", "2", *argv],
                              capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL, env=env)
         _one_line_error(out, where)
 
@@ -163,7 +164,7 @@ def test_prompt_file_dash_reads_standard_input(tiny_gguf, tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     outs = []
     for args, stdin in ((["-f", "-"], "def add(a, b):"), (["-f", str(f)], None), (["def add(a, b):"], None)):
-        outs.append(subprocess.run([sys.executable, "-m", "pipower", "generate", "-m", tiny_gguf, "-n", "4", *args],
+        outs.append(subprocess.run(cwd=CHILD_CWD, args=[sys.executable, "-m", "pipower", "generate", "-m", tiny_gguf, "-n", "4", *args],
                                    capture_output=True, text=True, timeout=120, env=env,
                                    input=stdin, stdin=None if stdin is not None else subprocess.DEVNULL))
         assert outs[-1].returncode == 0, outs[-1].stderr
@@ -173,7 +174,7 @@ def test_prompt_file_dash_reads_standard_input(tiny_gguf, tmp_path):
 
 
 def test_invalid_utf8_on_standard_input_is_one_line_error(tiny_gguf):
-    out = subprocess.run([sys.executable, "-m", "pipower", "generate", "-m", tiny_gguf, "-f", "-"],
+    out = subprocess.run(cwd=CHILD_CWD, args=[sys.executable, "-m", "pipower", "generate", "-m", tiny_gguf, "-f", "-"],
                          capture_output=True, timeout=120, input=b"ok\n\x80", env=os.environ)
     err = out.stderr.decode()
     assert out.returncode == 1 and "Traceback" not in err and "standard input" in err and "offset 3" in err

@@ -16,6 +16,7 @@ from pipower.cli import main
 from pipower.quant import FORMATS, QMatrix
 
 from helpers_models import random_llama_config, random_qwen2_config, random_tensors, write_gguf_from_hf
+from helpers_models import CHILD_CWD
 
 BACKENDS = ["numpy", pytest.param("cython", marks=pytest.mark.skipif(not _cpu.AVAILABLE,
                                                                        reason="extension not built"))]
@@ -243,7 +244,7 @@ def test_two_processes_loading_at_once(tmp_path, home, backend):
     want = hashlib.sha256(load(path, backend, cache=False).logits([1, 17, 200, 3]).tobytes()).hexdigest()
     env = {**os.environ, "PIPOWER_HOME": str(home)}
     for _ in range(2):                     # both build and write at once; then both read at once
-        procs = [subprocess.Popen([sys.executable, "-c", _CHILD, str(path), backend], env=env,
+        procs = [subprocess.Popen(cwd=CHILD_CWD, args=[sys.executable, "-c", _CHILD, str(path), backend], env=env,
                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
         outs = [p.communicate(timeout=300) for p in procs]
         for p, (out, err) in zip(procs, outs):
