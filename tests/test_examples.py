@@ -26,7 +26,7 @@ def run(script, *args):
 
 def test_every_example_is_tested_and_documented():
     scripts = sorted(p.name for p in EXAMPLES.glob("*.py"))
-    assert scripts == ["background_thread.py", "generate.py", "speculative.py"]
+    assert scripts == ["background_thread.py", "generate.py", "server_client.py", "speculative.py"]
     readme = (EXAMPLES / "README.md").read_text()
     assert all(s in readme for s in scripts)
 
@@ -59,3 +59,12 @@ def test_speculative(tiny):
 def test_a_bad_model_is_a_one_line_error(script, tmp_path):
     rc, out, err = run(script, "-m", str(tmp_path / "missing.gguf"))
     assert rc == 1 and "Traceback" not in err and err.strip().count("\n") == 0 and "missing.gguf" in err
+
+
+def test_server_client(tiny):
+    pytest.importorskip("openai")
+    pytest.importorskip("starlette")
+    rc, out, err = run("server_client.py", "-m", tiny, "-n", "8")
+    assert rc == 0, err
+    assert "--- chat:" in out and "streamed == not streamed: True" in out
+    assert "--- completion:" in out and "server exit code: 0" in out
