@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 
+from .api import TextStream
 from .errors import ContextLengthError, InvalidArgumentError, TokenizerError
 from .generate import GenerationStats, generate_ids, stream_text
 from .sampling import Sampler, SamplingParams
@@ -37,23 +38,18 @@ from .sampling import Sampler, SamplingParams
 log = logging.getLogger(__name__)
 
 
-class ChatTurn:
-    """The text pieces of one reply, as they are generated. `.stats` is complete once the iterator is
-    exhausted or closed; `.reply_ids` are the token ids generated so far."""
+class ChatTurn(TextStream):
+    """The text pieces of one reply, as they are generated (a Model.stream TextStream). `.stats` is
+    complete once the iterator is exhausted or closed; `.reply_ids` are the token ids generated so far."""
 
     def __init__(self, pieces: Iterator[str], stats: GenerationStats, reply_ids: list[int], on_close=None):
-        self._pieces, self.stats, self.reply_ids = pieces, stats, reply_ids
+        super().__init__(pieces, stats)
+        self.reply_ids = reply_ids
         self._on_close = on_close
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> str:
-        return next(self._pieces)
 
     def close(self) -> None:
         """Stop generating; the reply so far stays in the conversation."""
-        self._pieces.close()
+        super().close()
         if self._on_close is not None:          # a turn never iterated: its generator had no finally to run
             self._on_close()
 

@@ -91,10 +91,11 @@ def cmd_chat(args) -> int:
                          cache=not args.no_cache, dot=args.dot)
     session = model.chat_session(system, max_tokens=args.max_tokens, temperature=args.temperature,
                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    _note(f"pipower chat: {model.source} ({model.backend} backend, {model.weights} weights, context "
-          f"{session.context_length} tokens). /help lists commands; /exit or Ctrl-D quits.")
     reader = _Input()
     ctrl_c = False                       # the previous thing at the prompt was a Ctrl-C
+    # the banner is the last thing before the prompt loop, so a Ctrl-C right after it meets the loop's handler
+    _note(f"pipower chat: {model.source} ({model.backend} backend, {model.weights} weights, context "
+          f"{session.context_length} tokens). /help lists commands; /exit or Ctrl-D quits.")
     while True:
         try:
             text = reader.message()
