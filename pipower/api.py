@@ -157,7 +157,8 @@ class Model:
         if draft is None:
             gen = generate_ids(self.transformer, ids, sampler, max_tokens, self._stop_ids(), stats)
         else:
-            from .speculative import make_drafter, speculative_ids
+            from .speculative import check_verifier, make_drafter, speculative_ids
+            check_verifier(self.transformer.ops)
             gen = speculative_ids(self.transformer, ids, sampler, max_tokens, self._stop_ids(), stats,
                                   make_drafter(self, draft))
         token_ids = _count_sparsity(gen, self.transformer.ffn_neurons, stats)

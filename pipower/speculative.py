@@ -18,6 +18,7 @@ Shapes: V vocab; k drafted tokens per round; the context is prompt + emitted tok
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterable, Iterator
 
@@ -28,6 +29,7 @@ from .errors import InvalidArgumentError
 from .generate import GenerationStats, start
 from .sampling import Sampler
 
+log = logging.getLogger(__name__)
 MAX_DRAFT = 16            # longest draft verified in one forward
 # What verifying one more token costs, in decode steps: a T-token forward costs ~1 + VERIFY_COST (T - 1)
 # steps (bench/batch.py, Qwen2.5-Coder-0.5B q8 on 2 cores: T = 4 ~2x and T = 8 ~3.5x a step). The
@@ -324,6 +326,20 @@ def _looks_like_tau(arg: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def check_verifier(ops) -> None:
+    """Speculative output equals plain output because the compiled CPU backend is batch invariant: refuse
+    the device engines (their batched kernels are not), warn on the NumPy reference (BLAS rounds a
+    batch differently from one token, so greedy text may differ in rare near-ties)."""
+    from .ops import NumpyOps
+    if not isinstance(ops, NumpyOps):
+        raise InvalidArgumentError("speculative decoding (draft=) runs on the CPU engine only: its "
+                                   "verification needs the compiled backend's batch invariance")
+    if getattr(ops, "name", "") == "numpy":
+        log.warning("speculative decoding on the NumPy reference backend: batched verification rounds "
+                    "differently from single steps, so greedy text can differ from plain decoding in rare "
+                    "near-ties (the compiled backend is bitwise batch invariant)")
 
 
 def check_same_vocabulary(model, other) -> None:

@@ -239,3 +239,13 @@ def test_draft_length_and_the_verify_cost_estimate():
     c.add(1, 0.1)
     c.add(5, 0.18)                         # 4 extra tokens for 0.08 s over a 0.1 s step
     assert abs(c.ratio - 0.2) < 1e-9
+
+
+def test_speculative_decoding_needs_a_batch_invariant_verifier(caplog):
+    from pipower.ops import NumpyOps
+    from pipower.speculative import check_verifier
+    with pytest.raises(InvalidArgumentError, match="CPU engine"):
+        check_verifier(object())
+    with caplog.at_level("WARNING", logger="pipower"):
+        check_verifier(NumpyOps())
+    assert "NumPy reference" in caplog.text
