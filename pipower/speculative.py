@@ -81,7 +81,6 @@ class LookupDrafter:
     a draft distribution that is a point mass on each proposed token."""
 
     name = "lookup"
-    deterministic = True
 
     def __init__(self, max_ngram: int = 3):
         self.max_ngram = max_ngram
@@ -106,8 +105,6 @@ class ModelDrafter:
     target model's own weights under a sparse FFN selector (the selector is set only while drafting).
     Greedy drafts take the argmax; sampled drafts sample with the generation's own settings and return
     the distributions they sampled from (needed by the acceptance rule)."""
-
-    deterministic = False
 
     def __init__(self, transformer, selector=None, name: str = "model", max_len: int | None = None):
         self.transformer = transformer
@@ -168,7 +165,6 @@ class ChainDrafter:
     def __init__(self, drafters: list):
         self.drafters = drafters
         self.name = "+".join(d.name for d in drafters)
-        self.deterministic = all(d.deterministic for d in drafters)
 
     def propose(self, context: np.ndarray, k: int, sampler: Sampler | None = None):
         for d in self.drafters:

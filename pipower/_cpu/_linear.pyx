@@ -200,14 +200,28 @@ cdef inline const uint16_t *_sptr(object scales):
     return NULL if scales is None else <const uint16_t *>cnp.PyArray_DATA(scales)
 
 
-# ---- gemv -----------------------------------------------------------------------------------------
-cdef void _gemv(int fmt, int simd, const char *data, Py_ssize_t rs, const uint16_t *scales, Py_ssize_t ss,
-                const float *x, float *y, Py_ssize_t N, Py_ssize_t K, int nt) noexcept nogil:
-    # Thread p owns rows [p*per, (p+1)*per) (static, contiguous: each thread streams its own part of W;
-    # per is a multiple of 16 so no two threads write one cache line of y).
+# ---- rows of a matrix, split over threads --------------------------------------------------------
+cdef inline void _rows_part(int fmt, int simd, const char *data, Py_ssize_t rs, const uint16_t *scales,
+                            Py_ssize_t ss, const float *x, const pp_xq *xq, Py_ssize_t T, float *y, Py_ssize_t N,
+                            Py_ssize_t K, Py_ssize_t lo, Py_ssize_t hi) noexcept nogil:
+    # rows [lo, hi): integer dots when xq is set, else one token (the tuned decode kernel) or T tokens
+    if xq != NULL:
+        pp_gemm_int_rows(fmt, simd, data, rs, scales, ss, xq, T, y, N, K, lo, hi)
+    elif T == 1:
+        pp_gemv_rows(fmt, simd, data, rs, scales, ss, x, y, K, lo, hi)
+    else:
+        pp_gemm_rows(fmt, simd, data, rs, scales, ss, x, T, y, N, K, lo, hi)
+
+
+cdef void _rows(int fmt, int simd, const char *data, Py_ssize_t rs, const uint16_t *scales, Py_ssize_t ss,
+                const float *x, const pp_xq *xq, Py_ssize_t T, float *y, Py_ssize_t N, Py_ssize_t K,
+                int nt) noexcept nogil:
+    # Y [T, N] = rows of W against T tokens. Thread p owns rows [p*per, (p+1)*per) (static, contiguous:
+    # each thread streams its own part of W; per is a multiple of 16 so no two threads write one cache
+    # line of y). Each (t, n) is one dot product whose arithmetic never depends on the thread or on T.
     cdef Py_ssize_t per, p, lo, hi
     if nt <= 1:
-        pp_gemv_rows(fmt, simd, data, rs, scales, ss, x, y, K, 0, N)
+        _rows_part(fmt, simd, data, rs, scales, ss, x, xq, T, y, N, K, 0, N)
         return
     per = (N + nt - 1) // nt
     per = (per + 15) // 16 * 16
@@ -216,7 +230,12 @@ cdef void _gemv(int fmt, int simd, const char *data, Py_ssize_t rs, const uint16
             lo = p * per
             hi = min(N, lo + per)
             if lo < hi:
-                pp_gemv_rows(fmt, simd, data, rs, scales, ss, x, y, K, lo, hi)
+                _rows_part(fmt, simd, data, rs, scales, ss, x, xq, T, y, N, K, lo, hi)
+
+
+cdef inline void _gemv(int fmt, int simd, const char *data, Py_ssize_t rs, const uint16_t *scales,
+                       Py_ssize_t ss, const float *x, float *y, Py_ssize_t N, Py_ssize_t K, int nt) noexcept nogil:
+    _rows(fmt, simd, data, rs, scales, ss, x, NULL, 1, y, N, K, nt)
 
 
 def gemv(fmt, data, scales, x, out=None, n_threads=1, simd=True):
@@ -289,24 +308,6 @@ def dequantize_rows(fmt, data, scales, idx=None, start=0, stop=None, out=None, n
 
 
 # ---- gemm -----------------------------------------------------------------------------------------
-cdef void _gemm_rows(int fmt, int simd, const char *data, Py_ssize_t rs, const uint16_t *scales, Py_ssize_t ss,
-                     const float *x, Py_ssize_t T, float *y, Py_ssize_t N, Py_ssize_t K, int nt) noexcept nogil:
-    # Rows split over threads as in _gemv (contiguous parts, multiples of 16 rows); each (t, n) is one
-    # dot product whose arithmetic never depends on the thread or on T.
-    cdef Py_ssize_t per, p, lo, hi
-    if nt <= 1:
-        pp_gemm_rows(fmt, simd, data, rs, scales, ss, x, T, y, N, K, 0, N)
-        return
-    per = (N + nt - 1) // nt
-    per = (per + 15) // 16 * 16
-    with parallel(num_threads=nt):
-        for p in prange(nt, schedule="static"):
-            lo = p * per
-            hi = min(N, lo + per)
-            if lo < hi:
-                pp_gemm_rows(fmt, simd, data, rs, scales, ss, x, T, y, N, K, lo, hi)
-
-
 cdef class QuantizedActivations:
     """x [T, K] quantized per 32-block for the integer dots with weights in `fmt` (q4 or q8; the layout
     of _int8_impl.h), in C memory."""
@@ -343,22 +344,6 @@ cdef class QuantizedActivations:
                 raw[:, nbp * 36:].view(np.int32).copy())
 
 
-cdef void _gemm_int(int fmt, int simd, const char *data, Py_ssize_t rs, const uint16_t *scales, Py_ssize_t ss,
-                    const pp_xq *x, Py_ssize_t T, float *y, Py_ssize_t N, Py_ssize_t K, int nt) noexcept nogil:
-    cdef Py_ssize_t per, p, lo, hi
-    if nt <= 1:
-        pp_gemm_int_rows(fmt, simd, data, rs, scales, ss, x, T, y, N, K, 0, N)
-        return
-    per = (N + nt - 1) // nt
-    per = (per + 15) // 16 * 16
-    with parallel(num_threads=nt):
-        for p in prange(nt, schedule="static"):
-            lo = p * per
-            hi = min(N, lo + per)
-            if lo < hi:
-                pp_gemm_int_rows(fmt, simd, data, rs, scales, ss, x, T, y, N, K, lo, hi)
-
-
 def gemm_int8(fmt, data, scales, x, out=None, n_threads=1, simd=True):
     """Y = X @ W^T over int8-quantized activations (q4 or q8 weights): x float32 [T, K] is quantized per
     32-block (pipower.intdot), then exact 4/8-bit x int8 block dots; out float32 [T, N]. Any T; row t is
@@ -381,8 +366,8 @@ def gemm_int8(fmt, data, scales, x, out=None, n_threads=1, simd=True):
     xq = QuantizedActivations(x, fmt)
     if data.nbytes < PARALLEL_MIN_BYTES:
         nt = 1
-    _gemm_int(code, 1 if simd else 0, _ptr(data), rs, _sptr(scales), ss, (<QuantizedActivations>xq).rows, T,
-              <float *>cnp.PyArray_DATA(out), N, K, <int>min(nt, N))
+    _rows(code, 1 if simd else 0, _ptr(data), rs, _sptr(scales), ss, NULL, (<QuantizedActivations>xq).rows, T,
+          <float *>cnp.PyArray_DATA(out), N, K, <int>min(nt, N))
     return out
 
 
@@ -412,9 +397,8 @@ def gemm(fmt, data, scales, x, out=None, n_threads=1, simd=True, invariant=None)
     if invariant:
         if data.nbytes < PARALLEL_MIN_BYTES:
             nt = 1
-        _gemm_rows(code, 1 if simd else 0, _ptr(data), rs, _sptr(scales), ss,
-                   <const float *>cnp.PyArray_DATA(x), T, <float *>cnp.PyArray_DATA(out), N, K,
-                   <int>min(nt, N))
+        _rows(code, 1 if simd else 0, _ptr(data), rs, _sptr(scales), ss, <const float *>cnp.PyArray_DATA(x),
+              NULL, T, <float *>cnp.PyArray_DATA(out), N, K, <int>min(nt, N))
         return out
     if fmt == "f32":
         return np.matmul(x, data.T, out=out)
