@@ -79,7 +79,7 @@ class NumpyOps:
     name = "numpy"
     # weight formats this backend computes on directly; others work through dequantization (slowly)
     native_formats: tuple = ("f32",)
-    # ffn() takes a sparse.oracle.Threshold as idx (the selection made inside the FFN for one token)
+    # ffn() takes a Threshold as idx (the selection made inside the FFN for one token)
     fused_threshold: bool = True
     # How the FFN matrices of a prepared model sit in memory: "separate" (three matrices) or "bundled"
     # (pipower.arena's neuron bundles, laid out by prepare(); hybrid engines bundle the cold rows too).
@@ -169,7 +169,7 @@ class NumpyOps:
           None                 all neurons (dense);
           int32 [n], sorted    the same neurons for all T rows;
           bool [T, F]          a per-token mask (oracle / predictor decisions during prefill).
-          Threshold (one token)  the neurons with |act(gate x)| > tau (sparse.oracle.Threshold)
+          Threshold (one token)  the neurons with |act(gate x)| > tau (made by sparse.oracle)
         gate None = plain MLP: down(act(up x)).
         """
         if isinstance(idx, Threshold):
