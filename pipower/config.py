@@ -11,8 +11,9 @@ from typing import Any
 
 from .errors import UnsupportedModelError
 
-# architectures -> the graph flavour we run. Qwen2 = LLaMA + q/k/v biases; Mistral = LLaMA (no sliding
-# window support: we reject configs that would need it at a length we would reach).
+# architectures -> the graph flavour we run. Qwen2 = LLaMA + q/k/v biases; Mistral = LLaMA + a sliding
+# attention window (`sliding_window`, applied by every attention op). Qwen2 configs carry a sliding_window
+# that applies only with use_sliding_window (see from_dict).
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "llama",
