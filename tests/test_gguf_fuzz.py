@@ -367,6 +367,9 @@ def test_bad_merge_is_a_tokenizer_error(bases, tmp_path):
     for bad in ("\u0120 zzz", "q z", "a b c"):
         with pytest.raises(TokenizerError, match="not in the vocabulary"):
             tokenizer_from_gguf_metadata({**meta, "tokenizer.ggml.merges": meta["tokenizer.ggml.merges"] + [bad]})
+    for bad in ("nospace", ""):
+        with pytest.raises(TokenizerError, match="malformed BPE merge"):
+            tokenizer_from_gguf_metadata({**meta, "tokenizer.ggml.merges": meta["tokenizer.ggml.merges"] + [bad]})
     with pytest.raises(TokenizerError, match="tokenizer.ggml.token_type has 299 entries for 300 tokens"):
         tokenizer_from_gguf_metadata({**meta, "tokenizer.ggml.token_type": meta["tokenizer.ggml.token_type"][:-1]})
     with pytest.raises(TokenizerError, match="tokenizer.ggml.tokens is an array of 300 .int."):

@@ -182,3 +182,18 @@ def test_qwen_matches_transformers(tmp_path):
         assert tok.decode(ids, skip_special=False) == text
     assert tok.encode("12345") == [16, 17, 18, 19, 20]            # qwen2 splits digits one by one
     assert tok.encode(chat)[0] == 151644
+
+
+def test_merges_split_at_the_first_space_after_the_first_character():
+    """build_hf_bpe splits 'left right' at the first space (fast path) or, where some merge starts with
+    ' ', at the first space after the first character: both give the model the rule says."""
+    import json
+    from pipower.tokenizer.bpe import build_hf_bpe
+
+    def merges_of(hf):
+        return [tuple(m) for m in json.loads(hf.to_str())["model"]["merges"]]
+
+    tokens = ["a", "b", " ", "ab", " a", " ab"]
+    assert merges_of(build_hf_bpe(tokens, ["a b"], "gpt-2")) == [("a", "b")]
+    # '  a' is ' ' + 'a' (a plain split at the first space would read '' + ' a')
+    assert merges_of(build_hf_bpe(tokens, ["a b", "  a", " a b"], "gpt-2")) == [("a", "b"), (" ", "a"), (" a", "b")]

@@ -75,23 +75,21 @@ def build_hf_bpe(tokens: Sequence[str], merges: Sequence[str], pre: str):
         raise TokenizerError(f"unsupported tokenizer.ggml.pre {pre!r} for a gpt2 (byte-level BPE) "
                              f"vocabulary; supported: {', '.join(sorted(PRE_TOKENIZERS))}")
     regexes, ignore_merges, _ = PRE_TOKENIZERS[pre]
-    vocab = {}
-    for i, t in enumerate(tokens):
-        vocab.setdefault(t, i)                # llama.cpp also keeps one id per text
-    pairs = []
-    for m in merges:
-        cut = m.find(" ", 1)                  # a merge is 'left right'; left never starts with ' '
-        if cut < 0:
-            raise TokenizerError(f"malformed BPE merge {m!r} (expected 'left right')")
-        pair = (m[:cut], m[cut + 1:])
-        for t in (*pair, pair[0] + pair[1]):  # `tokenizers` refuses these with a bare Exception
-            if t not in vocab:
-                raise TokenizerError(f"BPE merge {m!r} names {t!r}, which is not in the vocabulary")
-        pairs.append(pair)
+    # One id per text, the first (llama.cpp keeps the first too): dict() keeps the last of equal keys.
+    n = len(tokens)
+    vocab = dict(zip(reversed(tokens), range(n - 1, -1, -1)))
+    # A merge is 'left right'. Split at the first space, except where a merge starts with a space (a
+    # vocabulary whose tokens may start with ' ': then the cut is the first space after the first
+    # character). The C-level split is ~5x faster than a Python loop over 150k merges.
+    if any(m[:1] == " " for m in merges):
+        pairs = [_split_merge(m) for m in merges]
+    else:
+        pairs = [tuple(m.split(" ", 1)) for m in merges]
     try:
         model = models.BPE(vocab=vocab, merges=pairs, ignore_merges=ignore_merges, fuse_unk=False,
                            byte_fallback=False)
     except Exception as e:                    # noqa: BLE001 - `tokenizers` raises plain Exception
+        _check_merges(merges, vocab)          # names the damaged merge, when that is the cause
         raise TokenizerError(f"cannot build the BPE tokenizer from this vocabulary: {e}") from e
     hf = HFTokenizer(model)
     hf.pre_tokenizer = pre_tokenizers.Sequence(
@@ -99,6 +97,24 @@ def build_hf_bpe(tokens: Sequence[str], merges: Sequence[str], pre: str):
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     hf.decoder = decoders.ByteLevel()         # unused by BpeTokenizer; makes hf.save() complete
     return hf
+
+
+def _split_merge(m: str) -> tuple[str, str]:
+    cut = m.find(" ", 1)                      # left is at least one character, which may be ' '
+    if cut < 0:
+        raise TokenizerError(f"malformed BPE merge {m!r} (expected 'left right')")
+    return m[:cut], m[cut + 1:]
+
+
+def _check_merges(merges: Sequence[str], vocab: dict) -> None:
+    """Raise a TokenizerError naming the first merge that is malformed or names a text missing from the
+    vocabulary (left, right or their concatenation): what `tokenizers` refuses with a bare Exception.
+    Run only after `tokenizers` refused, so a good vocabulary pays nothing for it."""
+    for m in merges:
+        left, right = _split_merge(m)
+        for t in (left, right, left + right):
+            if t not in vocab:
+                raise TokenizerError(f"BPE merge {m!r} names {t!r}, which is not in the vocabulary")
 
 
 class ByteLevelRenderer:
