@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import UnsupportedModelError
+from .ops import ACTIVATIONS
 
 # architectures -> the graph flavour we run. Qwen2 = LLaMA + q/k/v biases; Mistral = LLaMA + a sliding
 # attention window (`sliding_window`, applied by every attention op). Qwen2 configs carry a sliding_window
@@ -19,7 +20,7 @@ SUPPORTED_ARCHITECTURES = {
     "MistralForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
 }
-SUPPORTED_ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "gelu_new", "relu")
+SUPPORTED_ACTIVATIONS = tuple(ACTIVATIONS)     # the graph runs what the ops table defines
 
 
 @dataclass

@@ -1,13 +1,13 @@
-"""pipower._cpu._attention (decode/prefill attention, RoPE) and CythonOps' overrides vs NumpyOps.
+"""pipower._cpu._attention (decode/prefill attention, RoPE) kernels vs NumpyOps.
 
 Covers GQA/MQA/MHA, head dims 32/64/128 (and an odd one for the portable path), S = 1, 37, 700, sliding
-windows, strided KV-cache views, 1 vs 2 threads (bit-identical), and argument checks.
+windows, strided KV-cache views, 1 vs 2 threads (bit-identical), and argument checks. CythonOps' ops as
+the graph calls them are in tests/test_backend_ops.py.
 """
 import numpy as np
 import pytest
 
 from pipower import _cpu
-from pipower.cache import KVCache
 from pipower.ops import NumpyOps
 
 pytestmark = pytest.mark.skipif(not _cpu.AVAILABLE, reason=f"pipower._cpu not built: {_cpu.IMPORT_ERROR}")
@@ -101,35 +101,6 @@ def test_rope_matches_numpy(T, nh, hd):
     y = x.copy()
     assert A.rope(y, cos, sin, out=y) is y                     # in place
     assert np.array_equal(y, got)
-    q, k = x.copy(), x[:, :1].copy()
-    A.rope_qk(q, k, cos, sin)
-    assert np.array_equal(q, got) and np.array_equal(k, got[:, :1])
-
-
-@pytest.mark.parametrize("H,Hkv,hd,window", [(14, 2, 64, None), (9, 3, 64, 8), (8, 8, 32, None), (4, 1, 128, 3)])
-def test_cython_ops_match_numpy_through_the_cache(H, Hkv, hd, window):
-    """CythonOps.attention/rope as the graph calls them: prefill, then decode steps, over a KVCache."""
-    from pipower._cpu.ops import CythonOps
-    g = np.random.default_rng(hd + H)
-    ops = {nt: CythonOps(n_threads=nt) for nt in (1, 2)}
-    cache = KVCache(2, Hkv, hd, max_len=1024, initial=16)    # grows (copies) during the prefill
-    start = 0
-    for T in (37, 1, 1, 20, 1):
-        q = g.standard_normal((T, H, hd)).astype(np.float32)
-        kn = g.standard_normal((T, Hkv, hd)).astype(np.float32)
-        vn = g.standard_normal((T, Hkv, hd)).astype(np.float32)
-        ang = np.outer(np.arange(start, start + T), np.linspace(0.01, 1, hd // 2)).astype(np.float32)
-        cos, sin = np.cos(ang), np.sin(ang)
-        q1, kn1 = ops[1].rope(q, cos, sin), ops[1].rope(kn, cos, sin)
-        np.testing.assert_allclose(q1, REF.rope(q, cos, sin), rtol=1e-5, atol=1e-6)
-        k_all, v_all = cache.update_and_fetch(1, kn1, vn)       # strided [Hkv, S, hd] views
-        want = REF.attention(q1, k_all, v_all, start, window)
-        got = ops[1].attention(q1, k_all, v_all, start, window)
-        assert got.shape == (T, H * hd) and got.dtype == np.float32
-        np.testing.assert_allclose(got, want, rtol=RTOL, atol=ATOL)
-        assert np.array_equal(ops[2].attention(q1, k_all, v_all, start, window), got)
-        cache.advance(T)
-        start += T
 
 
 def test_argument_checks():

@@ -17,7 +17,7 @@ from pipower._cpu import linear_ops  # noqa: E402
 
 REF = NumpyOps()
 SIMDS = (True, False) if L.HAVE_AVX512 else (False,)
-ACTS = ("silu", "relu", "gelu", "gelu_tanh")
+ACTS = ("silu", "relu", "gelu", "gelu_pytorch_tanh")
 
 
 def make(F, D, fmt, gated=True, seed=0):
@@ -36,12 +36,11 @@ def reference(x, gate, up, down, act, idx):
     idx = np.arange(up.shape[0]) if idx is None else idx
     U = dequantize(up)[idx].astype(np.float64)
     u = x.astype(np.float64) @ U.T
-    name = "gelu_new" if act == "gelu_tanh" else act
     if gate is not None:
         G = dequantize(gate)[idx].astype(np.float64)
-        h = REF.activation(name, (x.astype(np.float64) @ G.T).astype(np.float32)).astype(np.float64) * u
+        h = REF.activation(act, (x.astype(np.float64) @ G.T).astype(np.float32)).astype(np.float64) * u
     else:
-        h = REF.activation(name, u.astype(np.float32)).astype(np.float64)
+        h = REF.activation(act, u.astype(np.float32)).astype(np.float64)
     Dn = dequantize(down)[idx].astype(np.float64)
     # errors of g and u (~1e-7 of sum|w||x|) pass through act and into h; bound them generously
     hs = np.abs(h) + 2 * (np.abs(x) @ np.abs(U).T) * (1 + (np.abs(x) @ np.abs(G).T if gate is not None else 1))
@@ -151,13 +150,9 @@ def test_linear_ops_ffn(fmt, T, sparse):
     assert y.shape == (T, 128) and y.dtype == np.float32
     want, scale, _ = reference(x, gate, up, down, "silu", idx)
     check(y, want, scale)
-    if not sparse and fmt == "f32":   # plain arrays and the NumPy reference op agree
-        ref = REF.ffn(x, dequantize(gate), dequantize(up), dequantize(down), "silu")
-        yy = linear_ops.ffn(x, dequantize(gate), dequantize(up), dequantize(down), "silu", 1)
-        np.testing.assert_allclose(yy, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 
-def test_linear_ops_ffn_prefill_rejects_bad_idx():
+def test_linear_ops_ffn_rejects_bad_idx():
     gate, up, down, _, _ = make(64, 64, "q4")
     with pytest.raises(ValueError, match="sorted"):
         linear_ops.ffn(np.zeros((3, 64), np.float32), gate, up, down, "silu", 1, idx=np.array([2, 1], np.int32))

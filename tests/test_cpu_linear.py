@@ -1,4 +1,5 @@
-"""pipower._cpu._linear (gemv, gemm, dequantize_rows) and linear_ops.linear vs NumPy over quant.dequantize.
+"""pipower._cpu._linear (gemv, gemm, dequantize_rows) vs NumPy over quant.dequantize (CythonOps.linear
+against NumpyOps: tests/test_backend_ops.py).
 
 Tolerance: the reference is float64 over the *same* dequantized weights, so the only difference is float32
 accumulation order; we allow 1e-5 * sum_k |w_k x_k| per output, above the worst-case bound of a float32 sum
@@ -11,7 +12,6 @@ from pipower import _cpu
 from pipower.quant import FORMATS, QMatrix, dequantize, quantize
 
 L = pytest.importorskip("pipower._cpu._linear", reason=f"pipower._cpu not built: {_cpu.IMPORT_ERROR}")
-from pipower._cpu import linear_ops  # noqa: E402
 
 SIMDS = (True, False) if L.HAVE_AVX512 else (False,)
 RTOL = 1e-5
@@ -102,23 +102,6 @@ def test_gemm_matches_dequantized_reference(fmt, T, N, K):
     y = L.gemm(fmt, m.data, m.scales, x)
     assert y.shape == (T, N) and y.dtype == np.float32
     check_close(y, dequantize(m).astype(np.float64), x.astype(np.float64))
-
-
-@pytest.mark.parametrize("fmt", FORMATS)
-@pytest.mark.parametrize("T", [1, 37])
-def test_linear_ops_linear(fmt, T):
-    m, g = make(129, 256, fmt)
-    x = g.standard_normal((T, 256)).astype(np.float32)
-    b = g.standard_normal(129).astype(np.float32)
-    W = dequantize(m)
-    want = x.astype(np.float64) @ W.T.astype(np.float64)
-    for nt in (1, 2):
-        y = linear_ops.linear(x, m, None, nt)
-        check_close(y, W.astype(np.float64), x.astype(np.float64))
-        yb = linear_ops.linear(x, m, b, nt)
-        assert np.allclose(yb - b, y, rtol=0, atol=1e-5 * np.abs(want).max())
-    if fmt == "f32":   # a plain float32 array is an f32 matrix
-        assert np.array_equal(linear_ops.linear(x, W, None, 1), linear_ops.linear(x, m, None, 1))
 
 
 def _args(fmt="q8", N=4, K=64):

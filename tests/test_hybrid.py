@@ -169,9 +169,9 @@ def test_residual_never_mixes_host_and_device():
     """The stand-in refuses host arrays in device ops (as CuPy does): a scheduler that forgot a move
     would fail here rather than silently compute on the host."""
     dev = StandInDeviceOps()
-    with pytest.raises(TypeError, match="host"):
+    with pytest.raises(InvalidArgumentError, match="host"):
         dev.linear(np.ones((1, 4), np.float32), dev.place(np.ones((3, 4), np.float32)))
-    with pytest.raises(TypeError):
+    with pytest.raises(InvalidArgumentError):
         dev.to_host(np.ones(3))
 
 
@@ -251,44 +251,21 @@ def test_dropped_kv_cache_frees_device_memory():
         assert dev.allocated_bytes() == weights_only
 
 
-# --- the real GPU backend's code (CupyOps) behind the scheduler, its kernels emulated on the CPU ---------
+# --- the real GPU backend's code (CupyOps) behind the scheduler: its kernels emulated on the CPU, or on a
+# real GPU under `-m gpu` (the cupy_ops fixture of conftest.py) ---------------------------------------------
 
-def _gpu_ok():
-    from pipower import _gpu
-    return _gpu.available()
-
-
-@pytest.fixture(params=["emu", pytest.param("gpu", marks=[pytest.mark.gpu, pytest.mark.skipif(
-    "not _gpu_ok()", reason="no CUDA device / CuPy")])])
-def emulated_cupy(request, monkeypatch):
-    """CupyOps: over pipower._gpu.emulator (the .cu kernels compiled for the host, NumPy for CuPy), or
-    on a real GPU under `-m gpu`."""
-    import sys
-
-    from pipower import _gpu
-    from pipower._gpu import emulator, kernels
-    if request.param == "gpu":
-        from pipower._gpu.ops import CupyOps
-        return CupyOps
-    if emulator.CXX is None:
-        pytest.skip("no host C++ compiler for the kernel emulator")
-    monkeypatch.setitem(sys.modules, "cupy", emulator.FakeCupy())
-    monkeypatch.setattr(_gpu, "_status", (True, None))
-    monkeypatch.setattr(kernels, "get", emulator.get)
-    from pipower._gpu.ops import CupyOps
-    return CupyOps
-
-
-def test_device_backends_meet_the_device_contract(emulated_cupy):
+def test_device_backends_meet_the_device_contract(cupy_ops):
     """StandInDeviceOps and CupyOps have every method and attribute of the DeviceOps protocol."""
     from pipower.hybrid.device import DeviceOps
     methods = [n for n, v in vars(DeviceOps).items() if callable(v) and not n.startswith("_")]
     attributes = list(DeviceOps.__annotations__)
     assert {"place", "to_device", "to_host", "add_from_host", "ffn", "attention"} <= set(methods)
     assert attributes == ["name", "native_formats", "limit_bytes", "transfers"]
-    for dev in (StandInDeviceOps(), emulated_cupy(limit_bytes=1 << 20)):
+    for dev in (StandInDeviceOps(), cupy_ops(limit_bytes=1 << 20)):
         missing = [n for n in methods + attributes if not hasattr(dev, n)]
         assert not missing, (type(dev).__name__, missing)
+    import sys
+    assert isinstance(dev, NumpyOps) and dev.xp is sys.modules["cupy"]     # the reference ops over CuPy
 
 
 def test_gpu_backend_does_not_import_the_hybrid_engine():
@@ -304,12 +281,12 @@ def test_gpu_backend_does_not_import_the_hybrid_engine():
 
 
 @pytest.mark.parametrize("weights", ["f16", "q8"])
-def test_cupy_ops_behind_the_scheduler_equal_dense(emulated_cupy, weights):
+def test_cupy_ops_behind_the_scheduler_equal_dense(cupy_ops, weights):
     """The hybrid split and layer offload with CupyOps as the device (kernels emulated) == dense, for a
     dense run and for a sparse selection; the KV cache of device layers is CuPy memory."""
     dense, tokens = run(transformer(weights), IDS)
     for plan in (split_plan(random_hot(3, 160, 0.4)), layer_offload_plan(3, 2), gpu_plan(3)):
-        dev = emulated_cupy()
+        dev = cupy_ops()
         t = make_hybrid(transformer(weights), plan, dev)
         got, got_tokens = run(t, IDS)
         assert np.abs(got - dense).max() <= 1e-4 * np.abs(dense).max(), plan.kind
@@ -318,7 +295,7 @@ def test_cupy_ops_behind_the_scheduler_equal_dense(emulated_cupy, weights):
     ref = transformer(weights)
     ref.ffn_neurons = FixedSelector(0.3)
     want, _ = run(ref, IDS)
-    t = make_hybrid(transformer(weights), split_plan(random_hot(3, 160, 0.6)), emulated_cupy())
+    t = make_hybrid(transformer(weights), split_plan(random_hot(3, 160, 0.6)), cupy_ops())
     t.ffn_neurons = FixedSelector(0.3)
     got, _ = run(t, IDS)
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max()
@@ -379,10 +356,10 @@ def test_split_and_offload_equal_dense_on_other_graph_features(variant):
 
 
 @pytest.mark.parametrize("variant", ["plain-relu", "mistral-window"])
-def test_cupy_ops_on_other_graph_features(emulated_cupy, variant):
+def test_cupy_ops_on_other_graph_features(cupy_ops, variant):
     cfg = VARIANTS[variant]
     dense, tokens = run(transformer("q8", cfg=cfg), IDS)
-    t = make_hybrid(transformer("q8", cfg=cfg), split_plan(random_hot(3, 160, 0.4)), emulated_cupy())
+    t = make_hybrid(transformer("q8", cfg=cfg), split_plan(random_hot(3, 160, 0.4)), cupy_ops())
     got, got_tokens = run(t, IDS)
     assert np.abs(got - dense).max() <= 1e-4 * np.abs(dense).max() and got_tokens == tokens
 

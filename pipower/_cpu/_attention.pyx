@@ -1,9 +1,9 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
 """Attention-side CPU kernels (Cython + OpenMP): decode and prefill attention over the KV cache, RoPE.
 
-Loops live in _attention_impl.h; this file checks arguments (ValueError naming the argument), allocates
-outputs and scratch, and spreads independent rows over `n_threads` OpenMP threads. Every output row is
-computed by the same code whatever the thread count, so results do not depend on n_threads.
+Loops live in _attention_impl.h; this file checks arguments (InvalidArgumentError naming the argument),
+allocates outputs and scratch, and spreads independent rows over `n_threads` OpenMP threads. Every output
+row is computed by the same code whatever the thread count, so results do not depend on n_threads.
 
 Shapes: T query positions, S keys (cache length after the append), H query heads, Hkv KV heads
 (GQA: query head h reads KV head h // (H // Hkv), as HF's repeat_kv), hd head dim.
@@ -16,6 +16,8 @@ cimport numpy as cnp
 from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport sqrt
 
+from ._checks cimport check_array, check_out, check_threads, invalid
+
 cdef extern from "_attention_impl.h" nogil:
     float pp_exp_neg(float x)
     void pp_attn_row(const float *q, const float *k, Py_ssize_t ldk, const float *v, Py_ssize_t ldv,
@@ -24,7 +26,7 @@ cdef extern from "_attention_impl.h" nogil:
 
 cnp.import_array()
 
-cdef object _F32 = np.dtype(np.float32)
+cdef tuple _F32S = (np.dtype(np.float32),)
 
 # Below this many multiply-adds (H * keys * hd * 2) a call runs on one thread: waking the OpenMP team
 # (~10-60 us with OMP_WAIT_POLICY=PASSIVE, see pipower/threads.py) costs more than the work saves; one
@@ -43,53 +45,20 @@ def set_min_parallel_work(n):
     return old
 
 
-cdef int _check_threads(object n_threads) except -1:
-    if not isinstance(n_threads, (int, np.integer)) or isinstance(n_threads, bool) or n_threads < 1:
-        raise ValueError(f"n_threads must be an int >= 1, got {n_threads!r}")
-    return <int>n_threads
-
-
-cdef object _check_f32(object a, str name, int ndim, bint contiguous):
-    """`a` must be a float32 ndarray of `ndim` dims; C-contiguous if `contiguous`, else its last axis."""
-    if not isinstance(a, np.ndarray):
-        raise ValueError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
-    if a.dtype != _F32:
-        raise ValueError(f"{name} must have dtype float32, got {a.dtype}")
-    if a.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
-    if contiguous:
-        if not a.flags.c_contiguous:
-            raise ValueError(f"{name} must be C-contiguous (use numpy.ascontiguousarray)")
-    elif a.shape[ndim - 1] > 1 and a.strides[ndim - 1] != 4:
-        raise ValueError(f"{name} must be contiguous along its last axis, got strides {a.strides}")
-    return a
-
-
-cdef object _out(object out, str name, tuple shape):
-    if out is None:
-        return np.empty(shape, dtype=np.float32)
-    _check_f32(out, name, len(shape), True)
-    if out.shape != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {out.shape}")
-    if not out.flags.writeable:
-        raise ValueError(f"{name} is read-only")
-    return out
-
-
 cdef tuple _check_kv(object q_heads, object k, object v, Py_ssize_t hd):
     """k, v: [Hkv, S, hd], last axis contiguous, same shape; H divisible by Hkv. -> (Hkv, S)."""
-    _check_f32(k, "k", 3, False)
-    _check_f32(v, "v", 3, False)
+    check_array(k, "k", _F32S, 3, False)
+    check_array(v, "v", _F32S, 3, False)
     ks, vs = k.strides, v.strides
     if ks[0] % 4 or ks[1] % 4 or vs[0] % 4 or vs[1] % 4:
-        raise ValueError("k and v strides must be whole float32 elements")
+        raise invalid("k and v strides must be whole float32 elements")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {k.shape} and {v.shape}")
+        raise invalid(f"k and v must have the same shape, got {k.shape} and {v.shape}")
     Hkv, S, khd = k.shape
     if khd != hd:
-        raise ValueError(f"k/v head dim {khd} does not match q head dim {hd}")
+        raise invalid(f"k/v head dim {khd} does not match q head dim {hd}")
     if Hkv < 1 or q_heads % Hkv != 0:
-        raise ValueError(f"q heads ({q_heads}) must be a positive multiple of k/v heads ({Hkv})")
+        raise invalid(f"q heads ({q_heads}) must be a positive multiple of k/v heads ({Hkv})")
     return Hkv, S
 
 
@@ -97,7 +66,7 @@ cdef int _window(object window) except -1:
     if window is None:
         return 0
     if not isinstance(window, (int, np.integer)) or isinstance(window, bool) or window < 0:
-        raise ValueError(f"window must be an int >= 0 (0 = no window) or None, got {window!r}")
+        raise invalid(f"window must be an int >= 0 (0 = no window) or None, got {window!r}")
     return <int>min(window, 1 << 30)
 
 
@@ -165,14 +134,14 @@ def attention_decode(q, k, v, out=None, window=0, n_threads=1):
     last axis must be contiguous); out: float32 [H*hd] or None. window: 0/None = full causal, else keys
     j <= (S-1) - window are hidden (Mistral). Returns out = softmax(q k^T / sqrt(hd)) v per head.
     """
-    cdef int nt = _check_threads(n_threads)
+    cdef int nt = check_threads(n_threads)
     cdef int w = _window(window)
-    _check_f32(q, "q", 2, True)
+    check_array(q, "q", _F32S, 2, True)
     cdef Py_ssize_t H = q.shape[0], hd = q.shape[1]
     Hkv, S = _check_kv(H, k, v, hd)
-    out = _out(out, "out", (H * hd,))
+    out = check_out(out, "out", (H * hd,))
     if S < 1:
-        raise ValueError("k/v must hold at least one position (the query's own)")
+        raise invalid("k/v must hold at least one position (the query's own)")
     return _run(q, k, v, out, 1, H, hd, Hkv, S, S - 1, w, nt)
 
 
@@ -183,14 +152,14 @@ def attention_prefill(q, k, v, start, out=None, window=0, n_threads=1):
     out: float32 [T, H*hd] or None. Query at position p sees keys 0..p, or p-window < j <= p with a
     window. Each (position, head) row is computed exactly as attention_decode computes its row.
     """
-    cdef int nt = _check_threads(n_threads)
+    cdef int nt = check_threads(n_threads)
     cdef int w = _window(window)
-    _check_f32(q, "q", 3, True)
+    check_array(q, "q", _F32S, 3, True)
     cdef Py_ssize_t T = q.shape[0], H = q.shape[1], hd = q.shape[2]
     Hkv, S = _check_kv(H, k, v, hd)
     if not isinstance(start, (int, np.integer)) or start < 0 or start + T != S:
-        raise ValueError(f"start must be an int with start + T == S (T={T}, S={S}), got {start!r}")
-    out = _out(out, "out", (T, H * hd))
+        raise invalid(f"start must be an int with start + T == S (T={T}, S={S}), got {start!r}")
+    out = check_out(out, "out", (T, H * hd))
     return _run(q, k, v, out, T, H, hd, Hkv, S, start, w, nt)
 
 
@@ -216,21 +185,21 @@ def rope(x, cos, sin, out=None, n_threads=1):
     x: float32 [T, nh, hd] C-contiguous, hd even; cos, sin: float32 [T, hd/2]; out: float32 [T, nh, hd],
     None (allocated) or x itself (in place). Returns out.
     """
-    cdef int nt = _check_threads(n_threads)
-    _check_f32(x, "x", 3, True)
-    _check_f32(cos, "cos", 2, True)
-    _check_f32(sin, "sin", 2, True)
+    cdef int nt = check_threads(n_threads)
+    check_array(x, "x", _F32S, 3, True)
+    check_array(cos, "cos", _F32S, 2, True)
+    check_array(sin, "sin", _F32S, 2, True)
     T, nh, hd = x.shape
     if hd % 2:
-        raise ValueError(f"head dim must be even, got x shape {x.shape}")
+        raise invalid(f"head dim must be even, got x shape {x.shape}")
     if cos.shape != (T, hd // 2) or sin.shape != (T, hd // 2):
-        raise ValueError(f"cos and sin must have shape {(T, hd // 2)}, got {cos.shape} and {sin.shape}")
+        raise invalid(f"cos and sin must have shape {(T, hd // 2)}, got {cos.shape} and {sin.shape}")
     cdef bint fresh = out is None
-    out = _out(out, "out", (T, nh, hd))
+    out = check_out(out, "out", (T, nh, hd))
     if T * nh * hd == 0:
         return out
     if not fresh and out is not x and np.may_share_memory(out, x):
-        raise ValueError("out must be x itself or not overlap it")
+        raise invalid("out must be x itself or not overlap it")
     if T * nh * hd * 2 < _min_par_work:
         nt = 1
     nt = <int>min(nt, T * nh)
@@ -244,16 +213,9 @@ def rope(x, cos, sin, out=None, n_threads=1):
     return out
 
 
-def rope_qk(q, k, cos, sin, n_threads=1):
-    """RoPE of q [T, H, hd] and k [T, Hkv, hd] in place, in one call (decode saves a Python round trip)."""
-    rope(q, cos, sin, out=q, n_threads=n_threads)
-    rope(k, cos, sin, out=k, n_threads=n_threads)
-    return q, k
-
-
 def exp_neg(x):
     """The kernels' exp for x <= 0, on a float32 array (for tests of its accuracy)."""
-    _check_f32(x, "x", 1, True)
+    check_array(x, "x", _F32S, 1, True)
     cdef const float[::1] xv = x
     y = np.empty_like(x)
     cdef float[::1] yv = y

@@ -17,7 +17,12 @@ import time
 
 import numpy as np
 
+cimport numpy as cnp
 from cython.parallel cimport prange
+
+from ._checks cimport check_array, check_threads, invalid
+
+cnp.import_array()
 
 cdef extern from *:
     """
@@ -68,22 +73,18 @@ cdef double _sum(const float[::1] buf, int n_threads) except? -1:
     return s
 
 
-def _check_args(buf, n_threads):
-    if not isinstance(buf, np.ndarray) or buf.dtype != np.float32 or buf.ndim != 1:
-        raise ValueError(f"buf must be a 1-D float32 numpy.ndarray, got "
-                         f"{getattr(buf, 'dtype', type(buf).__name__)} {getattr(buf, 'shape', '')}")
-    if not buf.flags.c_contiguous:
-        raise ValueError("buf must be C-contiguous")
+cdef int _check_args(buf, n_threads) except -1:
+    """buf: a non-empty float32 [n] C-contiguous array -> the checked n_threads."""
+    check_array(buf, "buf", (np.dtype(np.float32),), 1, True)
     if buf.shape[0] == 0:
-        raise ValueError("buf must not be empty")
-    if not isinstance(n_threads, (int, np.integer)) or isinstance(n_threads, bool) or n_threads < 1:
-        raise ValueError(f"n_threads must be an int >= 1, got {n_threads!r}")
+        raise invalid("buf must not be empty")
+    return check_threads(n_threads)
 
 
 def read_sum(buf, n_threads=1):
     """The sum of float32 `buf` (as float64), computed by the bandwidth kernel on `n_threads` threads."""
-    _check_args(buf, n_threads)
-    return _sum(buf, int(n_threads))
+    cdef int nt = _check_args(buf, n_threads)         # before buf becomes a typed memoryview
+    return _sum(buf, nt)
 
 
 def read_bandwidth_samples(buf, n_threads=1, repeats=5):
@@ -91,10 +92,9 @@ def read_bandwidth_samples(buf, n_threads=1, repeats=5):
 
     -> (list of GB/s, the last sum) - the sum is returned so the reads are observable.
     """
-    _check_args(buf, n_threads)
+    cdef int nt = _check_args(buf, n_threads)
     if not isinstance(repeats, (int, np.integer)) or repeats < 1:
-        raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
-    cdef int nt = int(n_threads)
+        raise invalid(f"repeats must be an int >= 1, got {repeats!r}")
     cdef double s = _sum(buf, nt)                     # warm-up: page mapping, OpenMP team start
     rates = []
     for _ in range(int(repeats)):

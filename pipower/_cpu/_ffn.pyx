@@ -6,13 +6,13 @@
 gate / up / down_t are (data, scales) pairs of [F, D] matrices in format `fmt` (pipower.quant layouts;
 scales None for f32/f16), gate None for a plain MLP; rows contiguous, the three matrices row-strided alike
 (C-contiguous, or the interleaved FFN bundles of pipower.arena, whose spans the kernel prefetches whole).
-idx: int32, sorted, unique, in [0, F): the active
-neurons; None = all F neurons (the dense FFN through the same code). Each neuron's three weight rows are
-read once; no per-neuron Python.
+idx: int32, sorted, unique, in [0, F): the active neurons; None = all F neurons (the dense FFN through the
+same code). Each neuron's three weight rows are read once; no per-neuron Python. x may also hold up to
+MAX_TOKENS tokens [T, D] (batch-invariant: row t is bitwise the one-token result).
 
 Thread invariance: neurons are cut into fixed chunks (the size depends only on n), each chunk sums into
 its own partial row, and partials are added in chunk order, so `out` is bitwise the same for any
-n_threads (see _ffn_impl.h). Accumulation is float32.
+n_threads (see _ffn_impl.h). Accumulation is float32. Bad arguments raise InvalidArgumentError.
 """
 import numpy as np
 
@@ -20,7 +20,9 @@ cimport numpy as cnp
 from cython.parallel cimport parallel, prange
 from libc.stdint cimport int32_t, uint16_t
 
-from ._linear import check_array, check_out, check_threads, check_weight
+from ..ops import ACT_CODES, check_activation
+from ._checks cimport check_array, check_out, check_threads, invalid
+from ._linear import check_weight
 from ._linear cimport QuantizedActivations, pp_xq
 
 cnp.import_array()
@@ -57,9 +59,11 @@ cdef extern from "_ffn_batch_impl.h" nogil:
     void pp_ffn_gate_pass(const pp_ffn_args *a, float tau, Py_ssize_t i0, Py_ssize_t i1, float *pre,
                           unsigned char *on)
 
-# HF activation names (pipower.ops.ACTIVATIONS) and the short "gelu_tanh".
-ACTS = {"silu": PP_ACT_SILU, "gelu": PP_ACT_GELU, "gelu_tanh": PP_ACT_GELU_TANH,
-        "gelu_pytorch_tanh": PP_ACT_GELU_TANH, "gelu_new": PP_ACT_GELU_TANH, "relu": PP_ACT_RELU}
+# HF activation name -> kernel code: pipower.ops' table, which must number the formulas as the C enum does.
+ACTS = ACT_CODES
+if [ACTS[n] for n in ("silu", "gelu", "gelu_new", "relu")] != [PP_ACT_SILU, PP_ACT_GELU, PP_ACT_GELU_TANH,
+                                                              PP_ACT_RELU]:
+    raise ImportError("pipower.ops.ACT_CODES disagrees with the PP_ACT_* codes of _ffn_impl.h")
 # At most this many chunks (partial rows) per call, and at least this many neurons per chunk: enough
 # chunks to balance a few threads, few enough that the partials stay small ([<=32, D] floats).
 cdef Py_ssize_t MAX_CHUNKS = 32
@@ -160,46 +164,45 @@ cdef tuple _ffn(fmt, x, gate, up, down_t, idx, act, out, h_out, n_threads, simd,
     cdef float ftau
     cdef float *pre_p
     cdef unsigned char *on_p
-    if act not in ACTS:
-        raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(ACTS)}")
+    check_activation(act)
     a.fmt, F, D, a.rs, a.ss = check_weight(fmt, up[0], up[1], "up")
     for name, m in (("gate", gate), ("down_t", down_t)):
         if m is None:
             if name == "down_t":
-                raise ValueError("down_t is required")
+                raise invalid("down_t is required")
             continue
         _, N, j, rs, ss = check_weight(fmt, m[0], m[1], name)
         if N != F or j != D:
-            raise ValueError(f"{name} must be {F}x{D} like up, got {N}x{j}")
+            raise invalid(f"{name} must be {F}x{D} like up, got {N}x{j}")
         if N > 1 and (rs != a.rs or ss != a.ss):
-            raise ValueError(f"{name} rows must be strided like up's ({a.rs} data bytes, {a.ss} scales), "
+            raise invalid(f"{name} rows must be strided like up's ({a.rs} data bytes, {a.ss} scales), "
                              f"got {rs} and {ss}")
     if isinstance(x, np.ndarray) and x.ndim == 2:
-        check_array(x, "x", (np.dtype(np.float32),), 2)
+        check_array(x, "x", (np.dtype(np.float32),), 2, True)
         a.T = x.shape[0]
         if not 1 <= a.T <= MAX_TOKENS or x.shape[1] != D:
-            raise ValueError(f"x must have shape (T, {D}) with 1 <= T <= {MAX_TOKENS} to match {F}x{D} "
+            raise invalid(f"x must have shape (T, {D}) with 1 <= T <= {MAX_TOKENS} to match {F}x{D} "
                              f"FFN matrices, got {x.shape}")
         if h_out is not None:
-            raise ValueError("h_out is only returned for one token (x of shape (D,))")
+            raise invalid("h_out is only returned for one token (x of shape (D,))")
         if tau is not None:
-            raise ValueError("the fused threshold FFN takes one token (x of shape (D,))")
+            raise invalid("the fused threshold FFN takes one token (x of shape (D,))")
     else:
-        check_array(x, "x", (np.dtype(np.float32),), 1)
+        check_array(x, "x", (np.dtype(np.float32),), 1, True)
         a.T = 1
         if x.shape[0] != D:
-            raise ValueError(f"x must have shape ({D},) to match {F}x{D} FFN matrices, got {x.shape}")
+            raise invalid(f"x must have shape ({D},) to match {F}x{D} FFN matrices, got {x.shape}")
     a.idx = NULL
     if idx is None:
         n = F
     else:
-        check_array(idx, "idx", (np.dtype(np.int32),), 1)
+        check_array(idx, "idx", (np.dtype(np.int32),), 1, True)
         n = idx.shape[0]
         a.idx = <const int32_t *>cnp.PyArray_DATA(idx)
         with nogil:
             j = _check_idx(a.idx, n, F)
         if j:
-            raise ValueError(f"idx must be sorted, unique and within [0, {F}); idx[{j - 1}] = "
+            raise invalid(f"idx must be sorted, unique and within [0, {F}); idx[{j - 1}] = "
                              f"{idx[j - 1]}" + (f" after {idx[j - 2]}" if j > 1 else ""))
         if n == F:          # sorted, unique, in range and F of them: every neuron, i.e. the dense pass
             a.idx = NULL    # (same neurons in the same order; only the prefetch policy differs)
@@ -257,8 +260,7 @@ cdef tuple _ffn(fmt, x, gate, up, down_t, idx, act, out, h_out, n_threads, simd,
 def activation(act, x):
     """act(x) elementwise with the FFN kernels' own formulas (pp_act): a new float32 array shaped like x.
     Selections made from it (oracle mode's |act| > tau) agree with the fused threshold FFN's exactly."""
-    if act not in ACTS:
-        raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(ACTS)}")
+    check_activation(act)
     src = np.ascontiguousarray(x, dtype=np.float32)
     out = np.empty_like(src)
     cdef const float *sp = <const float *>cnp.PyArray_DATA(src)

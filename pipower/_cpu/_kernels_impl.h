@@ -124,14 +124,4 @@ static inline void pp_f16_to_f32(const uint16_t *src, float *dst, ptrdiff_t n) {
     }
 }
 
-/* bfloat16 is the top half of a float32: widening is a 16-bit shift, exact for every input.
- * src: [n] bf16 bits; dst: [n] float32. */
-static inline void pp_bf16_to_f32(const uint16_t *src, float *dst, ptrdiff_t n) {
-    uint32_t *d = (uint32_t *)dst;
-#pragma omp simd
-    for (ptrdiff_t i = 0; i < n; i++) {
-        d[i] = (uint32_t)src[i] << 16;
-    }
-}
-
 #endif /* PIPOWER_KERNELS_IMPL_H */

@@ -9,10 +9,10 @@
 
 `fmt` is the QMatrix format name, `data`/`scales` its arrays (scales None for f32/f16); each row must be
 contiguous, rows may be strided (the FFN bundles of pipower/arena.py interleave gate/up/down rows). The
-row loops are
-C (_linear_impl.h); `simd=False` selects the portable C version instead of the AVX-512 one (for tests;
+row loops are C (_linear_impl.h); `simd=False` selects the portable C version instead of the AVX-512 one (for tests;
 ignored when the module was built without AVX-512, see HAVE_AVX512). Accumulation is float32.
 Results of gemv do not depend on n_threads (a row is always one dot product computed by the same code).
+Bad arguments raise InvalidArgumentError (the checks of _checks.pxd, shared by every kernel module).
 """
 import numpy as np
 
@@ -20,6 +20,8 @@ cimport numpy as cnp
 from cython.parallel cimport parallel, prange
 from libc.math cimport sqrtf
 from libc.stdint cimport int32_t, uint16_t
+
+from ._checks cimport check_array, check_out, check_threads, invalid
 
 cnp.import_array()
 
@@ -68,36 +70,6 @@ cdef Py_ssize_t GEMM_TILE_BYTES = 1 << 20
 MAX_TOKENS = 64
 
 
-def check_threads(n_threads):
-    if not isinstance(n_threads, (int, np.integer)) or isinstance(n_threads, bool) or n_threads < 1:
-        raise ValueError(f"n_threads must be an int >= 1, got {n_threads!r}")
-    return int(n_threads)
-
-
-def check_array(a, str name, tuple dtypes, int ndim):
-    """Raise ValueError unless `a` is a C-contiguous ndarray with one of `dtypes` and `ndim` dims."""
-    if not isinstance(a, np.ndarray):
-        raise ValueError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
-    if a.dtype not in dtypes:
-        raise ValueError(f"{name} must have dtype {' or '.join(str(d) for d in dtypes)}, got {a.dtype}")
-    if a.ndim != ndim:
-        raise ValueError(f"{name} must be {ndim}-D, got shape {a.shape}")
-    if not a.flags.c_contiguous:
-        raise ValueError(f"{name} must be C-contiguous (use numpy.ascontiguousarray)")
-
-
-def check_out(out, str name, tuple shape):
-    """`out` None -> a new float32 array of `shape`; else it must be a writeable C-contiguous match."""
-    if out is None:
-        return np.empty(shape, dtype=np.float32)
-    check_array(out, name, (_F32,), len(shape))
-    if out.shape != shape:
-        raise ValueError(f"{name} must have shape {shape}, got {out.shape}")
-    if not out.flags.writeable:
-        raise ValueError(f"{name} is read-only")
-    return out
-
-
 # Format name -> (code, accepted data type numbers, whether it has scales): check_weight's fast path.
 cdef dict _FAST = {"f32": (PP_F32, cnp.NPY_FLOAT32, cnp.NPY_FLOAT32, False),
                    "f16": (PP_F16, cnp.NPY_FLOAT16, cnp.NPY_UINT16, False),
@@ -106,7 +78,7 @@ cdef dict _FAST = {"f32": (PP_F32, cnp.NPY_FLOAT32, cnp.NPY_FLOAT32, False),
 
 
 cdef Py_ssize_t _fast_row_stride(object a, int t1, int t2):
-    """row_stride() for a 2-D ndarray of type t1 or t2 through NumPy's C API; -1 when anything is off
+    """_row_stride() for a 2-D ndarray of type t1 or t2 through NumPy's C API; -1 when anything is off
     (the caller then runs the Python checks, which raise the precise error)."""
     if not cnp.PyArray_Check(a):
         return -1
@@ -126,17 +98,14 @@ cdef Py_ssize_t _fast_row_stride(object a, int t1, int t2):
     return s0 // item
 
 
-def row_stride(a, str name):
-    """Elements between consecutive rows of a 2-D array whose rows are each contiguous and do not
-    overlap (C-contiguous, or row-strided views such as pipower.arena's FFN bundles); else ValueError."""
-    if not isinstance(a, np.ndarray) or a.ndim != 2:
-        raise ValueError(f"{name} must be a 2-D numpy.ndarray, got {type(a).__name__} "
-                         f"{getattr(a, 'shape', '')}")
+cdef Py_ssize_t _row_stride(object a, str name) except -1:
+    """Elements between consecutive rows of a 2-D ndarray (checked by check_array) whose rows must not
+    overlap (C-contiguous, or row-strided views such as pipower.arena's FFN bundles)."""
     cdef int t = cnp.PyArray_TYPE(<cnp.ndarray>a)
     cdef Py_ssize_t stride = _fast_row_stride(a, t, t)      # -1 here: the rows themselves are wrong
     if stride < 0:
-        raise ValueError(f"{name} must have contiguous, non-overlapping rows (strides {a.strides} for "
-                         f"shape {a.shape}); use numpy.ascontiguousarray")
+        raise invalid(f"{name} must have contiguous, non-overlapping rows (strides {a.strides} for "
+                      f"shape {a.shape}); use numpy.ascontiguousarray")
     return stride
 
 
@@ -165,31 +134,22 @@ def check_weight(fmt, data, scales, str name="w"):
 
 def _check_weight_slow(fmt, data, scales, str name):
     if fmt not in _DATA_DTYPES:
-        raise ValueError(f"{name}: unknown weight format {fmt!r}; choose one of {', '.join(FORMATS)}")
-    _check_rows(data, f"{name} data", _DATA_DTYPES[fmt])
+        raise invalid(f"{name}: unknown weight format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    check_array(data, f"{name} data", _DATA_DTYPES[fmt], 2, False)
     cdef Py_ssize_t N = data.shape[0], K = data.shape[1], ss = 0
-    cdef Py_ssize_t rs = row_stride(data, f"{name} data") * data.itemsize
+    cdef Py_ssize_t rs = _row_stride(data, f"{name} data") * data.itemsize
     if fmt == "q4":
         K *= 2
     if fmt == "f32" or fmt == "f16":
         if scales is not None:
-            raise ValueError(f"{name}: format {fmt} has no scales, got an array")
+            raise invalid(f"{name}: format {fmt} has no scales, got an array")
     else:
-        _check_rows(scales, f"{name} scales", (_F16,))
+        check_array(scales, f"{name} scales", (_F16,), 2, False)
         if scales.shape[0] != N or scales.shape[1] * 32 != K:
-            raise ValueError(f"{name} scales must have shape ({N}, {K // 32}) for a {fmt} matrix of "
-                             f"{N}x{K} (K a multiple of 32), got {scales.shape}")
-        ss = row_stride(scales, f"{name} scales")
+            raise invalid(f"{name} scales must have shape ({N}, {K // 32}) for a {fmt} matrix of "
+                          f"{N}x{K} (K a multiple of 32), got {scales.shape}")
+        ss = _row_stride(scales, f"{name} scales")
     return FMT_CODE[fmt], N, K, rs, ss
-
-
-def _check_rows(a, str name, tuple dtypes):
-    if not isinstance(a, np.ndarray):
-        raise ValueError(f"{name} must be a numpy.ndarray, got {type(a).__name__}")
-    if a.dtype not in dtypes:
-        raise ValueError(f"{name} must have dtype {' or '.join(str(d) for d in dtypes)}, got {a.dtype}")
-    if a.ndim != 2:
-        raise ValueError(f"{name} must be 2-D, got shape {a.shape}")
 
 
 cdef inline const char *_ptr(object a):
@@ -245,9 +205,9 @@ def gemv(fmt, data, scales, x, out=None, n_threads=1, simd=True):
     cdef int code
     cdef Py_ssize_t N, K, rs, ss
     code, N, K, rs, ss = check_weight(fmt, data, scales)
-    check_array(x, "x", (_F32,), 1)
+    check_array(x, "x", (_F32,), 1, True)
     if x.shape[0] != K:
-        raise ValueError(f"x must have shape ({K},) to match a {N}x{K} matrix, got {x.shape}")
+        raise invalid(f"x must have shape ({K},) to match a {N}x{K} matrix, got {x.shape}")
     out = check_out(out, "out", (N,))
     if N == 0:
         return out
@@ -287,15 +247,15 @@ def dequantize_rows(fmt, data, scales, idx=None, start=0, stop=None, out=None, n
     code, N, K, rs, ss = check_weight(fmt, data, scales)
     cdef const int32_t *ip = NULL
     if idx is not None:
-        check_array(idx, "idx", (np.dtype(np.int32),), 1)
+        check_array(idx, "idx", (np.dtype(np.int32),), 1, True)
         R = idx.shape[0]
         if R and (idx.min() < 0 or idx.max() >= N):
-            raise ValueError(f"idx values must lie in [0, {N}), got min {idx.min()} max {idx.max()}")
+            raise invalid(f"idx values must lie in [0, {N}), got min {idx.min()} max {idx.max()}")
         ip = <const int32_t *>cnp.PyArray_DATA(idx)
     else:
         stop = N if stop is None else stop
         if not (0 <= start <= stop <= N):
-            raise ValueError(f"need 0 <= start <= stop <= {N}, got start={start} stop={stop}")
+            raise invalid(f"need 0 <= start <= stop <= {N}, got start={start} stop={stop}")
         base, R = start, stop - start
     out = check_out(out, "out", (R, K))
     if R == 0 or K == 0:
@@ -314,12 +274,12 @@ cdef class QuantizedActivations:
 
     def __cinit__(self, x, fmt="q4"):
         if fmt not in ("q4", "q8"):
-            raise ValueError(f"integer dot products are implemented for q4 and q8 weights, not {fmt}")
+            raise invalid(f"integer dot products are implemented for q4 and q8 weights, not {fmt}")
         cdef int kind = PP_XQ_Q8 if fmt == "q8" else PP_XQ_Q4
-        check_array(x, "x", (_F32,), 2)
+        check_array(x, "x", (_F32,), 2, True)
         self.T, self.K = x.shape[0], x.shape[1]
         if self.K % 32:
-            raise ValueError(f"the integer dot needs K a multiple of 32, got {self.K}")
+            raise invalid(f"the integer dot needs K a multiple of 32, got {self.K}")
         cdef Py_ssize_t nbytes = pp_xq_bytes(self.K), t
         self.buf = <char *>malloc(max(1, self.T * nbytes))
         self.rows = <pp_xq *>malloc(max(1, self.T) * sizeof(pp_xq))
@@ -353,13 +313,13 @@ def gemm_int8(fmt, data, scales, x, out=None, n_threads=1, simd=True):
     cdef Py_ssize_t N, K, T, rs, ss
     code, N, K, rs, ss = check_weight(fmt, data, scales)
     if fmt not in ("q4", "q8"):
-        raise ValueError(f"integer dot products are implemented for q4 and q8 weights, not {fmt}")
+        raise invalid(f"integer dot products are implemented for q4 and q8 weights, not {fmt}")
     if x.ndim == 1:
         x = x.reshape(1, -1)
-    check_array(x, "x", (_F32,), 2)
+    check_array(x, "x", (_F32,), 2, True)
     T = x.shape[0]
     if x.shape[1] != K:
-        raise ValueError(f"x must have shape (T, {K}) to match a {N}x{K} matrix, got {x.shape}")
+        raise invalid(f"x must have shape (T, {K}) to match a {N}x{K} matrix, got {x.shape}")
     out = check_out(out, "out", (T, N))
     if T == 0 or N == 0:
         return out
@@ -385,10 +345,10 @@ def gemm(fmt, data, scales, x, out=None, n_threads=1, simd=True, invariant=None)
     cdef int code
     cdef Py_ssize_t N, K, T, n0, n1, R, rs, ss
     code, N, K, rs, ss = check_weight(fmt, data, scales)
-    check_array(x, "x", (_F32,), 2)
+    check_array(x, "x", (_F32,), 2, True)
     T = x.shape[0]
     if x.shape[1] != K:
-        raise ValueError(f"x must have shape (T, {K}) to match a {N}x{K} matrix, got {x.shape}")
+        raise invalid(f"x must have shape (T, {K}) to match a {N}x{K} matrix, got {x.shape}")
     out = check_out(out, "out", (T, N))
     if T == 0 or N == 0:
         return out
@@ -438,11 +398,11 @@ def predict_active(fc1, fc2, b2, x, float tau, out_idx=None, n_threads=1):
     c1, R, D, rs1, ss1 = check_weight(fc1[0], fc1[1], fc1[2], "fc1")
     c2, F, R2, rs2, ss2 = check_weight(fc2[0], fc2[1], fc2[2], "fc2")
     if R2 != R:
-        raise ValueError(f"fc2 must be [F, {R}] to follow fc1 [{R}, {D}], got [{F}, {R2}]")
-    check_array(x, "x", (_F32,), 1)
-    check_array(b2, "b2", (_F32,), 1)
+        raise invalid(f"fc2 must be [F, {R}] to follow fc1 [{R}, {D}], got [{F}, {R2}]")
+    check_array(x, "x", (_F32,), 1, True)
+    check_array(b2, "b2", (_F32,), 1, True)
     if x.shape[0] != D or b2.shape[0] != F:
-        raise ValueError(f"x must be ({D},) and b2 ({F},), got {x.shape} and {b2.shape}")
+        raise invalid(f"x must be ({D},) and b2 ({F},), got {x.shape} and {b2.shape}")
     xn = np.empty(D, np.float32)
     hidden = np.empty(R, np.float32)
     logits = np.empty(F, np.float32)

@@ -1,35 +1,34 @@
-"""Projections and the FFN over compact weights, for CythonOps: thin dispatch onto _linear / _ffn.
+"""Projections and the FFN over compact weights on the compiled kernels, for CythonOps: thin dispatch
+onto _linear / _ffn.
 
     linear(x [T, K], W, bias [N] | None, n_threads) -> [T, N]
-    ffn(x [T, D], gate, up, down_t, act, n_threads, idx=None) -> [T, D]
+    ffn(x [T, D], gate, up, down_t, act, n_threads, idx=None) -> [T, D]     (the calls on_kernels() takes)
 
 W / gate / up / down_t: a pipower.quant.QMatrix or a plain float32 ndarray [rows, K] (treated as f32).
 T <= MAX_TOKENS runs the compiled kernels on n_threads OpenMP threads: gemv / the batched row kernel,
 and the fused sparse FFN, each weight row read once for all T tokens. Their results are bitwise
 independent of n_threads and of T: row t of a T-token call is bitwise what a one-token call computes for
-x[t] (batch invariance; with a per-token neuron mask the FFN takes the path below instead). Longer inputs
-(a long prompt's prefill) dequantize row tiles to float32 (exactly quant.dequantize's values) and multiply
-them with NumPy's BLAS, which uses its own thread pool and whose sums depend on T.
-Inputs must be float32 and C-contiguous (the graph's arrays are); the kernels raise ValueError otherwise.
+x[t] (batch invariance). Longer projections (a long prompt's prefill) dequantize row tiles to float32
+(exactly quant.dequantize's values) and multiply them with NumPy's BLAS, which uses its own thread pool
+and whose sums depend on T; the FFN of such a prompt, or of several tokens under a per-token mask, is
+NumpyOps' chunked FFN (CythonOps runs it over the compiled dequantizer).
+Inputs must be float32 and C-contiguous (the graph's arrays are); the kernels raise InvalidArgumentError
+otherwise.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from ..ops import ACTIVATIONS, Threshold
+from ..errors import InvalidArgumentError
+from ..ops import Threshold
 from ..quant import QMatrix
 from . import _ffn, _linear
 
 # Largest T on the batch-invariant kernels (the same bound for projections and the FFN).
 MAX_TOKENS = min(_linear.MAX_TOKENS, _ffn.MAX_TOKENS)
 
-# FFN prefill: float32 bytes of one dequantized [R, D] tile. Few big tiles beat many L2-sized ones here:
-# each tile costs an OpenMP -> BLAS hand-over, and with 128-neuron tiles those hand-overs dominated
-# (Qwen2.5-0.5B q8, T = 38..256: 7-23 tok/s with 128 neurons, 37-56 tok/s with whole matrices).
-FFN_TILE_BYTES = 32 << 20
 
-
-def _parts(W) -> tuple:
+def parts(W) -> tuple:
     """-> (fmt, data, scales) of a QMatrix or a float32 array."""
     if type(W) is QMatrix:
         return W.fmt, W.data, W.scales
@@ -40,7 +39,7 @@ def linear(x: np.ndarray, W, bias: np.ndarray | None = None, n_threads: int = 1,
            int_dot: bool = False) -> np.ndarray:
     """x: float32 [T, K]; W: [N, K]; bias: float32 [N] or None -> new float32 [T, N].
     int_dot (q4 or q8 W): int8-quantized activations, exact integer block sums, for any T (pipower.intdot)."""
-    fmt, data, scales = _parts(W)
+    fmt, data, scales = parts(W)
     if int_dot:
         y = _linear.gemm_int8(fmt, data, scales, x, n_threads=n_threads)
     elif x.ndim == 2 and x.shape[0] == 1:
@@ -52,21 +51,32 @@ def linear(x: np.ndarray, W, bias: np.ndarray | None = None, n_threads: int = 1,
     return y
 
 
+def on_kernels(T: int, idx, int_dot: bool = False) -> bool:
+    """Whether ffn() takes a call of T tokens with this idx: one token, a Threshold, the integer dot, or
+    up to MAX_TOKENS tokens sharing one neuron list."""
+    if int_dot or T == 1 or isinstance(idx, Threshold):
+        return True
+    return T <= MAX_TOKENS and not (idx is not None and idx.dtype == np.bool_)
+
+
 def ffn(x: np.ndarray, gate, up, down_t, act: str, n_threads: int = 1,
         idx: np.ndarray | None = None, int_dot: bool = False) -> np.ndarray:
     """x: float32 [T, D]; gate (or None), up, down_t: [F, D]; idx: int32 [n] sorted unique active
     neurons, a bool [T, F] per-token mask, a pipower.ops.Threshold (T = 1: the fused threshold FFN), or
-    None (all) -> new float32 [T, D]. Same math as NumpyOps.ffn.
+    None (all) -> new float32 [T, D]. Same math as NumpyOps.ffn, for the calls on_kernels() accepts.
     int_dot (q4, q8): gate/up dots over int8-quantized x, on the batch-invariant kernel for every T (token
     slices of MAX_TOKENS; a per-token mask runs each token's own neurons as its decode step would)."""
-    fu, ud, us = _parts(up)
-    fd, dd, ds = _parts(down_t)
-    fg, gd, gs = _parts(gate) if gate is not None else (fu, None, None)
+    fu, ud, us = parts(up)
+    fd, dd, ds = parts(down_t)
+    fg, gd, gs = parts(gate) if gate is not None else (fu, None, None)
     if not fu == fd == fg:
-        raise ValueError(f"gate/up/down_t must share one format, got {fg}/{fu}/{fd}")
+        raise InvalidArgumentError(f"gate/up/down_t must share one format, got {fg}/{fu}/{fd}")
+    if not on_kernels(x.shape[0], idx, int_dot):
+        raise InvalidArgumentError(f"no FFN kernel for {x.shape[0]} tokens with this idx: CythonOps.ffn runs "
+                                   f"those through NumpyOps' chunked FFN")
     if isinstance(idx, Threshold):             # one token: select and compute in one call
         if x.shape[0] != 1:
-            raise ValueError(f"the fused threshold FFN takes one token, got {x.shape[0]}")
+            raise InvalidArgumentError(f"the fused threshold FFN takes one token, got {x.shape[0]}")
         out = np.empty((1, x.shape[1]), dtype=np.float32)
         _, n = _ffn.ffn_threshold(fu, x.reshape(-1), None if gd is None else (gd, gs), (ud, us), (dd, ds),
                                   idx.tau, act, out=out.reshape(-1), n_threads=n_threads, int_dot=int_dot)
@@ -75,19 +85,18 @@ def ffn(x: np.ndarray, gate, up, down_t, act: str, n_threads: int = 1,
     mask = None
     if idx is not None and idx.dtype == np.bool_:
         if idx.shape != (x.shape[0], up.shape[0]):
-            raise ValueError(f"neuron mask shape {idx.shape} != (T, F) = {(x.shape[0], up.shape[0])}")
+            raise InvalidArgumentError(f"neuron mask shape {idx.shape} != (T, F) = {(x.shape[0], up.shape[0])}")
         if x.shape[0] == 1:
             idx = np.flatnonzero(idx[0]).astype(np.int32)
         else:
             mask, idx = idx, None
     g = None if gd is None else (gd, gs)
-    if x.ndim == 2 and x.shape[0] == 1:
+    if x.shape[0] == 1:
         out = np.empty((1, x.shape[1]), dtype=np.float32)
         _ffn.ffn_sparse(fu, x.reshape(-1), g, (ud, us), (dd, ds), idx, act, out=out.reshape(-1),
                         n_threads=n_threads, int_dot=int_dot)
         return out
     if int_dot:
-        _linear.check_array(x, "x", (np.dtype(np.float32),), 2)
         out = np.empty_like(x)
         if mask is not None:
             for t in range(x.shape[0]):
@@ -98,44 +107,12 @@ def ffn(x: np.ndarray, gate, up, down_t, act: str, n_threads: int = 1,
             _ffn.ffn_sparse(fu, x[t0:t0 + MAX_TOKENS], g, (ud, us), (dd, ds), idx, act,
                             out=out[t0:t0 + MAX_TOKENS], n_threads=n_threads, int_dot=True)
         return out
-    if x.ndim == 2 and x.shape[0] <= MAX_TOKENS and mask is None:
-        return _ffn.ffn_sparse(fu, x, g, (ud, us), (dd, ds), idx, act, n_threads=n_threads)
-    return _ffn_prefill(x, fu, (gd, gs), (ud, us), (dd, ds), act, idx, n_threads, mask)
+    return _ffn.ffn_sparse(fu, x, g, (ud, us), (dd, ds), idx, act, n_threads=n_threads)
 
 
 def ffn_layout(gate, up, down_t) -> str:
     """"bundled" if the fused FFN kernel reads these matrices as neuron bundles (pipower.arena), else
     "separate"."""
-    fu, ud, us = _parts(up)
-    fd, dd, ds = _parts(down_t)
-    return _ffn.layout(fu, None if gate is None else _parts(gate)[1:], (ud, us), (dd, ds))
-
-
-def _ffn_prefill(x, fmt, gate, up, down, act, idx, n_threads, mask=None):
-    # Tiles of R neurons: dequantize their gate/up/down rows, h = act(x G^T) * (x U^T)  [T, R],
-    # out += h @ Dn. Each weight row is dequantized once; BLAS does the flops.
-    if act not in _ffn.ACTS:
-        raise ValueError(f"unknown activation {act!r}; choose one of {', '.join(_ffn.ACTS)}")
-    _linear.check_array(x, "x", (np.dtype(np.float32),), 2)
-    F = up[0].shape[0]
-    if idx is not None:
-        _linear.check_array(idx, "idx", (np.dtype(np.int32),), 1)
-        if idx.size and (np.any(np.diff(idx) <= 0) or idx[0] < 0 or idx[-1] >= F):
-            raise ValueError(f"idx must be sorted, unique and within [0, {F})")
-    n = F if idx is None else idx.shape[0]
-    T, D = x.shape
-    tile = max(128, FFN_TILE_BYTES // (4 * D))
-    out = np.zeros((T, D), dtype=np.float32)
-    f = ACTIVATIONS["gelu_new" if act == "gelu_tanh" else act]
-    for j0 in range(0, n, tile):
-        j1 = min(n, j0 + tile)
-        sel = dict(start=j0, stop=j1) if idx is None else dict(idx=idx[j0:j1])
-        h = x @ _linear.dequantize_rows(fmt, *up, **sel).T                      # [T, R]
-        if gate[0] is not None:
-            h *= f(x @ _linear.dequantize_rows(fmt, *gate, **sel).T)
-        else:
-            h = f(h)
-        if mask is not None:                                                    # per-token decisions
-            h *= mask[:, j0:j1]
-        out += h @ _linear.dequantize_rows(fmt, *down, **sel)                  # [T, D]
-    return out
+    fu, ud, us = parts(up)
+    fd, dd, ds = parts(down_t)
+    return _ffn.layout(fu, None if gate is None else parts(gate)[1:], (ud, us), (dd, ds))

@@ -1,7 +1,8 @@
 """CythonOps: NumpyOps with the ops that pipower._cpu compiles, run on `n_threads` OpenMP threads.
 
-Only what a kernel accelerates is overridden; everything else is the NumPy reference it inherits, and
-tests compare each override to that reference.
+Only what a kernel accelerates is overridden; everything else is the NumPy reference it inherits (with
+the compiled row dequantizer as its `_rows`), and tests/test_backend_ops.py compares each op to that
+reference.
 """
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from ..errors import BackendError
 from ..threads import blas_threads
-from ..ops import NumpyOps
+from ..ops import ACTIVATIONS, NumpyOps
 from ..quant import FORMATS, QMatrix
 from . import AVAILABLE, IMPORT_ERROR, kernels
 
@@ -103,14 +104,26 @@ class CythonOps(NumpyOps):
         return linear_ops.linear(np.ascontiguousarray(x, dtype=np.float32), weight, bias, self.n_threads,
                                  int_dot=self._int_dot(weight))
 
-    def embed(self, table, ids: np.ndarray) -> np.ndarray:
-        """table: [V, D] (array or QMatrix) -> rows ids [T, D] as float32 (dequantized exactly)."""
-        if isinstance(table, QMatrix):
-            return _linear.dequantize_rows(table.fmt, table.data, table.scales,
-                                           idx=np.ascontiguousarray(ids, dtype=np.int32))
-        return super().embed(table, ids)
+    def _rows(self, w, rows=None) -> np.ndarray:
+        """The compiled row dequantizer: exactly quant.dequantize's values, for strided bundle rows too."""
+        fmt, data, scales = linear_ops.parts(w)
+        if isinstance(rows, slice):
+            start, stop, _ = rows.indices(w.shape[0])
+            return _linear.dequantize_rows(fmt, data, scales, start=start, stop=stop)
+        idx = None if rows is None else np.ascontiguousarray(rows, dtype=np.int32)
+        return _linear.dequantize_rows(fmt, data, scales, idx=idx)
 
-    def ffn(self, x: np.ndarray, gate, up, down_t, act: str, idx: np.ndarray | None = None) -> np.ndarray:
-        """Same contract as NumpyOps.ffn; T == 1 runs the fused sparse kernel over idx."""
-        return linear_ops.ffn(np.ascontiguousarray(x, dtype=np.float32), gate, up, down_t, act,
-                              self.n_threads, idx, int_dot=self._int_dot(up))
+    def ffn(self, x: np.ndarray, gate, up, down_t, act: str, idx=None) -> np.ndarray:
+        """Same contract as NumpyOps.ffn. The fused kernels take one token, a Threshold, the integer dot
+        and up to MAX_TOKENS tokens sharing one neuron list (linear_ops.on_kernels); a long prompt, or a
+        per-token mask over several tokens, runs the reference's chunked FFN (BLAS over row tiles)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        int_dot = self._int_dot(up)
+        if linear_ops.on_kernels(x.shape[0], idx, int_dot):
+            return linear_ops.ffn(x, gate, up, down_t, act, self.n_threads, idx, int_dot=int_dot)
+        return super().ffn(x, gate, up, down_t, act, idx)
+
+    def _ffn_act(self, name: str, h: np.ndarray) -> np.ndarray:
+        # NumPy's formulas, not the kernels' (activation() above): the chunked FFN has always used them,
+        # and long-prompt results stay bitwise what they were.
+        return ACTIVATIONS[name](h)

@@ -63,7 +63,7 @@ class DeviceMemory:
             raise BackendError(f"the GPU backend is not available: {why}")
         import cupy
 
-        self._cp = cupy
+        self.xp = cupy            # the array module: CupyOps' inherited NumpyOps code runs on it
         n_dev = cupy.cuda.runtime.getDeviceCount()
         if not 0 <= int(device) < n_dev:
             raise InvalidArgumentError(f"device {device} does not exist ({n_dev} CUDA device(s))")
@@ -78,6 +78,11 @@ class DeviceMemory:
         self.transfers = {"to_device": 0, "to_host": 0, "bytes_to_device": 0, "bytes_to_host": 0}
         self._staging: np.ndarray | None = None    # pinned host float32 buffer for add_from_host
         self._staging_copied = None                # CUDA event: the last copy out of it finished
+
+    @property
+    def _cp(self):
+        """The cupy module (bench/hybrid.py tells a CuPy device from the stand-in by this attribute)."""
+        return self.xp
 
     # -- memory ----------------------------------------------------------------------------------------
     def _malloc(self, size: int):
@@ -95,7 +100,7 @@ class DeviceMemory:
     @contextlib.contextmanager
     def _on_device(self):
         """Current device = ours, allocations through our pool; CuPy's OOM becomes DeviceMemoryError."""
-        cp = self._cp
+        cp = self.xp
         try:
             with cp.cuda.Device(self.device), cp.cuda.using_allocator(self._malloc):
                 yield
@@ -114,19 +119,19 @@ class DeviceMemory:
         return max(self._peak, self.allocated_bytes())
 
     def synchronize(self) -> None:
-        self._cp.cuda.Device(self.device).synchronize()
+        self.xp.cuda.Device(self.device).synchronize()
 
     # -- contract: placement and transfers -------------------------------------------------------------
     def owns(self, a) -> bool:
         if isinstance(a, DeviceMatrix):
             return True
-        return isinstance(a, self._cp.ndarray) and a.device.id == self.device
+        return isinstance(a, self.xp.ndarray) and a.device.id == self.device
 
     def place(self, w):
         """Host weight -> device copy: float32 [N] -> CuPy float32; [N, K] array / QMatrix -> DeviceMatrix."""
         if self.owns(w):
             return w
-        cp = self._cp
+        cp = self.xp
         if isinstance(w, QMatrix):
             if w.fmt == "q4":
                 raise UnsupportedModelError(f"q4 weights ({w.shape[0]}x{w.shape[1]}) are not supported on the "
@@ -147,7 +152,7 @@ class DeviceMemory:
             with self._on_device():
                 d = cp.asarray(a)
             return d if a.ndim == 1 else DeviceMatrix("f32", a.shape, d)
-        raise TypeError(f"cannot place {type(w).__name__} on the device")
+        raise InvalidArgumentError(f"cannot place {type(w).__name__} on the device")
 
     @staticmethod
     def _check_qmatrix(w: QMatrix) -> None:
@@ -169,7 +174,7 @@ class DeviceMemory:
         self.transfers["to_device"] += 1
         self.transfers["bytes_to_device"] += a.nbytes
         with self._on_device():
-            return self._cp.asarray(a)
+            return self.xp.asarray(a)
 
     def add_from_host(self, dst, a):
         """dst += a: dst a float32 device array, a a host float32 array of the same shape (the hybrid
@@ -179,7 +184,7 @@ class DeviceMemory:
 
         The staging buffer is reused call after call; before refilling it the host waits for the event
         recorded after the previous copy, which has long finished by then (a layer's work lies between)."""
-        cp = self._cp
+        cp = self.xp
         a = np.ascontiguousarray(a, dtype=F32)
         if not self.owns(dst) or dst.dtype != F32 or tuple(dst.shape) != a.shape:
             raise InvalidArgumentError(f"add_from_host needs a float32 device array shaped like the host "
@@ -204,14 +209,14 @@ class DeviceMemory:
 
     def to_host(self, a) -> np.ndarray:
         if isinstance(a, DeviceMatrix):
-            raise TypeError("to_host got a placed weight; weights stay on the device")
+            raise InvalidArgumentError("to_host got a placed weight; weights stay on the device")
         if not self.owns(a):
-            raise TypeError("to_host got a host array: the scheduler lost track of where data lives")
+            raise InvalidArgumentError("to_host got a host array: the scheduler lost track of where data lives")
         self.transfers["to_host"] += 1
         self.transfers["bytes_to_host"] += a.nbytes
         with self._on_device():
-            return self._cp.asnumpy(a)                      # synchronises the stream
+            return self.xp.asnumpy(a)                      # synchronises the stream
 
     def zeros(self, shape):
         with self._on_device():
-            return self._cp.zeros(shape, F32)
+            return self.xp.zeros(shape, F32)

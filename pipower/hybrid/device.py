@@ -1,8 +1,9 @@
 """The device side of the hybrid engine: the contract a GPU ops backend meets (`DeviceOps`), and a
 NumPy stand-in (`StandInDeviceOps`).
 
-Device ops never receive host arrays; the hybrid ops move data explicitly (to_device / to_host), so
-every transfer is visible and counted. `pipower._gpu.ops.CupyOps` is the CUDA implementation.
+Device ops never receive host arrays (InvalidArgumentError); the hybrid ops move data explicitly
+(to_device / to_host), so every transfer is visible and counted. `pipower._gpu.ops.CupyOps` is the CUDA
+implementation.
 
 `StandInDeviceOps` meets the contract with NumPy inside: CI (no GPU) runs the hybrid scheduler through
 it. Device arrays are a marked ndarray subclass, so a host array reaching a device op raises (CuPy
@@ -16,7 +17,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import DeviceMemoryError     # defined in pipower.errors; still importable from here
+from ..errors import DeviceMemoryError, InvalidArgumentError     # DeviceMemoryError: still importable here
 from ..ops import NumpyOps
 from ..quant import QMatrix
 
@@ -160,7 +161,7 @@ class StandInDeviceOps:
         if self.owns(w):
             return w
         if not isinstance(w, (np.ndarray, QMatrix)):
-            raise TypeError(f"cannot place {type(w).__name__} on the device")
+            raise InvalidArgumentError(f"cannot place {type(w).__name__} on the device")
         self._allocate(int(w.nbytes), f"a {tuple(w.shape)} weight")
         return StandInWeight(w)
 
@@ -175,7 +176,7 @@ class StandInDeviceOps:
     def add_from_host(self, dst, a):
         a = np.ascontiguousarray(a, dtype=np.float32)
         if not isinstance(dst, StandInArray) or dst.dtype != np.float32 or dst.shape != a.shape:
-            raise TypeError(f"add_from_host needs a float32 device array shaped like the host array "
+            raise InvalidArgumentError(f"add_from_host needs a float32 device array shaped like the host array "
                             f"{a.shape}, got {type(dst).__name__} {getattr(dst, 'shape', '')}")
         self.transfers["to_device"] += 1
         self.transfers["bytes_to_device"] += a.nbytes
@@ -184,7 +185,7 @@ class StandInDeviceOps:
 
     def to_host(self, a) -> np.ndarray:
         if not self.owns(a):
-            raise TypeError("to_host got a host array: the scheduler lost track of where data lives")
+            raise InvalidArgumentError("to_host got a host array: the scheduler lost track of where data lives")
         self.transfers["to_host"] += 1
         self.transfers["bytes_to_host"] += a.nbytes
         return np.array(a, copy=True).view(np.ndarray)
@@ -222,7 +223,7 @@ class StandInDeviceOps:
             elif isinstance(a, StandInArray):
                 out.append(a.view(np.ndarray))
             else:
-                raise TypeError(f"device op got a host {type(a).__name__} {getattr(a, 'shape', '')}: "
+                raise InvalidArgumentError(f"device op got a host {type(a).__name__} {getattr(a, 'shape', '')}: "
                                 f"move it with to_device first")
         return out
 
