@@ -10,8 +10,8 @@ Two pieces, so tests can run CupyOps end to end on the CPU:
   (size-0 arrays are NULL, as CuPy's), vector loads must be aligned (ushort2 / char4 4 bytes, ushort4 /
   float2 8, float4 16), a block that cannot reach its barrier is reported, and arrays allocated by
   `FakeCupy` carry guard bytes checked after each launch (writes out of bounds).
-* `FakeCupy`: a NumPy-backed stand-in for the part of CuPy that CupyOps (_gpu/ops.py, _gpu/memory.py)
-  uses. Allocations go through the active allocator (`cuda.using_allocator`) into a pool with CuPy's
+* `FakeCupy`: a NumPy-backed stand-in for the part of CuPy that CupyOps uses (_gpu/ops.py, _gpu/memory.py
+  and the NumpyOps code it inherits, which reaches CuPy as `self.xp`). Allocations go through the active allocator (`cuda.using_allocator`) into a pool with CuPy's
   512-byte rounding and `set_limit`, are 256-byte aligned like CuPy's, and start as 0xFF bytes (NaN) so
   unwritten output shows.
   Asynchronous copies from pinned host memory (`ndarray.set(pinned, stream=...)`) are checked for the

@@ -63,8 +63,8 @@ class CupyOps(DeviceMemory, NumpyOps):
         """A float32 device activation, C-contiguous and 16-byte aligned (copied only when it is not)."""
         cp = self.xp
         if not isinstance(a, cp.ndarray):
-            raise InvalidArgumentError(f"device op got a host {type(a).__name__} {getattr(a, 'shape', '')} as {what}: "
-                            f"move it with to_device first")
+            raise InvalidArgumentError(f"device op got a host {type(a).__name__} {getattr(a, 'shape', '')} as "
+                                       f"{what}: move it with to_device first")
         if a.device.id != self.device:
             raise InvalidArgumentError(f"{what} is on device {a.device.id}, this backend runs on {self.device}")
         if a.dtype != F32:
