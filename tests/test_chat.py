@@ -222,7 +222,7 @@ def _chat(*args, stdin: bytes, timeout=120):
 def test_repl_streams_the_session_and_runs_the_commands(tiny_path):
     lines = ["hello there", "/system Be brief.", "hi", "and then?", "/help", "/bogus", "/reset",
              "two\\", "lines", "//slash", "", "/exit", "never read"]
-    out = _chat("-m", str(tiny_path), "-n", "8", "--stats", stdin="\n".join(lines).encode() + b"\n")
+    out = _chat("-m", str(tiny_path), "-n", "8", "--timings", stdin="\n".join(lines).encode() + b"\n")
     assert out.returncode == 0, out.stderr
     err = out.stderr.decode()
     assert "Traceback" not in err
@@ -304,7 +304,7 @@ def slow_path(tmp_path_factory):
 
 
 def test_ctrl_c_stops_the_answer_and_keeps_the_session(slow_path):
-    r = _Repl("-m", str(slow_path), "-n", "4000", "--backend", "numpy", "--stats")
+    r = _Repl("-m", str(slow_path), "-n", "4000", "--backend", "numpy", "--timings")
     try:
         r.wait_for(lambda: b"/help lists commands" in r.err)
         r.send("tell me everything\n")

@@ -1,4 +1,5 @@
 """The command line: help for every flag, one-line errors with non-zero exit and no traceback."""
+import argparse
 import os
 import subprocess
 import sys
@@ -15,13 +16,31 @@ def run_cli(*args, timeout=120):
                           timeout=timeout, stdin=subprocess.DEVNULL, env=env)
 
 
+def _leaf_parsers(parser, path=()):
+    """(command path, parser) of every command that takes flags, e.g. ("eval", "humaneval")."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield path, parser
+    for a in subs:
+        for name, sub in a.choices.items():
+            yield from _leaf_parsers(sub, path + (name,))
+
+
+def _flags(parser):
+    return [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._HelpAction)]
+
+
 def test_help_lists_every_flag_with_an_explanation():
-    parser = build_parser()
-    subparsers = parser._subparsers._group_actions[0].choices
-    for name, sub in subparsers.items():
-        for action in sub._actions:
-            if action.option_strings and action.dest != "help":
-                assert action.help and len(action.help) > 10, f"{name} {action.option_strings} lacks help"
+    commands = list(_leaf_parsers(build_parser()))
+    assert len(commands) >= 15 and ("eval", "humaneval") in dict(commands)
+    for path, sub in commands:
+        text = sub.format_help()
+        for action in _flags(sub):
+            if action.help == argparse.SUPPRESS:           # a renamed flag's old spelling: hidden
+                assert not any(o in text.split() for o in action.option_strings), (path, action.option_strings)
+                continue
+            assert action.help and len(action.help) > 10, f"{path} {action.option_strings} lacks help"
+            assert all(o in text for o in action.option_strings), (path, action.option_strings)
     out = run_cli("generate", "--help")
     assert out.returncode == 0
     for flag in ("-m", "-p", "-n", "--temp", "--top-k", "--top-p", "-s", "-t", "--chat"):
@@ -47,7 +66,10 @@ def test_corrupt_gguf_is_one_line_error(tmp_path):
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["generate", "--vram-budget", "1GiB", "hi"], "not to the CPU engine"),
+    (["generate", "--device", "cpu", "--vram-budget", "1GiB", "hi"], "not to the CPU engine"),
+    (["generate", "--device", "cpu", "--stats", "s.safetensors", "hi"], "not to the CPU engine"),
+    (["eval", "humaneval", "--device", "cpu", "--vram-budget", "1GiB", "--out", "o"], "not to the CPU engine"),
+    (["eval", "humaneval", "--device", "hybrid", "--stats", "s", "--out", "o"], "needs --vram-budget"),
     (["generate", "--device", "tpu", "hi"], "invalid choice"),
     (["info", "--device", "hybrid"], "give it with -m"),
 ])
@@ -66,6 +88,21 @@ def test_gpu_device_without_a_gpu_says_so(capsys, monkeypatch):
                  "hi"]) == 1
     err = capsys.readouterr().err
     assert "no usable GPU" in err and "no CUDA device (test)" in err and err.strip().count("\n") == 0
+
+
+def test_vram_budget_without_device_means_hybrid_in_every_command(capsys, monkeypatch):
+    """One rule everywhere: --device defaults to cpu, or to hybrid when --vram-budget is given."""
+    from pipower.cli.args import resolve_device
+    for argv in (["generate", "hi"], ["bench"], ["info", "-m", "x"], ["eval", "humaneval", "--out", "o"]):
+        for extra, device in (([], "cpu"), (["--vram-budget", "1GiB"], "hybrid"),
+                              (["--vram-budget", "1GiB", "--device", "cpu"], "cpu")):
+            args = build_parser().parse_args(argv + extra)
+            resolve_device(args)
+            assert args.device == device, (argv, extra)
+    from pipower import _gpu
+    monkeypatch.setattr(_gpu, "_status", (False, "no CUDA device (test)"))
+    assert main(["generate", "--vram-budget", "1GiB", "-m", "/no/such/model.gguf", "hi"]) == 1
+    assert "no usable GPU" in capsys.readouterr().err
 
 
 class _no_raise:
@@ -268,3 +305,104 @@ def test_dot_option(tiny_gguf):
     assert out.returncode == 0 and "int8 dots" not in out.stderr
     _one_line_error(run_cli("generate", "-m", tiny_gguf, "-n", "1", "--weights", "f16", "--dot", "int8", "hi"),
                     "q4 and q8 weights")
+
+
+# ---- issue #17 item 4: one package, every flag defined once, one name per concept ------------------------
+
+# A flag's concept and help come from pipower/cli/args.py; only these may differ between commands, by design:
+PER_COMMAND_DEFAULT = {"--n-predict",   # the workload: 256 (generate), 512 per chat answer, 384 per HumanEval sample
+                       "--seed",        # eval/sweep: a fixed base seed (0), so a run resumes and repeats exactly
+                       "--model",       # optional (no default) where a model is not needed: info, train-predictors
+                       "--ctx-size"}    # plan: 4096, what --device hybrid plans for; serve: the model's own
+PER_COMMAND_CHOICES = {"--device"}      # eval humaneval runs cpu or hybrid only
+PER_COMMAND_METAVAR = {"--draft"}       # bench compares a list of drafters: D[,D...]
+# The same word for different things in different commands (not one concept):
+HOMONYMS = {"--out": "what each command writes", "--tokens": "profile: corpus tokens; bench: decode steps",
+            "--samples": "profile: training rows per layer; eval: samples per problem"}
+
+
+def test_a_flag_means_one_thing_in_every_command():
+    by_name = {}
+    for path, sub in _leaf_parsers(build_parser()):
+        for a in _flags(sub):
+            if a.help != argparse.SUPPRESS and path:
+                by_name.setdefault(a.option_strings[-1], []).append((path, a))
+    shared = {name: used for name, used in by_name.items() if len(used) > 1 and name not in HOMONYMS}
+    assert {"--model", "--stats", "--vram-budget", "--device", "--n-predict", "--temp", "--seed", "--draft",
+            "--json", "--no-cache", "--predictors"} <= set(shared)
+    for name, used in shared.items():
+        (_, first), commands = used[0], [" ".join(p) for p, _ in used]
+        for path, a in used:
+            assert getattr(a, "concept", None), f"{name} in {path} is not defined by pipower.cli.args"
+            assert a.concept == first.concept and a.help.startswith(a.concept), (name, commands)
+            assert (a.option_strings, a.dest, a.type, a.nargs, a.const) == \
+                   (first.option_strings, first.dest, first.type, first.nargs, first.const), (name, path)
+            assert name in PER_COMMAND_DEFAULT or a.default == first.default, (name, path, a.default)
+            assert name in PER_COMMAND_CHOICES or a.choices == first.choices, (name, path)
+            assert name in PER_COMMAND_METAVAR or a.metavar == first.metavar, (name, path)
+    # the activation-stats file has one name, and llama.cpp's names are kept
+    assert "--hot-stats" not in by_name and {p[0] for p, _ in by_name["--stats"]} >= {
+        "generate", "info", "bench", "eval", "sweep", "plan", "train-predictors"}
+    gen = {o for a in _flags(dict(_leaf_parsers(build_parser()))[("generate",)]) for o in a.option_strings}
+    assert {"-m", "-p", "-n", "-t", "-s", "--temp", "--top-k", "--top-p"} <= gen
+    assert by_name["--ctx-size"][0][1].option_strings == ["-c", "--ctx-size"]
+
+
+RENAMED = [  # (command, flags the command needs, old spelling, new spelling, value, dest, parsed)
+    (("generate",), ["hi"], "--hot-stats", "--stats", "s.safetensors", "stats", "s.safetensors"),
+    (("info",), [], "--hot-stats", "--stats", "s.safetensors", "stats", "s.safetensors"),
+    (("bench",), [], "--hot-stats", "--stats", "s.safetensors", "stats", "s.safetensors"),
+    (("eval", "humaneval"), ["--out", "o"], "--max-tokens", "--n-predict", "5", "max_tokens", 5),
+    (("eval", "humaneval"), ["--out", "o"], "--temperature", "--temp", "0.5", "temperature", 0.5),
+    (("sweep", "humaneval"), ["--out", "o"], "--max-tokens", "-n", "5", "max_tokens", 5),
+    (("sweep", "humaneval"), ["--out", "o"], "--temperature", "--temp", "0.5", "temperature", 0.5),
+    (("sweep", "humaneval"), ["--out", "o"], "--budgets", "--vram-budgets", "1GiB", "vram_budgets", "1GiB"),
+    (("plan",), ["--stats", "s", "--vram-budget", "1GiB", "--out", "o"], "--context", "-c", "64", "ctx_size", 64),
+    (("chat",), [], "--stats", "--timings", None, "timings", True),
+]
+
+
+@pytest.mark.parametrize("command, needs, old, new, value, dest, parsed", RENAMED)
+def test_renamed_flags_still_work_hidden_with_a_deprecation_note(command, needs, old, new, value, dest, parsed,
+                                                                  capsys):
+    given = [value] if value is not None else []
+    a = build_parser().parse_args([*command, *needs, new, *given])
+    assert capsys.readouterr().err == ""
+    b = build_parser().parse_args([*command, *needs, old, *given])
+    err = capsys.readouterr().err
+    assert getattr(a, dest) == getattr(b, dest) == parsed
+    assert err.count("\n") == 1 and err.startswith(f"pipower: warning: {old} is deprecated, use ") and new in err
+    assert old not in dict(_leaf_parsers(build_parser()))[command].format_help().split()
+
+
+def test_a_deprecated_flag_through_the_command_line(tmp_path):
+    out = run_cli("chat", "-m", str(tmp_path / "none.gguf"), "--stats")
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and len(lines) == 2, out.stderr
+    assert lines[0] == "pipower: warning: --stats is deprecated, use --timings" and "none.gguf" in lines[1]
+
+
+def test_cli_modules_import_alone_without_circles_and_the_library_never_imports_them():
+    import ast
+    import re
+    from pathlib import Path
+
+    import pipower.cli
+    cli = Path(pipower.cli.__file__).parent
+    modules = sorted(p.stem for p in cli.glob("*.py"))
+    assert {"__init__", "args", "generate", "sparse", "eval", "bench", "cache", "chat", "serve"} <= set(modules)
+    for stem in modules:
+        name = "pipower.cli" if stem == "__init__" else f"pipower.cli.{stem}"
+        r = subprocess.run([sys.executable, "-c", f"import {name}"], cwd=CHILD_CWD, capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, (name, r.stderr)
+        # only the package imports the command modules; they import args (and the library), never each other
+        for node in ast.walk(ast.parse((cli / f"{stem}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 1 and stem != "__init__":
+                assert node.module == "args", (stem, node.module)
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                assert not (node.module or "").startswith("pipower.cli"), stem
+    library = [p for p in cli.parent.rglob("*.py") if cli not in p.parents and p.name != "__main__.py"]
+    assert len(library) > 20
+    for p in library:
+        assert not re.search(r"from \.+cli\b|pipower\.cli\b|from \.+ import cli\b", p.read_text()), p

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from pipower.cli import main
-from pipower.cli_sparse import parse_bytes
+from pipower.units import parse_bytes
 
 
 def test_parse_bytes():

@@ -2,6 +2,7 @@
 (on a scripted fake model), the CLI on a tiny random GGUF, and an end-to-end sweep on SmolLM2."""
 import json
 import math
+import shlex
 import time
 from types import SimpleNamespace
 
@@ -316,7 +317,7 @@ def tiny(tmp_path_factory):
 
 def test_cli_eval_sweep_report(tiny, tmp_path, capsys):
     from pipower.cli import main
-    common = ["-m", tiny.gguf, "--data", tiny.data, "--max-tokens", "4"]
+    common = ["-m", tiny.gguf, "--data", tiny.data, "-n", "4"]
     assert main(["eval", "humaneval", *common, "--act-threshold", "0.5", "--out", str(tmp_path / "e")]) == 0
     assert "pass@1 0.000" in capsys.readouterr().out
     # same directory, other settings: one-line error, non-zero exit
@@ -328,13 +329,17 @@ def test_cli_eval_sweep_report(tiny, tmp_path, capsys):
     assert "--stats" in capsys.readouterr().err
     out = str(tmp_path / "sw")
     assert main(["sweep", "humaneval", *common, "--limit", "2", "--act-thresholds", "0,0.5",
-                 "--budgets", "96.2MiB", "--stats", tiny.stats, "--out", out]) == 0   # 96 MiB reserve + a split
+                 "--vram-budgets", "96.2MiB", "--stats", tiny.stats, "--out", out]) == 0   # 96 MiB reserve + a split
     rows = [r.split(",") for r in (tmp_path / "sw" / "report.csv").read_text().splitlines()]
     head = rows[0]
     assert [(r[1], r[2]) for r in rows[1:]] == [("dense", ""), ("act_threshold", "0.0"), ("act_threshold", "0.5"),
                                                ("budget", str(int(96.2 * 2**20)))]
     budget = dict(zip(head, rows[4]))
     assert budget["identical_to_dense"] == "2/2" and 0 < float(budget["hot_freq_share"]) < 1
+    cmd = json.loads((tmp_path / "sw" / "sweep.json").read_text())["equivalent_command"]
+    from pipower.cli import build_parser
+    assert build_parser().parse_args(shlex.split(cmd)[1:]).vram_budgets == str(int(96.2 * 2**20))
+    assert "deprecated" not in capsys.readouterr().err          # the equivalent command uses today's flags
     (bdir,) = (tmp_path / "sw").glob("budget-*")
     from pipower import _gpu
     engine = json.loads((bdir / "settings.json").read_text())["sparsity"]["engine"]
@@ -395,7 +400,8 @@ def test_every_eval_flag_has_help():
             if isinstance(action, argparse._SubParsersAction):
                 for sub_name, sub in action.choices.items():
                     yield from walk(sub, f"{name} {sub_name}")
-            elif action.option_strings and action.dest != "help" or action.dest == "dirs":
+            elif action.option_strings and action.dest != "help" and action.help != argparse.SUPPRESS \
+                    or action.dest == "dirs":
                 yield name, action
     top = build_parser()._subparsers._group_actions[0].choices
     checked = 0
@@ -430,7 +436,7 @@ def test_cli_eval_with_a_drafter_records_acceptance_and_keeps_the_completions(ti
     from pipower.cli import main
     from pipower.eval.report import paired
     from pipower.eval.run import SAMPLES, read_samples
-    common = ["-m", tiny.gguf, "--data", tiny.data, "--max-tokens", "24", "--limit", "3"]
+    common = ["-m", tiny.gguf, "--data", tiny.data, "-n", "24", "--limit", "3"]
     assert main(["eval", "humaneval", *common, "--out", str(tmp_path / "plain")]) == 0
     assert main(["eval", "humaneval", *common, "--draft", "lookup+act:0.5", "--out", str(tmp_path / "d")]) == 0
     assert "draft accepted" in capsys.readouterr().out

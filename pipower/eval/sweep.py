@@ -21,6 +21,7 @@ from .run import SAMPLES, evaluate, read_samples, write_summary
 # sweep argument -> knob, in the order points run
 KNOB_LISTS = {"act_thresholds": "act_threshold", "target_sparsities": "target_sparsity",
               "pred_thresholds": "pred_threshold", "budgets": "budget"}
+CLI_FLAGS = {"budgets": "vram-budgets"}     # knob lists whose `pipower sweep` flag is not the key with dashes
 
 
 def _bytes(v) -> int:
@@ -70,15 +71,15 @@ def equivalent_command(model_spec: str, points: list[Point], out_dir, problems, 
     for arg, knob in KNOB_LISTS.items():
         vals = [p.value for p in points if p.knob == knob]
         if vals:
-            cmd += [f"--{arg.replace('_', '-')}", ",".join(str(int(v)) if knob == "budget" else f"{v:g}"
-                                                           for v in vals)]
+            cmd += [f"--{CLI_FLAGS.get(arg, arg.replace('_', '-'))}",
+                    ",".join(str(int(v)) if knob == "budget" else f"{v:g}" for v in vals)]
     if predictors:
         cmd += ["--predictors", str(predictors)]
     if stats:
         cmd += ["--stats", str(stats)]
     cmd += ["--problems", _compact([task_number(p) for p in problems]), "--mode", params["mode"],
-            "--max-tokens", str(params["max_tokens"]), "--samples", str(params["samples"]),
-            "--temperature", f"{params['temperature']:g}", "--seed", str(params["seed"]), "--out", str(out_dir)]
+            "--n-predict", str(params["max_tokens"]), "--samples", str(params["samples"]),
+            "--temp", f"{params['temperature']:g}", "--seed", str(params["seed"]), "--out", str(out_dir)]
     return shlex.join(cmd)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import time
 
+from .args import add_json
+
 
 def add_commands(sub) -> None:
     c = sub.add_parser("cache", help="list or clear the prepared-model cache",
@@ -15,7 +17,7 @@ def add_commands(sub) -> None:
                             description="List the prepared-model cache files, newest first.")
     ls.add_argument("--verify", action="store_true",
                     help="read every file whole and check its data checksum (slow for big models)")
-    ls.add_argument("--json", action="store_true", help="print JSON instead of text")
+    add_json(ls)
     actions.add_parser("clear", help="delete every cache file (models are prepared again on their next load)",
                        description="Delete every prepared-model cache file.")
 
@@ -25,7 +27,7 @@ def _mib(n: int) -> str:
 
 
 def cmd_cache(args) -> int:
-    from .model_cache import cache_dir, clear, entries
+    from ..model_cache import cache_dir, clear, entries
     if args.cache_action == "clear":
         n, freed = clear()
         print(f"removed {n} file{'s' if n != 1 else ''} ({_mib(freed)}) from {cache_dir()}")

