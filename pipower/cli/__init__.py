@@ -2,8 +2,9 @@
 
 One module per command group (generate, fetch, info, sparse: profile/train-predictors/plan, bench, eval:
 eval/sweep/report, cache, serve, chat), each with add_commands(sub) and COMMANDS; args holds what they
-share (flag definitions, exit codes, error lines). Nothing here imports numpy-heavy modules before a command
-runs, and nothing outside pipower.cli imports from it.
+share (flag definitions, exit codes, error lines). The command modules import the library inside their
+cmd_* functions, so --help and --version load no more than `import pipower` does; nothing outside
+pipower.cli imports from it.
 """
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ import sys
 
 from . import bench, cache, chat, fetch, generate, info, serve, sparse
 from . import eval as evaluation
-from .args import (EPILOG, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, Terminated, error,
-                   resolve_device)
+from .args import EPILOG, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, Terminated, error, resolve_device
 from ..errors import InvalidArgumentError, PipowerError
 
 GROUPS = (generate, fetch, info, sparse, bench, evaluation, cache, serve, chat)     # the order of `pipower --help`

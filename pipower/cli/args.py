@@ -69,8 +69,8 @@ def argv_text(s: str | None, what: str) -> str | None:
 # ---- renamed flags -------------------------------------------------------------------------------------
 
 class DeprecatedAlias(argparse.Action):
-    """A renamed flag's old spelling: hidden from --help, stores into the new flag's dest, and says once
-    on stderr that it is deprecated."""
+    """A renamed flag's old spelling: hidden from --help, stores into the new flag's dest, and says in one
+    line on stderr that it is deprecated."""
 
     def __init__(self, option_strings, dest, new, **kw):
         super().__init__(option_strings, dest, **kw)

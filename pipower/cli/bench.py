@@ -1,8 +1,8 @@
 """`pipower bench`: prefill and decode speed of a model, optionally sparse, drafted or on a device."""
 from __future__ import annotations
 
-from .args import (add_device_args, add_draft, add_json, add_model_args, add_sparsity_args, add_values,
-                   load_kwargs, sparsity_kwargs)
+from .args import (EXIT_ERROR, EXIT_OK, add_device_args, add_draft, add_json, add_model_args,
+                   add_sparsity_args, add_values, load_kwargs, sparsity_kwargs)
 
 
 def add_commands(sub) -> None:
@@ -77,7 +77,7 @@ def _bench_drafts(model, args, ids) -> int:
     for name, r in res.items():
         acc = f"{r['accepted']}/{r['drafted']}" if name != "none" else ""
         print(f"{name:<22} {r['tok_s']:8.2f} {r['ratio_to_plain']:9.2f} {acc:>17} {str(r['identical']):>10}")
-    return 0 if all(r["identical"] for r in res.values()) else 1
+    return EXIT_OK if all(r["identical"] for r in res.values()) else EXIT_ERROR      # a drafter changed the text
 
 
 def _bench_thresholds(model, args, ids) -> int:

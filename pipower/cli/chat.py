@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import sys
 
-from .args import (EPILOG, Terminated, add_model_args, add_n_predict, add_sampling_args, add_system, alias,
-                   argv_text, load_kwargs, utf8_text)
+from .args import (EPILOG, EXIT_INTERRUPTED, Terminated, add_model_args, add_n_predict, add_sampling_args,
+                   add_system, alias, argv_text, error, load_kwargs, utf8_text)
 
 COMMAND_HELP = """commands:
   /reset          forget the conversation (the system message stays)
@@ -98,12 +98,12 @@ def cmd_chat(args) -> int:
         except KeyboardInterrupt:
             if ctrl_c:
                 _note("")
-                return 130
+                return EXIT_INTERRUPTED
             ctrl_c = True
             _note("\n(Ctrl-C again or /exit to quit)")
             continue
         except PipowerError as e:        # an input line that is not UTF-8: say so, keep the session
-            _note(f"pipower: error: {e}")
+            error(e)
             continue
         ctrl_c = False
         if text.startswith("/") and not text.startswith("//"):
@@ -142,7 +142,7 @@ def _answer(session, text: str, show_stats: bool) -> None:
     try:
         turn = session.send(text)
     except PipowerError as e:             # e.g. the conversation no longer fits the context
-        _note(f"pipower: error: {e}")
+        error(e)
         return
     stopped = False
     try:
@@ -158,7 +158,7 @@ def _answer(session, text: str, show_stats: bool) -> None:
     except PipowerError as e:
         turn.close()
         sys.stdout.write("\n")
-        _note(f"pipower: error: {e}")
+        error(e)
         return
     sys.stdout.write("\n")
     sys.stdout.flush()

@@ -20,7 +20,8 @@ def _add_data(p) -> None:
 def _add_problem_args(p) -> None:
     flag(p, "--problems", default=None, metavar="SPEC", concept="HumanEval task numbers to run, e.g. '0-9,42'",
          default_text="all 164")
-    flag(p, "--limit", type=int, default=None, metavar="N", concept="run at most the first N of the selected problems")
+    flag(p, "--limit", type=int, default=None, metavar="N",
+         concept="run at most the first N of the selected problems")
     _add_data(p)
     flag(p, "--mode", choices=("completion", "chat"), default="completion", default_text="completion",
          concept="completion: the model continues the prompt, cut at the bigcode stop sequences; chat: the prompt "

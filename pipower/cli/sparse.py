@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from .args import (add_act_threshold, add_ctx_size, add_model, add_model_args, add_predictors, add_stats,
-                   add_target_sparsity, add_vram_budget, alias, load_kwargs)
+                   add_target_sparsity, add_vram_budget, alias, load_kwargs, warning)
 from ..units import parse_bytes
 
 
@@ -110,9 +110,8 @@ def cmd_profile(args) -> int:
                     progress=bar.update, meta={"corpus": " ".join(args.corpus), "files": len(files)})
     bar.close()
     if stats.n_tokens < args.tokens:
-        print(f"pipower: warning: profiled only {stats.n_tokens} of the {args.tokens} requested tokens: the corpus "
-              f"ran out (it is cut into whole sequences of --seq-len {args.seq_len}; a shorter last piece is "
-              f"dropped)", file=sys.stderr)
+        warning(f"profiled only {stats.n_tokens} of the {args.tokens} requested tokens: the corpus ran out (it is "
+                f"cut into whole sequences of --seq-len {args.seq_len}; a shorter last piece is dropped)")
     stats.save(args.out)
     import os
     print(f"wrote {args.out}: {_size(os.path.getsize(args.out))}, {stats.inputs[0].shape[0] if stats.inputs else 0} "
