@@ -8,7 +8,7 @@
 #   summary.txt     timestamped steps and the verdict
 #   env.txt         nvidia-smi, Python / CuPy / NumPy versions, CuPy's config
 #   install.log     only when a venv had to be made and filled
-#   pytest.log      `pytest -m gpu tests/test_gpu_ops.py` output (skip reasons, slowest tests)
+#   pytest.log      `pytest -m gpu tests/test_backend_ops.py tests/test_gpu_ops.py` output (skip reasons, slowest tests)
 #   junit-gpu.xml   the same run as JUnit XML
 #   hybrid.json/.md, hybrid.log   bench/hybrid.py on the GPU (synthetic LLaMA-2-7B shape, q8)
 #   hybrid-qwen1.5b.json/.md/.log the Qwen2.5-Coder-1.5B shape all on the GPU vs the CPU engine
@@ -86,9 +86,9 @@ cupy.show_config()'
 } >>"$OUT/env.txt" 2>&1
 log "$(grep -m1 '^numpy' "$OUT/env.txt" || echo 'versions not read')"
 
-log "pytest -m gpu tests/test_gpu_ops.py"
+log "pytest -m gpu tests/test_backend_ops.py tests/test_gpu_ops.py"
 timeout "$(budget 300)" "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider --durations=15 \
-    --junitxml="$OUT/junit-gpu.xml" -o junit_family=xunit2 tests/test_gpu_ops.py >"$OUT/pytest.log" 2>&1
+    --junitxml="$OUT/junit-gpu.xml" -o junit_family=xunit2 tests/test_backend_ops.py tests/test_gpu_ops.py >"$OUT/pytest.log" 2>&1
 rc=$?
 summary=$(grep -E '(passed|failed|error|skipped|no tests ran)' "$OUT/pytest.log" | tail -n 1)
 if [ "$rc" -eq 124 ]; then
