@@ -13,12 +13,16 @@ import logging
 import signal
 import sys
 
-from . import bench, cache, chat, fetch, generate, info, serve, sparse
-from . import eval as evaluation
 from .args import EPILOG, EXIT_INTERRUPTED, EXIT_OK, EXIT_TERMINATED, Terminated, error, resolve_device
 from ..errors import InvalidArgumentError, PipowerError
 
-GROUPS = (generate, fetch, info, sparse, bench, evaluation, cache, serve, chat)     # the order of `pipower --help`
+
+def groups() -> tuple:
+    """The command-group modules, in the order of `pipower --help` (imported on first use, so --version
+    does not load them)."""
+    from . import bench, cache, chat, fetch, generate, info, serve, sparse
+    from . import eval as evaluation
+    return generate, fetch, info, sparse, bench, evaluation, cache, serve, chat
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,14 +33,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the version (pipower X.Y.Z) and exit")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-v info, -vv debug)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in GROUPS:
+    for group in groups():
         group.add_commands(sub)
     return parser
 
 
 def commands() -> dict:
     """Command name -> cmd_*(args) -> exit status."""
-    return {name: cmd for group in GROUPS for name, cmd in group.COMMANDS.items()}
+    return {name: cmd for group in groups() for name, cmd in group.COMMANDS.items()}
 
 
 def _raise_terminated(signum, frame):
@@ -51,6 +55,10 @@ def _check_common_args(args) -> None:
 
 
 def main(argv=None) -> int:
+    if (sys.argv[1:] if argv is None else list(argv)) in (["-V"], ["--version"]):
+        from .. import __version__                 # what argparse's version action prints, without the commands
+        print(f"pipower {__version__}")
+        return EXIT_OK
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
