@@ -42,6 +42,7 @@ def test_wheel_contents(tree, tmp_path):
     assert "pipower/_gpu/rmsnorm.cu" in names and "pipower/_gpu/emulator_shim.h" in names
     entry = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "pipower = pipower.cli:main" in zipfile.ZipFile(whl).read(entry).decode()
+    assert {"pipower/cli/__init__.py", "pipower/cli/args.py", "pipower/__main__.py"} <= set(names)
 
 
 def test_editable_install_builds_extension_in_place(tree, tmp_path):
