@@ -118,7 +118,7 @@ if timeout "$(budget 30)" "$PY" -c 'import pipower._cpu as c; assert c.AVAILABLE
     timeout "$(budget 400)" "$PY" bench/hybrid.py --device gpu --shape llama2-7b --weights q8 --budgets 0.25,0.5 \
         --tokens 16 --repeats 3 --out "$OUT/hybrid.json" >"$OUT/hybrid.log" 2>&1
     log "hybrid bench rc=$?: $(tail -n 3 "$OUT/hybrid.log" | tr '\n' ' ')"
-    # issue #5 row (a): Qwen2.5-Coder-1.5B's shape all on the GPU (random weights: the real ones cannot
+    # Qwen2.5-Coder-1.5B's shape all on the GPU (random weights: the real ones cannot
     # be carried here), next to the CPU engine on the same shape
     log "bench/hybrid.py --shape qwen2.5-1.5b (all on device vs CPU)"
     timeout "$(budget 150)" "$PY" bench/hybrid.py --device gpu --shape qwen2.5-1.5b --weights q8 --budgets '' \

@@ -3,7 +3,7 @@
     OUT=results python bench/hybrid.py --device gpu --shape llama2-7b --weights q8 \
         --budgets 0.25,0.5 --tokens 16 --repeats 3 --out bench/results/hybrid.json
 
-(issue #5's benchmark; `--device emulated --shape tiny` runs the same code with the device emulated on
+(`--device emulated --shape tiny` runs the same code with the device emulated on
 the CPU engine, which is what the test suite does, so the script is known to work before a GPU run.)
 
 The model: LLaMA-2-7B's shape (32 layers, D 4096, F 11008, 32 heads, vocab 32000) with ReLU FFNs and

@@ -4,14 +4,14 @@ Decode reads every FFN weight row once per token; the sparse FFN reads a scatter
 4 KiB pages each scattered row costs a TLB miss, and NumPy only asks the kernel for transparent huge
 pages on allocations of 4 MiB or more, so small models' per-layer matrices (SmolLM2: 0.9 MB in q8) miss
 out. Packing the matrices into one 2 MiB-aligned buffer puts them on huge pages where the system allows
-(THP "madvise" or "always"): the 25% sparse FFN ran 15-20% faster on SmolLM2 (docs/PERF_NOTES.md).
+(THP "madvise" or "always"): the 25% sparse FFN ran 15-20% faster on SmolLM2 (docs/dev/PERF_NOTES.md).
 
 FFN bundles (`Arena.bundle_ffn`): one layer's gate, up and down_t rows of neuron i, then their scale rows,
 in one span padded to a cache line:  [gate_i | up_i | down_i | gate_s_i | up_s_i | down_s_i]. The matrices
 become row-strided views (every row still contiguous, so NumPy and every kernel read them as before). A
 sparse FFN reads one contiguous span per active neuron instead of six scattered pieces, which the kernel
 prefetches whole, two levels deep: the 25%-active FFN went from ~0.48 to ~0.33 of the dense FFN time on
-Qwen2.5-0.5B-shaped layers (docs/PERF_NOTES.md section 6).
+Qwen2.5-0.5B-shaped layers (docs/dev/PERF_NOTES.md section 6).
 """
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Timing a loaded model: prefill and decode tokens/s, measured FFN sparsity, achieved weight GB/s.
 
 Decode is timed on `Transformer.forward` directly (greedy, one token per step) so tokenizer and
-streaming costs stay out; medians over repeats, since this machine's bandwidth flips minute to minute.
+streaming costs stay out; medians over repeats, since a shared machine's memory bandwidth can change from minute to minute.
 """
 from __future__ import annotations
 

@@ -32,7 +32,7 @@ from .sampling import Sampler
 log = logging.getLogger(__name__)
 MAX_DRAFT = 16            # longest draft verified in one forward
 # What verifying one more token costs, in decode steps: a T-token forward costs ~1 + VERIFY_COST (T - 1)
-# steps (bench/batch.py, Qwen2.5-Coder-0.5B q8 on 2 cores: T = 4 ~2x and T = 8 ~3.5x a step). The
+# steps (bench/batch.py, Qwen2.5-Coder-0.5B q8 on 2 cores: T = 4 ~1.6x and T = 8 ~2.5x a step). The
 # starting value; a generation then measures its own forwards (VerifyCost), since the ratio depends on
 # the weight format, the integer dots and how busy the machine is.
 VERIFY_COST = 0.35

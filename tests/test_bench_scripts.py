@@ -45,7 +45,7 @@ def test_hybrid_benchmark_dry_run(tmp_path):
 
 @pytest.mark.parametrize("fmt", ["q8", "f16"])
 def test_stand_in_model_has_the_loaded_models_bytes(fmt):
-    """bench/hybrid.py builds its models in the compact format directly (the all-GPU row of issue #5 is
+    """bench/hybrid.py builds its models in the compact format directly (its all-GPU row is
     a random model of Qwen2.5-Coder-1.5B's shape): every matrix the decode step reads has the shape,
     format and bytes the loader gives a model of that config."""
     from helpers_models import random_tensors

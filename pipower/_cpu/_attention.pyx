@@ -31,7 +31,7 @@ cdef tuple _F32S = (np.dtype(np.float32),)
 # Below this many multiply-adds (H * keys * hd * 2) a call runs on one thread: waking the OpenMP team
 # (~10-60 us with OMP_WAIT_POLICY=PASSIVE, see pipower/threads.py) costs more than the work saves; one
 # thread does ~2.7 ns per (head, key) at hd=64 (decode S=512, H=14: ~25 us). A first guess: re-measure on a
-# quiet machine (docs/PERF_NOTES.md); the dev box was at load 7-8 on 2 cores when this was written.
+# quiet machine (docs/dev/PERF_NOTES.md): it was measured on a 2-core machine under heavy load.
 DEFAULT_MIN_PARALLEL_WORK = 1 << 19
 cdef Py_ssize_t _min_par_work = DEFAULT_MIN_PARALLEL_WORK
 

@@ -73,7 +73,7 @@ static inline void pp_prefetch_span_l2(const char *span, ptrdiff_t bytes) {
  * (a few dozen L1 misses) stalls the neuron being computed until lines arrive; spread out, the misses
  * overlap the arithmetic: through bench/ffn.py the 25%-active FFN went from 0.45 to 0.34 of the dense FFN
  * on Qwen2.5-0.5B layers (2880 B spans) and from 0.36 to 0.26 on LLaMA-7B-shaped ones (13 KiB), while
- * SmolLM2's 1856 B spans stay fastest with the two-level burst (docs/PERF_NOTES.md section 7). Bundles
+ * SmolLM2's 1856 B spans stay fastest with the two-level burst (docs/dev/PERF_NOTES.md section 7). Bundles
  * are prefetched across chunk ends (a thread's chunks are consecutive). */
 #ifndef PP_FFN_PREFETCH_AHEAD
 #define PP_FFN_PREFETCH_AHEAD 2

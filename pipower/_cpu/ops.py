@@ -82,7 +82,7 @@ class CythonOps(NumpyOps):
         """q: [T, H, hd]; k, v: [Hkv, S, hd] (cache views, strided over the capacity axis) -> [T, H*hd].
 
         The kernel handles both decode (T == 1) and prefill; on this machine it beat the NumPy/BLAS
-        reference at every measured size (docs/PERF_NOTES.md). A call whose keys do not end at the last
+        reference at every measured size (docs/dev/PERF_NOTES.md). A call whose keys do not end at the last
         query (S != start_pos + T) is not something the graph makes; it goes to the reference.
         """
         T, H, hd = q.shape

@@ -130,7 +130,7 @@ def add_model_args(p, *, optional: str | None = None, threads: bool = True, no_c
          default_text="q8 for GGUF files when the backend has compact kernels, else f32")
     flag(p, "--dot", choices=("int8", "float"), default=None,
          concept="how q4/q8 weights multiply: int8 = activations quantized per 32-block to int8 and exact "
-                 "4/8-bit x int8 sums (as llama.cpp does; q4 decodes ~2x faster), float = weights converted to "
+                 "4/8-bit x int8 sums (as llama.cpp does; q4 decodes ~1.15x faster than float), float = weights converted to "
                  "float32 with exact activations; f32/f16 and the GPU devices are float only",
          default_text="int8 for --weights q4 on the CPU engine, float otherwise")
     if no_cache:
@@ -221,10 +221,10 @@ def add_sparsity_args(p):
     Returns the mutually exclusive group. These are research knobs: they change the output; for speed at
     dense output, generate has --draft."""
     sp = p.add_mutually_exclusive_group()
-    add_act_threshold(sp, "research knob (changes the output): skip the inactive FFN neurons (gate computed "
-                          "fully, so today it decodes ~0.8x as fast as dense; 0 = dense on SiLU models)")
-    add_target_sparsity(sp, "calibrated on stdlib code; research knob (changes the output; ~0.8x dense speed "
-                            "today): skip the inactive neurons")
+    add_act_threshold(sp, "research knob (changes the output): skip the inactive FFN neurons (one pass "
+                          "computes every gate and selects; ~1.1-1.3x dense speed at 25-40%% skipped; 0 = dense on SiLU models)")
+    add_target_sparsity(sp, "calibrated on stdlib code; research knob (changes the output; ~1.1-1.3x dense "
+                            "speed at 0.25-0.4): skip the inactive neurons")
     add_predictors(sp, "research knob (changes the output): skip neurons whose predictor logit < "
                        "--pred-threshold (faster than dense only at high thresholds, which cost accuracy)")
     flag(p, "--pred-threshold", type=float, default=0.0, metavar="TAU", default_text="0, i.e. p >= 0.5",

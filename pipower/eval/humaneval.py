@@ -1,6 +1,6 @@
 """HumanEval: problems, prompts, completion extraction, sandboxed checking, pass@k.
 
-Conventions (REFERENCE.md section 5): program = prompt + completion + "\\n" + test + "\\ncheck(entry_point)",
+Conventions (openai/human-eval's execution.py; Chen et al. 2021, arXiv 2107.03374): program = prompt + completion + "\\n" + test + "\\ncheck(entry_point)",
 run in a separate limited process (sandbox.py) with a 3 s timeout; unbiased pass@k
 `1 - prod(1 - k / arange(n - c + 1, n + 1))`; bigcode stop sequences for plain completion.
 

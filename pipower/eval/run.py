@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 
 # Bump when prompts, extraction, stop handling or checking change: old results no longer compare.
 HARNESS_VERSION = 2          # 2: chat replies reduced to their definitions (keep_definitions)
-CHECK_TIMEOUT_S = 3.0          # the reference harness's per-program timeout (REFERENCE.md section 5)
+CHECK_TIMEOUT_S = 3.0          # openai/human-eval's per-program timeout (execution.py)
 SETTINGS, SAMPLES, SUMMARY = "settings.json", "samples.jsonl", "summary.json"
 
 

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PIPOWER=${PIPOWER:-pipower}
-COMMON="--mode chat --threads 2 --max-tokens 384"
+COMMON="--mode chat --threads 2 -n 384"
 Q=results/humaneval/qwen2.5-coder-0.5b-chat-sweep
 S=results/humaneval/smollm2-135m-chat-sweep
 QP=results/sparsity/qwen2.5-coder-0.5b/predictors.safetensors
@@ -23,12 +23,12 @@ $PIPOWER sweep humaneval -m qwen2.5-coder-0.5b $COMMON --target-sparsities 0.25,
 #    norms/KV and the 96 MiB scratch reserve): the hybrid scheduler (device emulated on the CPU engine
 #    when there is no GPU). Pass@1 must equal dense.
 $PIPOWER sweep humaneval -m qwen2.5-coder-0.5b $COMMON --target-sparsities 0.25,0.4,0.5,0.7 \
-    --pred-thresholds 0,1,2 --predictors "$QP" --budgets 406MiB,486MiB --stats "$QS" --out $Q
+    --pred-thresholds 0,1,2 --predictors "$QP" --vram-budgets 406MiB,486MiB --stats "$QS" --out $Q
 # 5. Qwen2.5-Coder-1.5B (the larger-model point) on the CPU, ~20-30 min per point on the 2 cores: dense,
 #    the oracle point where the 0.5B model's Pass@1 drops (0.5), the mild one (0.25), the collapse (0.7).
 L=results/humaneval/qwen2.5-coder-1.5b-chat-sweep
 $PIPOWER sweep humaneval -m qwen2.5-coder-1.5b $COMMON --target-sparsities 0.5,0.25,0.7 --out $L
 # 6. the collapse interval of the small models (0.6 for Qwen, 0.4 for SmolLM2).
 $PIPOWER sweep humaneval -m qwen2.5-coder-0.5b $COMMON --target-sparsities 0.25,0.4,0.5,0.6,0.7 \
-    --pred-thresholds 0,1,2 --predictors "$QP" --budgets 406MiB,486MiB --stats "$QS" --out $Q
+    --pred-thresholds 0,1,2 --predictors "$QP" --vram-budgets 406MiB,486MiB --stats "$QS" --out $Q
 $PIPOWER sweep humaneval -m smollm2-135m $COMMON --target-sparsities 0.25,0.4,0.5,0.6,0.7 --out $S
