@@ -111,3 +111,29 @@ def test_ffn_benchmark_on_synthetic_layers(tmp_path):
         assert [row["row"] for row in r["rows"]] == ["dense", "0.1", "0.25", "0.5", "1"]
         assert r["rows"][0]["ratio_to_dense"] == 1.0
     assert "| bundled | sparse 25% active |" in out.with_suffix(".md").read_text()
+
+
+def test_startup_benchmark_times_both_sides(tmp_path):
+    """bench/startup.py runs each side as a fresh process per round and reports medians, the ratio to
+    the baseline of the same rounds and peak RSS; a failing side stops it with its stderr."""
+    from helpers_models import write_tiny_gguf
+    gguf = write_tiny_gguf(tmp_path / "tiny.gguf")
+    fake = tmp_path / "llama-simple"               # stands in for llama.cpp: checks its arguments, sleeps
+    fake.write_text('#!/bin/sh\n[ "$1" = -m ] && [ "$3" = -n ] && [ "$4" = 1 ] || exit 3\nsleep 0.05\n')
+    fake.chmod(0o755)
+    out = tmp_path / "startup.json"
+    startup = load_script("startup")
+    assert startup.main(["--model", str(gguf), "--threads", "1", "--llama-simple", str(fake), "--cold",
+                         "--repeats", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = {r["side"]: r for r in result["rows"]}
+    assert set(rows) == {"pipower warm", "llama.cpp", "pipower first"}
+    assert rows["llama.cpp"]["x_llama"] == 1.0
+    for name in ("pipower warm", "pipower first"):
+        assert rows[name]["x_llama"] == pytest.approx(rows[name]["seconds"] / rows["llama.cpp"]["seconds"])
+        assert len(result["runs"][name]) == 2
+        assert rows[name]["peak_rss"] > 10 << 20          # a Python process with NumPy
+    assert "PATH/llama-simple" in out.with_suffix(".md").read_text()
+    fake.write_text("#!/bin/sh\necho broken >&2\nexit 4\n")
+    with pytest.raises(SystemExit, match="broken"):
+        startup.main(["--model", str(gguf), "--llama-simple", str(fake), "--repeats", "1"])
