@@ -19,7 +19,7 @@ from .base import Tokenizer, stop_ids_for
 
 log = logging.getLogger(__name__)
 
-CONTROL, USER_DEFINED, UNUSED = 3, 4, 5
+NORMAL, CONTROL, USER_DEFINED, UNUSED = 1, 3, 4, 5
 
 _GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
 _LLAMA3 = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
@@ -158,18 +158,21 @@ class BpeTokenizer(Tokenizer):
         # Control tokens are special (matched only when parsing specials, skipped by decode);
         # user-defined ones are plain added tokens: always matched whole, always rendered. This is
         # how both llama.cpp and HF tokenizers treat them.
-        self._hf.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                     for t, k in zip(tokens, types) if k == CONTROL])
-        self._hf.add_tokens([AddedToken(t, special=False, normalized=False)
-                             for t, k in zip(tokens, types) if k == USER_DEFINED])
+        # One pass over the types: all but a few hundred ids are normal tokens (type 1).
+        by_type: dict[int, list[int]] = {}
+        for i, k in enumerate(types):
+            if k != NORMAL:
+                by_type.setdefault(k, []).append(i)
+        control, user = by_type.get(CONTROL, []), by_type.get(USER_DEFINED, [])
+        self._hf.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False) for i in control])
+        self._hf.add_tokens([AddedToken(tokens[i], special=False, normalized=False) for i in user])
         self._tokens = list(tokens)
         self.vocab_size = len(tokens)
         self.bos_id, self.eos_id = bos_id, eos_id
         self.add_bos = PRE_TOKENIZERS[pre][2] if add_bos is None else add_bos
         self.chat_template = chat_template
-        control = frozenset(i for i, k in enumerate(types) if k == CONTROL)
-        user = frozenset(i for i, k in enumerate(types) if k == USER_DEFINED)
-        self._unused = frozenset(i for i, k in enumerate(types) if k == UNUSED)
+        control, user = frozenset(control), frozenset(user)
+        self._unused = frozenset(by_type.get(UNUSED, ()))
         self._renderer = ByteLevelRenderer(self._tokens.__getitem__, control, user)
         self.stop_ids = stop_ids_for(((i, tokens[i]) for i in control | user), eos_id, *extra_stop_ids)
 

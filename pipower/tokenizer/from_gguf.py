@@ -13,10 +13,6 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
 def _bad(key: str, v, expected: str) -> TokenizerError:
     if isinstance(v, list):
         shown = f"an array of {len(v)} ({', '.join(sorted({type(x).__name__ for x in v})) or 'empty'})"
@@ -38,13 +34,19 @@ def _str(meta: dict, key: str) -> str:
     return v
 
 
-def _list(meta: dict, key: str, ok, expected: str, n: int | None = None) -> list:
+def _list(meta: dict, key: str, types: frozenset, expected: str, n: int | None = None) -> list:
+    """meta[key], checked to be a list whose items' exact types are all in `types` (bool is not int):
+    one C-level pass (set(map(type, v))), ~5 ms for a 150k vocabulary where a per-item Python check
+    took ~50 ms of every load."""
     v = _need(meta, key)
-    if not isinstance(v, list) or not all(ok(x) for x in v):
+    if not isinstance(v, list) or not set(map(type, v)) <= types:
         raise _bad(key, v, f"an array of {expected}")
     if n is not None and len(v) != n:
         raise TokenizerError(f"damaged GGUF tokenizer metadata: {key} has {len(v)} entries for {n} tokens")
     return v
+
+
+_STRS, _INTS, _REALS = frozenset({str}), frozenset({int}), frozenset({int, float})
 
 
 def _flag(meta: dict, key: str) -> bool | None:
@@ -76,11 +78,11 @@ def tokenizer_from_gguf_metadata(meta: dict) -> Tokenizer:
     model = _str(meta, "tokenizer.ggml.model")
     if model not in ("llama", "gpt2"):
         raise TokenizerError(f"unsupported tokenizer.ggml.model {model!r} (supported: 'llama', 'gpt2')")
-    tokens = _list(meta, "tokenizer.ggml.tokens", lambda x: isinstance(x, str), "strings")
+    tokens = _list(meta, "tokenizer.ggml.tokens", _STRS, "strings")
     if not tokens:
         raise TokenizerError("damaged GGUF tokenizer metadata: tokenizer.ggml.tokens is empty")
     n = len(tokens)
-    types = _list(meta, "tokenizer.ggml.token_type", _is_int, "integers", n)
+    types = _list(meta, "tokenizer.ggml.token_type", _INTS, "integers", n)
     ids = {name: _token_id(meta, f"tokenizer.ggml.{name}_token_id", n)
            for name in ("bos", "eos", "unknown", "eot", "eom")}
     add_bos = _flag(meta, "tokenizer.ggml.add_bos_token")
@@ -92,7 +94,7 @@ def tokenizer_from_gguf_metadata(meta: dict) -> Tokenizer:
     space_prefix = _flag(meta, "tokenizer.ggml.add_space_prefix")
     if model == "llama":
         from .spm import SpmTokenizer
-        scores = _list(meta, "tokenizer.ggml.scores", _is_real, "numbers", n)
+        scores = _list(meta, "tokenizer.ggml.scores", _REALS, "numbers", n)
         return SpmTokenizer(tokens, scores, types,
                             unk_id=ids["unknown"], add_bos=True if add_bos is None else add_bos,
                             add_space_prefix=True if space_prefix is None else space_prefix,
@@ -100,5 +102,5 @@ def tokenizer_from_gguf_metadata(meta: dict) -> Tokenizer:
     from .bpe import BpeTokenizer
     if space_prefix:
         log.warning("tokenizer.ggml.add_space_prefix is set on a gpt2 vocabulary; ignored")
-    merges = _list(meta, "tokenizer.ggml.merges", lambda x: isinstance(x, str), "strings")
+    merges = _list(meta, "tokenizer.ggml.merges", _STRS, "strings")
     return BpeTokenizer(tokens, types, merges, _str(meta, "tokenizer.ggml.pre"), add_bos=add_bos, **common)
