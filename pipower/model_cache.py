@@ -56,6 +56,7 @@ import numpy as np
 
 from .config import ModelConfig
 from .errors import InvalidArgumentError, PipowerError
+from .panels import Panels
 from .quant import FORMATS, QMatrix
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,7 @@ _PREFIX = struct.Struct("<8sIIQQQI4x32s")          # 80 bytes, see the module do
 _SAMPLES, _SAMPLE_BYTES = 8, 4096                   # per blob, checked on every load
 _DTYPES = {"|i1", "|u1", "<f2", "<f4"}
 # the code whose edits change what a cached file must contain (besides the ops' own prepare module)
-_CODE = ("quant.py", "arena.py", "model.py", "loader/gguf.py")
+_CODE = ("quant.py", "arena.py", "panels.py", "model.py", "loader/gguf.py")
 LOAD_MODES = ("mmap", "read")
 MIN_FREE_BYTES = 1 << 30            # a cache file is not written when it would leave less disk free
 MIN_SOURCE_BYTES = 32 << 20         # smaller GGUFs convert in well under a second: not worth a file
@@ -87,9 +88,11 @@ def cache_dir() -> Path:
 # -- keys --------------------------------------------------------------------------------------------
 
 def layout_id(ops) -> str:
-    """How `ops.prepare` lays weights out: its ffn_layout and the prepare method that does it."""
+    """How `ops.prepare` lays weights out: its ffn_layout, the prepare method that does it and the dot
+    mode (integer dots lay projections out as pipower.panels on the compiled backend)."""
     prepare = type(ops).prepare
-    return f"{getattr(ops, 'ffn_layout', 'separate')}:{prepare.__module__}.{prepare.__qualname__}"
+    return (f"{getattr(ops, 'ffn_layout', 'separate')}:{prepare.__module__}.{prepare.__qualname__}"
+            f":dot-{getattr(ops, 'dot', 'float')}")
 
 
 def _code_hash(ops) -> str:
@@ -201,8 +204,9 @@ class _Layout:
     def weight(self, w):
         if w is None:
             return None
-        if isinstance(w, QMatrix):
-            return {"fmt": w.fmt, "shape": list(w.shape), "data": self.array(w.data), "scales": self.array(w.scales)}
+        if isinstance(w, (QMatrix, Panels)):
+            return {"fmt": w.fmt, "shape": list(w.shape), "data": self.array(w.data), "scales": self.array(w.scales),
+                    **({"panels": True} if isinstance(w, Panels) else {})}
         return {"a": self.array(w)}
 
     def blobs(self) -> tuple[list[np.ndarray], list[dict]]:
@@ -416,6 +420,8 @@ def _rebuild(h: Header, data: np.ndarray):
         if w["fmt"] not in FORMATS:
             raise CacheFileError(f"{h.path}: unknown format {w['fmt']!r}")
         scales = None if w["scales"] is None else arrays[w["scales"]]
+        if w.get("panels"):
+            return Panels(w["fmt"], tuple(w["shape"]), arrays[w["data"]], scales)
         return QMatrix(w["fmt"], tuple(w["shape"]), arrays[w["data"]], scales)
 
     tok_blob = blobs[j["tokenizer_blob"]]

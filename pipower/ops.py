@@ -23,7 +23,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import intdot
+from . import panels
 from .errors import InvalidArgumentError
+from .panels import Panels
 from .quant import QMatrix, dequantize, take_rows
 
 F32 = np.float32
@@ -156,7 +158,7 @@ class NumpyOps:
 
     def _int_dot(self, w) -> bool:
         """True when w's products take the integer path."""
-        return self._dot == "int8" and isinstance(w, QMatrix) and w.fmt in intdot.FORMATS
+        return self._dot == "int8" and isinstance(w, (QMatrix, Panels)) and w.fmt in intdot.FORMATS
 
     def forward_scope(self, n_tokens: int):
         """Context entered around one forward call of n_tokens tokens (thread-pool policy); none here."""
@@ -191,6 +193,8 @@ class NumpyOps:
     def _rows(self, w, rows=None):
         """Rows of weight w [N, K] as float32 [n, K]: all (None), a slice, or int indices. Arrays are
         indexed (a slice is a view), QMatrix rows dequantized; backends plug in their dequantizer."""
+        if isinstance(w, Panels):              # CythonOps' layout for integer dots: back to rows first
+            return dequantize(panels.rows(w, None if rows is None else np.arange(w.shape[0])[rows]))
         if isinstance(w, QMatrix):
             return dequantize(w, rows)
         return w if rows is None else w[rows]
@@ -198,6 +202,8 @@ class NumpyOps:
     def _project(self, x, w, rows=None):
         """x [T, K] times rows of w (all when None) transposed -> [T, n]."""
         if self._int_dot(w):
+            if isinstance(w, Panels):
+                w = panels.unpack(w)
             if rows is not None:
                 w = take_rows(w, np.arange(w.shape[0])[rows])
             return intdot.dot(w, x)

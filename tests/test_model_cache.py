@@ -13,6 +13,7 @@ import pytest
 import pipower
 from pipower import _cpu, model_cache
 from pipower.cli import main
+from pipower.panels import Panels
 from pipower.quant import FORMATS, QMatrix
 
 from helpers_models import random_llama_config, random_qwen2_config, random_tensors, write_gguf_from_hf
@@ -70,7 +71,8 @@ def test_cached_load_is_bitwise_a_fresh_load(tmp_path, backend, fmt, arch, caplo
     for lw, lf in zip(warm.transformer.layers, fresh.transformer.layers):
         for name in ("q", "gate", "up", "down_t"):
             a, b = getattr(lw, name), getattr(lf, name)
-            a, b = (a.data, b.data) if isinstance(a, QMatrix) else (a, b)
+            assert type(a) is type(b)                        # QMatrix, Panels (q4's integer dots) or array
+            a, b = (a.data, b.data) if isinstance(a, (QMatrix, Panels)) else (a, b)
             assert a.strides == b.strides and a.shape == b.shape and a.dtype == b.dtype
     tr = warm.transformer
     assert (tr.lm_head is tr.embed_tokens) == (arch == "qwen2")

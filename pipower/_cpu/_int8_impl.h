@@ -65,11 +65,13 @@ static inline pp_xq pp_xq_at(const char *buf, ptrdiff_t K, ptrdiff_t t) {
     return v;
 }
 
-enum { PP_XQ_Q4 = 0, PP_XQ_Q8 = 1 };   /* the weight format the activations are laid out for */
+/* The weight layout the activations are laid out for: row-major q4 (nibble order), row-major q8 or q8
+ * panels (element order, c = 128 sum q), q4 panels (element order, c = 8 sum q: _panel_impl.h). */
+enum { PP_XQ_Q4 = 0, PP_XQ_Q8 = 1, PP_XQ_Q4E = 2 };
 
 /* Position in q of element j (0..31) of block b. */
 static inline ptrdiff_t pp_xq_pos(int kind, ptrdiff_t b, int j) {
-    if (kind == PP_XQ_Q8) return b * PP_QB + j;
+    if (kind != PP_XQ_Q4) return b * PP_QB + j;
     return (b / 4) * 128 + (j / 16) * 64 + (b % 4) * 16 + (j % 16);
 }
 
@@ -99,7 +101,7 @@ static inline void pp_xq_quantize(const float *x, ptrdiff_t K, char *buf, int ki
             q[pp_xq_pos(kind, b, j)] = qj;
             s += qj;
         }
-        c[b] = (kind == PP_XQ_Q8 ? 128 : 8) * s;
+        c[b] = (kind == PP_XQ_Q8 ? 128 : 8) * s;   /* the bias of the unsigned weight operand */
     }
 }
 

@@ -31,7 +31,7 @@ cdef extern from "_int8_impl.h" nogil:
     int PP_HAVE_VNNI512
     Py_ssize_t pp_xq_bytes(Py_ssize_t K)
     pp_xq pp_xq_at(const char *buf, Py_ssize_t K, Py_ssize_t t)
-    int PP_XQ_Q4, PP_XQ_Q8
+    int PP_XQ_Q4, PP_XQ_Q8, PP_XQ_Q4E
     void pp_xq_quantize(const float *x, Py_ssize_t K, char *buf, int kind)
     void pp_gemm_int_rows(int fmt, int simd, const char *data, Py_ssize_t rs, const uint16_t *scales,
                           Py_ssize_t ss, const pp_xq *x, Py_ssize_t T, float *y, Py_ssize_t N, Py_ssize_t K,
@@ -270,12 +270,12 @@ def dequantize_rows(fmt, data, scales, idx=None, start=0, stop=None, out=None, n
 # ---- gemm -----------------------------------------------------------------------------------------
 cdef class QuantizedActivations:
     """x [T, K] quantized per 32-block for the integer dots with weights in `fmt` (q4 or q8; the layout
-    of _int8_impl.h), in C memory."""
+    of _int8_impl.h), in C memory; panels=True lays q4's out for weight panels (_panel_impl.h)."""
 
-    def __cinit__(self, x, fmt="q4"):
+    def __cinit__(self, x, fmt="q4", panels=False):
         if fmt not in ("q4", "q8"):
             raise invalid(f"integer dot products are implemented for q4 and q8 weights, not {fmt}")
-        cdef int kind = PP_XQ_Q8 if fmt == "q8" else PP_XQ_Q4
+        cdef int kind = PP_XQ_Q8 if fmt == "q8" else (PP_XQ_Q4E if panels else PP_XQ_Q4)
         check_array(x, "x", (_F32,), 2, True)
         self.T, self.K = x.shape[0], x.shape[1]
         if self.K % 32:

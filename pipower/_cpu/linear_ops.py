@@ -21,8 +21,9 @@ import numpy as np
 
 from ..errors import InvalidArgumentError
 from ..ops import Threshold
+from ..panels import Panels
 from ..quant import QMatrix
-from . import _ffn, _linear
+from . import _ffn, _linear, _panel
 
 # Largest T on the batch-invariant kernels (the same bound for projections and the FFN).
 MAX_TOKENS = min(_linear.MAX_TOKENS, _ffn.MAX_TOKENS)
@@ -37,8 +38,16 @@ def parts(W) -> tuple:
 
 def linear(x: np.ndarray, W, bias: np.ndarray | None = None, n_threads: int = 1,
            int_dot: bool = False) -> np.ndarray:
-    """x: float32 [T, K]; W: [N, K]; bias: float32 [N] or None -> new float32 [T, N].
-    int_dot (q4 or q8 W): int8-quantized activations, exact integer block sums, for any T (pipower.intdot)."""
+    """x: float32 [T, K]; W: [N, K] (QMatrix, float32 array or pipower.panels.Panels); bias: float32 [N] or
+    None -> new float32 [T, N]. int_dot (q4 or q8 W, and always for Panels): int8-quantized activations,
+    exact integer block sums, for any T (pipower.intdot)."""
+    if type(W) is Panels:                       # q4 / q8 laid out for the integer dots (pipower.panels)
+        if not int_dot:
+            raise InvalidArgumentError("weight panels multiply with integer dots only (dot='int8')")
+        y = _panel.gemm_panels(W.fmt, W.data, W.scales, W.shape[0], x, n_threads=n_threads)
+        if bias is not None:
+            y += bias
+        return y
     fmt, data, scales = parts(W)
     if int_dot:
         y = _linear.gemm_int8(fmt, data, scales, x, n_threads=n_threads)

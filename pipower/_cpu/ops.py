@@ -10,7 +10,9 @@ import numpy as np
 
 from ..errors import BackendError
 from ..threads import blas_threads
+from .. import panels
 from ..ops import ACTIVATIONS, NumpyOps
+from ..panels import Panels
 from ..quant import FORMATS, QMatrix
 from . import AVAILABLE, IMPORT_ERROR, kernels
 
@@ -39,6 +41,22 @@ class CythonOps(NumpyOps):
         from ..arena import bundle_layers
         for layer, ffn in zip(transformer.layers, bundle_layers(transformer.layers)):
             layer.gate, layer.up, layer.down_t = ffn
+        if self.dot == "int8":
+            self._pack_panels(transformer)
+
+    def _pack_panels(self, transformer) -> None:
+        """With integer dots, the attention projections and the output head become weight panels
+        (pipower.panels: 16 rows interleaved, so VNNI dots need no horizontal sums): bitwise the same
+        results as the row-major integer kernel, ~1.2x faster at one token and more at several. A tied
+        embedding shares the head's panels (embed() reads rows back from them)."""
+        def pack(w):
+            return panels.pack(w) if self._int_dot(w) and isinstance(w, QMatrix) else w
+        for layer in transformer.layers:
+            layer.q, layer.k, layer.v, layer.o = pack(layer.q), pack(layer.k), pack(layer.v), pack(layer.o)
+        head = pack(transformer.lm_head)
+        if transformer.lm_head is transformer.embed_tokens:
+            transformer.embed_tokens = head
+        transformer.lm_head = head
 
     def predict_active(self, fc1, fc2, b2: np.ndarray, x: np.ndarray, tau: float) -> np.ndarray:
         """One token's predictor decision in one call (normalise, fc1, ReLU, fc2 + b2, >= tau) -> sorted
@@ -106,6 +124,8 @@ class CythonOps(NumpyOps):
 
     def _rows(self, w, rows=None) -> np.ndarray:
         """The compiled row dequantizer: exactly quant.dequantize's values, for strided bundle rows too."""
+        if isinstance(w, Panels):
+            return super()._rows(w, rows)
         fmt, data, scales = linear_ops.parts(w)
         if isinstance(rows, slice):
             start, stop, _ = rows.indices(w.shape[0])

@@ -1,0 +1,74 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Integer dots over weight panels (q4 / q8 matrices repacked 16 rows at a time; pipower/panels.py packs
+them, _panel_impl.h says why and how):
+
+    gemm_panels(fmt, data, scales, n_rows, x [T, K], out [T, N])   Y = X W^T, any T
+
+Bit for bit pipower.intdot.dot of the same matrix (and so the row-major gemm_int8 of _linear): every
+(token, row) is one dot in a fixed order, whatever T, the thread count or VNNI vs portable C.
+"""
+import numpy as np
+
+cimport numpy as cnp
+from cython.parallel cimport parallel, prange
+from libc.stdint cimport uint8_t, uint16_t
+
+from ._checks cimport check_array, check_out, check_threads, invalid
+from ._linear cimport QuantizedActivations, pp_xq
+
+cnp.import_array()
+
+cdef extern from "_panel_impl.h" nogil:
+    int PP_Q8, PP_Q4
+    void pp_gemm_panels(int fmt, int simd, const uint8_t *data, const uint16_t *scales, Py_ssize_t nb,
+                        Py_ssize_t N, const pp_xq *x, Py_ssize_t T, float *y, Py_ssize_t p0, Py_ssize_t p1)
+
+PANEL = 16                                   # rows per panel
+BLOCK_BYTES = {"q8": 512, "q4": 256}         # bytes of one 32-block of a panel's 16 rows
+
+
+def gemm_panels(fmt, data, scales, Py_ssize_t n_rows, x, out=None, n_threads=1, simd=True):
+    """x float32 [T, K] -> out float32 [T, n_rows]. data uint8 [P, K/32, BLOCK_BYTES[fmt]], scales float16
+    [P, K/32, 16] with P = ceil(n_rows / 16). Panels are split over n_threads OpenMP threads."""
+    cdef int nt = check_threads(n_threads)
+    if fmt not in BLOCK_BYTES:
+        raise invalid(f"weight panels hold q4 or q8 weights, not {fmt}")
+    check_array(data, "panel data", (np.dtype(np.uint8),), 3, True)
+    check_array(scales, "panel scales", (np.dtype(np.float16), np.dtype(np.uint16)), 3, True)
+    if x.ndim == 1:
+        x = x.reshape(1, -1)
+    check_array(x, "x", (np.dtype(np.float32),), 2, True)
+    cdef Py_ssize_t P = data.shape[0], nb = data.shape[1], T = x.shape[0], K = x.shape[1]
+    if data.shape[2] != BLOCK_BYTES[fmt] or n_rows < 0 or P != (n_rows + PANEL - 1) // PANEL:
+        raise invalid(f"{fmt} panels of {n_rows} rows must have shape ({(n_rows + PANEL - 1) // PANEL}, K/32, "
+                      f"{BLOCK_BYTES[fmt]}), got {data.shape}")
+    if scales.shape[0] != P or scales.shape[1] != nb or scales.shape[2] != PANEL:
+        raise invalid(f"panel scales must have shape ({P}, {nb}, {PANEL}), got {scales.shape}")
+    if K != nb * 32:
+        raise invalid(f"x must have shape (T, {nb * 32}) to match the panels, got {x.shape}")
+    out = check_out(out, "out", (T, n_rows))
+    if T == 0 or n_rows == 0:
+        return out
+    xq = QuantizedActivations(x, fmt, panels=True)
+    cdef int code = PP_Q8 if fmt == "q8" else PP_Q4
+    cdef int sd = 1 if simd else 0
+    cdef const uint8_t *dp = <const uint8_t *>cnp.PyArray_DATA(data)
+    cdef const uint16_t *sp = <const uint16_t *>cnp.PyArray_DATA(scales)
+    cdef const pp_xq *rows = (<QuantizedActivations>xq).rows
+    cdef float *yp = <float *>cnp.PyArray_DATA(out)
+    cdef Py_ssize_t per, p, lo, hi
+    nt = <int>min(nt, P)
+    if nt <= 1:
+        with nogil:
+            pp_gemm_panels(code, sd, dp, sp, nb, n_rows, rows, T, yp, 0, P)
+        return out
+    # thread p owns panels [p*per, (p+1)*per): each streams its own part of W; a panel's 16 results are
+    # one 64-byte line of each token's output row, so no two threads write one line
+    per = (P + nt - 1) // nt
+    with nogil, parallel(num_threads=nt):
+        for p in prange(nt, schedule="static"):
+            lo = p * per
+            hi = min(P, lo + per)
+            if lo < hi:
+                pp_gemm_panels(code, sd, dp, sp, nb, n_rows, rows, T, yp, lo, hi)
+    return out

@@ -1,0 +1,145 @@
+/* Integer dots over weight PANELS: q4 / q8 matrices repacked in groups of 16 rows so that one 64-byte
+ * vector holds 4 consecutive weights of each of the 16 rows. A VNNI dot (vpdpbusd) of such a vector with
+ * 4 activation bytes broadcast to every lane then sums into one int32 lane PER ROW: 16 rows advance
+ * together and no horizontal reduction is ever needed. The row-major kernel (_int8_impl.h) sums each
+ * 32-block across lanes with three rounds of shuffles per 16 blocks and token, ~34 vector operations per
+ * 16 blocks of one row; a panel costs 12 per block of 16 rows (8 dots, the correction, the conversion,
+ * the scale, one fma): ~2.8x less work per weight and token, which is what a forward over several
+ * tokens pays for (speculative verification, several requests).
+ *
+ * The arithmetic is pipower.intdot's, bit for bit (the same as the row-major kernel's): exact int32 block
+ * sums, lane b % 16 of a row's 16 float accumulators takes fma(float(isum_b), dw_b * dx_b, acc) in block
+ * order, the fixed tree at the end. Here "lane l of row r" is vector acc[l], element r: the tree adds
+ * whole vectors, so it is the same tree.
+ *
+ * Panel layout (pipower/panels.py packs it), panel p = rows 16p .. 16p + 15 (rows past N: zero weights,
+ * zero scales), nb = K / 32 blocks:
+ *   q8 data [P][nb][8][16][4] uint8: chunk c (weights 4c .. 4c+3 of the block) of row r = w + 128
+ *      (VNNI's unsigned operand; the activations' c = 128 sum(q) corrects it)
+ *   q4 data [P][nb][4][16][4] uint8: byte i of row r in vector v = nibble(4v + i) | nibble(16 + 4v + i) << 4
+ *      (nibbles are w + 8, as stored in q4; the activations' c = 8 sum(q) corrects them)
+ *   scales [P][nb][16] float16 (dw of each row's block)
+ * Activations: pp_xq in element order (PP_XQ_Q8 for q8, PP_XQ_Q4E for q4).
+ */
+#ifndef PIPOWER_PANEL_IMPL_H
+#define PIPOWER_PANEL_IMPL_H
+
+#include "_int8_impl.h"
+
+#define PP_PANEL 16   /* rows per panel */
+
+static inline ptrdiff_t pp_panel_block_bytes(int fmt) { return fmt == PP_Q8 ? 512 : 256; }
+
+/* Portable: rows r < m of one panel against one token, y[r]. */
+static PP_NOINLINE void pp_panel_tok_c(int fmt, const uint8_t *W, const uint16_t *S, pp_xq x, ptrdiff_t nb,
+                                       float *y, int m) {
+    const ptrdiff_t bb = pp_panel_block_bytes(fmt);
+    for (int r = 0; r < m; r++) {
+        float acc[16] = {0};
+        for (ptrdiff_t b = 0; b < nb; b++) {
+            const uint8_t *wb = W + b * bb;
+            const int8_t *xb = x.q + b * PP_QB;
+            int32_t s = 0;
+            if (fmt == PP_Q8) {
+                for (int c = 0; c < 8; c++)
+                    for (int i = 0; i < 4; i++) s += (int32_t)wb[c * 64 + r * 4 + i] * xb[4 * c + i];
+            } else {
+                for (int v = 0; v < 4; v++)
+                    for (int i = 0; i < 4; i++) {
+                        const uint8_t u = wb[v * 64 + r * 4 + i];
+                        s += (int32_t)(u & 15) * xb[4 * v + i] + (int32_t)(u >> 4) * xb[16 + 4 * v + i];
+                    }
+            }
+            s -= x.c[b];
+            const float scale = pp_h2f(S[b * PP_PANEL + r]) * x.d[b];
+            acc[b % 16] = fmaf((float)s, scale, acc[b % 16]);
+        }
+        y[r] = pp_lane_tree(acc);
+    }
+}
+
+#if PP_HAVE_VNNI512
+static inline __m512i pp_bcst4(const int8_t *p) {   /* 4 activation bytes to every 32-bit lane */
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+}
+
+/* Exact block sums of the 16 rows (still biased by c) for q8: 8 dots in two chains. */
+static inline __m512i pp_panel_isum_q8(const uint8_t *wb, const int8_t *xb) {
+    __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(wb), pp_bcst4(xb));
+    __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(wb + 64), pp_bcst4(xb + 4));
+    s0 = _mm512_dpbusd_epi32(s0, _mm512_loadu_si512(wb + 128), pp_bcst4(xb + 8));
+    s1 = _mm512_dpbusd_epi32(s1, _mm512_loadu_si512(wb + 192), pp_bcst4(xb + 12));
+    s0 = _mm512_dpbusd_epi32(s0, _mm512_loadu_si512(wb + 256), pp_bcst4(xb + 16));
+    s1 = _mm512_dpbusd_epi32(s1, _mm512_loadu_si512(wb + 320), pp_bcst4(xb + 20));
+    s0 = _mm512_dpbusd_epi32(s0, _mm512_loadu_si512(wb + 384), pp_bcst4(xb + 24));
+    s1 = _mm512_dpbusd_epi32(s1, _mm512_loadu_si512(wb + 448), pp_bcst4(xb + 28));
+    return _mm512_add_epi32(s0, s1);
+}
+
+/* The same for q4: vector v's low nibbles meet activations 4v .. 4v+3, its high ones 16+4v .. 16+4v+3. */
+static inline __m512i pp_panel_isum_q4(const uint8_t *wb, const int8_t *xb) {
+    const __m512i low4 = _mm512_set1_epi8(15);
+    __m512i s0 = _mm512_setzero_si512(), s1 = _mm512_setzero_si512();
+    for (int v = 0; v < 4; v++) {
+        const __m512i u = _mm512_loadu_si512(wb + 64 * v);
+        s0 = _mm512_dpbusd_epi32(s0, _mm512_and_si512(u, low4), pp_bcst4(xb + 4 * v));
+        s1 = _mm512_dpbusd_epi32(s1, _mm512_and_si512(_mm512_srli_epi16(u, 4), low4), pp_bcst4(xb + 16 + 4 * v));
+    }
+    return _mm512_add_epi32(s0, s1);
+}
+
+/* Rows r < m of one panel against one token: y[r]. Q8 is a compile-time constant after inlining. */
+static inline __attribute__((always_inline)) void
+pp_panel_tok_v(const int Q8, const uint8_t *W, const uint16_t *S, pp_xq x, ptrdiff_t nb, float *y, int m) {
+    const ptrdiff_t bb = Q8 ? 512 : 256;
+    __m512 acc[16];
+    for (int l = 0; l < 16; l++) acc[l] = _mm512_setzero_ps();
+    for (ptrdiff_t g = 0; g < nb; g += 16) {
+        const int n = nb - g < 16 ? (int)(nb - g) : 16;
+#pragma GCC unroll 16
+        for (int l = 0; l < 16; l++) {
+            if (l < n) {
+                const ptrdiff_t b = g + l;
+                __m512i s = Q8 ? pp_panel_isum_q8(W + b * bb, x.q + b * PP_QB)
+                               : pp_panel_isum_q4(W + b * bb, x.q + b * PP_QB);
+                s = _mm512_sub_epi32(s, _mm512_set1_epi32(x.c[b]));
+                const __m512 scale = _mm512_mul_ps(
+                    _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(S + b * PP_PANEL))), _mm512_set1_ps(x.d[b]));
+                acc[l] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, acc[l]);
+            }
+        }
+    }
+    __m512 s8[8], s4[4];
+    for (int i = 0; i < 8; i++) s8[i] = _mm512_add_ps(acc[i], acc[i + 8]);
+    for (int i = 0; i < 4; i++) s4[i] = _mm512_add_ps(s8[i], s8[i + 4]);
+    const __m512 r = _mm512_add_ps(_mm512_add_ps(s4[0], s4[2]), _mm512_add_ps(s4[1], s4[3]));
+    _mm512_mask_storeu_ps(y, (__mmask16)(m >= 16 ? 0xFFFF : ((1u << m) - 1)), r);
+}
+#endif /* PP_HAVE_VNNI512 */
+
+/* Y[t, n] for panels [p0, p1) of a matrix of N rows against T tokens (Y [T, N] row stride N). */
+static inline void pp_gemm_panels(int fmt, int simd, const uint8_t *data, const uint16_t *scales, ptrdiff_t nb,
+                                  ptrdiff_t N, const pp_xq *x, ptrdiff_t T, float *y, ptrdiff_t p0, ptrdiff_t p1) {
+    const ptrdiff_t pb = nb * pp_panel_block_bytes(fmt), ps = nb * PP_PANEL;
+    for (ptrdiff_t p = p0; p < p1; p++) {
+        const uint8_t *W = data + p * pb;
+        const uint16_t *S = scales + p * ps;
+        const int m = N - p * PP_PANEL < PP_PANEL ? (int)(N - p * PP_PANEL) : PP_PANEL;
+        for (ptrdiff_t t = 0; t < T; t++) {
+            float *yt = y + t * N + p * PP_PANEL;
+#if PP_HAVE_VNNI512
+            if (simd) {
+                if (fmt == PP_Q8) pp_panel_tok_v(1, W, S, x[t], nb, yt, m);
+                else pp_panel_tok_v(0, W, S, x[t], nb, yt, m);
+                continue;
+            }
+#endif
+            (void)simd;
+            pp_panel_tok_c(fmt, W, S, x[t], nb, yt, m);
+        }
+    }
+}
+
+#endif /* PIPOWER_PANEL_IMPL_H */

@@ -1,0 +1,81 @@
+"""Weight panels: q4 / q8 matrices repacked 16 rows at a time for the integer-dot kernels.
+
+A panel interleaves 16 rows in 4-byte chunks, so one 64-byte vector holds weights 4c .. 4c+3 of each of
+the 16 rows and a VNNI dot against 4 broadcast activation bytes advances all 16 rows at once, with no
+horizontal sums (pipower/_cpu/_panel_impl.h). The values are the QMatrix's, only moved:
+
+    q8: data uint8 [P, nb, 8, 16, 4]: chunk c of row r of block b = int8 weight + 128
+    q4: data uint8 [P, nb, 4, 16, 4]: the q4 bytes as stored (byte j: element j low, element j + 16 high),
+        bytes 4v .. 4v+3 of row r in vector v
+    scales float16 [P, nb, 16]
+with P = ceil(N / 16) panels (rows past N: zero weights and scales), nb = K / 32 blocks. The arrays are
+flattened to [P, nb, bytes per block] for the kernel.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import InvalidArgumentError
+from .quant import QMatrix
+
+PANEL = 16
+FORMATS = ("q4", "q8")
+CHUNKS = {"q8": 8, "q4": 4}          # 64-byte vectors per block of a panel
+
+
+@dataclass(frozen=True)
+class Panels:
+    """A q4 / q8 weight matrix [N, K] as panels of 16 rows (module docstring)."""
+    fmt: str
+    shape: tuple                     # (N, K) of the logical matrix
+    data: np.ndarray                 # uint8 [P, K/32, 64 * CHUNKS[fmt]]
+    scales: np.ndarray               # float16 [P, K/32, 16]
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes + self.scales.nbytes
+
+    def __repr__(self) -> str:
+        return f"Panels({self.fmt}, {self.shape[0]}x{self.shape[1]}, {self.nbytes / 2**20:.1f} MiB)"
+
+
+def pack(m: QMatrix) -> Panels:
+    """QMatrix (q4 / q8) -> Panels with the same values."""
+    if not isinstance(m, QMatrix) or m.fmt not in FORMATS:
+        raise InvalidArgumentError(f"weight panels hold q4 or q8 QMatrix weights, got {m!r}")
+    N, K = m.shape
+    nb, P = K // 32, -(-N // PANEL)
+    C = CHUNKS[m.fmt]
+    if m.fmt == "q8":
+        rows = (m.data.view(np.uint8) ^ np.uint8(0x80))            # int8 w -> w + 128 as uint8
+    else:
+        rows = m.data
+    data = np.zeros((P * PANEL, nb * C * 4), dtype=np.uint8)
+    data[:N] = rows
+    data = np.ascontiguousarray(data.reshape(P, PANEL, nb, C, 4).transpose(0, 2, 3, 1, 4))
+    scales = np.zeros((P * PANEL, nb), dtype=np.float16)
+    scales[:N] = m.scales
+    scales = np.ascontiguousarray(scales.reshape(P, PANEL, nb).transpose(0, 2, 1))
+    return Panels(m.fmt, (N, K), data.reshape(P, nb, C * 64), scales)
+
+
+def rows(p: Panels, idx=None) -> QMatrix:
+    """Rows idx (all by default) of the panels back as a row-major QMatrix (the inverse of pack)."""
+    N, K = p.shape
+    nb, C = K // 32, CHUNKS[p.fmt]
+    idx = np.arange(N) if idx is None else np.asarray(idx, dtype=np.int64)
+    if idx.size and (idx.min() < 0 or idx.max() >= N):
+        raise InvalidArgumentError(f"row index out of range for a {N}-row matrix")
+    data = p.data.reshape(-1, nb, C, PANEL, 4)[idx // PANEL, :, :, idx % PANEL, :]        # [n, nb, C, 4]
+    data = data.reshape(idx.size, nb * C * 4)
+    if p.fmt == "q8":
+        data = (data ^ np.uint8(0x80)).view(np.int8)
+    scales = p.scales[idx // PANEL, :, idx % PANEL]                                          # [n, nb]
+    return QMatrix(p.fmt, (idx.size, K), np.ascontiguousarray(data), np.ascontiguousarray(scales))
+
+
+def unpack(p: Panels) -> QMatrix:
+    """Panels -> the row-major QMatrix they were packed from."""
+    return rows(p)

@@ -1,0 +1,124 @@
+"""Weight panels (pipower.panels, pipower/_cpu/_panel_impl.h): packing is lossless, the panel kernel
+equals the exact integer-dot reference (pipower.intdot) bit for bit for every T, thread count and
+kernel, and a model whose projections are panels computes bitwise what the row-major integer kernel
+computes."""
+import numpy as np
+import pytest
+
+import pipower
+from pipower import _cpu, intdot, panels
+from pipower.errors import InvalidArgumentError
+from pipower.panels import Panels
+from pipower.quant import QMatrix, dequantize, quantize
+
+from helpers_models import random_qwen2_config, random_tensors, write_gguf_from_hf
+
+needs_ext = pytest.mark.skipif(not _cpu.AVAILABLE, reason="compiled kernels not built")
+SHAPES = [(1, 32), (16, 32), (37, 96), (64, 512), (100, 1024), (33, 896), (5, 4864)]   # (N, K)
+
+
+def matrix(fmt, N, K, seed=0):
+    w = np.random.default_rng(seed).standard_normal((N, K)).astype(np.float32)
+    w[:, :32] *= 20                                        # blocks of very different scales
+    return quantize(w, fmt)
+
+
+@pytest.mark.parametrize("fmt", panels.FORMATS)
+@pytest.mark.parametrize("N,K", SHAPES)
+def test_pack_then_rows_gives_the_matrix_back(fmt, N, K):
+    m = matrix(fmt, N, K)
+    p = panels.pack(m)
+    P = -(-N // 16)
+    assert p.data.shape == (P, K // 32, 64 * panels.CHUNKS[fmt]) and p.scales.shape == (P, K // 32, 16)
+    back = panels.unpack(p)
+    assert np.array_equal(back.data, m.data) and np.array_equal(back.scales, m.scales)
+    idx = np.array([N - 1, 0, N // 2, N - 1])
+    sub = panels.rows(p, idx)
+    np.testing.assert_array_equal(dequantize(sub), dequantize(m)[idx])
+
+
+def test_q8_panel_bytes_are_the_biased_weights_16_rows_apart():
+    m = matrix("q8", 20, 64)
+    p = panels.pack(m)
+    d = p.data.reshape(2, 2, 8, 16, 4)                    # [P, nb, chunk, row, 4]
+    assert d[0, 1, 3, 5, 2] == (int(m.data[5, 32 + 12 + 2]) + 128)
+    assert d[1, 0, 0, 3, 1] == (int(m.data[19, 1]) + 128)
+    assert not d[1, :, :, 4:].any() and not p.scales[1, :, 4:].any()      # rows past N are zero
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt", panels.FORMATS)
+@pytest.mark.parametrize("N,K", SHAPES)
+@pytest.mark.parametrize("simd", [True, False])
+def test_panel_kernel_is_bitwise_the_reference(fmt, N, K, simd):
+    from pipower._cpu import _panel
+    m = matrix(fmt, N, K, seed=N + K)
+    p = panels.pack(m)
+    x = np.random.default_rng(1).standard_normal((9, K)).astype(np.float32)
+    x[2] = 0.0                                             # all-zero blocks: dx = 0
+    x[3, :40] *= 1e4
+    want = intdot.dot(m, x)
+    for nt in (1, 2):
+        got = _panel.gemm_panels(fmt, p.data, p.scales, N, x, n_threads=nt, simd=simd)
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (nt, np.abs(got - want).max())
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt", panels.FORMATS)
+def test_panel_rows_do_not_depend_on_the_batch(fmt):
+    from pipower._cpu import _linear, _panel
+    N, K = 70, 320
+    m = matrix(fmt, N, K, seed=3)
+    p = panels.pack(m)
+    x = np.random.default_rng(2).standard_normal((33, K)).astype(np.float32)
+    one = np.stack([_panel.gemm_panels(fmt, p.data, p.scales, N, x[t:t + 1])[0] for t in range(33)])
+    for T in (1, 2, 3, 7, 8, 9, 16, 33):
+        got = _panel.gemm_panels(fmt, p.data, p.scales, N, x[:T], n_threads=2)
+        assert np.array_equal(got, one[:T]), T
+    # and the row-major integer kernel gives the same bits
+    assert np.array_equal(_linear.gemm_int8(fmt, m.data, m.scales, x, n_threads=2), one)
+
+
+@needs_ext
+def test_panel_kernel_rejects_bad_arguments():
+    from pipower._cpu import _panel
+    p = panels.pack(matrix("q8", 20, 64))
+    x = np.zeros((2, 64), np.float32)
+    with pytest.raises(InvalidArgumentError, match="q4 or q8"):
+        _panel.gemm_panels("f16", p.data, p.scales, 20, x)
+    with pytest.raises(InvalidArgumentError, match="panels of 40 rows"):
+        _panel.gemm_panels("q8", p.data, p.scales, 40, x)
+    with pytest.raises(InvalidArgumentError, match="panels of 20 rows"):
+        _panel.gemm_panels("q4", p.data, p.scales, 20, x)                  # q8 bytes per block
+    with pytest.raises(InvalidArgumentError, match=r"shape \(T, 64\)"):
+        _panel.gemm_panels("q8", p.data, p.scales, 20, np.zeros((2, 96), np.float32))
+    with pytest.raises(InvalidArgumentError, match="q4 or q8 QMatrix"):
+        panels.pack(quantize(np.zeros((4, 32), np.float32), "f16"))
+    with pytest.raises(InvalidArgumentError, match="out of range"):
+        panels.rows(p, [20])
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt", panels.FORMATS)
+def test_model_on_panels_is_bitwise_the_row_major_integer_path(tmp_path, fmt, monkeypatch):
+    from pipower._cpu.ops import CythonOps
+    cfg = random_qwen2_config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    path = write_gguf_from_hf(random_tensors(cfg, 0), cfg, tmp_path / "m.gguf", qtype="Q8_0")
+
+    def load():
+        return pipower.load(path, backend="cython", weights=fmt, dot="int8", threads=2, cache=False,
+                            progress=False)
+    on = load()
+    tr = on.transformer
+    assert isinstance(tr.lm_head, Panels) and tr.embed_tokens is tr.lm_head          # tied: one copy
+    assert all(isinstance(getattr(lw, n), Panels) for lw in tr.layers for n in ("q", "k", "v", "o"))
+    monkeypatch.setattr(CythonOps, "_pack_panels", lambda self, t: None)
+    off = load()
+    assert isinstance(off.transformer.lm_head, QMatrix)
+    ids = [1, 17, 200, 3, 99, 42, 7, 250]
+    assert np.array_equal(on.logits(ids), off.logits(ids))
+    assert on.generate("the", max_tokens=6) == off.generate("the", max_tokens=6)
+    # the float path keeps row-major weights
+    flt = pipower.load(path, backend="cython", weights=fmt, dot="float", threads=1, cache=False, progress=False)
+    assert isinstance(flt.transformer.layers[0].q, QMatrix)
