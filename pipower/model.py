@@ -52,9 +52,13 @@ class LayerWeights:
     gate: np.ndarray | None          # [F, D]   (None: plain MLP)
     up: np.ndarray                   # [F, D]
     down_t: np.ndarray               # [F, D]   HF's down_proj [D, F] transposed: neuron i's row is contiguous
+    # [D, F] HF's down_proj as is (quantization blocks along F), kept only for integer dots: the dense
+    # FFN then multiplies h [T, F], quantized per 32 neurons, by it (as llama.cpp does); down_t serves
+    # the sparse FFN, which picks neurons. None otherwise.
+    down: np.ndarray | None = None
 
     @classmethod
-    def from_tensors(cls, t: dict, i: int, fmt: str = "f32") -> LayerWeights:
+    def from_tensors(cls, t: dict, i: int, fmt: str = "f32", keep_down: bool = False) -> LayerWeights:
         p = f"model.layers.{i}."
         layer = cls(
             attn_norm=t[p + "input_layernorm.weight"],
@@ -70,12 +74,17 @@ class LayerWeights:
             w = getattr(layer, name)
             if w is not None:
                 setattr(layer, name, store(w, fmt))
+        if keep_down:
+            layer.down = stored(t, p + "mlp.down_proj.weight", fmt)
         return layer
 
     @property
     def nbytes(self) -> int:
-        """Bytes of all weights of the layer, as stored."""
-        return sum(getattr(self, f.name).nbytes for f in fields(self) if getattr(self, f.name) is not None)
+        """Bytes of the weights one dense step reads: all of them, but down_t where `down` is kept (it
+        is there for sparse FFN calls only)."""
+        skip = "down_t" if self.down is not None else None
+        return sum(getattr(self, f.name).nbytes for f in fields(self)
+                   if f.name != skip and getattr(self, f.name) is not None)
 
 
 class Transformer:
@@ -94,7 +103,9 @@ class Transformer:
             self.embed_tokens, self.layers, self.final_norm, self.lm_head = prepared
         else:
             self.embed_tokens = stored(tensors, "model.embed_tokens.weight", weights)  # [V, D]
-            self.layers = [LayerWeights.from_tensors(tensors, i, weights) for i in range(config.num_hidden_layers)]
+            keep_down = self.ops.dot == "int8" and weights in ("q4", "q8")   # the integer-dot dense FFN's
+            self.layers = [LayerWeights.from_tensors(tensors, i, weights, keep_down)
+                           for i in range(config.num_hidden_layers)]
             self.final_norm = tensors["model.norm.weight"]                        # [D]
             self.lm_head = (stored(tensors, "lm_head.weight", weights) if "lm_head.weight" in tensors
                             else self.embed_tokens)                               # [V, D], tied by default
@@ -156,7 +167,10 @@ class Transformer:
                                  caches, starts, rows, cos, sin)
             h = ops.rms_norm(x, layer.ffn_norm, self.config.rms_norm_eps)
             idx = self.ffn_neurons(i, x, h) if self.ffn_neurons is not None else None
-            x += ops.ffn(h, layer.gate, layer.up, layer.down_t, self.config.hidden_act, idx)
+            if layer.down is None:
+                x += ops.ffn(h, layer.gate, layer.up, layer.down_t, self.config.hidden_act, idx)
+            else:                                         # integer dots: the dense FFN multiplies by down
+                x += ops.ffn(h, layer.gate, layer.up, layer.down_t, self.config.hidden_act, idx, down=layer.down)
         for cache, T in zip(caches, lengths):
             cache.advance(T)
         if last_only:

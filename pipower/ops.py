@@ -252,7 +252,7 @@ class NumpyOps:
         return self._rows(table, ids)
 
     # -- FFN ---------------------------------------------------------------------------------------
-    def ffn(self, x, gate, up, down_t, act: str, idx=None):
+    def ffn(self, x, gate, up, down_t, act: str, idx=None, down=None):
         """x: [T, D]; gate/up: [F, D]; down_t: [F, D] (down stored transposed, PowerInfer's ffn_down_t,
         so one neuron's three weight rows are each contiguous) -> [T, D].
 
@@ -262,8 +262,12 @@ class NumpyOps:
           bool [T, F]           a per-token mask (oracle / predictor decisions during prefill);
           Threshold (T = 1)     the neurons with |act(gate x)| > tau (made by sparse.oracle).
         gate None = plain MLP: down(act(up x)).
+        down: [D, F], HF's orientation, kept with integer dots (LayerWeights.down): the dense FFN (idx
+        None) then takes integer dots throughout, h quantized per 32 neurons (_ffn_int8_dense).
         """
         check_activation(act)
+        if down is not None and idx is None and self._int_dot(down):
+            return self._ffn_int8_dense(x, gate, up, down, act)
         F = down_t.shape[0]
         if isinstance(idx, Threshold):
             xp = self.xp
@@ -305,6 +309,18 @@ class NumpyOps:
             out += h @ self._rows(down_t, rows)
             h = None                # freed before the next tile allocates: one tile's temporaries at a time
         return out
+
+    def _ffn_int8_dense(self, x, gate, up, down, act: str):
+        """The dense FFN on integer dots (pipower.intdot) throughout: h = act(x G^T) * (x U^T) [T, F]
+        (act(x U^T) without a gate), then h, itself quantized per 32-block, times down [D, F] -> [T, D].
+        A per-block int8 rounding of h replaces the float down projection's exact h (llama.cpp quantizes
+        the FFN's hidden activations the same way)."""
+        h = self._project(x, up)                                                       # [T, F]
+        if gate is not None:
+            h *= self._ffn_act(act, self._project(x, gate))
+        else:
+            h = self._ffn_act(act, h)
+        return self._project(h, down)                                                  # [T, D]
 
     def _ffn_act(self, name: str, h):
         """act(h) on the FFN's hidden pre-activations [T, c] in _ffn_chunked (h may be overwritten)."""

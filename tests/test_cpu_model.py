@@ -24,8 +24,14 @@ def test_cython_equals_numpy_reference_on_each_format(tiny_dir, fmt):
     ids = np.random.default_rng(0).integers(3, 256, 33)
     fast = pipower.load(tiny_dir, backend="cython", weights=fmt)
     ref = pipower.load(tiny_dir, backend="numpy", weights=fmt)
+    assert fast.dot == ref.dot
+    # Integer dots (q4's default) quantize activations to int8 before every projection and the FFN's
+    # down: a 1e-7 difference upstream (BLAS vs compiled attention and norms) can move a value across a
+    # rounding boundary, a step of max|x| / 127 of its block. Each op agrees bitwise
+    # (tests/test_panels.py, test_intdot.py); the whole model only to within such steps.
+    tol = 5e-3 if fast.dot == "int8" else 1e-4
     a, b = fast.logits(ids), ref.logits(ids)
-    assert np.abs(a - b).max() <= 1e-4 * np.abs(b).max()
+    assert np.abs(a - b).max() <= tol * np.abs(b).max()
     # decode steps (the fused kernels) after a prefill, too
     for m, out in ((fast, []), (ref, [])):
         t = m.transformer
@@ -33,7 +39,7 @@ def test_cython_equals_numpy_reference_on_each_format(tiny_dir, fmt):
         t.forward(ids[:20], cache)
         out += [t.forward(ids[i:i + 1], cache) for i in range(20, 33)]
         m.steps = np.concatenate(out)
-    assert np.abs(fast.steps - ref.steps).max() <= 1e-4 * np.abs(ref.steps).max()
+    assert np.abs(fast.steps - ref.steps).max() <= tol * np.abs(ref.steps).max()
 
 
 def test_sparse_decode_on_cython_equals_reference(tiny_dir):

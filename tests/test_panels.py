@@ -122,3 +122,32 @@ def test_model_on_panels_is_bitwise_the_row_major_integer_path(tmp_path, fmt, mo
     # the float path keeps row-major weights
     flt = pipower.load(path, backend="cython", weights=fmt, dot="float", threads=1, cache=False, progress=False)
     assert isinstance(flt.transformer.layers[0].q, QMatrix)
+
+
+@needs_ext
+def test_sparse_calls_on_a_panel_model_use_bundles_built_on_first_use(tmp_path, monkeypatch):
+    """Oracle (threshold) sparsity on a q4 integer-dot model: the sparse FFN's neuron bundles are built
+    from the panels on first use, and every logit equals the same model without panels bit for bit."""
+    from pipower._cpu.ops import CythonOps
+    cfg = random_qwen2_config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    path = write_gguf_from_hf(random_tensors(cfg, 1), cfg, tmp_path / "m.gguf", qtype="Q8_0")
+    ids = np.array([5, 17, 200, 3, 99, 42, 7, 250, 11, 12])
+
+    def run(m):
+        m.set_sparsity(act_threshold=0.1)
+        t = m.transformer
+        cache = t.new_cache()
+        out = [t.forward(ids[:4], cache)] + [t.forward(ids[i:i + 1], cache) for i in range(4, len(ids))]
+        assert t.ffn_neurons.sparsity > 0.05
+        return np.concatenate(out)
+
+    on = pipower.load(path, backend="cython", weights="q4", threads=2, cache=False, progress=False)
+    assert on.dot == "int8" and isinstance(on.transformer.layers[0].up, Panels)
+    assert on.transformer.ops._bundles == {}                  # dense use builds none
+    got = run(on)
+    assert len(on.transformer.ops._bundles) == cfg["num_hidden_layers"]
+    monkeypatch.setattr(CythonOps, "_pack_panels", lambda self, t: None)
+    off = pipower.load(path, backend="cython", weights="q4", threads=2, cache=False, progress=False)
+    assert isinstance(off.transformer.layers[0].up, QMatrix)
+    assert np.array_equal(got, run(off))

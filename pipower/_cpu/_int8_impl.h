@@ -84,6 +84,31 @@ static inline void pp_xq_quantize(const float *x, ptrdiff_t K, char *buf, int ki
     memset(buf, 0, (size_t)pp_xq_bytes(K));
     for (ptrdiff_t b = 0; b < nb; b++) {
         const float *xb = x + b * PP_QB;
+#if PP_HAVE_AVX512
+        /* the same operations on 16 lanes (x * id rounds as the scalar product does; roundscale is
+         * nearbyint's ties-to-even); NaN / inf blocks take the scalar path below. 10x faster: the
+         * scalar loop was ~10% of an 8-token forward (Qwen2.5-0.5B, 48 quantizations of [8, 896..4864]). */
+        const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+        const __m512 ax = _mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1));
+        if (!(_mm512_cmp_ps_mask(x0, x0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(x1, x1, _CMP_UNORD_Q))) {
+            const float amax = _mm512_reduce_max_ps(ax);
+            if (amax <= FLT_MAX) {
+                const float db = amax / 127.0f;
+                d[b] = db;
+                const __m512 id = _mm512_set1_ps(db != 0.0f ? 1.0f / db : 0.0f);
+                const __m512 lim = _mm512_set1_ps(127.0f), nlim = _mm512_set1_ps(-127.0f);
+                const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+                const __m512i q0 = _mm512_cvtps_epi32(_mm512_max_ps(_mm512_min_ps(
+                    _mm512_roundscale_ps(_mm512_mul_ps(x0, id), rnd), lim), nlim));
+                const __m512i q1 = _mm512_cvtps_epi32(_mm512_max_ps(_mm512_min_ps(
+                    _mm512_roundscale_ps(_mm512_mul_ps(x1, id), rnd), lim), nlim));
+                _mm_storeu_si128((__m128i *)(q + pp_xq_pos(kind, b, 0)), _mm512_cvtepi32_epi8(q0));
+                _mm_storeu_si128((__m128i *)(q + pp_xq_pos(kind, b, 16)), _mm512_cvtepi32_epi8(q1));
+                c[b] = (kind == PP_XQ_Q8 ? 128 : 8) * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+                continue;
+            }
+        }
+#endif
         float amax = 0.0f;
         for (int j = 0; j < PP_QB; j++) {
             const float a = fabsf(xb[j]);

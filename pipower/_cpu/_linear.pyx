@@ -276,6 +276,7 @@ cdef class QuantizedActivations:
         if fmt not in ("q4", "q8"):
             raise invalid(f"integer dot products are implemented for q4 and q8 weights, not {fmt}")
         cdef int kind = PP_XQ_Q8 if fmt == "q8" else (PP_XQ_Q4E if panels else PP_XQ_Q4)
+        self.fmt, self.panels = fmt, panels
         check_array(x, "x", (_F32,), 2, True)
         self.T, self.K = x.shape[0], x.shape[1]
         if self.K % 32:

@@ -27,29 +27,47 @@ PANEL = 16                                   # rows per panel
 BLOCK_BYTES = {"q8": 512, "q4": 256}         # bytes of one 32-block of a panel's 16 rows
 
 
+def quantize(x, fmt):
+    """x float32 [T, K] -> its int8 blocks laid out for `fmt` panels, to pass to several gemm_panels."""
+    if fmt not in BLOCK_BYTES:
+        raise invalid(f"weight panels hold q4 or q8 weights, not {fmt}")
+    return QuantizedActivations(x.reshape(1, -1) if x.ndim == 1 else x, fmt, panels=True)
+
+
 def gemm_panels(fmt, data, scales, Py_ssize_t n_rows, x, out=None, n_threads=1, simd=True):
-    """x float32 [T, K] -> out float32 [T, n_rows]. data uint8 [P, K/32, BLOCK_BYTES[fmt]], scales float16
-    [P, K/32, 16] with P = ceil(n_rows / 16). Panels are split over n_threads OpenMP threads."""
+    """x float32 [T, K] (or quantize(x, fmt)) -> out float32 [T, n_rows]. data uint8 [P, K/32,
+    BLOCK_BYTES[fmt]], scales float16 [P, K/32, 16] with P = ceil(n_rows / 16). Panels are split over
+    n_threads OpenMP threads."""
     cdef int nt = check_threads(n_threads)
     if fmt not in BLOCK_BYTES:
         raise invalid(f"weight panels hold q4 or q8 weights, not {fmt}")
     check_array(data, "panel data", (np.dtype(np.uint8),), 3, True)
     check_array(scales, "panel scales", (np.dtype(np.float16), np.dtype(np.uint16)), 3, True)
-    if x.ndim == 1:
-        x = x.reshape(1, -1)
-    check_array(x, "x", (np.dtype(np.float32),), 2, True)
-    cdef Py_ssize_t P = data.shape[0], nb = data.shape[1], T = x.shape[0], K = x.shape[1]
+    cdef Py_ssize_t T, K
+    if isinstance(x, QuantizedActivations):
+        xq = x
+        if xq.fmt != fmt or not xq.panels:
+            raise invalid(f"activations quantized for {xq.fmt} panels, not {fmt}")
+        T, K = xq.T, xq.K
+    else:
+        if x.ndim == 1:
+            x = x.reshape(1, -1)
+        check_array(x, "x", (np.dtype(np.float32),), 2, True)
+        T, K = x.shape[0], x.shape[1]
+        xq = None
+    cdef Py_ssize_t P = data.shape[0], nb = data.shape[1]
     if data.shape[2] != BLOCK_BYTES[fmt] or n_rows < 0 or P != (n_rows + PANEL - 1) // PANEL:
         raise invalid(f"{fmt} panels of {n_rows} rows must have shape ({(n_rows + PANEL - 1) // PANEL}, K/32, "
                       f"{BLOCK_BYTES[fmt]}), got {data.shape}")
     if scales.shape[0] != P or scales.shape[1] != nb or scales.shape[2] != PANEL:
         raise invalid(f"panel scales must have shape ({P}, {nb}, {PANEL}), got {scales.shape}")
     if K != nb * 32:
-        raise invalid(f"x must have shape (T, {nb * 32}) to match the panels, got {x.shape}")
+        raise invalid(f"x must have shape (T, {nb * 32}) to match the panels, got {(T, K)}")
     out = check_out(out, "out", (T, n_rows))
     if T == 0 or n_rows == 0:
         return out
-    xq = QuantizedActivations(x, fmt, panels=True)
+    if xq is None:
+        xq = QuantizedActivations(x, fmt, panels=True)
     cdef int code = PP_Q8 if fmt == "q8" else PP_Q4
     cdef int sd = 1 if simd else 0
     cdef const uint8_t *dp = <const uint8_t *>cnp.PyArray_DATA(data)

@@ -90,9 +90,14 @@ static inline __m512i pp_panel_isum_q4(const uint8_t *wb, const int8_t *xb) {
     return _mm512_add_epi32(s0, s1);
 }
 
-/* Rows r < m of one panel against one token: y[r]. Q8 is a compile-time constant after inlining. */
+/* Rows r < m of one panel against one token: y[r]. Q8 is a compile-time constant after inlining.
+ * next (or NULL): the next panel's data, prefetched into L2 block by block while this one computes. With
+ * several tokens the panel is compute-bound (~0.5 ms per 70 M multiply-adds per core) and the hardware
+ * prefetcher alone did not keep DRAM busy meanwhile: a T = 8 FFN cost the sum of its compute and memory
+ * times, not the larger of the two. */
 static inline __attribute__((always_inline)) void
-pp_panel_tok_v(const int Q8, const uint8_t *W, const uint16_t *S, pp_xq x, ptrdiff_t nb, float *y, int m) {
+pp_panel_tok_v(const int Q8, const uint8_t *W, const uint16_t *S, pp_xq x, ptrdiff_t nb, float *y, int m,
+               const uint8_t *next) {
     const ptrdiff_t bb = Q8 ? 512 : 256;
     __m512 acc[16];
     for (int l = 0; l < 16; l++) acc[l] = _mm512_setzero_ps();
@@ -102,6 +107,8 @@ pp_panel_tok_v(const int Q8, const uint8_t *W, const uint16_t *S, pp_xq x, ptrdi
         for (int l = 0; l < 16; l++) {
             if (l < n) {
                 const ptrdiff_t b = g + l;
+                if (next)
+                    for (int c = 0; c < bb; c += 64) _mm_prefetch((const char *)next + b * bb + c, _MM_HINT_T1);
                 __m512i s = Q8 ? pp_panel_isum_q8(W + b * bb, x.q + b * PP_QB)
                                : pp_panel_isum_q4(W + b * bb, x.q + b * PP_QB);
                 s = _mm512_sub_epi32(s, _mm512_set1_epi32(x.c[b]));
@@ -117,6 +124,66 @@ pp_panel_tok_v(const int Q8, const uint8_t *W, const uint16_t *S, pp_xq x, ptrdi
     const __m512 r = _mm512_add_ps(_mm512_add_ps(s4[0], s4[2]), _mm512_add_ps(s4[1], s4[3]));
     _mm512_mask_storeu_ps(y, (__mmask16)(m >= 16 ? 0xFFFF : ((1u << m) - 1)), r);
 }
+/* Up to PP_TB tokens against one panel, the weights of each block loaded (and q4 unpacked) once for
+ * all of them: 16 accumulators per token do not fit in registers for several tokens, so they live in
+ * acc (L1, [nt][16 lanes][16 rows]) and each block adds to its lane there. Same operations per (token,
+ * row) as pp_panel_tok_v, so the same bits. Per block and token: 8 dots, 5 other vector operations
+ * and one accumulator load/store, against 8 weight loads (and for q4 12 unpacking operations) more per
+ * token in pp_panel_tok_v. */
+static inline __attribute__((always_inline)) void
+pp_panel_multi_v(const int Q8, const uint8_t *W, const uint16_t *S, const pp_xq *x, int nt, ptrdiff_t nb,
+                 float *y, ptrdiff_t ldy, int m, const uint8_t *next, float *acc) {
+    const ptrdiff_t bb = Q8 ? 512 : 256;
+    const __m512i low4 = _mm512_set1_epi8(15);
+    memset(acc, 0, (size_t)nt * 256 * sizeof(float));
+    for (ptrdiff_t g = 0; g < nb; g += 16) {
+        const int n = nb - g < 16 ? (int)(nb - g) : 16;
+#pragma GCC unroll 16
+        for (int l = 0; l < 16; l++) {
+            if (l < n) {
+                const ptrdiff_t b = g + l;
+                const uint8_t *wb = W + b * bb;
+                if (next)
+                    for (int c = 0; c < bb; c += 64) _mm_prefetch((const char *)next + b * bb + c, _MM_HINT_T1);
+                __m512i w[8];
+                if (Q8) {
+                    for (int c = 0; c < 8; c++) w[c] = _mm512_loadu_si512(wb + 64 * c);
+                } else {          /* w[v]: low nibbles (elements 4v..), w[4 + v]: high ones (16 + 4v..) */
+                    for (int v = 0; v < 4; v++) {
+                        const __m512i u = _mm512_loadu_si512(wb + 64 * v);
+                        w[v] = _mm512_and_si512(u, low4);
+                        w[4 + v] = _mm512_and_si512(_mm512_srli_epi16(u, 4), low4);
+                    }
+                }
+                const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(S + b * PP_PANEL)));
+                for (int t = 0; t < nt; t++) {
+                    const int8_t *xb = x[t].q + b * PP_QB;
+                    __m512i s0 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[0], pp_bcst4(xb));
+                    __m512i s1 = _mm512_dpbusd_epi32(_mm512_setzero_si512(), w[1], pp_bcst4(xb + 4));
+                    s0 = _mm512_dpbusd_epi32(s0, w[2], pp_bcst4(xb + 8));
+                    s1 = _mm512_dpbusd_epi32(s1, w[3], pp_bcst4(xb + 12));
+                    s0 = _mm512_dpbusd_epi32(s0, w[4], pp_bcst4(xb + 16));
+                    s1 = _mm512_dpbusd_epi32(s1, w[5], pp_bcst4(xb + 20));
+                    s0 = _mm512_dpbusd_epi32(s0, w[6], pp_bcst4(xb + 24));
+                    s1 = _mm512_dpbusd_epi32(s1, w[7], pp_bcst4(xb + 28));
+                    const __m512i s = _mm512_sub_epi32(_mm512_add_epi32(s0, s1), _mm512_set1_epi32(x[t].c[b]));
+                    const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(x[t].d[b]));
+                    float *a = acc + t * 256 + l * 16;
+                    _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, _mm512_load_ps(a)));
+                }
+            }
+        }
+    }
+    const __mmask16 k = (__mmask16)(m >= 16 ? 0xFFFF : ((1u << m) - 1));
+    for (int t = 0; t < nt; t++) {
+        const float *a = acc + t * 256;
+        __m512 s8[8], s4[4];
+        for (int i = 0; i < 8; i++) s8[i] = _mm512_add_ps(_mm512_load_ps(a + 16 * i), _mm512_load_ps(a + 16 * (i + 8)));
+        for (int i = 0; i < 4; i++) s4[i] = _mm512_add_ps(s8[i], s8[i + 4]);
+        const __m512 r = _mm512_add_ps(_mm512_add_ps(s4[0], s4[2]), _mm512_add_ps(s4[1], s4[3]));
+        _mm512_mask_storeu_ps(y + t * ldy, k, r);
+    }
+}
 #endif /* PP_HAVE_VNNI512 */
 
 /* Y[t, n] for panels [p0, p1) of a matrix of N rows against T tokens (Y [T, N] row stride N). */
@@ -127,12 +194,27 @@ static inline void pp_gemm_panels(int fmt, int simd, const uint8_t *data, const 
         const uint8_t *W = data + p * pb;
         const uint16_t *S = scales + p * ps;
         const int m = N - p * PP_PANEL < PP_PANEL ? (int)(N - p * PP_PANEL) : PP_PANEL;
+#if PP_HAVE_VNNI512
+        if (simd && T > 1) {
+            float acc[PP_TB * 256] __attribute__((aligned(64)));
+            for (ptrdiff_t t0 = 0; t0 < T; t0 += PP_TB) {
+                const int nt = (int)(T - t0 < PP_TB ? T - t0 : PP_TB);
+                const uint8_t *next = t0 == 0 && p + 1 < p1 ? W + pb : NULL;
+                float *yt = y + t0 * N + p * PP_PANEL;
+                if (fmt == PP_Q8) pp_panel_multi_v(1, W, S, x + t0, nt, nb, yt, N, m, next, acc);
+                else pp_panel_multi_v(0, W, S, x + t0, nt, nb, yt, N, m, next, acc);
+            }
+            continue;
+        }
+#endif
         for (ptrdiff_t t = 0; t < T; t++) {
             float *yt = y + t * N + p * PP_PANEL;
 #if PP_HAVE_VNNI512
             if (simd) {
-                if (fmt == PP_Q8) pp_panel_tok_v(1, W, S, x[t], nb, yt, m);
-                else pp_panel_tok_v(0, W, S, x[t], nb, yt, m);
+                /* the next panel's data is prefetched while token 0 runs: the one pass that reads W */
+                const uint8_t *next = t == 0 && T > 1 && p + 1 < p1 ? W + pb : NULL;
+                if (fmt == PP_Q8) pp_panel_tok_v(1, W, S, x[t], nb, yt, m, next);
+                else pp_panel_tok_v(0, W, S, x[t], nb, yt, m, next);
                 continue;
             }
 #endif

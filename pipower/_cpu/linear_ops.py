@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InvalidArgumentError
-from ..ops import Threshold
+from ..ops import ACTIVATIONS, Threshold
 from ..panels import Panels
 from ..quant import QMatrix
 from . import _ffn, _linear, _panel
@@ -117,6 +117,22 @@ def ffn(x: np.ndarray, gate, up, down_t, act: str, n_threads: int = 1,
                             out=out[t0:t0 + MAX_TOKENS], n_threads=n_threads, int_dot=True)
         return out
     return _ffn.ffn_sparse(fu, x, g, (ud, us), (dd, ds), idx, act, n_threads=n_threads)
+
+
+def ffn_panels(x: np.ndarray, gate, up, down, act: str, n_threads: int = 1) -> np.ndarray:
+    """The dense FFN on integer dots over weight panels: x float32 [T, D]; gate (or None), up: Panels
+    [F, D]; down: Panels [D, F] -> new float32 [T, D]. Bitwise NumpyOps' dense integer FFN
+    (_ffn_int8_dense): h = act(x G^T) * (x U^T) with NumPy's activation formulas, then h quantized per 32
+    neurons times down. Any T; row t is bitwise the one-token result."""
+    fmt = up.fmt
+    xq = _panel.quantize(x, fmt)                                  # once for gate and up
+    h = _panel.gemm_panels(fmt, up.data, up.scales, up.shape[0], xq, n_threads=n_threads)      # [T, F]
+    if gate is not None:
+        h *= ACTIVATIONS[act](_panel.gemm_panels(fmt, gate.data, gate.scales, gate.shape[0], xq,
+                                                 n_threads=n_threads))
+    else:
+        h = ACTIVATIONS[act](h)
+    return _panel.gemm_panels(fmt, down.data, down.scales, down.shape[0], h, n_threads=n_threads)
 
 
 def ffn_layout(gate, up, down_t) -> str:

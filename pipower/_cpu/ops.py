@@ -33,26 +33,32 @@ class CythonOps(NumpyOps):
         if _attention is None:
             raise BackendError(f"pipower._cpu kernel modules are not all built ({_ATTENTION_ERROR})")
         super().__init__(n_threads, dot)
+        self._bundles: dict = {}      # id(up Panels) -> (up, neuron bundles): _sparse_bundles
 
     def prepare(self, transformer) -> None:
         """Lay every layer's FFN out as neuron bundles in one huge-page arena (pipower.arena: a sparse
         FFN reads one contiguous, prefetched span per active neuron, on huge pages). Layer by layer, so
         the originals are freed as the arena fills."""
         from ..arena import bundle_layers
+        if any(layer.down is not None for layer in transformer.layers):
+            self._pack_panels(transformer)
+            return
         for layer, ffn in zip(transformer.layers, bundle_layers(transformer.layers)):
             layer.gate, layer.up, layer.down_t = ffn
-        if self.dot == "int8":
-            self._pack_panels(transformer)
 
     def _pack_panels(self, transformer) -> None:
-        """With integer dots, the attention projections and the output head become weight panels
-        (pipower.panels: 16 rows interleaved, so VNNI dots need no horizontal sums): bitwise the same
-        results as the row-major integer kernel, ~1.2x faster at one token and more at several. A tied
-        embedding shares the head's panels (embed() reads rows back from them)."""
+        """With integer dots (the model kept `down`, LayerWeights), every q4/q8 matrix a dense step reads
+        becomes weight panels (pipower.panels: 16 rows interleaved, so VNNI dots need no horizontal sums):
+        projections and the output head give bitwise the row-major integer kernel's results, ~1.2x faster
+        at one token and more at several; the FFN runs gate, up and down on them (linear_ops.ffn_panels).
+        down_t stays row-major: the sparse FFN's neuron bundles are built from it on first use
+        (_sparse_bundles). A tied embedding shares the head's panels (embed() reads rows from them)."""
         def pack(w):
             return panels.pack(w) if self._int_dot(w) and isinstance(w, QMatrix) else w
         for layer in transformer.layers:
             layer.q, layer.k, layer.v, layer.o = pack(layer.q), pack(layer.k), pack(layer.v), pack(layer.o)
+            if layer.down is not None:
+                layer.gate, layer.up, layer.down = pack(layer.gate), pack(layer.up), pack(layer.down)
         head = pack(transformer.lm_head)
         if transformer.lm_head is transformer.embed_tokens:
             transformer.embed_tokens = head
@@ -133,15 +139,35 @@ class CythonOps(NumpyOps):
         idx = None if rows is None else np.ascontiguousarray(rows, dtype=np.int32)
         return _linear.dequantize_rows(fmt, data, scales, idx=idx)
 
-    def ffn(self, x: np.ndarray, gate, up, down_t, act: str, idx=None) -> np.ndarray:
-        """Same contract as NumpyOps.ffn. The fused kernels take one token, a Threshold, the integer dot
-        and up to MAX_TOKENS tokens sharing one neuron list (linear_ops.on_kernels); a long prompt, or a
-        per-token mask over several tokens, runs the reference's chunked FFN (BLAS over row tiles)."""
+    def ffn(self, x: np.ndarray, gate, up, down_t, act: str, idx=None, down=None) -> np.ndarray:
+        """Same contract as NumpyOps.ffn. With integer dots and `down`, the dense FFN runs on weight
+        panels (linear_ops.ffn_panels). Otherwise the fused kernels take one token, a Threshold, the
+        integer dot and up to MAX_TOKENS tokens sharing one neuron list (linear_ops.on_kernels); a long
+        prompt, or a per-token mask over several tokens, runs the reference's chunked FFN (BLAS over row
+        tiles)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if down is not None and idx is None and self._int_dot(down):
+            if type(up) is Panels and type(down) is Panels and (gate is None or type(gate) is Panels):
+                return linear_ops.ffn_panels(x, gate, up, down, act, self.n_threads)
+            return super().ffn(x, gate, up, down_t, act, idx, down)
+        if type(up) is Panels:                     # a sparse call on a panel-packed layer
+            gate, up, down_t = self._sparse_bundles(gate, up, down_t)
         int_dot = self._int_dot(up)
         if linear_ops.on_kernels(x.shape[0], idx, int_dot):
             return linear_ops.ffn(x, gate, up, down_t, act, self.n_threads, idx, int_dot=int_dot)
         return super().ffn(x, gate, up, down_t, act, idx)
+
+    def _sparse_bundles(self, gate, up, down_t) -> tuple:
+        """Neuron bundles (pipower.arena) of a panel-packed layer for the sparse FFN, built on its first
+        sparse call and kept: gate/up rows come back exactly from the panels, down_t is the layer's own.
+        Dense-only use never pays their memory."""
+        key = id(up)
+        hit = self._bundles.get(key)
+        if hit is None or hit[0] is not up:
+            from ..arena import Arena, ffn_nbytes
+            rows = (None if gate is None else panels.unpack(gate), panels.unpack(up), down_t)
+            hit = self._bundles[key] = (up, Arena(ffn_nbytes(*rows)).bundle_ffn(*rows))
+        return hit[1]
 
     def _ffn_act(self, name: str, h: np.ndarray) -> np.ndarray:
         # NumPy's formulas, not the kernels' (activation() above): the chunked FFN has always used them,
