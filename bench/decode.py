@@ -118,11 +118,15 @@ def clear_active_fraction(tr) -> None:
 
 
 def load_pipower(path: str, backend: str, fmt: str, threads: int):
+    """fmt: a weight format, optionally with the dot mode: "q8", "q8-int8", "q4-float"."""
     params = inspect.signature(pipower.load).parameters
     if "weights" not in params:
         raise NotImplementedError("pipower.load has no weights= argument")
     kw = {"progress": False} if "progress" in params else {}
-    return pipower.load(path, backend=backend, threads=threads, weights=fmt, **kw)
+    weights, _, dot = fmt.partition("-")
+    if dot:
+        kw["dot"] = dot
+    return pipower.load(path, backend=backend, threads=threads, weights=weights, **kw)
 
 
 class TooSlow(Exception):
@@ -354,7 +358,7 @@ def bench_pipower(model_name, path, args, ids512, ids150, prompt, bandwidth, row
         except Exception as e:  # noqa: BLE001
             rows.append(finish_row({**base, "status": f"error: {type(e).__name__}: {e}"}, bw))
             continue
-        if fmt not in native and not args.allow_reference_path:
+        if fmt.partition("-")[0] not in native and not args.allow_reference_path:
             rows.append(finish_row({**base, "status": NA, "detail": f"the {backend} backend has no compiled "
                                     f"kernel for {fmt} (native_formats={native}); its NumPy reference path "
                                     f"would dequantize on every call"}, bw))
@@ -464,7 +468,7 @@ def add_ratios(rows):
     for r in rows:
         if not r["engine"].startswith("pipower") or r.get("status") != "ok":
             continue
-        ref = llama.get((r["model"], LLAMA_FOR.get(r["weights"]), r["threads"]))
+        ref = llama.get((r["model"], LLAMA_FOR.get(r["weights"].partition("-")[0]), r["threads"]))
         if ref is None or ref.get("status") != "ok":
             continue
         r["vs_llama"] = ref["weights"]
@@ -542,7 +546,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--tokens", type=int, default=64, help="decode steps per repeat")
-    p.add_argument("--formats", default=",".join(PIPOWER_FORMATS), help="pipower cython weight formats")
+    p.add_argument("--formats", default=",".join(PIPOWER_FORMATS),
+                   help="pipower cython weight formats, each optionally with its dot mode (q8-int8, q4-float)")
     p.add_argument("--sparse-format", default="q8", help="weight format of the sparse-FFN rows")
     p.add_argument("--fractions", default="0.1,0.25,0.5,1.0", help="sparse FFN active fractions ('' = none)")
     p.add_argument("--seed", type=int, default=0)

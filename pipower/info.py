@@ -63,10 +63,14 @@ def model_info(model) -> dict:
 
 def ffn_layout(transformer) -> str:
     """How the host FFN matrices sit in memory: "bundled" (neuron bundles, pipower.arena: what the CPU
-    engine lays out at load), "separate" (three matrices) or "device" (no host FFN, e.g. all on a GPU)."""
+    engine lays out at load), "panels" (weight panels for integer dots, pipower.panels; the sparse FFN
+    bundles them on first use), "separate" (three matrices) or "device" (no host FFN, e.g. all on a GPU)."""
     import numpy as np
 
+    from .panels import Panels
     from .quant import QMatrix
+    if any(isinstance(lw.up, Panels) for lw in transformer.layers):
+        return "panels"
     layers = [lw for lw in transformer.layers if isinstance(lw.up, (QMatrix, np.ndarray))]
     if not layers:
         return "device"

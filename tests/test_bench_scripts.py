@@ -92,6 +92,20 @@ def test_decode_benchmark_renders_a_stored_result(tmp_path):
             assert row["status"] in cells
 
 
+def test_decode_benchmark_formats_name_the_dot_mode(tmp_path):
+    """--formats q8-int8 / q4-float load that weight format with that dot mode; a plain name keeps the
+    format's default."""
+    from helpers_models import random_qwen2_config, random_tensors, write_gguf_from_hf
+    decode = load_script("decode")
+    cfg = random_qwen2_config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    path = write_gguf_from_hf(random_tensors(cfg, 0), cfg, tmp_path / "m.gguf", qtype="Q8_0")
+    for spec, (weights, dot) in {"q8-int8": ("q8", "int8"), "q4-float": ("q4", "float"),
+                                 "q4": ("q4", "int8")}.items():
+        m = decode.load_pipower(str(path), "cython", spec, 1)
+        assert (m.weights, m.dot) == (weights, dot), spec
+
+
 def test_power_law_profile_hits_the_mean():
     hybrid = load_script("hybrid")
     probs = hybrid.power_law_profile(3, 1000, 0.11, 1.0)

@@ -155,6 +155,9 @@ def test_info_reports_the_ffn_layout():
     cfg = ModelConfig.from_dict(CFG)
     assert ffn_layout(Transformer(cfg, random_tensors(CFG), make_ops("cython", 1), weights="q8")) == "bundled"
     assert ffn_layout(Transformer(cfg, random_tensors(CFG), NumpyOps(), weights="q8")) == "separate"
+    int8 = make_ops("cython", 1)
+    int8.dot = "int8"                                       # integer dots: weight panels (pipower.panels)
+    assert ffn_layout(Transformer(cfg, random_tensors(CFG), int8, weights="q8")) == "panels"
     t = Transformer(cfg, random_tensors(CFG), NumpyOps(), weights="q8")
     t = make_hybrid(t, ExecutionPlan("gpu", ["device"] * cfg.num_hidden_layers, "device"), StandInDeviceOps())
     assert ffn_layout(t) == "device"
