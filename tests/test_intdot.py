@@ -175,7 +175,7 @@ def test_dot_option_is_validated():
     from pipower.api import check_dot
     from pipower.errors import InvalidArgumentError
     from pipower.ops import NumpyOps
-    assert check_dot(None, "q4") == "int8" and check_dot(None, "q8") == "float"
+    assert check_dot(None, "q4") == "int8" and check_dot(None, "q8") == "int8" and check_dot(None, "f16") == "float"
     assert check_dot(None, "q4", device="hybrid") == "float"
     assert check_dot("float", "q4") == "float"
     assert check_dot("int8", "q8") == "int8"

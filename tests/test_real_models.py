@@ -21,9 +21,11 @@ def test_smollm2_config(smollm2):
     assert (c.intermediate_size, c.vocab_size, c.rope_theta, c.tie_word_embeddings) == (1536, 49152, 1e5, True)
 
 
-def test_smollm2_knows_the_capital_of_france(smollm2):
-    answer = smollm2.chat([{"role": "user", "content": "What is the capital of France?"}], max_tokens=20)
-    assert "Paris" in answer
+def test_smollm2_knows_who_wrote_romeo_and_juliet(smollm2):
+    # (Not the capital of France: there "The" and "L" are 0.13 logits apart and the default integer dots
+    # answer "L'Étoile, la Cité, ..." -- as llama.cpp does on the same file.)
+    answer = smollm2.chat([{"role": "user", "content": "Who wrote Romeo and Juliet?"}], max_tokens=20)
+    assert "Shakespeare" in answer
     assert smollm2.last_stats.stop_reason in ("eos", "length")
 
 

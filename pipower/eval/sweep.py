@@ -110,9 +110,19 @@ def sweep(model_spec, knobs: Mapping, out_dir, problems: list[dict], *, mode: st
         raise InvalidArgumentError("pred_thresholds need a predictor file (--predictors)")
     if any(p.knob == "budget" for p in points) and stats is None:
         raise InvalidArgumentError("budgets need an activation-stats file to plan from (--stats)")
+    if any(p.knob == "budget" for p in points):
+        # budget points run the hybrid engine, which multiplies in float; the points they are compared
+        # with (dense first) must too, or "placement never changes the text" could not be checked
+        if dot == "int8":
+            raise InvalidArgumentError("budget points run the hybrid engine, which multiplies in float: "
+                                       "use --dot float (the default when budgets are swept)")
+        dot = "float"
     if isinstance(model_spec, (str, Path)):
         import pipower
         model = pipower.load(model_spec, backend=backend, threads=threads, weights=weights, dot=dot, progress=False)
+    elif dot == "float" and getattr(model_spec, "dot", "float") != "float":
+        raise InvalidArgumentError("budget points need a model loaded with dot='float' (the hybrid engine "
+                                   "multiplies in float)")
     else:
         model, model_spec = model_spec, model_spec.source
     out = Path(out_dir)
@@ -141,7 +151,7 @@ def sweep(model_spec, knobs: Mapping, out_dir, problems: list[dict], *, mode: st
             if point.knob == "budget":      # each budget point places the weights of its own fresh copy
                 import pipower
                 run_model = pipower.load(model.source, backend=backend, threads=threads, weights=model.weights,
-                                         progress=False)
+                                         dot="float", progress=False)
             sparsity = configure(run_model, point, predictors=predictors, stats=stats)
             cb = (lambda d, t, r, _p=point: progress(_p, d, t, r)) if progress else None
             s = evaluate(run_model, problems, out / point.name, settings={"sparsity": sparsity}, progress=cb,

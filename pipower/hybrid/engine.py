@@ -142,6 +142,10 @@ def to_device(model, device: str, *, vram_budget: int | None = None, placement=N
     afterwards hold at most `context_length` positions (what the plan reserved).
     """
     from .build import make_hybrid
+    if device != "cpu" and getattr(model, "dot", "float") == "int8":
+        raise InvalidArgumentError(f"device {device!r} multiplies in float, and this model was loaded with "
+                                   f"dot='int8' (weight panels for the CPU's integer dots): load it with "
+                                   f"dot='float' (--dot float) to move it to a device")
     plan = plan_for(model, device, vram_budget=vram_budget, placement=placement, stats=stats,
                     context_length=context_length, predictors=predictors, reserve_bytes=reserve_bytes)
     if device == "cpu":
