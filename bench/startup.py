@@ -49,11 +49,19 @@ def run_once(cmd: list[str], env: dict) -> tuple[float, int]:
 
 
 def prepared_bytes(gguf: Path, weights: str | None) -> int | None:
-    """Size of the prepared-model cache file of this GGUF (the newest matching entry), or None."""
-    home = Path(os.environ.get("PIPOWER_HOME", Path.home() / ".cache" / "pipower")) / "prepared"
-    tag = f"-{weights}-" if weights else "-"
-    files = sorted((p for p in home.glob(f"{gguf.stem}{tag}*.pwm")), key=lambda p: p.stat().st_mtime)
-    return files[-1].stat().st_size if files else None
+    """Bytes of the prepared model the timed `pipower generate` reads: the data blobs of its cache file
+    (the one its load keys: source, weight format, layout and dot mode, as pipower.load computes them),
+    not the file's size, whose 2 MiB alignment padding is holes on disk. None without the file."""
+    from pipower import model_cache
+    from pipower.api import check_dot, default_weights
+    from pipower.backend import make_ops
+    ops = make_ops("auto", 1)
+    weights = weights or default_weights(str(gguf), ops)
+    ops.dot = check_dot(None, weights)
+    path = model_cache.cache_path(model_cache.cache_key(gguf, weights, ops))
+    if not path.is_file():
+        return None
+    return sum(b["nbytes"] for b in model_cache.read_header(path).json["blobs"])
 
 
 def shown_args(argv: list[str], args) -> str:
