@@ -80,8 +80,8 @@ def gemm_panels(fmt, data, scales, Py_ssize_t n_rows, x, out=None, n_threads=1, 
         with nogil:
             pp_gemm_panels(code, sd, dp, sp, nb, n_rows, rows, T, yp, 0, P)
         return out
-    # thread p owns panels [p*per, (p+1)*per): each streams its own part of W; a panel's 16 results are
-    # one 64-byte line of each token's output row, so no two threads write one line
+    # thread p owns panels [p*per, (p+1)*per): each streams its own part of W and writes its own 16-float
+    # runs of each token's output row (threads can share a cache line only where two runs meet)
     per = (P + nt - 1) // nt
     with nogil, parallel(num_threads=nt):
         for p in prange(nt, schedule="static"):
