@@ -36,9 +36,10 @@ class CythonOps(NumpyOps):
         self._bundles: dict = {}      # id(up Panels) -> (up, neuron bundles): _sparse_bundles
 
     def prepare(self, transformer) -> None:
-        """Lay every layer's FFN out as neuron bundles in one huge-page arena (pipower.arena: a sparse
-        FFN reads one contiguous, prefetched span per active neuron, on huge pages). Layer by layer, so
-        the originals are freed as the arena fills."""
+        """Float dots: lay every layer's FFN out as neuron bundles in one huge-page arena (pipower.arena:
+        a sparse FFN reads one contiguous, prefetched span per active neuron, on huge pages), layer by
+        layer, so the originals are freed as the arena fills. Integer dots: weight panels instead
+        (_pack_panels)."""
         from ..arena import bundle_layers
         if any(layer.down is not None for layer in transformer.layers):
             self._pack_panels(transformer)
