@@ -238,7 +238,7 @@ def default_weights(path: str, ops) -> str:
 
 def default_dot(weights: str, device: str = "cpu") -> str:
     """Integer dot products by default where they are faster and checked on HumanEval: q4 and q8 weights on
-    the CPU engine (weight panels, Qwen2.5-Coder-0.5B against the float path: decode 1.04x (q8) / 1.36x
+    the CPU engine (weight panels, Qwen2.5-Coder-0.5B against the float path: decode 1.05x (q8) / 1.7x
     (q4), an 8-token forward 2.5-3x, a 512-token prefill ~2.5x; HumanEval Pass@1 unchanged,
     results/humaneval/qwen2.5-coder-0.5b-dots-v2). f32/f16 and the devices multiply in float."""
     return "int8" if weights in ("q4", "q8") and device == "cpu" else "float"

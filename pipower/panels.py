@@ -48,16 +48,23 @@ def pack(m: QMatrix) -> Panels:
     N, K = m.shape
     nb, P = K // 32, -(-N // PANEL)
     C = CHUNKS[m.fmt]
-    if m.fmt == "q8":
-        rows = (m.data.view(np.uint8) ^ np.uint8(0x80))            # int8 w -> w + 128 as uint8
-    else:
-        rows = m.data
-    data = np.zeros((P * PANEL, nb * C * 4), dtype=np.uint8)
-    data[:N] = rows
-    data = np.ascontiguousarray(data.reshape(P, PANEL, nb, C, 4).transpose(0, 2, 3, 1, 4))
-    scales = np.zeros((P * PANEL, nb), dtype=np.float16)
-    scales[:N] = m.scales
-    scales = np.ascontiguousarray(scales.reshape(P, PANEL, nb).transpose(0, 2, 1))
+    full = N // PANEL                                  # panels without padding rows
+    # Written straight into the result through strided views: no padded or transposed temporary, so
+    # packing a 150k-row output head costs its own bytes once more at most (first-load peak memory).
+    data = np.zeros((P, nb, C, PANEL, 4), dtype=np.uint8)
+    scales = np.zeros((P, nb, PANEL), dtype=np.float16)
+    rows = m.data.view(np.uint8)
+    for dst, src, n in ((data[:full], rows[:full * PANEL], PANEL), (data[full:], rows[full * PANEL:], N % PANEL)):
+        if src.shape[0]:
+            view = src.reshape(-1, n, nb, C, 4).transpose(0, 2, 3, 1, 4)                 # [p, nb, C, n, 4]
+            if m.fmt == "q8":                          # int8 w -> w + 128 as uint8
+                np.bitwise_xor(view, np.uint8(0x80), out=dst[..., :n, :])
+            else:
+                dst[..., :n, :] = view
+    sc = m.scales
+    scales[:full] = sc[:full * PANEL].reshape(full, PANEL, nb).transpose(0, 2, 1)
+    if N % PANEL:
+        scales[full, :, :N % PANEL] = sc[full * PANEL:].T
     return Panels(m.fmt, (N, K), data.reshape(P, nb, C * 64), scales)
 
 

@@ -54,12 +54,14 @@ class CythonOps(NumpyOps):
         at one token and more at several; the FFN runs gate, up and down on them (linear_ops.ffn_panels).
         down_t stays row-major: the sparse FFN's neuron bundles are built from it on first use
         (_sparse_bundles). A tied embedding shares the head's panels (embed() reads rows from them)."""
+        from ..arena import release_free_memory
         def pack(w):
             return panels.pack(w) if self._int_dot(w) and isinstance(w, QMatrix) else w
         for layer in transformer.layers:
             layer.q, layer.k, layer.v, layer.o = pack(layer.q), pack(layer.k), pack(layer.v), pack(layer.o)
             if layer.down is not None:
                 layer.gate, layer.up, layer.down = pack(layer.gate), pack(layer.up), pack(layer.down)
+            release_free_memory()                  # the row-major originals just dropped (see there)
         head = pack(transformer.lm_head)
         if transformer.lm_head is transformer.embed_tokens:
             transformer.embed_tokens = head

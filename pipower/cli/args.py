@@ -130,8 +130,8 @@ def add_model_args(p, *, optional: str | None = None, threads: bool = True, no_c
          default_text="q8 for GGUF files when the backend has compact kernels, else f32")
     flag(p, "--dot", choices=("int8", "float"), default=None,
          concept="how q4/q8 weights multiply: int8 = activations quantized per 32-block to int8 and exact "
-                 "4/8-bit x int8 sums over weight panels (as llama.cpp does; against float: decode 1.04x (q8) "
-                 "/ 1.36x (q4), an 8-token forward 2.5-3x, a 512-token prefill ~2.5x; HumanEval "
+                 "4/8-bit x int8 sums over weight panels (as llama.cpp does; against float: decode 1.05x (q8) "
+                 "/ 1.7x (q4), an 8-token forward 2.5-3x, a 512-token prefill ~2.5x; HumanEval "
                  "unchanged), float = weights converted to "
                  "float32 with exact activations; f32/f16 and the GPU devices are float only",
          default_text="int8 for --weights q4/q8 on the CPU engine, float otherwise")
