@@ -29,9 +29,6 @@
 #include "_int8_impl.h"
 
 #define PP_PANEL 16   /* rows per panel */
-#ifndef PP_PANEL_PREFETCH_T1
-#  define PP_PANEL_PREFETCH_T1 1
-#endif
 
 static inline ptrdiff_t pp_panel_block_bytes(int fmt) { return fmt == PP_Q8 ? 512 : 256; }
 
@@ -96,6 +93,13 @@ static inline __attribute__((always_inline)) __m512i pp_panel_isum(const __m512i
     return _mm512_add_epi32(s0, s1);
 }
 
+/* The block at byte `at` of the next panel (none when next is NULL) towards L2, while this one computes. */
+static inline __attribute__((always_inline)) void pp_panel_prefetch(const uint8_t *next, ptrdiff_t at,
+                                                                   ptrdiff_t bytes) {
+    if (next)
+        for (ptrdiff_t c = 0; c < bytes; c += 64) _mm_prefetch((const char *)next + at + c, _MM_HINT_T1);
+}
+
 /* Rows r < m of one panel against one token: y[r]. Q8 is a compile-time constant after inlining.
  * next (or NULL): the next panel's data, prefetched block by block (see pp_panel_multi_v). */
 static inline __attribute__((always_inline)) void
@@ -110,10 +114,7 @@ pp_panel_tok_v(const int Q8, const uint8_t *W, const uint16_t *S, pp_xq x, ptrdi
         for (int l = 0; l < 16; l++) {
             if (l < n) {
                 const ptrdiff_t b = g + l;
-#if PP_PANEL_PREFETCH_T1
-                if (next)
-                    for (int c = 0; c < bb; c += 64) _mm_prefetch((const char *)next + b * bb + c, _MM_HINT_T1);
-#endif
+                pp_panel_prefetch(next, b * bb, bb);
                 __m512i w[8];
                 pp_panel_load(Q8, W + b * bb, w);
                 const __m512i s = _mm512_sub_epi32(pp_panel_isum(w, x.q + b * PP_QB), _mm512_set1_epi32(x.c[b]));
@@ -150,8 +151,7 @@ pp_panel_multi_v(const int Q8, const uint8_t *W, const uint16_t *S, const pp_xq 
         for (int l = 0; l < 16; l++) {
             if (l < n) {
                 const ptrdiff_t b = g + l;
-                if (next)
-                    for (int c = 0; c < bb; c += 64) _mm_prefetch((const char *)next + b * bb + c, _MM_HINT_T1);
+                pp_panel_prefetch(next, b * bb, bb);
                 __m512i w[8];
                 pp_panel_load(Q8, W + b * bb, w);
                 const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(S + b * PP_PANEL)));
