@@ -81,6 +81,7 @@ static inline void pp_xq_quantize(const float *x, ptrdiff_t K, char *buf, int ki
     int8_t *q = (int8_t *)buf;
     float *d = (float *)(buf + nbp * PP_QB);
     int32_t *c = (int32_t *)(buf + nbp * PP_QB + nbp * 4);
+    const int32_t bias = kind == PP_XQ_Q8 ? 128 : 8;   /* of the unsigned weight operand (w + bias) */
     memset(buf, 0, (size_t)pp_xq_bytes(K));
     for (ptrdiff_t b = 0; b < nb; b++) {
         const float *xb = x + b * PP_QB;
@@ -104,7 +105,7 @@ static inline void pp_xq_quantize(const float *x, ptrdiff_t K, char *buf, int ki
                     _mm512_roundscale_ps(_mm512_mul_ps(x1, id), rnd), lim), nlim));
                 _mm_storeu_si128((__m128i *)(q + pp_xq_pos(kind, b, 0)), _mm512_cvtepi32_epi8(q0));
                 _mm_storeu_si128((__m128i *)(q + pp_xq_pos(kind, b, 16)), _mm512_cvtepi32_epi8(q1));
-                c[b] = (kind == PP_XQ_Q8 ? 128 : 8) * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+                c[b] = bias * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
                 continue;
             }
         }
@@ -126,7 +127,7 @@ static inline void pp_xq_quantize(const float *x, ptrdiff_t K, char *buf, int ki
             q[pp_xq_pos(kind, b, j)] = qj;
             s += qj;
         }
-        c[b] = (kind == PP_XQ_Q8 ? 128 : 8) * s;   /* the bias of the unsigned weight operand */
+        c[b] = bias * s;
     }
 }
 

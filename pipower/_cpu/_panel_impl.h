@@ -30,7 +30,7 @@
 
 #define PP_PANEL 16   /* rows per panel */
 
-static inline ptrdiff_t pp_panel_block_bytes(int fmt) { return fmt == PP_Q8 ? 512 : 256; }
+static inline ptrdiff_t pp_panel_block_bytes(int fmt) { return fmt == PP_Q8 ? 512 : 256; }   /* 16 rows x 32 */
 
 /* Portable: rows r < m of one panel against one token, y[r]. */
 static PP_NOINLINE void pp_panel_tok_c(int fmt, const uint8_t *W, const uint16_t *S, pp_xq x, ptrdiff_t nb,
@@ -100,12 +100,21 @@ static inline __attribute__((always_inline)) void pp_panel_prefetch(const uint8_
         for (ptrdiff_t c = 0; c < bytes; c += 64) _mm_prefetch((const char *)next + at + c, _MM_HINT_T1);
 }
 
+/* y[r] for rows r < m: the fixed lane tree over the 16 accumulator vectors (acc[l] = lane l of 16 rows). */
+static inline __attribute__((always_inline)) void pp_panel_tree_store(const __m512 acc[16], float *y, int m) {
+    __m512 s8[8], s4[4];
+    for (int i = 0; i < 8; i++) s8[i] = _mm512_add_ps(acc[i], acc[i + 8]);
+    for (int i = 0; i < 4; i++) s4[i] = _mm512_add_ps(s8[i], s8[i + 4]);
+    const __m512 r = _mm512_add_ps(_mm512_add_ps(s4[0], s4[2]), _mm512_add_ps(s4[1], s4[3]));
+    _mm512_mask_storeu_ps(y, (__mmask16)(m >= 16 ? 0xFFFF : ((1u << m) - 1)), r);
+}
+
 /* Rows r < m of one panel against one token: y[r]. Q8 is a compile-time constant after inlining.
  * next (or NULL): the next panel's data, prefetched block by block (see pp_panel_multi_v). */
 static inline __attribute__((always_inline)) void
 pp_panel_tok_v(const int Q8, const uint8_t *W, const uint16_t *S, pp_xq x, ptrdiff_t nb, float *y, int m,
                const uint8_t *next) {
-    const ptrdiff_t bb = Q8 ? 512 : 256;
+    const ptrdiff_t bb = pp_panel_block_bytes(Q8 ? PP_Q8 : PP_Q4);
     __m512 acc[16];
     for (int l = 0; l < 16; l++) acc[l] = _mm512_setzero_ps();
     for (ptrdiff_t g = 0; g < nb; g += 16) {
@@ -124,11 +133,7 @@ pp_panel_tok_v(const int Q8, const uint8_t *W, const uint16_t *S, pp_xq x, ptrdi
             }
         }
     }
-    __m512 s8[8], s4[4];
-    for (int i = 0; i < 8; i++) s8[i] = _mm512_add_ps(acc[i], acc[i + 8]);
-    for (int i = 0; i < 4; i++) s4[i] = _mm512_add_ps(s8[i], s8[i + 4]);
-    const __m512 r = _mm512_add_ps(_mm512_add_ps(s4[0], s4[2]), _mm512_add_ps(s4[1], s4[3]));
-    _mm512_mask_storeu_ps(y, (__mmask16)(m >= 16 ? 0xFFFF : ((1u << m) - 1)), r);
+    pp_panel_tree_store(acc, y, m);
 }
 /* Up to PP_TB tokens against one panel, the weights of each block loaded (and q4 unpacked) once for
  * all of them: 16 accumulators per token do not fit in registers for several tokens, so they live in
@@ -143,7 +148,7 @@ pp_panel_tok_v(const int Q8, const uint8_t *W, const uint16_t *S, pp_xq x, ptrdi
 static inline __attribute__((always_inline)) void
 pp_panel_multi_v(const int Q8, const uint8_t *W, const uint16_t *S, const pp_xq *x, int nt, ptrdiff_t nb,
                  float *y, ptrdiff_t ldy, int m, const uint8_t *next, float *acc) {
-    const ptrdiff_t bb = Q8 ? 512 : 256;
+    const ptrdiff_t bb = pp_panel_block_bytes(Q8 ? PP_Q8 : PP_Q4);
     memset(acc, 0, (size_t)nt * 256 * sizeof(float));
     for (ptrdiff_t g = 0; g < nb; g += 16) {
         const int n = nb - g < 16 ? (int)(nb - g) : 16;
@@ -165,14 +170,10 @@ pp_panel_multi_v(const int Q8, const uint8_t *W, const uint16_t *S, const pp_xq 
             }
         }
     }
-    const __mmask16 k = (__mmask16)(m >= 16 ? 0xFFFF : ((1u << m) - 1));
     for (int t = 0; t < nt; t++) {
-        const float *a = acc + t * 256;
-        __m512 s8[8], s4[4];
-        for (int i = 0; i < 8; i++) s8[i] = _mm512_add_ps(_mm512_load_ps(a + 16 * i), _mm512_load_ps(a + 16 * (i + 8)));
-        for (int i = 0; i < 4; i++) s4[i] = _mm512_add_ps(s8[i], s8[i + 4]);
-        const __m512 r = _mm512_add_ps(_mm512_add_ps(s4[0], s4[2]), _mm512_add_ps(s4[1], s4[3]));
-        _mm512_mask_storeu_ps(y + t * ldy, k, r);
+        __m512 a[16];
+        for (int l = 0; l < 16; l++) a[l] = _mm512_load_ps(acc + t * 256 + l * 16);
+        pp_panel_tree_store(a, y + t * ldy, m);
     }
 }
 #endif /* PP_HAVE_VNNI512 */
