@@ -136,3 +136,21 @@ def test_argument_checks():
     buf = np.zeros(56, np.float32)
     with pytest.raises(ValueError, match="overlap"):
         A.rope(buf[:48].reshape(2, 3, 8), c, c, out=buf[8:].reshape(2, 3, 8))
+
+
+@pytest.mark.parametrize("H,Hkv,hd", [(14, 2, 64), (9, 3, 64), (8, 8, 32), (4, 1, 128), (6, 2, 48), (4, 2, 24)])
+@pytest.mark.parametrize("start,T", [(0, 1), (15, 1), (16, 2), (17, 3), (63, 8), (64, 17), (130, 5)])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_grouped_rows_bitwise_per_row(H, Hkv, hd, start, T, n_threads):
+    # Without a window, a KV head's query rows run in units that share K and V blocks (pp_attn_unit); a
+    # window wider than the sequence takes the one-row-at-a-time path (pp_attn_row) with the same keys.
+    # Both must give the same bits, and decode must equal the prefill row of the same position.
+    g = np.random.default_rng(start * 31 + T)
+    S = start + T
+    k, v = cache_views(g, Hkv, S, hd)
+    q = g.standard_normal((T, H, hd)).astype(np.float32)
+    per_row = A.attention_prefill(q, k, v, start, window=1 << 20, n_threads=n_threads)
+    grouped = A.attention_prefill(q, k, v, start, n_threads=n_threads)
+    np.testing.assert_array_equal(grouped, per_row)
+    if T == 1:
+        np.testing.assert_array_equal(A.attention_decode(q[0], k, v, n_threads=n_threads), per_row[0])

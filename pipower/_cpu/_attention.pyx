@@ -22,6 +22,10 @@ cdef extern from "_attention_impl.h" nogil:
     float pp_exp_neg(float x)
     void pp_attn_row(const float *q, const float *k, Py_ssize_t ldk, const float *v, Py_ssize_t ldv,
                      Py_ssize_t lo, Py_ssize_t hi, Py_ssize_t hd, float scale, float *s, float *out)
+    int PP_ATTN_UNIT
+    void pp_attn_unit(const float *q, Py_ssize_t H, Py_ssize_t hd, const float *k, Py_ssize_t ldk,
+                      const float *v, Py_ssize_t ldv, Py_ssize_t G, Py_ssize_t g, Py_ssize_t r0, Py_ssize_t r1,
+                      Py_ssize_t start, float scale, float *scratch, Py_ssize_t S, float *out)
     void pp_rope_head(const float *x, float *y, const float *c, const float *s, Py_ssize_t half)
 
 cnp.import_array()
@@ -77,10 +81,29 @@ cdef void _attend(const float *q, Py_ssize_t T, Py_ssize_t H, Py_ssize_t hd,
                   float *out, float *scratch, Py_ssize_t S, Py_ssize_t start, int w, float scale,
                   int nt) noexcept nogil:
     # q: [T, H, hd] contiguous; k, v: [Hkv, S, hd] with head / row strides in floats (the cache's views
-    # stride over its capacity axis); out: [T, H*hd]; scratch: [nt, S].
+    # stride over its capacity axis); out: [T, H*hd]; scratch: [nt, PP_ATTN_UNIT * (S + 2 hd)].
     # Row i = (t, h): query head h at position p = start + t sees keys lo..p of KV head h // G.
     # Prefill rows grow with t, so they are dealt dynamically; which thread runs a row never changes it.
-    cdef Py_ssize_t G = H // Hkv, i, t, h, p, lo
+    cdef Py_ssize_t G = H // Hkv, i, t, h, p, lo, u, g, r0
+    cdef Py_ssize_t per_group = (T * G + PP_ATTN_UNIT - 1) // PP_ATTN_UNIT, units = Hkv * per_group
+    if w == 0:
+        # Units of up to PP_ATTN_UNIT rows of one KV head, K and V blocks shared inside a unit (same bits
+        # per row as pp_attn_row); scratch: [nt, PP_ATTN_UNIT * (S + 2 hd)].
+        if nt <= 1:
+            for u in range(units):
+                g = u // per_group
+                r0 = (u - g * per_group) * PP_ATTN_UNIT
+                pp_attn_unit(q, H, hd, k + g * k_head, k_row, v + g * v_head, v_row, G, g, r0,
+                             min(r0 + PP_ATTN_UNIT, T * G), start, scale, scratch, S, out)
+        else:
+            with parallel(num_threads=nt):
+                for u in prange(units, schedule="dynamic", chunksize=1):
+                    g = u // per_group
+                    r0 = (u - g * per_group) * PP_ATTN_UNIT
+                    pp_attn_unit(q, H, hd, k + g * k_head, k_row, v + g * v_head, v_row, G, g, r0,
+                                 min(r0 + PP_ATTN_UNIT, T * G), start, scale,
+                                 scratch + threadid() * PP_ATTN_UNIT * (S + 2 * hd), S, out)
+        return
     if nt <= 1:
         for i in range(T * H):
             t = i // H
@@ -97,7 +120,7 @@ cdef void _attend(const float *q, Py_ssize_t T, Py_ssize_t H, Py_ssize_t hd,
                 p = start + t
                 lo = p + 1 - w if (w > 0 and p + 1 > w) else 0
                 pp_attn_row(q + i * hd, k + (h // G) * k_head, k_row, v + (h // G) * v_head, v_row,
-                            lo, p + 1, hd, scale, scratch + threadid() * S, out + i * hd)
+                            lo, p + 1, hd, scale, scratch + threadid() * PP_ATTN_UNIT * (S + 2 * hd), out + i * hd)
 
 
 cdef object _run(object q, object k, object v, object out, Py_ssize_t T, Py_ssize_t H, Py_ssize_t hd,
@@ -111,8 +134,8 @@ cdef object _run(object q, object k, object v, object out, Py_ssize_t T, Py_ssiz
         keys = w
     if H * T * keys * hd * 2 < _min_par_work:
         nt = 1
-    nt = <int>min(nt, T * H)
-    scratch = np.empty((nt, S), dtype=np.float32)
+    nt = <int>min(nt, T * H if w > 0 else Hkv * ((T * (H // Hkv) + PP_ATTN_UNIT - 1) // PP_ATTN_UNIT))
+    scratch = np.empty((nt, PP_ATTN_UNIT * (S + 2 * hd)), dtype=np.float32)
     cdef cnp.npy_intp *ks = cnp.PyArray_STRIDES(k)
     cdef cnp.npy_intp *vs = cnp.PyArray_STRIDES(v)
     cdef float scale = <float>(1.0 / sqrt(<double>hd))

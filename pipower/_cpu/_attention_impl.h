@@ -104,6 +104,30 @@ pp_pv_avx512(const float *p, const float *v, ptrdiff_t ldv, ptrdiff_t n, const i
 }
 #endif
 
+/* s[j] for keys j in [j0, n): the portable loops (four keys per pass share q's loads, then singles). */
+static inline void pp_scores_tail(const float *q, const float *k, ptrdiff_t ldk, ptrdiff_t j, ptrdiff_t n,
+                                  ptrdiff_t hd, float scale, float *s) {
+    for (; j + 4 <= n; j += 4) {
+        const float *k0 = k + j * ldk, *k1 = k0 + ldk, *k2 = k1 + ldk, *k3 = k2 + ldk;
+        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
+#pragma omp simd reduction(+:a0, a1, a2, a3)
+        for (ptrdiff_t d = 0; d < hd; d++) {
+            a0 += q[d] * k0[d];
+            a1 += q[d] * k1[d];
+            a2 += q[d] * k2[d];
+            a3 += q[d] * k3[d];
+        }
+        s[j] = a0 * scale; s[j + 1] = a1 * scale; s[j + 2] = a2 * scale; s[j + 3] = a3 * scale;
+    }
+    for (; j < n; j++) {
+        const float *kr = k + j * ldk;
+        float a = 0.0f;
+#pragma omp simd reduction(+:a)
+        for (ptrdiff_t d = 0; d < hd; d++) a += q[d] * kr[d];
+        s[j] = a * scale;
+    }
+}
+
 /* s[j] = scale * dot(q, k[j*ldk + 0:hd]) for j in [0, n). k: n rows, row stride ldk. */
 static inline void pp_scores(const float *q, const float *k, ptrdiff_t ldk, ptrdiff_t n, ptrdiff_t hd,
                              float scale, float *s) {
@@ -124,26 +148,7 @@ static inline void pp_scores(const float *q, const float *k, ptrdiff_t ldk, ptrd
         }
     }
 #endif
-    /* Portable path (and the AVX-512 path's last n % 16 keys): four keys per pass share q's loads. */
-    for (; j + 4 <= n; j += 4) {
-        const float *k0 = k + j * ldk, *k1 = k0 + ldk, *k2 = k1 + ldk, *k3 = k2 + ldk;
-        float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f, a3 = 0.0f;
-#pragma omp simd reduction(+:a0, a1, a2, a3)
-        for (ptrdiff_t d = 0; d < hd; d++) {
-            a0 += q[d] * k0[d];
-            a1 += q[d] * k1[d];
-            a2 += q[d] * k2[d];
-            a3 += q[d] * k3[d];
-        }
-        s[j] = a0 * scale; s[j + 1] = a1 * scale; s[j + 2] = a2 * scale; s[j + 3] = a3 * scale;
-    }
-    for (; j < n; j++) {
-        const float *kr = k + j * ldk;
-        float a = 0.0f;
-#pragma omp simd reduction(+:a)
-        for (ptrdiff_t d = 0; d < hd; d++) a += q[d] * kr[d];
-        s[j] = a * scale;
-    }
+    pp_scores_tail(q, k, ldk, j, n, hd, scale, s);
 }
 
 /* out[0:hd] = inv * sum_j p[j] * v[j*ldv + 0:hd] over j in [0, n). v: n rows of hd floats, row stride ldv. */
@@ -180,6 +185,104 @@ static inline void pp_attn_row(const float *q, const float *k, ptrdiff_t ldk, co
     pp_scores(q, k + lo * ldk, ldk, n, hd, scale, s);
     const float inv = pp_softmax_unnorm(s, n);
     pp_weighted_rows(s, v + lo * ldv, ldv, n, hd, inv, out);
+}
+
+/* ---------------------------------------------------------------------------------------------------
+ * Rows [r0, r1) of one KV head's query rows at once (GQA group g of G heads, T positions from `start`;
+ * row r = token r / G, head g * G + r % G, keys 0 .. start + r / G; no sliding window). Each row's
+ * arithmetic is pp_attn_row's, operation for operation, so the outputs are bitwise the same; only the
+ * loop order changes: every 16-key block of K and every PP_PV_CHUNK keys of V are loaded once for all
+ * rows of the unit (from L1) instead of once per row (from L2: K and V of one head at S = 128, hd = 64
+ * are 64 KB). q: [T, H, hd]; out: [T, H*hd]; k, v: KV head g's rows, strides ldk / ldv;
+ * scratch: PP_ATTN_UNIT * (S + 2 * hd) floats. At most PP_ATTN_UNIT rows per call. */
+#define PP_ATTN_UNIT 16
+#define PP_PV_CHUNK 64   /* even: a chunk ends between two key pairs, as pp_pv_avx512 pairs them */
+
+#ifdef PP_ATTN_AVX512
+/* pp_pv_avx512 over keys [j, end) of a row with n keys, its two accumulator sets kept in st[2][NC][16]
+ * between chunks (a store and a load change no bits). */
+static inline __attribute__((always_inline)) void
+pp_pv_chunk(const float *p, const float *v, ptrdiff_t ldv, ptrdiff_t j, ptrdiff_t end, ptrdiff_t n, const int NC,
+            float *st) {
+    __m512 a0[8], a1[8];
+    for (int c = 0; c < NC; c++) { a0[c] = _mm512_loadu_ps(st + 16 * c); a1[c] = _mm512_loadu_ps(st + 16 * (NC + c)); }
+    for (; j + 2 <= end; j += 2) {
+        const __m512 p0 = _mm512_set1_ps(p[j]), p1 = _mm512_set1_ps(p[j + 1]);
+        const float *v0 = v + j * ldv, *v1 = v0 + ldv;
+        for (int c = 0; c < NC; c++) {
+            a0[c] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + 16 * c), a0[c]);
+            a1[c] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v1 + 16 * c), a1[c]);
+        }
+    }
+    if (end == n && j < n) {
+        const __m512 p0 = _mm512_set1_ps(p[j]);
+        for (int c = 0; c < NC; c++) a0[c] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v + j * ldv + 16 * c), a0[c]);
+    }
+    for (int c = 0; c < NC; c++) { _mm512_storeu_ps(st + 16 * c, a0[c]); _mm512_storeu_ps(st + 16 * (NC + c), a1[c]); }
+}
+#endif
+
+static inline void pp_attn_unit(const float *q, ptrdiff_t H, ptrdiff_t hd, const float *k, ptrdiff_t ldk,
+                                const float *v, ptrdiff_t ldv, ptrdiff_t G, ptrdiff_t g, ptrdiff_t r0, ptrdiff_t r1,
+                                ptrdiff_t start, float scale, float *scratch, ptrdiff_t S, float *out) {
+    const float *qr[PP_ATTN_UNIT];
+    float *orow[PP_ATTN_UNIT];
+    ptrdiff_t n[PP_ATTN_UNIT], nmax = 0;
+    const int R = (int)(r1 - r0);
+    for (int r = 0; r < R; r++) {
+        const ptrdiff_t t = (r0 + r) / G, h = g * G + (r0 + r) % G;
+        qr[r] = q + (t * H + h) * hd;
+        orow[r] = out + (t * H + h) * hd;
+        n[r] = start + t + 1;
+        nmax = n[r] > nmax ? n[r] : nmax;
+    }
+#ifdef PP_ATTN_AVX512
+    if (hd == 32 || hd == 64 || hd == 128) {
+        const int NC = (int)(hd / 16);
+        float *st = scratch + PP_ATTN_UNIT * S;          /* [R][2][NC][16] */
+        float inv[PP_ATTN_UNIT];
+        const __m512 vs = _mm512_set1_ps(scale);
+        for (ptrdiff_t j = 0; j + 16 <= nmax; j += 16)   /* pp_scores' 16-key blocks, K block shared */
+            for (int r = 0; r < R; r++) {
+                if (j + 16 > n[r]) continue;
+                __m512 acc[16];
+                for (int i = 0; i < 16; i++) {
+                    const float *kr = k + (j + i) * ldk;
+                    __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qr[r]), _mm512_loadu_ps(kr));
+                    for (ptrdiff_t c = 16; c < hd; c += 16)
+                        a = _mm512_fmadd_ps(_mm512_loadu_ps(qr[r] + c), _mm512_loadu_ps(kr + c), a);
+                    acc[i] = a;
+                }
+                _mm512_storeu_ps(scratch + r * S + j, _mm512_mul_ps(pp_hsum16(acc), vs));
+            }
+        for (int r = 0; r < R; r++) {
+            float *s = scratch + r * S;
+            pp_scores_tail(qr[r], k, ldk, n[r] / 16 * 16, n[r], hd, scale, s);
+            inv[r] = pp_softmax_unnorm(s, n[r]);
+        }
+        memset(st, 0, sizeof(float) * 2 * (size_t)hd * (size_t)R);
+        for (ptrdiff_t c0 = 0; c0 < nmax; c0 += PP_PV_CHUNK)   /* V chunk shared by the rows */
+            for (int r = 0; r < R; r++) {
+                if (c0 >= n[r]) continue;
+                const ptrdiff_t end = n[r] < c0 + PP_PV_CHUNK ? n[r] : c0 + PP_PV_CHUNK;
+                float *sr = st + r * 2 * hd;
+                switch (NC) {
+                    case 2: pp_pv_chunk(scratch + r * S, v, ldv, c0, end, n[r], 2, sr); break;
+                    case 4: pp_pv_chunk(scratch + r * S, v, ldv, c0, end, n[r], 4, sr); break;
+                    default: pp_pv_chunk(scratch + r * S, v, ldv, c0, end, n[r], 8, sr); break;
+                }
+            }
+        for (int r = 0; r < R; r++) {
+            const float *sr = st + r * 2 * hd;
+            const __m512 vi = _mm512_set1_ps(inv[r]);
+            for (int c = 0; c < NC; c++)
+                _mm512_storeu_ps(orow[r] + 16 * c, _mm512_mul_ps(_mm512_add_ps(_mm512_loadu_ps(sr + 16 * c),
+                                                                               _mm512_loadu_ps(sr + 16 * (NC + c))), vi));
+        }
+        return;
+    }
+#endif
+    for (int r = 0; r < R; r++) pp_attn_row(qr[r], k, ldk, v, ldv, 0, n[r], hd, scale, scratch, orow[r]);
 }
 
 /* ---------------------------------------------------------------------------------------------------
