@@ -80,14 +80,15 @@ static inline __m512 pp_hsum16(const __m512 *a) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(d[0], d[1], 0x88), _mm512_shuffle_f32x4(d[0], d[1], 0xDD));
 }
 
-/* PV with the output in registers: NC = hd / 16 chunks (a compile-time constant after inlining), two
- * keys per step into two accumulator sets so 2*NC FMA chains overlap. */
+/* PV over keys [j, end) of a row with n keys: NC = hd / 16 chunks (a compile-time constant after inlining),
+ * two keys per step into two accumulator sets so 2*NC FMA chains overlap; the sets live in st[2][NC][16]
+ * between calls (a store and a load change no bits), so a row may be done in chunks of an even length. */
 static inline __attribute__((always_inline)) void
-pp_pv_avx512(const float *p, const float *v, ptrdiff_t ldv, ptrdiff_t n, const int NC, float inv, float *out) {
+pp_pv_chunk(const float *p, const float *v, ptrdiff_t ldv, ptrdiff_t j, ptrdiff_t end, ptrdiff_t n, const int NC,
+            float *st) {
     __m512 a0[8], a1[8];
-    for (int c = 0; c < NC; c++) { a0[c] = _mm512_setzero_ps(); a1[c] = _mm512_setzero_ps(); }
-    ptrdiff_t j = 0;
-    for (; j + 2 <= n; j += 2) {
+    for (int c = 0; c < NC; c++) { a0[c] = _mm512_loadu_ps(st + 16 * c); a1[c] = _mm512_loadu_ps(st + 16 * (NC + c)); }
+    for (; j + 2 <= end; j += 2) {
         const __m512 p0 = _mm512_set1_ps(p[j]), p1 = _mm512_set1_ps(p[j + 1]);
         const float *v0 = v + j * ldv, *v1 = v0 + ldv;
         for (int c = 0; c < NC; c++) {
@@ -95,12 +96,22 @@ pp_pv_avx512(const float *p, const float *v, ptrdiff_t ldv, ptrdiff_t n, const i
             a1[c] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v1 + 16 * c), a1[c]);
         }
     }
-    if (j < n) {
+    if (end == n && j < n) {
         const __m512 p0 = _mm512_set1_ps(p[j]);
         for (int c = 0; c < NC; c++) a0[c] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v + j * ldv + 16 * c), a0[c]);
     }
+    for (int c = 0; c < NC; c++) { _mm512_storeu_ps(st + 16 * c, a0[c]); _mm512_storeu_ps(st + 16 * (NC + c), a1[c]); }
+}
+
+/* out[0:hd] = inv * sum_j p[j] v[j] over all n keys in one pp_pv_chunk. */
+static inline __attribute__((always_inline)) void
+pp_pv_avx512(const float *p, const float *v, ptrdiff_t ldv, ptrdiff_t n, const int NC, float inv, float *out) {
+    float st[2 * 8 * 16] = {0};
+    pp_pv_chunk(p, v, ldv, 0, n, n, NC, st);
     const __m512 vi = _mm512_set1_ps(inv);
-    for (int c = 0; c < NC; c++) _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(_mm512_add_ps(a0[c], a1[c]), vi));
+    for (int c = 0; c < NC; c++)
+        _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(_mm512_add_ps(_mm512_loadu_ps(st + 16 * c),
+                                                                   _mm512_loadu_ps(st + 16 * (NC + c))), vi));
 }
 #endif
 
@@ -198,29 +209,6 @@ static inline void pp_attn_row(const float *q, const float *k, ptrdiff_t ldk, co
 #define PP_ATTN_UNIT 16
 #define PP_PV_CHUNK 64   /* even: a chunk ends between two key pairs, as pp_pv_avx512 pairs them */
 
-#ifdef PP_ATTN_AVX512
-/* pp_pv_avx512 over keys [j, end) of a row with n keys, its two accumulator sets kept in st[2][NC][16]
- * between chunks (a store and a load change no bits). */
-static inline __attribute__((always_inline)) void
-pp_pv_chunk(const float *p, const float *v, ptrdiff_t ldv, ptrdiff_t j, ptrdiff_t end, ptrdiff_t n, const int NC,
-            float *st) {
-    __m512 a0[8], a1[8];
-    for (int c = 0; c < NC; c++) { a0[c] = _mm512_loadu_ps(st + 16 * c); a1[c] = _mm512_loadu_ps(st + 16 * (NC + c)); }
-    for (; j + 2 <= end; j += 2) {
-        const __m512 p0 = _mm512_set1_ps(p[j]), p1 = _mm512_set1_ps(p[j + 1]);
-        const float *v0 = v + j * ldv, *v1 = v0 + ldv;
-        for (int c = 0; c < NC; c++) {
-            a0[c] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v0 + 16 * c), a0[c]);
-            a1[c] = _mm512_fmadd_ps(p1, _mm512_loadu_ps(v1 + 16 * c), a1[c]);
-        }
-    }
-    if (end == n && j < n) {
-        const __m512 p0 = _mm512_set1_ps(p[j]);
-        for (int c = 0; c < NC; c++) a0[c] = _mm512_fmadd_ps(p0, _mm512_loadu_ps(v + j * ldv + 16 * c), a0[c]);
-    }
-    for (int c = 0; c < NC; c++) { _mm512_storeu_ps(st + 16 * c, a0[c]); _mm512_storeu_ps(st + 16 * (NC + c), a1[c]); }
-}
-#endif
 
 static inline void pp_attn_unit(const float *q, ptrdiff_t H, ptrdiff_t hd, const float *k, ptrdiff_t ldk,
                                 const float *v, ptrdiff_t ldv, ptrdiff_t G, ptrdiff_t g, ptrdiff_t r0, ptrdiff_t r1,
