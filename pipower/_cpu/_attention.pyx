@@ -78,17 +78,18 @@ cdef int _window(object window) except -1:
 cdef void _attend(const float *q, Py_ssize_t T, Py_ssize_t H, Py_ssize_t hd,
                   const float *k, Py_ssize_t k_head, Py_ssize_t k_row,
                   const float *v, Py_ssize_t v_head, Py_ssize_t v_row, Py_ssize_t Hkv,
-                  float *out, float *scratch, Py_ssize_t S, Py_ssize_t start, int w, float scale,
-                  int nt) noexcept nogil:
+                  float *out, float *scratch, Py_ssize_t ls, Py_ssize_t S, Py_ssize_t start, int w,
+                  float scale, Py_ssize_t per_group, int nt) noexcept nogil:
     # q: [T, H, hd] contiguous; k, v: [Hkv, S, hd] with head / row strides in floats (the cache's views
-    # stride over its capacity axis); out: [T, H*hd]; scratch: [nt, PP_ATTN_UNIT * (S + 2 hd)].
+    # stride over its capacity axis); out: [T, H*hd]; scratch: [nt, ls], ls = PP_ATTN_UNIT * (S + 2 hd);
+    # per_group: units of up to PP_ATTN_UNIT rows per KV head.
     # Row i = (t, h): query head h at position p = start + t sees keys lo..p of KV head h // G.
     # Prefill rows grow with t, so they are dealt dynamically; which thread runs a row never changes it.
     cdef Py_ssize_t G = H // Hkv, i, t, h, p, lo, u, g, r0
-    cdef Py_ssize_t per_group = (T * G + PP_ATTN_UNIT - 1) // PP_ATTN_UNIT, units = Hkv * per_group
+    cdef Py_ssize_t units = Hkv * per_group
     if w == 0:
         # Units of up to PP_ATTN_UNIT rows of one KV head, K and V blocks shared inside a unit (same bits
-        # per row as pp_attn_row); scratch: [nt, PP_ATTN_UNIT * (S + 2 hd)].
+        # per row as pp_attn_row).
         if nt <= 1:
             for u in range(units):
                 g = u // per_group
@@ -101,8 +102,7 @@ cdef void _attend(const float *q, Py_ssize_t T, Py_ssize_t H, Py_ssize_t hd,
                     g = u // per_group
                     r0 = (u - g * per_group) * PP_ATTN_UNIT
                     pp_attn_unit(q, H, hd, k + g * k_head, k_row, v + g * v_head, v_row, G, g, r0,
-                                 min(r0 + PP_ATTN_UNIT, T * G), start, scale,
-                                 scratch + threadid() * PP_ATTN_UNIT * (S + 2 * hd), S, out)
+                                 min(r0 + PP_ATTN_UNIT, T * G), start, scale, scratch + threadid() * ls, S, out)
         return
     if nt <= 1:
         for i in range(T * H):
@@ -120,7 +120,7 @@ cdef void _attend(const float *q, Py_ssize_t T, Py_ssize_t H, Py_ssize_t hd,
                 p = start + t
                 lo = p + 1 - w if (w > 0 and p + 1 > w) else 0
                 pp_attn_row(q + i * hd, k + (h // G) * k_head, k_row, v + (h // G) * v_head, v_row,
-                            lo, p + 1, hd, scale, scratch + threadid() * PP_ATTN_UNIT * (S + 2 * hd), out + i * hd)
+                            lo, p + 1, hd, scale, scratch + threadid() * ls, out + i * hd)
 
 
 cdef object _run(object q, object k, object v, object out, Py_ssize_t T, Py_ssize_t H, Py_ssize_t hd,
@@ -134,8 +134,10 @@ cdef object _run(object q, object k, object v, object out, Py_ssize_t T, Py_ssiz
         keys = w
     if H * T * keys * hd * 2 < _min_par_work:
         nt = 1
-    nt = <int>min(nt, T * H if w > 0 else Hkv * ((T * (H // Hkv) + PP_ATTN_UNIT - 1) // PP_ATTN_UNIT))
-    scratch = np.empty((nt, PP_ATTN_UNIT * (S + 2 * hd)), dtype=np.float32)
+    cdef Py_ssize_t per_group = (T * (H // Hkv) + PP_ATTN_UNIT - 1) // PP_ATTN_UNIT
+    cdef Py_ssize_t ls = PP_ATTN_UNIT * (S + 2 * hd)
+    nt = <int>min(nt, T * H if w > 0 else Hkv * per_group)
+    scratch = np.empty((nt, ls), dtype=np.float32)
     cdef cnp.npy_intp *ks = cnp.PyArray_STRIDES(k)
     cdef cnp.npy_intp *vs = cnp.PyArray_STRIDES(v)
     cdef float scale = <float>(1.0 / sqrt(<double>hd))
@@ -146,7 +148,7 @@ cdef object _run(object q, object k, object v, object out, Py_ssize_t T, Py_ssiz
     cdef float *sp = <float *>cnp.PyArray_DATA(scratch)
     with nogil:
         _attend(qp, T, H, hd, kp, ks[0] // 4, ks[1] // 4, vp, vs[0] // 4, vs[1] // 4, Hkv,
-                op, sp, S, start, w, scale, nt)
+                op, sp, ls, S, start, w, scale, per_group, nt)
     return out
 
 

@@ -103,15 +103,34 @@ pp_pv_chunk(const float *p, const float *v, ptrdiff_t ldv, ptrdiff_t j, ptrdiff_
     for (int c = 0; c < NC; c++) { _mm512_storeu_ps(st + 16 * c, a0[c]); _mm512_storeu_ps(st + 16 * (NC + c), a1[c]); }
 }
 
+/* out[0:16 NC] = inv * (a0 + a1) from pp_pv_chunk's accumulator sets st[2][NC][16]. */
+static inline void pp_pv_finish(const float *st, const int NC, float inv, float *out) {
+    const __m512 vi = _mm512_set1_ps(inv);
+    for (int c = 0; c < NC; c++)
+        _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(_mm512_add_ps(_mm512_loadu_ps(st + 16 * c),
+                                                                   _mm512_loadu_ps(st + 16 * (NC + c))), vi));
+}
+
+/* s[0:16] = scale * dot(q, k[i*ldk + 0:hd]) for 16 keys (hd % 16 == 0; vs = scale in every lane). */
+static inline __attribute__((always_inline)) void
+pp_scores_block16(const float *q, const float *k, ptrdiff_t ldk, ptrdiff_t hd, __m512 vs, float *s) {
+    __m512 acc[16];
+    for (int i = 0; i < 16; i++) {
+        const float *kr = k + i * ldk;
+        __m512 a = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(kr));
+        for (ptrdiff_t c = 16; c < hd; c += 16)
+            a = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), _mm512_loadu_ps(kr + c), a);
+        acc[i] = a;
+    }
+    _mm512_storeu_ps(s, _mm512_mul_ps(pp_hsum16(acc), vs));
+}
+
 /* out[0:hd] = inv * sum_j p[j] v[j] over all n keys in one pp_pv_chunk. */
 static inline __attribute__((always_inline)) void
 pp_pv_avx512(const float *p, const float *v, ptrdiff_t ldv, ptrdiff_t n, const int NC, float inv, float *out) {
     float st[2 * 8 * 16] = {0};
     pp_pv_chunk(p, v, ldv, 0, n, n, NC, st);
-    const __m512 vi = _mm512_set1_ps(inv);
-    for (int c = 0; c < NC; c++)
-        _mm512_storeu_ps(out + 16 * c, _mm512_mul_ps(_mm512_add_ps(_mm512_loadu_ps(st + 16 * c),
-                                                                   _mm512_loadu_ps(st + 16 * (NC + c))), vi));
+    pp_pv_finish(st, NC, inv, out);
 }
 #endif
 
@@ -146,17 +165,7 @@ static inline void pp_scores(const float *q, const float *k, ptrdiff_t ldk, ptrd
 #ifdef PP_ATTN_AVX512
     if (hd % 16 == 0) {
         const __m512 vs = _mm512_set1_ps(scale);
-        for (; j + 16 <= n; j += 16) {
-            __m512 acc[16];
-            for (int i = 0; i < 16; i++) {
-                const float *kr = k + (j + i) * ldk;
-                __m512 a = _mm512_mul_ps(_mm512_loadu_ps(q), _mm512_loadu_ps(kr));
-                for (ptrdiff_t c = 16; c < hd; c += 16)
-                    a = _mm512_fmadd_ps(_mm512_loadu_ps(q + c), _mm512_loadu_ps(kr + c), a);
-                acc[i] = a;
-            }
-            _mm512_storeu_ps(s + j, _mm512_mul_ps(pp_hsum16(acc), vs));
-        }
+        for (; j + 16 <= n; j += 16) pp_scores_block16(q, k + j * ldk, ldk, hd, vs, s + j);
     }
 #endif
     pp_scores_tail(q, k, ldk, j, n, hd, scale, s);
@@ -232,16 +241,7 @@ static inline void pp_attn_unit(const float *q, ptrdiff_t H, ptrdiff_t hd, const
         const __m512 vs = _mm512_set1_ps(scale);
         for (ptrdiff_t j = 0; j + 16 <= nmax; j += 16)   /* pp_scores' 16-key blocks, K block shared */
             for (int r = 0; r < R; r++) {
-                if (j + 16 > n[r]) continue;
-                __m512 acc[16];
-                for (int i = 0; i < 16; i++) {
-                    const float *kr = k + (j + i) * ldk;
-                    __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qr[r]), _mm512_loadu_ps(kr));
-                    for (ptrdiff_t c = 16; c < hd; c += 16)
-                        a = _mm512_fmadd_ps(_mm512_loadu_ps(qr[r] + c), _mm512_loadu_ps(kr + c), a);
-                    acc[i] = a;
-                }
-                _mm512_storeu_ps(scratch + r * S + j, _mm512_mul_ps(pp_hsum16(acc), vs));
+                if (j + 16 <= n[r]) pp_scores_block16(qr[r], k + j * ldk, ldk, hd, vs, scratch + r * S + j);
             }
         for (int r = 0; r < R; r++) {
             float *s = scratch + r * S;
@@ -260,13 +260,7 @@ static inline void pp_attn_unit(const float *q, ptrdiff_t H, ptrdiff_t hd, const
                     default: pp_pv_chunk(scratch + r * S, v, ldv, c0, end, n[r], 8, sr); break;
                 }
             }
-        for (int r = 0; r < R; r++) {
-            const float *sr = st + r * 2 * hd;
-            const __m512 vi = _mm512_set1_ps(inv[r]);
-            for (int c = 0; c < NC; c++)
-                _mm512_storeu_ps(orow[r] + 16 * c, _mm512_mul_ps(_mm512_add_ps(_mm512_loadu_ps(sr + 16 * c),
-                                                                               _mm512_loadu_ps(sr + 16 * (NC + c))), vi));
-        }
+        for (int r = 0; r < R; r++) pp_pv_finish(st + r * 2 * hd, NC, inv[r], orow[r]);
         return;
     }
 #endif
