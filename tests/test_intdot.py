@@ -7,10 +7,13 @@ import numpy as np
 import pytest
 
 from pipower import _cpu, intdot
+from pipower.errors import InvalidArgumentError
 from pipower.quant import dequantize, quantize
 
+from helpers_kernels import INT_SIMD
+
 needs_ext = pytest.mark.skipif(not _cpu.AVAILABLE, reason="compiled kernels not built")
-SIMD = (True, False)   # False: the portable C kernel (True is the VNNI kernel where it was compiled in)
+SIMD = INT_SIMD   # True (default kernel), False (portable C), and each vector kernel this machine runs
 
 
 def bits(a):
@@ -67,19 +70,69 @@ def arranged(q: np.ndarray, fmt: str = "q4") -> np.ndarray:
 
 @needs_ext
 @pytest.mark.parametrize("fmt,factor", [("q4", 8), ("q8", 128)])
-def test_activation_quantization_matches_the_reference(fmt, factor):
+@pytest.mark.parametrize("simd", SIMD)
+def test_activation_quantization_matches_the_reference(fmt, factor, simd):
     from pipower._cpu._linear import QuantizedActivations
     rng = np.random.default_rng(1)
     x = (rng.standard_normal((5, 576)) * rng.uniform(0.01, 100, (5, 1))).astype(np.float32)
     x[1, 32:64] = 0.0                               # an all-zero block: dx = 0, q = 0
     x[2, 5] = 1e-39                                 # a subnormal
+    x[3, 64:96] = np.arange(32) * 0.5 - 8           # exact ties at x * id: rounded to even
+    x[3, 95] = 127.0 / 8                            # (amax 127/8 makes id = 8, every x * id exact)
     q, dx = intdot.quantize_activations(x)
-    kq, kd, kc = QuantizedActivations(x, fmt).arrays()
+    kq, kd, kc = QuantizedActivations(x, fmt, simd=simd).arrays()
     nb = 576 // 32
     assert np.array_equal(kq, arranged(q, fmt))
     assert np.array_equal(bits(kd[:, :nb]), bits(dx)) and not kd[:, nb:].any()
     assert np.array_equal(kc[:, :nb], factor * q.reshape(5, nb, 32).astype(np.int32).sum(-1))
     assert np.abs(q).max() <= 127 and q.dtype == np.int8
+
+
+@needs_ext
+@pytest.mark.parametrize("simd", SIMD)
+def test_activation_quantization_of_non_finite_blocks_is_the_scalar_one(simd):
+    """A block with NaN / inf takes the scalar code (q = 0, dx = its amax) whatever the vector kernel;
+    the blocks around it are still quantized normally."""
+    from pipower._cpu._linear import QuantizedActivations
+    x = np.random.default_rng(5).standard_normal((3, 160)).astype(np.float32)
+    x[0, 40], x[1, 100], x[2, 7], x[2, 8] = np.nan, -np.inf, np.inf, np.nan
+    for fmt in ("q4", "q8"):
+        got = QuantizedActivations(x, fmt, simd=simd).arrays()
+        want = QuantizedActivations(x, fmt, simd=False).arrays()
+        for g, w in zip(got, want):
+            assert np.array_equal(g.view(np.uint8), w.view(np.uint8))
+    q, dx = intdot.quantize_activations(x)
+    assert np.isnan(dx[0, 1]) and dx[1, 3] == np.inf and np.isnan(dx[2, 0]) and not q[0, 32:64].any()
+
+
+@needs_ext
+def test_kernel_names_are_checked():
+    from pipower._cpu import _linear
+    names, default = _linear.integer_kernels()
+    assert names[0] == "c" and default == names[-1]            # no PIPOWER_INT_ISA in the test run
+    m = quantize(np.ones((4, 32), np.float32), "q8")
+    x = np.ones((1, 32), np.float32)
+    with pytest.raises(InvalidArgumentError, match="one of"):
+        _linear.gemm_int8("q8", m.data, m.scales, x, simd="sse9")
+    for missing in set(_linear.INT_ISAS) - set(names):
+        with pytest.raises(InvalidArgumentError, match="no .* integer-dot kernel"):
+            _linear.gemm_int8("q8", m.data, m.scales, x, simd=missing)
+
+
+@needs_ext
+def test_PIPOWER_INT_ISA_picks_the_default_kernel_or_fails_clearly():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+    code = "from pipower._cpu import _linear; print(_linear.integer_kernels()[1])"
+    env = {**os.environ, "PYTHONPATH": str(Path(intdot.__file__).parents[1])}   # this tree's pipower
+    env["PIPOWER_INT_ISA"] = "c"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "c"
+    env["PIPOWER_INT_ISA"] = "avx9000"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "PIPOWER_INT_ISA='avx9000'" in out.stderr
 
 
 @needs_ext

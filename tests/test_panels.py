@@ -11,6 +11,7 @@ from pipower.errors import InvalidArgumentError
 from pipower.panels import Panels
 from pipower.quant import QMatrix, dequantize, quantize
 
+from helpers_kernels import INT_SIMD
 from helpers_models import random_qwen2_config, random_tensors, write_gguf_from_hf
 
 needs_ext = pytest.mark.skipif(not _cpu.AVAILABLE, reason="compiled kernels not built")
@@ -49,7 +50,7 @@ def test_q8_panel_bytes_are_the_biased_weights_16_rows_apart():
 @needs_ext
 @pytest.mark.parametrize("fmt", panels.FORMATS)
 @pytest.mark.parametrize("N,K", SHAPES)
-@pytest.mark.parametrize("simd", [True, False])
+@pytest.mark.parametrize("simd", INT_SIMD)
 def test_panel_kernel_is_bitwise_the_reference(fmt, N, K, simd):
     from pipower._cpu import _panel
     m = matrix(fmt, N, K, seed=N + K)
@@ -59,8 +60,9 @@ def test_panel_kernel_is_bitwise_the_reference(fmt, N, K, simd):
     x[3, :40] *= 1e4
     want = intdot.dot(m, x)
     for nt in (1, 2):
-        got = _panel.gemm_panels(fmt, p.data, p.scales, N, x, n_threads=nt, simd=simd)
-        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (nt, np.abs(got - want).max())
+        for T in (1, 9):                                   # the one-token and the multi-token kernels
+            got = _panel.gemm_panels(fmt, p.data, p.scales, N, x[:T], n_threads=nt, simd=simd)
+            assert np.array_equal(got.view(np.uint32), want[:T].view(np.uint32)), (nt, T, np.abs(got - want[:T]).max())
 
 
 @needs_ext

@@ -23,7 +23,7 @@ from libc.stdint cimport int32_t, uint16_t
 from ..ops import ACT_CODES, check_activation
 from ._checks cimport check_array, check_out, check_threads, invalid
 from ._linear import check_weight
-from ._linear cimport QuantizedActivations, pp_xq
+from ._linear cimport QuantizedActivations, check_simd, pp_xq
 
 cnp.import_array()
 
@@ -216,9 +216,10 @@ cdef tuple _ffn(fmt, x, gate, up, down_t, idx, act, out, h_out, n_threads, simd,
         return out, 0
     a.xq = NULL
     if int_dot:
-        xq = QuantizedActivations(x if x.ndim == 2 else x.reshape(1, -1), fmt)
+        xq = QuantizedActivations(x if x.ndim == 2 else x.reshape(1, -1), fmt, simd=simd)
         a.xq = (<QuantizedActivations>xq).rows
-    a.simd = 1 if simd else 0
+    # the float kernels take any nonzero as "AVX-512 where compiled in"; the integer dots need the level
+    a.simd = check_simd(simd) if int_dot else (1 if simd else 0)
     a.act = ACTS[act]
     a.D = D
     a.x = <const float *>cnp.PyArray_DATA(x)

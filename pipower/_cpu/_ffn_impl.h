@@ -30,7 +30,8 @@ static inline float pp_act(int kind, float v) {
 }
 
 typedef struct {
-    int fmt, simd, act;
+    int fmt, simd, act;                     /* simd: 0 portable C; else AVX-512 float kernels where compiled in,
+                                               and with xq the integer kernels of level simd (PP_ISA_*) */
     ptrdiff_t D, n;                         /* n: neurons in the whole call (idx's length, or F) */
     ptrdiff_t rs, ss;                       /* row strides: bytes (data), float16 elements (scales) */
     const char *gate, *up, *down;           /* gate NULL = plain MLP */

@@ -33,6 +33,7 @@
 #include <string.h>
 
 #include "_batch_impl.h"   /* pp_h2f, PP_QB, PP_TB, PP_HAVE_AVX512, PP_NOINLINE */
+#include "_isa_impl.h"     /* PP_ISA_*: which kernel a call runs */
 
 #if PP_HAVE_AVX512 && defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && \
     defined(__AVX512VL__)
@@ -75,40 +76,58 @@ static inline ptrdiff_t pp_xq_pos(int kind, ptrdiff_t b, int j) {
     return (b / 4) * 128 + (j / 16) * 64 + (b % 4) * 16 + (j % 16);
 }
 
-/* Quantize x [K] (K a multiple of 32) into one token's buffer (layout above) for weights of `kind`. */
-static inline void pp_xq_quantize(const float *x, ptrdiff_t K, char *buf, int kind) {
+#if PP_HAVE_AVX2I
+static inline int pp_avx2_xq_block(const float *xb, int8_t *q_lo, int8_t *q_hi, float *d, int32_t *c,
+                                   int32_t bias);   /* _int8_avx2_body.h */
+#endif
+
+#if PP_HAVE_AVX512
+/* One 32-block of pp_xq_quantize on 16 lanes: the same operations (x * id rounds as the scalar product
+ * does; roundscale is nearbyint's ties-to-even). -> 0, writing nothing, for a block with NaN / inf (the
+ * scalar code's case). 10x faster than the scalar loop, which was ~10% of an 8-token forward
+ * (Qwen2.5-0.5B, 48 quantizations of [8, 896..4864]). */
+static inline int pp_xq_block512(const float *xb, int8_t *q_lo, int8_t *q_hi, float *d, int32_t *c,
+                                 int32_t bias) {
+    const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
+    if (_mm512_cmp_ps_mask(x0, x0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(x1, x1, _CMP_UNORD_Q)) return 0;
+    const float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1)));
+    if (!(amax <= FLT_MAX)) return 0;
+    const float db = amax / 127.0f;
+    const __m512 id = _mm512_set1_ps(db != 0.0f ? 1.0f / db : 0.0f);
+    const __m512 lim = _mm512_set1_ps(127.0f), nlim = _mm512_set1_ps(-127.0f);
+    const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    const __m512i q0 = _mm512_cvtps_epi32(_mm512_max_ps(_mm512_min_ps(
+        _mm512_roundscale_ps(_mm512_mul_ps(x0, id), rnd), lim), nlim));
+    const __m512i q1 = _mm512_cvtps_epi32(_mm512_max_ps(_mm512_min_ps(
+        _mm512_roundscale_ps(_mm512_mul_ps(x1, id), rnd), lim), nlim));
+    _mm_storeu_si128((__m128i *)q_lo, _mm512_cvtepi32_epi8(q0));
+    _mm_storeu_si128((__m128i *)q_hi, _mm512_cvtepi32_epi8(q1));
+    *d = db;
+    *c = bias * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
+    return 1;
+}
+#endif
+
+/* Quantize x [K] (K a multiple of 32) into one token's buffer (layout above) for weights of `kind`.
+ * isa (PP_ISA_*): which vector code quantizes a block (AVX-512 for the AVX-512 VNNI level, AVX2 for the
+ * 256-bit ones, scalar C); all write the same bytes. */
+static inline void pp_xq_quantize(const float *x, ptrdiff_t K, char *buf, int kind, int isa) {
     const ptrdiff_t nb = K / PP_QB, nbp = pp_xq_blocks(K);
     int8_t *q = (int8_t *)buf;
     float *d = (float *)(buf + nbp * PP_QB);
     int32_t *c = (int32_t *)(buf + nbp * PP_QB + nbp * 4);
     const int32_t bias = kind == PP_XQ_Q8 ? 128 : 8;   /* of the unsigned weight operand (w + bias) */
+    (void)isa;
     memset(buf, 0, (size_t)pp_xq_bytes(K));
     for (ptrdiff_t b = 0; b < nb; b++) {
         const float *xb = x + b * PP_QB;
+        int8_t *q_lo = q + pp_xq_pos(kind, b, 0), *q_hi = q + pp_xq_pos(kind, b, 16);
 #if PP_HAVE_AVX512
-        /* the same operations on 16 lanes (x * id rounds as the scalar product does; roundscale is
-         * nearbyint's ties-to-even); NaN / inf blocks take the scalar path below. 10x faster: the
-         * scalar loop was ~10% of an 8-token forward (Qwen2.5-0.5B, 48 quantizations of [8, 896..4864]). */
-        const __m512 x0 = _mm512_loadu_ps(xb), x1 = _mm512_loadu_ps(xb + 16);
-        const __m512 ax = _mm512_max_ps(_mm512_abs_ps(x0), _mm512_abs_ps(x1));
-        if (!(_mm512_cmp_ps_mask(x0, x0, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(x1, x1, _CMP_UNORD_Q))) {
-            const float amax = _mm512_reduce_max_ps(ax);
-            if (amax <= FLT_MAX) {
-                const float db = amax / 127.0f;
-                d[b] = db;
-                const __m512 id = _mm512_set1_ps(db != 0.0f ? 1.0f / db : 0.0f);
-                const __m512 lim = _mm512_set1_ps(127.0f), nlim = _mm512_set1_ps(-127.0f);
-                const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-                const __m512i q0 = _mm512_cvtps_epi32(_mm512_max_ps(_mm512_min_ps(
-                    _mm512_roundscale_ps(_mm512_mul_ps(x0, id), rnd), lim), nlim));
-                const __m512i q1 = _mm512_cvtps_epi32(_mm512_max_ps(_mm512_min_ps(
-                    _mm512_roundscale_ps(_mm512_mul_ps(x1, id), rnd), lim), nlim));
-                _mm_storeu_si128((__m128i *)(q + pp_xq_pos(kind, b, 0)), _mm512_cvtepi32_epi8(q0));
-                _mm_storeu_si128((__m128i *)(q + pp_xq_pos(kind, b, 16)), _mm512_cvtepi32_epi8(q1));
-                c[b] = bias * _mm512_reduce_add_epi32(_mm512_add_epi32(q0, q1));
-                continue;
-            }
-        }
+        if (isa == PP_ISA_AVX512VNNI && pp_xq_block512(xb, q_lo, q_hi, d + b, c + b, bias)) continue;
+#endif
+#if PP_HAVE_AVX2I
+        if ((isa == PP_ISA_AVX2 || isa == PP_ISA_AVXVNNI) && pp_avx2_xq_block(xb, q_lo, q_hi, d + b, c + b, bias))
+            continue;
 #endif
         float amax = 0.0f;
         for (int j = 0; j < PP_QB; j++) {
@@ -269,12 +288,15 @@ pp_dotn_q8i_v(const int8_t *w, const uint16_t *d, const pp_xq *x, ptrdiff_t K, c
 }
 #endif /* PP_HAVE_VNNI512 */
 
+#include "_int8_avx2_impl.h"   /* pp_avx2_*, pp_avxvnni_*: the 256-bit kernels */
+
 /* y[t * ldy] for t < T: one q4 or q8 row (fmt) against T quantized tokens (x[t], laid out for fmt),
- * bitwise pp_dot_q4i_c / pp_dot_q8i_c each. */
-static inline void pp_dotn_int(int fmt, int simd, const void *row, const uint16_t *d, const pp_xq *x, ptrdiff_t K,
+ * bitwise pp_dot_q4i_c / pp_dot_q8i_c each, on the kernel of level isa (PP_ISA_*; a level not compiled
+ * in runs portable C: the Python wrappers only pass levels pp_isa_mask allows). */
+static inline void pp_dotn_int(int fmt, int isa, const void *row, const uint16_t *d, const pp_xq *x, ptrdiff_t K,
                                ptrdiff_t T, float *y, ptrdiff_t ldy) {
 #if PP_HAVE_VNNI512
-    if (simd) {
+    if (isa == PP_ISA_AVX512VNNI) {
         for (ptrdiff_t t0 = 0; t0 < T; t0 += PP_TB) {
             const int nt = (int)(T - t0 < PP_TB ? T - t0 : PP_TB);
             const pp_xq *xt = x + t0;
@@ -292,18 +314,34 @@ static inline void pp_dotn_int(int fmt, int simd, const void *row, const uint16_
         return;
     }
 #endif
-    (void)simd;
+#if PP_HAVE_AVXVNNI
+    if (isa == PP_ISA_AVXVNNI) { pp_avxvnni_dotn_int(fmt, row, d, x, K, T, y, ldy); return; }
+#endif
+#if PP_HAVE_AVX2I
+    if (isa == PP_ISA_AVX2) { pp_avx2_dotn_int(fmt, row, d, x, K, T, y, ldy); return; }
+#endif
+    (void)isa;
     for (ptrdiff_t t = 0; t < T; t++)
         y[t * ldy] = fmt == PP_Q8 ? pp_dot_q8i_c((const int8_t *)row, d, x[t], K)
                                   : pp_dot_q4i_c((const uint8_t *)row, d, x[t], K);
 }
 
+/* Levels this process can run: compiled in and supported by the CPU (bit PP_ISA_* set). */
+static inline int pp_isa_mask(void) {
+    static int cpu = -1;   /* CPUID traps to the hypervisor in a VM: asked once */
+    if (cpu < 0) cpu = pp_isa_cpu_mask();
+    return pp_isa_compiled_mask(PP_HAVE_VNNI512) & cpu;
+}
+
+/* The level a call with simd=True runs: the best in pp_isa_mask, or PIPOWER_INT_ISA's (-1: invalid). */
+static inline int pp_isa_default(void) { return pp_isa_pick(pp_isa_mask()); }
+
 /* Y[t, n] for rows n in [n0, n1) of a q4 / q8 matrix (row stride rs bytes, scale stride ss halfs). */
-static inline void pp_gemm_int_rows(int fmt, int simd, const char *data, ptrdiff_t rs, const uint16_t *scales,
+static inline void pp_gemm_int_rows(int fmt, int isa, const char *data, ptrdiff_t rs, const uint16_t *scales,
                                     ptrdiff_t ss, const pp_xq *x, ptrdiff_t T, float *y, ptrdiff_t N,
                                     ptrdiff_t K, ptrdiff_t n0, ptrdiff_t n1) {
     for (ptrdiff_t n = n0; n < n1; n++)
-        pp_dotn_int(fmt, simd, data + n * rs, scales + n * ss, x, K, T, y + n, N);
+        pp_dotn_int(fmt, isa, data + n * rs, scales + n * ss, x, K, T, y + n, N);
 }
 
 #endif /* PIPOWER_INT8_IMPL_H */

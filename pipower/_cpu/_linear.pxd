@@ -1,7 +1,48 @@
-# Declarations shared with _ffn.pyx: the quantized activations of the integer q4 dots.
+# Declarations shared with _ffn.pyx and _panel.pyx: the quantized activations of the integer dots and the
+# choice of their kernel (_isa_impl.h).
+from ._checks cimport invalid
+
 cdef extern from "_int8_impl.h" nogil:
     ctypedef struct pp_xq:
         pass
+    int pp_isa_mask()
+    int pp_isa_default()
+
+
+cdef inline tuple int_isas():
+    """Names of the integer-dot kernels this CPU and build run, slowest first (levels of _isa_impl.h)."""
+    cdef int mask = pp_isa_mask(), level
+    cdef tuple names = ("c", "avx2", "avxvnni", "avx512vnni")
+    cdef list have = []
+    for level in range(4):
+        if (mask >> level) & 1:
+            have.append(names[level])
+    return tuple(have)
+
+
+cdef inline int check_simd(object simd) except -1:
+    """The `simd` argument of an integer-dot kernel -> its level (PP_ISA_*). True: the best kernel this
+    machine runs, or the one the PIPOWER_INT_ISA environment variable names; False: portable C; a name
+    ("c", "avx2", "avxvnni", "avx512vnni"): that kernel, which this machine must run (tests compare them).
+    Every level gives the same bits."""
+    cdef tuple names = ("c", "avx2", "avxvnni", "avx512vnni")
+    cdef int level
+    if isinstance(simd, str):
+        if simd not in names:
+            raise invalid(f"simd must be True, False or one of {names}, got {simd!r}")
+        level = names.index(simd)
+        if not (pp_isa_mask() >> level) & 1:
+            raise invalid(f"simd={simd!r}: this CPU or build has no {simd} integer-dot kernel "
+                          f"(available: {', '.join(int_isas())})")
+        return level
+    if not simd:
+        return 0
+    level = pp_isa_default()
+    if level < 0:
+        import os
+        raise invalid(f"PIPOWER_INT_ISA={os.environ.get('PIPOWER_INT_ISA')!r} names no integer-dot kernel this "
+                      f"machine runs (available: {', '.join(int_isas())})")
+    return level
 
 
 cdef class QuantizedActivations:

@@ -32,8 +32,8 @@ cdef extern from "_int8_impl.h" nogil:
     Py_ssize_t pp_xq_bytes(Py_ssize_t K)
     pp_xq pp_xq_at(const char *buf, Py_ssize_t K, Py_ssize_t t)
     int PP_XQ_Q4, PP_XQ_Q8, PP_XQ_Q4E
-    void pp_xq_quantize(const float *x, Py_ssize_t K, char *buf, int kind)
-    void pp_gemm_int_rows(int fmt, int simd, const char *data, Py_ssize_t rs, const uint16_t *scales,
+    void pp_xq_quantize(const float *x, Py_ssize_t K, char *buf, int kind, int isa)
+    void pp_gemm_int_rows(int fmt, int isa, const char *data, Py_ssize_t rs, const uint16_t *scales,
                           Py_ssize_t ss, const pp_xq *x, Py_ssize_t T, float *y, Py_ssize_t N, Py_ssize_t K,
                           Py_ssize_t n0, Py_ssize_t n1)
 
@@ -52,7 +52,17 @@ cdef extern from "_linear_impl.h" nogil:
                          Py_ssize_t r1)
 
 HAVE_AVX512 = bool(PP_HAVE_AVX512)   # the AVX-512 row kernels were compiled in
-HAVE_VNNI512 = bool(PP_HAVE_VNNI512) # the AVX-512 VNNI integer-dot kernel was compiled in (else portable C)
+HAVE_VNNI512 = bool(PP_HAVE_VNNI512) # the AVX-512 VNNI integer-dot kernel was compiled in
+
+
+def integer_kernels():
+    """-> (names of the integer-dot kernels this CPU and build run, slowest first, e.g. ("c", "avx2",
+    "avxvnni", "avx512vnni"); the one simd=True uses: the last, or PIPOWER_INT_ISA's). Raises
+    InvalidArgumentError when PIPOWER_INT_ISA names a kernel this machine lacks."""
+    return int_isas(), INT_ISAS[check_simd(True)]
+
+
+INT_ISAS = ("c", "avx2", "avxvnni", "avx512vnni")   # every integer-dot kernel level, slowest first
 FORMATS = ("f32", "f16", "q8", "q4")
 FMT_CODE = {"f32": PP_F32, "f16": PP_F16, "q8": PP_Q8, "q4": PP_Q4}
 
@@ -272,10 +282,11 @@ cdef class QuantizedActivations:
     """x [T, K] quantized per 32-block for the integer dots with weights in `fmt` (q4 or q8; the layout
     of _int8_impl.h), in C memory; panels=True lays q4's out for weight panels (_panel_impl.h)."""
 
-    def __cinit__(self, x, fmt="q4", panels=False):
+    def __cinit__(self, x, fmt="q4", panels=False, simd=True):
         if fmt not in ("q4", "q8"):
             raise invalid(f"integer dot products are implemented for q4 and q8 weights, not {fmt}")
         cdef int kind = PP_XQ_Q8 if fmt == "q8" else (PP_XQ_Q4E if panels else PP_XQ_Q4)
+        cdef int isa = check_simd(simd)   # which vector code quantizes (all write the same bytes)
         self.fmt, self.panels = fmt, panels
         check_array(x, "x", (_F32,), 2, True)
         self.T, self.K = x.shape[0], x.shape[1]
@@ -289,7 +300,7 @@ cdef class QuantizedActivations:
         cdef const float *xp = <const float *>cnp.PyArray_DATA(x)
         with nogil:
             for t in range(self.T):
-                pp_xq_quantize(xp + t * self.K, self.K, self.buf + t * nbytes, kind)
+                pp_xq_quantize(xp + t * self.K, self.K, self.buf + t * nbytes, kind, isa)
                 self.rows[t] = pp_xq_at(self.buf, self.K, t)
 
     def __dealloc__(self):
@@ -324,10 +335,11 @@ def gemm_int8(fmt, data, scales, x, out=None, n_threads=1, simd=True):
     out = check_out(out, "out", (T, N))
     if T == 0 or N == 0:
         return out
-    xq = QuantizedActivations(x, fmt)
+    cdef int isa = check_simd(simd)
+    xq = QuantizedActivations(x, fmt, simd=simd)
     if data.nbytes < PARALLEL_MIN_BYTES:
         nt = 1
-    _rows(code, 1 if simd else 0, _ptr(data), rs, _sptr(scales), ss, NULL, (<QuantizedActivations>xq).rows, T,
+    _rows(code, isa, _ptr(data), rs, _sptr(scales), ss, NULL, (<QuantizedActivations>xq).rows, T,
           <float *>cnp.PyArray_DATA(out), N, K, <int>min(nt, N))
     return out
 

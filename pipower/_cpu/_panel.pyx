@@ -14,30 +14,32 @@ from cython.parallel cimport parallel, prange
 from libc.stdint cimport uint8_t, uint16_t
 
 from ._checks cimport check_array, check_out, check_threads, invalid
-from ._linear cimport QuantizedActivations, pp_xq
+from ._linear cimport QuantizedActivations, check_simd, pp_xq
 
 cnp.import_array()
 
 cdef extern from "_panel_impl.h" nogil:
     int PP_Q8, PP_Q4
-    void pp_gemm_panels(int fmt, int simd, const uint8_t *data, const uint16_t *scales, Py_ssize_t nb,
+    void pp_gemm_panels(int fmt, int isa, const uint8_t *data, const uint16_t *scales, Py_ssize_t nb,
                         Py_ssize_t N, const pp_xq *x, Py_ssize_t T, float *y, Py_ssize_t p0, Py_ssize_t p1)
 
 PANEL = 16                                   # rows per panel
 BLOCK_BYTES = {"q8": 512, "q4": 256}         # bytes of one 32-block of a panel's 16 rows
 
 
-def quantize(x, fmt):
-    """x float32 [T, K] -> its int8 blocks laid out for `fmt` panels, to pass to several gemm_panels."""
+def quantize(x, fmt, simd=True):
+    """x float32 [T, K] -> its int8 blocks laid out for `fmt` panels, to pass to several gemm_panels.
+    simd: as gemm_panels' (which vector code quantizes; the bytes are the same)."""
     if fmt not in BLOCK_BYTES:
         raise invalid(f"weight panels hold q4 or q8 weights, not {fmt}")
-    return QuantizedActivations(x.reshape(1, -1) if x.ndim == 1 else x, fmt, panels=True)
+    return QuantizedActivations(x.reshape(1, -1) if x.ndim == 1 else x, fmt, panels=True, simd=simd)
 
 
 def gemm_panels(fmt, data, scales, Py_ssize_t n_rows, x, out=None, n_threads=1, simd=True):
     """x float32 [T, K] (or quantize(x, fmt)) -> out float32 [T, n_rows]. data uint8 [P, K/32,
     BLOCK_BYTES[fmt]], scales float16 [P, K/32, 16] with P = ceil(n_rows / 16). Panels are split over
-    n_threads OpenMP threads."""
+    n_threads OpenMP threads. simd: True (the best kernel this machine runs, or PIPOWER_INT_ISA's), False
+    (portable C) or a kernel's name ("avx2", "avxvnni", "avx512vnni"); the bits are the same."""
     cdef int nt = check_threads(n_threads)
     if fmt not in BLOCK_BYTES:
         raise invalid(f"weight panels hold q4 or q8 weights, not {fmt}")
@@ -66,10 +68,10 @@ def gemm_panels(fmt, data, scales, Py_ssize_t n_rows, x, out=None, n_threads=1, 
     out = check_out(out, "out", (T, n_rows))
     if T == 0 or n_rows == 0:
         return out
+    cdef int sd = check_simd(simd)
     if xq is None:
-        xq = QuantizedActivations(x, fmt, panels=True)
+        xq = QuantizedActivations(x, fmt, panels=True, simd=simd)
     cdef int code = PP_Q8 if fmt == "q8" else PP_Q4
-    cdef int sd = 1 if simd else 0
     cdef const uint8_t *dp = <const uint8_t *>cnp.PyArray_DATA(data)
     cdef const uint16_t *sp = <const uint16_t *>cnp.PyArray_DATA(scales)
     cdef const pp_xq *rows = (<QuantizedActivations>xq).rows

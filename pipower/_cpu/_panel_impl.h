@@ -178,40 +178,49 @@ pp_panel_multi_v(const int Q8, const uint8_t *W, const uint16_t *S, const pp_xq 
 }
 #endif /* PP_HAVE_VNNI512 */
 
-/* Y[t, n] for panels [p0, p1) of a matrix of N rows against T tokens (Y [T, N] row stride N). */
-static inline void pp_gemm_panels(int fmt, int simd, const uint8_t *data, const uint16_t *scales, ptrdiff_t nb,
+/* Y[t, n] for panels [p0, p1) of a matrix of N rows against T tokens (Y [T, N] row stride N), on the
+ * kernels of level isa (PP_ISA_*; _isa_impl.h). */
+static inline void pp_gemm_panels(int fmt, int isa, const uint8_t *data, const uint16_t *scales, ptrdiff_t nb,
                                   ptrdiff_t N, const pp_xq *x, ptrdiff_t T, float *y, ptrdiff_t p0, ptrdiff_t p1) {
     const ptrdiff_t pb = nb * pp_panel_block_bytes(fmt), ps = nb * PP_PANEL;
     for (ptrdiff_t p = p0; p < p1; p++) {
         const uint8_t *W = data + p * pb;
         const uint16_t *S = scales + p * ps;
         const int m = N - p * PP_PANEL < PP_PANEL ? (int)(N - p * PP_PANEL) : PP_PANEL;
+        const uint8_t *next = p + 1 < p1 ? W + pb : NULL;
 #if PP_HAVE_VNNI512
-        if (simd && T > 1) {
+        if (isa == PP_ISA_AVX512VNNI && T > 1) {
             float acc[PP_TB * 256] __attribute__((aligned(64)));
             for (ptrdiff_t t0 = 0; t0 < T; t0 += PP_TB) {
                 const int nt = (int)(T - t0 < PP_TB ? T - t0 : PP_TB);
-                const uint8_t *next = t0 == 0 && p + 1 < p1 ? W + pb : NULL;
                 float *yt = y + t0 * N + p * PP_PANEL;
-                if (fmt == PP_Q8) pp_panel_multi_v(1, W, S, x + t0, nt, nb, yt, N, m, next, acc);
-                else pp_panel_multi_v(0, W, S, x + t0, nt, nb, yt, N, m, next, acc);
+                const uint8_t *nx = t0 == 0 ? next : NULL;
+                if (fmt == PP_Q8) pp_panel_multi_v(1, W, S, x + t0, nt, nb, yt, N, m, nx, acc);
+                else pp_panel_multi_v(0, W, S, x + t0, nt, nb, yt, N, m, nx, acc);
             }
             continue;
         }
-#endif
-        for (ptrdiff_t t = 0; t < T; t++) {
-            float *yt = y + t * N + p * PP_PANEL;
-#if PP_HAVE_VNNI512
-            if (simd) {
-                const uint8_t *next = p + 1 < p1 ? W + pb : NULL;
-                if (fmt == PP_Q8) pp_panel_tok_v(1, W, S, x[t], nb, yt, m, next);
-                else pp_panel_tok_v(0, W, S, x[t], nb, yt, m, next);
-                continue;
-            }
-#endif
-            (void)simd;
-            pp_panel_tok_c(fmt, W, S, x[t], nb, yt, m);
+        if (isa == PP_ISA_AVX512VNNI) {
+            if (fmt == PP_Q8) pp_panel_tok_v(1, W, S, x[0], nb, y + p * PP_PANEL, m, next);
+            else pp_panel_tok_v(0, W, S, x[0], nb, y + p * PP_PANEL, m, next);
+            continue;
         }
+#endif
+#if PP_HAVE_AVXVNNI
+        if (isa == PP_ISA_AVXVNNI) {
+            pp_avxvnni_gemm_panel(fmt, W, S, x, T, nb, y + p * PP_PANEL, N, m, next);
+            continue;
+        }
+#endif
+#if PP_HAVE_AVX2I
+        if (isa == PP_ISA_AVX2) {
+            pp_avx2_gemm_panel(fmt, W, S, x, T, nb, y + p * PP_PANEL, N, m, next);
+            continue;
+        }
+#endif
+        (void)isa;
+        (void)next;
+        for (ptrdiff_t t = 0; t < T; t++) pp_panel_tok_c(fmt, W, S, x[t], nb, y + t * N + p * PP_PANEL, m);
     }
 }
 
