@@ -21,7 +21,8 @@ def info() -> dict:
         "platform": platform.platform(),
         "backends": {
             "numpy": {"available": True},
-            "cython": {"available": _cpu.AVAILABLE, "error": _cpu.IMPORT_ERROR, "build": _cpu.BUILD_INFO},
+            "cython": {"available": _cpu.AVAILABLE, "error": _cpu.IMPORT_ERROR, "build": _cpu.BUILD_INFO,
+                       "integer_kernels": integer_kernels() if _cpu.AVAILABLE else None},
             "gpu": {"available": gpu_ok, "error": gpu_why, "devices": gpu_devices() if gpu_ok else []},
         },
         "default_backend": default,
@@ -31,6 +32,19 @@ def info() -> dict:
         "blas": [{k: p.get(k) for k in ("internal_api", "version", "num_threads", "architecture", "filepath")}
                  for p in threadpool_info() if p.get("user_api") == "blas"],
     }
+
+
+def integer_kernels() -> dict:
+    """The integer-dot kernels this CPU and build run ("c", "avx2", "avxvnni", "avx512vnni"; chosen at run
+    time by CPUID) and the one q4 / q8 projections use: the fastest, or PIPOWER_INT_ISA's ({"error": ...}
+    when that variable names one this machine lacks)."""
+    from ._cpu import _linear
+    from .errors import InvalidArgumentError
+    try:
+        names, default = _linear.integer_kernels()
+    except InvalidArgumentError as exc:
+        return {"available": list(_linear.available_integer_kernels()), "error": str(exc)}
+    return {"available": list(names), "default": default}
 
 
 def gpu_devices() -> list[dict]:

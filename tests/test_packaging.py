@@ -59,3 +59,29 @@ def test_editable_install_builds_extension_in_place(tree, tmp_path):
     r = subprocess.run([str(py), "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stderr
     assert Path(r.stdout.strip()).parent == (tree / "pipower").resolve()
+
+
+def test_portable_build_has_the_256bit_integer_kernels(tmp_path):
+    """PIPOWER_PORTABLE=1 (no -march=native) still compiles the AVX2 and AVX-VNNI integer dots (target
+    pragmas) and picks them by CPUID; their tests pass against the reference in that build."""
+    if not (SRC / "setup.py").exists():
+        pytest.skip("not run from a source checkout")
+    tree = _copy_tree(tmp_path / "src")
+    env = {**os.environ, "PIPOWER_PORTABLE": "1"}
+    r = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=tree, env=env,
+                       capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stderr[-4000:]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PIPOWER_INT_ISA")}
+    code = ("import pipower, pipower._cpu as c; from pipower._cpu import _linear; "
+            "assert c.BUILD_INFO['portable'] and str(pipower.__file__).startswith(%r); "
+            "print(' '.join(_linear.integer_kernels()[0]))" % str(tree))
+    r = subprocess.run([sys.executable, "-c", code], cwd=tree, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-4000:]
+    names = r.stdout.split()
+    assert "avx512vnni" not in names                       # needs the build's -march
+    cpu_flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if " avx2 " in cpu_flags and " f16c " in cpu_flags and " fma " in cpu_flags:
+        assert "avx2" in names
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_intdot.py",
+                        "tests/test_panels.py"], cwd=tree, env=env, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-4000:]

@@ -20,6 +20,12 @@
 
 #define PP_TB 8   /* tokens per register tile: 2 accumulators each, 16 of the 32 zmm registers */
 
+/* NT as a compile-time constant (1..PP_TB) so the token loops unroll and accumulators stay in registers. */
+#define PP_CASES_TB(CALL) \
+    switch (nt) { case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; \
+                  case 4: CALL(4); break; case 5: CALL(5); break; case 6: CALL(6); break; \
+                  case 7: CALL(7); break; default: CALL(8); break; }
+
 #if PP_HAVE_AVX512
 #define PP_INLINE static inline __attribute__((always_inline))
 
@@ -190,12 +196,6 @@ PP_INLINE void pp_axpyn_q4_v(const float *h, const uint8_t *p, const uint16_t *d
         }
     }
 }
-
-/* NT as a compile-time constant (1..PP_TB) so the token loops unroll and accumulators stay in registers. */
-#define PP_CASES_TB(CALL) \
-    switch (nt) { case 1: CALL(1); break; case 2: CALL(2); break; case 3: CALL(3); break; \
-                  case 4: CALL(4); break; case 5: CALL(5); break; case 6: CALL(6); break; \
-                  case 7: CALL(7); break; default: CALL(8); break; }
 
 static inline void pp_dotn_v(int fmt, const void *row, const uint16_t *d, const float *x, ptrdiff_t ldx,
                              ptrdiff_t K, int nt, float *y, ptrdiff_t ldy) {

@@ -55,6 +55,11 @@ HAVE_AVX512 = bool(PP_HAVE_AVX512)   # the AVX-512 row kernels were compiled in
 HAVE_VNNI512 = bool(PP_HAVE_VNNI512) # the AVX-512 VNNI integer-dot kernel was compiled in
 
 
+def available_integer_kernels():
+    """-> names of the integer-dot kernels this CPU and build run, slowest first."""
+    return int_isas()
+
+
 def integer_kernels():
     """-> (names of the integer-dot kernels this CPU and build run, slowest first, e.g. ("c", "avx2",
     "avxvnni", "avx512vnni"); the one simd=True uses: the last, or PIPOWER_INT_ISA's). Raises

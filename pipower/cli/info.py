@@ -37,6 +37,11 @@ def cmd_info(args) -> int:
                   f"{d['memory_total_bytes'] / 2**30:.1f} GiB total, {d['memory_free_bytes'] / 2**30:.1f} GiB free")
         if b.get("build"):
             print("    build: " + ", ".join(f"{k}={v}" for k, v in b["build"].items()))
+        ik = b.get("integer_kernels")
+        if ik:
+            used = f"uses {ik['default']}" if "default" in ik else f"ERROR: {ik['error']}"
+            print(f"    integer dots: {used} (this CPU and build run: {', '.join(ik['available'])}; "
+                  f"PIPOWER_INT_ISA=<name> picks one)")
     print(f"default backend: {report['default_backend']}  threads: {report['threads']}")
     if report["fallback_warning"]:
         print(f"WARNING: {report['fallback_warning']}")
