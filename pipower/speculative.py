@@ -11,7 +11,9 @@ distributed exactly as the model's own sampling. Drafters:
     ModelDrafter      a model with the same vocabulary drafts greedily or by sampling, on its own KV
                       cache: another pipower Model, or this model itself with a sparse FFN selector
                       ("sparse:S", "pred:FILE[:tau]": a self-draft whose accuracy only moves speed)
-    ChainDrafter      the first drafter that proposes something (e.g. lookup, then sparse)
+    ChainDrafter      several drafters (e.g. lookup + another model); each round the one expected to give
+                      the most tokens per unit of time drafts (propose_round: per-drafter acceptance,
+                      lookup rated by its match length, drafting cost measured)
 
 Shapes: V vocab; k drafted tokens per round; the context is prompt + emitted tokens, the last of which
 (the "pending" token) is not yet in the model's KV cache.
@@ -37,7 +39,8 @@ MAX_DRAFT = 16            # longest draft verified in one forward
 # the weight format, the integer dots and how busy the machine is.
 VERIFY_COST = 0.35
 PRIOR_ACCEPTANCE = 0.7    # a drafter's acceptance rate before it has drafted anything
-ACCEPTANCE_WEIGHT = 0.3   # weight of the latest round in the running acceptance estimate
+PRIOR_WEIGHT = 2.0        # ... worth this many observed draft tokens
+MEMORY = 0.85             # each round keeps this share of a drafter's earlier acceptance counts
 
 
 class VerifyCost:
@@ -62,17 +65,98 @@ class VerifyCost:
         return min(2.0, max(0.02, self.extra / self.step))
 
 
-def draft_length(acceptance: float, room: int, cost: float = VERIFY_COST) -> int:
-    """The draft length that maximizes expected tokens per unit of verify cost, when each drafted token
-    is accepted with probability `acceptance` once the ones before it were: (1 + a + .. + a^k) tokens for
-    1 + cost k steps. 0 = not worth drafting now."""
+def draft_plan(acceptance: float, room: int, cost: float = VERIFY_COST, draft_cost: float = 0.0) -> tuple[int, float]:
+    """-> (the draft length that maximizes expected tokens per unit of time, that rate relative to plain
+    decoding) when each drafted token is accepted with probability `acceptance` once the ones before it
+    were: (1 + a + .. + a^k) tokens for 1 + (cost + draft_cost) k steps (cost: verifying one more token;
+    draft_cost: drafting one, both in decode steps of the model). (0, 1.0) = not worth drafting now."""
     best, best_gain, tokens = 0, 1.0, 1.0
     for k in range(1, min(room, MAX_DRAFT) + 1):
         tokens += acceptance ** k
-        gain = tokens / (1 + cost * k)
+        gain = tokens / (1 + (cost + draft_cost) * k)
         if gain > best_gain:
             best, best_gain = k, gain
-    return best
+    return best, best_gain
+
+
+def draft_length(acceptance: float, room: int, cost: float = VERIFY_COST, draft_cost: float = 0.0) -> int:
+    """draft_plan's length."""
+    return draft_plan(acceptance, room, cost, draft_cost)[0]
+
+
+class DrafterRecord:
+    """What one drafter has shown in this generation: its per-token acceptance and the seconds it spends
+    per drafted token. Acceptance counts each accepted draft token a success and the first rejected one
+    a failure; a draft accepted whole has no failure, so short drafts that always pass raise the estimate
+    (a per-round rate such as n / (n + 1) would cap it near the draft's own length and keep drafts short:
+    measured, Qwen2.5-Coder-0.5B drafting for 1.5B held 2 tokens per round at 96% acceptance)."""
+
+    def __init__(self):
+        self.accepted = self.rejected = 0.0      # decayed counts
+        self.seconds_per_token = 0.0             # drafting time, running estimate
+
+    @property
+    def acceptance(self) -> float:
+        return (self.accepted + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (self.accepted + self.rejected + PRIOR_WEIGHT)
+
+    def add(self, drafted: int, accepted: int, seconds: float) -> None:
+        self.accepted = MEMORY * self.accepted + accepted
+        self.rejected = MEMORY * self.rejected + (1 if accepted < drafted else 0)
+        per = seconds / drafted
+        self.seconds_per_token = per if self.seconds_per_token == 0.0 else \
+            self.seconds_per_token + 0.3 * (per - self.seconds_per_token)
+
+    def idle(self) -> None:
+        """A round without this drafter: its record fades towards the prior, so it is tried again."""
+        self.accepted *= MEMORY
+        self.rejected *= MEMORY
+
+
+def leaf_drafters(drafter) -> list:
+    """The drafters a chain chooses from (a plain drafter: itself)."""
+    return list(drafter.drafters) if isinstance(drafter, ChainDrafter) else [drafter]
+
+
+def propose_round(drafter, context: np.ndarray, room: int, sampler, records: dict, cost: "VerifyCost"):
+    """Draft for one verifying forward. Each drafter is rated by the tokens per unit of time it is
+    expected to give (draft_plan: its acceptance so far, the verify cost and its own drafting cost); the
+    best one drafts, for its best length. Prompt lookup costs nothing to ask, so it proposes first and is
+    rated by the length of the n-gram it matched (a 3-gram match is a far better bet than a 1-gram one,
+    each has its own record); a model drafter is only run when chosen.
+    -> (drafts, their distributions or None, the record key of the drafter that drafted or None, seconds
+    it took). records: key -> DrafterRecord, kept for one generation."""
+    step = cost.step
+    best = (1.0, None, None, None, 0.0)               # (rate, leaf, key, drafts or None = to run, seconds)
+    for leaf in leaf_drafters(drafter):
+        if isinstance(leaf, LookupDrafter):
+            t0 = time.perf_counter()
+            drafts, _ = leaf.propose(context, room, sampler)
+            seconds = time.perf_counter() - t0
+            if not drafts:
+                continue
+            key = (id(leaf), leaf.matched)
+            rec = records.setdefault(key, DrafterRecord())
+            k, rate = draft_plan(rec.acceptance, len(drafts), cost.ratio)
+            candidate = (rate, leaf, key, drafts[:k], seconds)
+        else:
+            key = (id(leaf), None)
+            rec = records.setdefault(key, DrafterRecord())
+            per_token = getattr(leaf, "seconds_per_token", None)     # a model drafter times its own steps
+            per_token = rec.seconds_per_token if per_token is None else per_token
+            k, rate = draft_plan(rec.acceptance, room, cost.ratio, per_token / step if step else 0.0)
+            candidate = (rate, leaf, key, k, 0.0)
+        if rate > best[0]:
+            best = candidate
+    rate, leaf, key, plan, seconds = best
+    if leaf is None:
+        return [], None, None, 0.0
+    if not isinstance(plan, int):                     # lookup: already proposed
+        return plan, None, key, seconds
+    t0 = time.perf_counter()
+    drafts, dists = leaf.propose(context, plan, sampler)
+    drafts = drafts[:plan]
+    return drafts, (None if dists is None else dists[:len(drafts)]), (key if drafts else None), \
+        time.perf_counter() - t0
 
 
 class LookupDrafter:
@@ -84,6 +168,7 @@ class LookupDrafter:
 
     def __init__(self, max_ngram: int = 3):
         self.max_ngram = max_ngram
+        self.matched = 0          # length of the n-gram the last proposal matched (0: none)
 
     def propose(self, context: np.ndarray, k: int, sampler: Sampler | None = None) -> tuple[list[int], None]:
         L = context.shape[0]
@@ -93,7 +178,9 @@ class LookupDrafter:
             hits = np.flatnonzero((windows == context[L - n:]).all(axis=1))
             if hits.size:
                 start = int(hits[-1]) + n
+                self.matched = n
                 return context[start:start + k].tolist(), None
+        self.matched = 0
         return [], None
 
     def rollback(self, context_len: int) -> None:
@@ -112,14 +199,20 @@ class ModelDrafter:
         self.name = name
         self.cache = transformer.new_cache(max_len)
         self.tokens: list[int] = []          # what self.cache holds, position by position
+        self.seconds_per_token: float | None = None   # one-token draft forwards, running estimate
 
     def _forward(self, ids) -> np.ndarray:
         t = self.transformer
         saved, t.ffn_neurons = t.ffn_neurons, self.selector
+        t0 = time.perf_counter()
         try:
             return t.forward(np.asarray(ids, dtype=np.int64), self.cache, last_only=True)[-1]
         finally:
             t.ffn_neurons = saved
+            if len(ids) == 1:   # the catch-up forwards (a prompt, accepted lookup drafts) are not per token
+                dt = time.perf_counter() - t0
+                self.seconds_per_token = dt if self.seconds_per_token is None else \
+                    self.seconds_per_token + 0.2 * (dt - self.seconds_per_token)
 
     def propose(self, context: np.ndarray, k: int, sampler: Sampler | None = None):
         """-> (k draft tokens, their draft distributions [k, V] or None for greedy)."""
@@ -160,7 +253,8 @@ class ModelDrafter:
 
 
 class ChainDrafter:
-    """Ask each drafter in turn; the first non-empty proposal is the draft."""
+    """Several drafters. In a generation, propose_round picks one per round by its expected rate;
+    propose() on its own (outside speculative_ids) asks them in turn and takes the first proposal."""
 
     def __init__(self, drafters: list):
         self.drafters = drafters
@@ -221,7 +315,7 @@ def speculative_ids(transformer, prompt_ids, sampler: Sampler, max_tokens: int, 
         return
     token = sampler(logits)
     context = [int(i) for i in prompt_ids]
-    acceptance = PRIOR_ACCEPTANCE
+    records: dict[int, DrafterRecord] = {}
     cost = VerifyCost()
     emitted = 0
     while True:
@@ -238,10 +332,9 @@ def speculative_ids(transformer, prompt_ids, sampler: Sampler, max_tokens: int, 
             return
         context.append(token)
         t_step = time.perf_counter()
-        room = draft_length(acceptance, min(max_tokens - emitted, cache.max_len - cache.length - 1), cost.ratio)
-        drafts, dists = drafter.propose(np.asarray(context, dtype=np.int64), room, sampler) if room > 0 \
-            else ([], None)
-        drafts = drafts[:room]
+        room = min(max_tokens - emitted, cache.max_len - cache.length - 1)
+        drafts, dists, used, t_draft = propose_round(drafter, np.asarray(context, dtype=np.int64), room, sampler,
+                                                     records, cost) if room > 0 else ([], None, None, 0.0)
         base = cache.length
         t_fwd = time.perf_counter()
         rows = transformer.forward(np.asarray([token] + drafts, dtype=np.int64), cache, last_only=False)
@@ -255,11 +348,11 @@ def speculative_ids(transformer, prompt_ids, sampler: Sampler, max_tokens: int, 
         stats.decode_seconds += time.perf_counter() - t_step
         stats.drafted += len(drafts)
         stats.accepted += n
-        if drafts:   # per-token acceptance of this round: n accepted, then one rejection (if any)
-            rate = n / (n + 1) if n < len(drafts) else (n + 1) / (n + 2)
-            acceptance += ACCEPTANCE_WEIGHT * (rate - acceptance)
-        else:        # no draft this round: drift back towards the prior, so drafting is tried again
-            acceptance += 0.1 * (PRIOR_ACCEPTANCE - acceptance)
+        for key, rec in records.items():
+            if key == used:
+                rec.add(len(drafts), n, t_draft)
+            else:
+                rec.idle()
         for d in drafts[:n]:
             if d in stop_ids:
                 stats.stop_reason = "eos"
@@ -276,9 +369,11 @@ def speculative_ids(transformer, prompt_ids, sampler: Sampler, max_tokens: int, 
 # ---- drafters from their names (API and CLI) -------------------------------------------------------
 DRAFT_HELP = ("lookup (prompt lookup), sparse:S (this model with an oracle FFN selector calibrated to skip "
               "fraction S of the neurons), act:TAU (oracle selector at one tau_act), pred:FILE[:TAU] (this "
-              "model with trained predictors at tau_pred TAU, default 0), or several joined by '+' (the first "
-              "that proposes something drafts, e.g. lookup+sparse:0.5); in the library also a loaded Model "
-              "with the same vocabulary")
+              "model with trained predictors at tau_pred TAU, default 0), model:M (another model with the "
+              "same vocabulary: a GGUF file, HF directory or known name, e.g. model:qwen2.5-coder-0.5b "
+              "drafting for qwen2.5-coder-1.5b; loaded with this model's backend and threads), or several "
+              "joined by '+' (each round the one expected to give the most tokens per second drafts, e.g. "
+              "lookup+model:qwen2.5-coder-0.5b); in the library also a loaded Model with the same vocabulary")
 
 
 def make_drafter(model, spec):
@@ -296,6 +391,11 @@ def make_drafter(model, spec):
         return make_drafter(model, [s for s in spec.split("+")])
     from .sparse.modes import make_selector
     kind, _, arg = spec.partition(":")
+    if kind == "model" and arg:
+        from .api import load
+        other = load(arg, backend=model.backend, threads=model.transformer.ops.n_threads, progress=False)
+        check_same_vocabulary(model, other)
+        return ModelDrafter(other.transformer, other.transformer.ffn_neurons, name=spec)
     try:
         if kind == "lookup" and not arg:
             return LookupDrafter()

@@ -165,9 +165,20 @@ def test_bad_draft_specs_are_refused():
 
     class Stub:
         transformer = None
-    for spec in ("nope", "sparse", "lookup:3", "pred:", 3.5):
+    for spec in ("nope", "sparse", "lookup:3", "pred:", "model:", 3.5):
         with pytest.raises(InvalidArgumentError):
             make_drafter(Stub(), spec)
+
+
+def test_a_missing_draft_model_is_a_clear_error(tmp_path):
+    import pipower
+    from pipower.speculative import make_drafter
+
+    class Stub:
+        backend = "numpy"
+        transformer = type("T", (), {"ops": type("O", (), {"n_threads": 1})()})()
+    with pytest.raises(pipower.PipowerError, match="nothing.gguf|not found|No such"):
+        make_drafter(Stub(), f"model:{tmp_path / 'nothing.gguf'}")
 
 
 def test_a_draft_model_with_another_vocabulary_is_refused():
@@ -202,7 +213,7 @@ def test_real_model_greedy_text_identical_with_lookup_and_sparse_drafts():
                 "class Stack:\n    def __init__(self):"]
     for p in prompts_:
         want = m.generate_ids(p, max_tokens=48)
-        for draft in ("lookup", "act:0.1", "lookup+act:0.1"):
+        for draft in ("lookup", "act:0.1", "lookup+act:0.1", f"model:{path}", f"lookup+model:{path}"):
             assert m.generate_ids(p, max_tokens=48, draft=draft) == want, (p, draft)
             st = m.last_stats
             assert st.drafted >= st.accepted >= 0 and 0.0 <= st.draft_acceptance <= 1.0
@@ -227,11 +238,56 @@ def test_qwen_humaneval_chat_greedy_identical_with_every_drafter():
                 assert m.chat(msgs, max_tokens=160, draft=draft) == want, (weights, problem["task_id"], draft)
 
 
+def test_acceptance_record_is_not_capped_by_short_drafts():
+    """Two-token drafts that always pass must read as a near-perfect drafter (so drafts grow), not as
+    the 3/4 a per-round rate would give; a drafter that fails at once reads as a poor one; one left idle
+    drifts back to the prior."""
+    from pipower.speculative import PRIOR_ACCEPTANCE, DrafterRecord
+    good, bad = DrafterRecord(), DrafterRecord()
+    for _ in range(20):
+        good.add(2, 2, 0.01)
+        bad.add(4, 0, 0.01)
+    assert good.acceptance > 0.9 and bad.acceptance < 0.2
+    assert good.seconds_per_token == pytest.approx(0.005)
+    for _ in range(60):
+        bad.idle()
+    assert abs(bad.acceptance - PRIOR_ACCEPTANCE) < 0.05
+
+
+@needs_ext
+def test_each_drafter_of_a_chain_is_rated_by_its_own_record():
+    """propose_round rates lookup by the record of the n-gram length it matched and a model by its own:
+    a chain whose lookup keeps failing drafts with the model, one whose lookup always passes drafts with
+    lookup (and never runs the model); the output is the plain output either way."""
+    from pipower.speculative import DrafterRecord, VerifyCost, propose_round
+    t = transformer()
+    other = transformer(seed=9)
+    lookup, model = LookupDrafter(), ModelDrafter(other, None, "other")
+    chain = ChainDrafter([lookup, model])
+    ctx = np.asarray(prompts()[0], dtype=np.int64)
+    assert lookup.propose(ctx, 4)[0] and lookup.matched >= 1
+    for lookup_ok, want_leaf in ((False, model), (True, lookup)):
+        records = {}
+        for n in range(4):
+            rec = records.setdefault((id(lookup), n), DrafterRecord())
+            for _ in range(30):
+                rec.add(8, 8 if lookup_ok else 0, 1e-5)
+        drafts, dists, key, _ = propose_round(chain, ctx, 16, Sampler(SamplingParams()), records, VerifyCost())
+        assert key == (id(want_leaf), None if want_leaf is model else lookup.matched) and 1 <= len(drafts) <= 16
+    for ids in prompts(4):
+        want, _ = plain(t, ids, 30)
+        got, _ = spec(t, ids, 30, ChainDrafter([LookupDrafter(), ModelDrafter(other, None, "other")]))
+        assert got == want
+
+
 def test_draft_length_and_the_verify_cost_estimate():
     from pipower.speculative import VerifyCost, draft_length
     assert draft_length(0.0, 16) == 0 and draft_length(0.3, 16, cost=0.5) == 0    # not worth drafting
     assert draft_length(0.95, 16, cost=0.05) > draft_length(0.95, 16, cost=0.5) >= 1
     assert draft_length(0.99, 3, cost=0.01) == 3                                   # room bounds it
+    # drafting that costs time shortens drafts, and stops them when it eats the gain
+    assert draft_length(0.9, 16, cost=0.1, draft_cost=0.4) < draft_length(0.9, 16, cost=0.1)
+    assert draft_length(0.6, 16, cost=0.1, draft_cost=0.6) == 0
     c = VerifyCost(prior=0.35)
     assert c.ratio == 0.35
     c.add(4, 0.5)                          # no one-token forward measured yet: still the prior
