@@ -61,6 +61,7 @@ class LlamaAnchor:
 
 
 def summarize(rows: list[dict], modes: list[str]) -> list[dict]:
+    """Per mode: seconds, ratio to pipower plain (llama modes: over the problems they ran) and identical text."""
     plain = sum(r["pipower plain"]["seconds"] for r in rows)
     out = []
     for mode in modes:
@@ -79,7 +80,7 @@ def summarize(rows: list[dict], modes: list[str]) -> list[dict]:
         else:
             base = sum(r["llama plain"]["seconds"] for r in rows if "llama plain" in r)
             row["vs_llama_plain"] = round(base / secs, 3)
-            row["vs_pipower_plain"] = round(plain / secs, 3)
+            row["vs_pipower_plain"] = round(sum(r["pipower plain"]["seconds"] for r in rows if mode in r) / secs, 3)
             row["identical_to_llama_plain"] = sum(r[mode]["text"] == r["llama plain"]["text"] for r in rows
                                                   if mode in r and "llama plain" in r)
             row["new_tokens"] = sum(x["completion_tokens"] for x in runs)
@@ -134,12 +135,6 @@ def main(argv=None) -> int:
                 f"{m} {row[m]['seconds']:.1f}s" for m in modes if m in row), file=sys.stderr, flush=True)
     rows = [done[p["task_id"]] for p in load_problems()[:a.problems] if p["task_id"] in done]
     summary = summarize(rows, modes)
-    # llama rows compare with pipower plain over the problems the anchor ran
-    for r in summary:
-        if not r["mode"].startswith("pipower"):
-            sub = [x for x in rows if r["mode"] in x]
-            r["vs_pipower_plain"] = round(sum(x["pipower plain"]["seconds"] for x in sub) /
-                                          sum(x[r["mode"]]["seconds"] for x in sub), 3)
     meta = {"cpu": cpu_model(), "read_gbs": read_gbs(a.threads), "model": str(model.source),
             "weights": model.weights, "dot": model.dot, "threads": a.threads, "max_tokens": a.max_tokens,
             "llama_gguf": a.llama_gguf}

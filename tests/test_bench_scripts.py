@@ -151,3 +151,21 @@ def test_startup_benchmark_times_both_sides(tmp_path):
     fake.write_text("#!/bin/sh\necho broken >&2\nexit 4\n")
     with pytest.raises(SystemExit, match="broken"):
         startup.main(["--model", str(gguf), "--llama-simple", str(fake), "--repeats", "1"])
+
+
+def test_humaneval_draft_summary_counts_identical_text_and_ratios():
+    hd = load_script("humaneval_draft")
+    rows = [
+        {"pipower plain": {"seconds": 4.0, "tokens": [1, 2, 3]},
+         "pipower lookup": {"seconds": 2.0, "tokens": [1, 2, 3], "drafted": 4, "accepted": 3},
+         "llama plain": {"seconds": 8.0, "text": "a", "completion_tokens": 3},
+         "llama lookup": {"seconds": 16.0, "text": "a", "completion_tokens": 3}},
+        {"pipower plain": {"seconds": 6.0, "tokens": [4, 5]},
+         "pipower lookup": {"seconds": 3.0, "tokens": [4, 6], "drafted": 4, "accepted": 1}},
+    ]
+    s = {r["mode"]: r for r in hd.summarize(rows, ["pipower plain", "pipower lookup", "llama plain",
+                                                   "llama lookup"])}
+    assert s["pipower lookup"]["vs_plain"] == 2.0 and s["pipower lookup"]["identical"] == 1
+    assert s["pipower lookup"]["acceptance"] == 0.5 and s["pipower plain"]["identical"] == 2
+    assert s["llama plain"]["problems"] == 1 and s["llama lookup"]["vs_llama_plain"] == 0.5
+    assert s["llama lookup"]["identical_to_llama_plain"] == 1 and s["llama plain"]["vs_pipower_plain"] == 0.5
