@@ -85,26 +85,21 @@ def draft_length(acceptance: float, room: int, cost: float = VERIFY_COST, draft_
 
 
 class DrafterRecord:
-    """What one drafter has shown in this generation: its per-token acceptance and the seconds it spends
-    per drafted token. Acceptance counts each accepted draft token a success and the first rejected one
+    """What one drafter has shown in this generation: its per-token acceptance. Acceptance counts each accepted draft token a success and the first rejected one
     a failure; a draft accepted whole has no failure, so short drafts that always pass raise the estimate
     (a per-round rate such as n / (n + 1) would cap it near the draft's own length and keep drafts short:
     measured, Qwen2.5-Coder-0.5B drafting for 1.5B held 2 tokens per round at 96% acceptance)."""
 
     def __init__(self):
         self.accepted = self.rejected = 0.0      # decayed counts
-        self.seconds_per_token = 0.0             # drafting time, running estimate
 
     @property
     def acceptance(self) -> float:
         return (self.accepted + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (self.accepted + self.rejected + PRIOR_WEIGHT)
 
-    def add(self, drafted: int, accepted: int, seconds: float) -> None:
+    def add(self, drafted: int, accepted: int) -> None:
         self.accepted = MEMORY * self.accepted + accepted
         self.rejected = MEMORY * self.rejected + (1 if accepted < drafted else 0)
-        per = seconds / drafted
-        self.seconds_per_token = per if self.seconds_per_token == 0.0 else \
-            self.seconds_per_token + 0.3 * (per - self.seconds_per_token)
 
     def idle(self) -> None:
         """A round without this drafter: its record fades towards the prior, so it is tried again."""
@@ -123,40 +118,36 @@ def propose_round(drafter, context: np.ndarray, room: int, sampler, records: dic
     best one drafts, for its best length. Prompt lookup costs nothing to ask, so it proposes first and is
     rated by the length of the n-gram it matched (a 3-gram match is a far better bet than a 1-gram one,
     each has its own record); a model drafter is only run when chosen.
-    -> (drafts, their distributions or None, the record key of the drafter that drafted or None, seconds
-    it took). records: key -> DrafterRecord, kept for one generation."""
+    -> (drafts, their distributions or None, the record key of the drafter that drafted or None).
+    records: key -> DrafterRecord, kept for one generation."""
     step = cost.step
-    best = (1.0, None, None, None, 0.0)               # (rate, leaf, key, drafts or None = to run, seconds)
+    best = (1.0, None, None, None)                    # (rate, leaf, key, drafts, or the length to run)
     for leaf in leaf_drafters(drafter):
         if isinstance(leaf, LookupDrafter):
-            t0 = time.perf_counter()
             drafts, _ = leaf.propose(context, room, sampler)
-            seconds = time.perf_counter() - t0
             if not drafts:
                 continue
             key = (id(leaf), leaf.matched)
             rec = records.setdefault(key, DrafterRecord())
             k, rate = draft_plan(rec.acceptance, len(drafts), cost.ratio)
-            candidate = (rate, leaf, key, drafts[:k], seconds)
+            candidate = (rate, leaf, key, drafts[:k])
         else:
             key = (id(leaf), None)
             rec = records.setdefault(key, DrafterRecord())
-            per_token = getattr(leaf, "seconds_per_token", None)     # a model drafter times its own steps
-            per_token = rec.seconds_per_token if per_token is None else per_token
+            # a model drafter times its own one-token steps (not its catch-up forwards); until it has, free
+            per_token = getattr(leaf, "seconds_per_token", None) or 0.0
             k, rate = draft_plan(rec.acceptance, room, cost.ratio, per_token / step if step else 0.0)
-            candidate = (rate, leaf, key, k, 0.0)
+            candidate = (rate, leaf, key, k)
         if rate > best[0]:
             best = candidate
-    rate, leaf, key, plan, seconds = best
+    rate, leaf, key, plan = best
     if leaf is None:
-        return [], None, None, 0.0
+        return [], None, None
     if not isinstance(plan, int):                     # lookup: already proposed
-        return plan, None, key, seconds
-    t0 = time.perf_counter()
+        return plan, None, key
     drafts, dists = leaf.propose(context, plan, sampler)
     drafts = drafts[:plan]
-    return drafts, (None if dists is None else dists[:len(drafts)]), (key if drafts else None), \
-        time.perf_counter() - t0
+    return drafts, (None if dists is None else dists[:len(drafts)]), (key if drafts else None)
 
 
 class LookupDrafter:
@@ -333,8 +324,8 @@ def speculative_ids(transformer, prompt_ids, sampler: Sampler, max_tokens: int, 
         context.append(token)
         t_step = time.perf_counter()
         room = min(max_tokens - emitted, cache.max_len - cache.length - 1)
-        drafts, dists, used, t_draft = propose_round(drafter, np.asarray(context, dtype=np.int64), room, sampler,
-                                                     records, cost) if room > 0 else ([], None, None, 0.0)
+        drafts, dists, used = propose_round(drafter, np.asarray(context, dtype=np.int64), room, sampler,
+                                            records, cost) if room > 0 else ([], None, None)
         base = cache.length
         t_fwd = time.perf_counter()
         rows = transformer.forward(np.asarray([token] + drafts, dtype=np.int64), cache, last_only=False)
@@ -350,7 +341,7 @@ def speculative_ids(transformer, prompt_ids, sampler: Sampler, max_tokens: int, 
         stats.accepted += n
         for key, rec in records.items():
             if key == used:
-                rec.add(len(drafts), n, t_draft)
+                rec.add(len(drafts), n)
             else:
                 rec.idle()
         for d in drafts[:n]:
