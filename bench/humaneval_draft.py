@@ -60,16 +60,27 @@ class LlamaAnchor:
                 "completion_tokens": out["usage"]["completion_tokens"]}
 
 
+def ran(row: dict, mode: str) -> bool:
+    """The mode ran on this problem and finished (an anchor run that raised is recorded with "error")."""
+    return mode in row and "error" not in row[mode]
+
+
 def summarize(rows: list[dict], modes: list[str]) -> list[dict]:
-    """Per mode: seconds, ratio to pipower plain (llama modes: over the problems they ran) and identical text."""
+    """Per mode: seconds, ratio to pipower plain (llama modes: over the problems where both llama runs
+    finished) and identical text; `failed` counts problems where the mode raised."""
     plain = sum(r["pipower plain"]["seconds"] for r in rows)
     out = []
     for mode in modes:
-        runs = [r[mode] for r in rows if mode in r]
+        if mode.startswith("llama"):
+            both = [r for r in rows if ran(r, "llama plain") and ran(r, "llama lookup")]
+        else:
+            both = [r for r in rows if ran(r, mode)]
+        runs = [r[mode] for r in both]
         if not runs:
             continue
         secs = sum(x["seconds"] for x in runs)
-        row = {"mode": mode, "problems": len(runs), "seconds": round(secs, 1)}
+        row = {"mode": mode, "problems": len(runs), "seconds": round(secs, 1),
+               "failed": sum(mode in r and "error" in r[mode] for r in rows)}
         if mode.startswith("pipower"):
             row["vs_plain"] = round(plain / secs, 3)
             row["identical"] = sum(r[mode]["tokens"] == r["pipower plain"]["tokens"] for r in rows if mode in r)
@@ -78,11 +89,10 @@ def summarize(rows: list[dict], modes: list[str]) -> list[dict]:
             row["acceptance"] = round(a / d, 3) if d else None
             row["new_tokens"] = sum(len(x["tokens"]) for x in runs)
         else:
-            base = sum(r["llama plain"]["seconds"] for r in rows if "llama plain" in r)
+            base = sum(r["llama plain"]["seconds"] for r in both)
             row["vs_llama_plain"] = round(base / secs, 3)
-            row["vs_pipower_plain"] = round(sum(r["pipower plain"]["seconds"] for r in rows if mode in r) / secs, 3)
-            row["identical_to_llama_plain"] = sum(r[mode]["text"] == r["llama plain"]["text"] for r in rows
-                                                  if mode in r and "llama plain" in r)
+            row["vs_pipower_plain"] = round(sum(r["pipower plain"]["seconds"] for r in both) / secs, 3)
+            row["identical_to_llama_plain"] = sum(r[mode]["text"] == r["llama plain"]["text"] for r in both)
             row["new_tokens"] = sum(x["completion_tokens"] for x in runs)
         out.append(row)
     return out
@@ -126,13 +136,17 @@ def main(argv=None) -> int:
             for d in drafts:
                 row[f"pipower {d}"] = pipower_run(model, ids, a.max_tokens, d)
             if anchor is not None and (a.llama_problems is None or i < a.llama_problems):
-                row["llama plain"] = anchor.run("plain", prompt, a.max_tokens)
-                row["llama lookup"] = anchor.run("lookup", prompt, a.max_tokens)
+                for which in ("plain", "lookup"):
+                    try:
+                        row[f"llama {which}"] = anchor.run(which, prompt, a.max_tokens)
+                    except Exception as e:       # noqa: BLE001 - the anchor's own bugs must not end the run
+                        row[f"llama {which}"] = {"error": f"{type(e).__name__}: {e}"}
             f.write(json.dumps(row) + "\n")
             f.flush()
             done[p["task_id"]] = row
             print(f"[{i + 1}/{a.problems}] {p['task_id']}: " + ", ".join(
-                f"{m} {row[m]['seconds']:.1f}s" for m in modes if m in row), file=sys.stderr, flush=True)
+                f"{m} {row[m]['seconds']:.1f}s" if ran(row, m) else f"{m} failed" for m in modes if m in row),
+                file=sys.stderr, flush=True)
     rows = [done[p["task_id"]] for p in load_problems()[:a.problems] if p["task_id"] in done]
     summary = summarize(rows, modes)
     meta = {"cpu": cpu_model(), "read_gbs": read_gbs(a.threads), "model": str(model.source),
@@ -150,7 +164,7 @@ def main(argv=None) -> int:
         else:
             lines.append(f"| {r['mode']} | {r['seconds']} | {r['vs_pipower_plain']:.2f}x (vs llama plain "
                          f"{r['vs_llama_plain']:.2f}x) | {r['identical_to_llama_plain']}/{r['problems']} (to llama "
-                         f"plain) | | {r['new_tokens']} |")
+                         f"plain){'; failed on ' + str(r['failed']) if r['failed'] else ''} | | {r['new_tokens']} |")
     text = "\n".join(lines) + "\n"
     a.out.with_suffix(".md").write_text(text)
     a.out.with_suffix(".summary.json").write_text(json.dumps({"meta": meta, "summary": summary}, indent=1))

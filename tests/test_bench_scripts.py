@@ -169,3 +169,18 @@ def test_humaneval_draft_summary_counts_identical_text_and_ratios():
     assert s["pipower lookup"]["acceptance"] == 0.5 and s["pipower plain"]["identical"] == 2
     assert s["llama plain"]["problems"] == 1 and s["llama lookup"]["vs_llama_plain"] == 0.5
     assert s["llama lookup"]["identical_to_llama_plain"] == 1 and s["llama plain"]["vs_pipower_plain"] == 0.5
+
+
+def test_humaneval_draft_summary_leaves_out_problems_where_the_anchor_raised():
+    hd = load_script("humaneval_draft")
+    ok = {"seconds": 2.0, "text": "a", "completion_tokens": 1}
+    rows = [
+        {"pipower plain": {"seconds": 4.0, "tokens": [1]}, "llama plain": ok, "llama lookup": ok},
+        {"pipower plain": {"seconds": 6.0, "tokens": [2]}, "llama plain": {**ok, "seconds": 9.0},
+         "llama lookup": {"error": "ValueError: scores buffer"}},
+    ]
+    s = {r["mode"]: r for r in hd.summarize(rows, ["pipower plain", "llama plain", "llama lookup"])}
+    # only the first problem counts for both llama modes (a pair is compared on the same problems)
+    assert s["llama plain"]["problems"] == 1 and s["llama plain"]["seconds"] == 2.0
+    assert s["llama plain"]["vs_pipower_plain"] == 2.0 and s["llama plain"]["failed"] == 0
+    assert s["llama lookup"]["failed"] == 1 and s["llama lookup"]["vs_llama_plain"] == 1.0
