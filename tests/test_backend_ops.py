@@ -49,8 +49,11 @@ def weight(r, shape, fmt, scale=0.3):
 
 
 def dev(ops, a):
-    """A host array as `ops` takes an activation or index array: on the device for device backends."""
-    return ops.to_device(a) if a is not None and hasattr(ops, "to_device") else a
+    """A host array as `ops` takes an activation or index array: on the device for device backends (a
+    Threshold is not an array: it goes as it is)."""
+    if a is None or isinstance(a, Threshold) or not hasattr(ops, "to_device"):
+        return a
+    return ops.to_device(a)
 
 
 def close(got, want, rtol):
@@ -216,6 +219,34 @@ def test_ffn_threshold(backend, fmt, gated):
                             Threshold(tau, lambda n, total: want_n.append((n, total))))
     assert got_n == want_n == [(199 - gap, 200)]
     close(got, want, RTOL[fmt])
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("dot", ["float", "int8"])
+@pytest.mark.parametrize("act, gated, D", [("silu", True, 64), ("gelu", True, 96), ("relu", False, 64),
+                                           ("silu", True, 33)])
+def test_ffn_threshold_is_the_unfused_path_bitwise(backend, fmt, dot, act, gated, D):
+    """The fused threshold FFN selects exactly what the same backend's gate linear + activation select
+    (|act| > tau) and returns bitwise what its ffn returns for those neuron ids: fusing changes which
+    rows are read, never a value."""
+    if fmt in ("q8", "q4") and D % 32:
+        pytest.skip("q8 / q4 need D % 32 == 0")
+    ops, r = backend.ops(dot, fmt), rng(14)
+    if not ops.fused_threshold:
+        pytest.skip(f"{backend.name} takes no Threshold (fused_threshold is False)")
+    g, u, d = ffn_weights(r, 300, D, fmt)
+    pg, pu, pd = (ops.place(w) for w in (g, u, d))
+    x = dev(ops, randn(r, 1, D))
+    pre = np.abs(ops.to_host(ops.activation(act, ops.linear(x, pg if gated else pu))))[0]      # [F]
+    for q in (0.0, 0.3, 0.7, 1.0):
+        tau = float(np.quantile(pre, q)) if q < 1.0 else float(pre.max())
+        want_idx = np.flatnonzero(pre > np.float32(tau)).astype(np.int32)
+        counts = []
+        got = ops.to_host(ops.ffn(x, pg if gated else None, pu, pd, act,
+                                  Threshold(tau, lambda n, total: counts.append((n, total)))))
+        assert counts == [(want_idx.size, 300)]
+        want = ops.to_host(ops.ffn(x, pg if gated else None, pu, pd, act, dev(ops, want_idx)))
+        np.testing.assert_array_equal(got, want)
 
 
 # -- attention ------------------------------------------------------------------------------------------

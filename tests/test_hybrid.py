@@ -260,7 +260,7 @@ def test_device_backends_meet_the_device_contract(cupy_ops):
     methods = [n for n, v in vars(DeviceOps).items() if callable(v) and not n.startswith("_")]
     attributes = list(DeviceOps.__annotations__)
     assert {"place", "to_device", "to_host", "add_from_host", "ffn", "attention"} <= set(methods)
-    assert attributes == ["name", "native_formats", "limit_bytes", "transfers"]
+    assert attributes == ["name", "native_formats", "limit_bytes", "transfers", "fused_threshold"]
     for dev in (StandInDeviceOps(), cupy_ops(limit_bytes=1 << 20)):
         missing = [n for n in methods + attributes if not hasattr(dev, n)]
         assert not missing, (type(dev).__name__, missing)
@@ -385,3 +385,34 @@ def test_split_on_the_cython_host_bundles_the_cold_rows():
     assert linear_ops.ffn_layout(t.layers[2].gate, t.layers[2].up, t.layers[2].down_t) == "bundled"
     got, _ = run(t, IDS)
     assert np.abs(got - dense).max() <= 1e-5 * np.abs(dense).max()
+
+
+@pytest.mark.parametrize("weights", ["f16", "q8"])
+@pytest.mark.parametrize("device", ["stand-in", "cupy-emu"])
+def test_fused_threshold_on_the_scheduler_is_the_unfused_path_bitwise(cupy_ops, weights, device, monkeypatch):
+    """Oracle mode's decode steps hand HybridOps a Threshold: split layers select on each side while
+    computing their gates, whole layers on their own side. Logits, the measured sparsity and the
+    hot / cold counts are bitwise those of the unfused path (gate linear over both sides, then indices)."""
+    from pipower.sparse.oracle import OracleSelector
+    plans = (split_plan(random_hot(3, 160, 0.4)), layer_offload_plan(3, 2), gpu_plan(3))
+
+    def run_all():
+        out = []
+        for plan in plans:
+            dev = StandInDeviceOps() if device == "stand-in" else cupy_ops()
+            t = make_hybrid(transformer(weights), plan, dev)
+            t.ffn_neurons = OracleSelector(t, 0.03)
+            logits, _ = run(t, IDS)
+            s = t.ops.stats
+            out.append((logits, t.ffn_neurons.skipped, t.ffn_neurons.total, s.hot_neurons, s.cold_neurons,
+                        t.ops.fused_threshold))
+        return out
+
+    fused = run_all()
+    monkeypatch.setattr(HybridOps, "fused_threshold", False)
+    unfused = run_all()
+    for plan, f, u in zip(plans, fused, unfused):
+        assert f[5] and not u[5]
+        np.testing.assert_array_equal(f[0], u[0], err_msg=plan.kind)
+        assert f[1:5] == u[1:5], plan.kind
+        assert 0 < f[1] < f[2]                       # the threshold skipped some neurons, not all

@@ -415,7 +415,7 @@ def FakeCupy() -> types.ModuleType:
         _STATE.in_flight.clear()                      # a device -> host copy synchronises the stream
         return np.array(a, copy=True).view(np.ndarray)
     m.asnumpy = asnumpy
-    for fname in ("matmul", "tile", "arange", "where", "exp", "any"):
+    for fname in ("matmul", "tile", "arange", "where", "exp", "any", "flatnonzero", "abs"):
         setattr(m, fname, wrap(getattr(np, fname)))
     _STATE.module = m
     return m

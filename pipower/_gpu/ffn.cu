@@ -18,6 +18,14 @@
 //     Launch: block = (B) threads, grid = (ceil(D / (4 * B)), P, T), P = ceil(n / chunk).
 //     With P == 1, part may be the output [T, D] itself; otherwise sum_partials_f32 adds the P slices.
 //     A neuron whose h[t, k] == 0 (ReLU models: most of them) is skipped: its row is not read.
+//   ffn_threshold_hidden_{f16,q8}: the fused threshold FFN's first half, one token, every neuron j < F:
+//                        a = act(gate_j . x) (act(up_j . x) without a gate); keep = |a| > tau;
+//                        h[j] = keep ? a * (up_j . x) : 0 (a without a gate); sel[j] = keep.
+//     The up row of a neuron not kept is never read: the gate streams at dense speed and up / down are
+//     read for the kept neurons only. The gate dot sums in gemv_*'s order and h in ffn_hidden_*'s, so
+//     the selection and the kept values are bitwise those of gemv + act_f32 + ffn_hidden over the kept
+//     ids (the unfused oracle path). x [D], h [F], sel int8 [F].
+//     Launch: block = (32 * W) threads (one neuron per warp), grid = (ceil(F / W)).
 //   sum_partials_f32: out[i] = sum_{p < P} part[p, i] in order p = 0 .. P-1 (deterministic).
 //     Launch: grid-stride, any 1-D grid/block. part [P, M], out [M].
 //   act_f32: y[i] = act(x[i]) over n elements (the same activation code as the FFN kernels).
@@ -138,6 +146,73 @@ extern "C" __global__ void ffn_hidden_q8(const float* __restrict__ x, const sign
     if (has_gate) dots_q8<true>(gate_q + r * D, gate_d + r * nb, up_q + r * D, up_d + r * nb, xt, D, lane, gs, us);
     else dots_q8<false>(up_q, up_d, up_q + r * D, up_d + r * nb, xt, D, lane, gs, us);
     if (lane == 0) h[(size_t)t * n + j] = has_gate ? apply_act(act, gs) * us : apply_act(act, us);
+}
+
+// ---- kernel A': the fused threshold selection (decode) ---------------------------------------------
+// dots_*<false>(.., row, ..) leaves row . x in `us`, summed exactly as gemv_* sums it (same lane split,
+// same fma chain), which is what makes the selection bitwise the unfused path's.
+
+extern "C" __global__ void ffn_threshold_hidden_f16(const float* __restrict__ x,
+                                                    const unsigned short* __restrict__ gate,
+                                                    const unsigned short* __restrict__ up, float* __restrict__ h,
+                                                    signed char* __restrict__ sel, int F, int D, int act,
+                                                    int has_gate, float tau) {
+    const int lane = threadIdx.x & 31;
+    const int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (j >= F) return;                                   // the whole warp leaves together
+    const unsigned short* first = (has_gate ? gate : up) + (size_t)j * D;
+    float unused, s;
+    dots_f16<false>(first, first, x, D, lane, unused, s);  // warp_sum: every lane holds s, keep is uniform
+    const float a = apply_act(act, s);
+    const bool keep = fabsf(a) > tau;
+    float v = 0.0f;
+    if (keep) {
+        if (has_gate) {
+            const unsigned short* u = up + (size_t)j * D;
+            float us;
+            dots_f16<false>(u, u, x, D, lane, unused, us);
+            v = a * us;
+        } else {
+            v = a;
+        }
+    }
+    if (lane == 0) {
+        h[j] = v;
+        sel[j] = keep ? 1 : 0;
+    }
+}
+
+extern "C" __global__ void ffn_threshold_hidden_q8(const float* __restrict__ x, const signed char* __restrict__ gate_q,
+                                                   const unsigned short* __restrict__ gate_d,
+                                                   const signed char* __restrict__ up_q,
+                                                   const unsigned short* __restrict__ up_d, float* __restrict__ h,
+                                                   signed char* __restrict__ sel, int F, int D, int act,
+                                                   int has_gate, float tau) {
+    const int lane = threadIdx.x & 31;
+    const int j = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (j >= F) return;
+    const size_t nb = (size_t)(D >> 5);                  // scales per row
+    const signed char* fq = (has_gate ? gate_q : up_q) + (size_t)j * D;
+    const unsigned short* fd = (has_gate ? gate_d : up_d) + (size_t)j * nb;
+    float unused, s;
+    dots_q8<false>(fq, fd, fq, fd, x, D, lane, unused, s);
+    const float a = apply_act(act, s);
+    const bool keep = fabsf(a) > tau;
+    float v = 0.0f;
+    if (keep) {
+        if (has_gate) {
+            float us;
+            dots_q8<false>(up_q + (size_t)j * D, up_d + (size_t)j * nb, up_q + (size_t)j * D, up_d + (size_t)j * nb,
+                           x, D, lane, unused, us);
+            v = a * us;
+        } else {
+            v = a;
+        }
+    }
+    if (lane == 0) {
+        h[j] = v;
+        sel[j] = keep ? 1 : 0;
+    }
 }
 
 // ---- kernel B: out = h @ down_t[idx], parallel over columns --------------------------------------

@@ -21,6 +21,8 @@ KERNELS: dict[str, str] = {
     # ffn.cu: sparse FFN (hidden = act(gate x) * (up x) per neuron, then h @ down_t rows)
     "ffn_hidden_f16": "ffn.cu",
     "ffn_hidden_q8": "ffn.cu",
+    "ffn_threshold_hidden_f16": "ffn.cu",
+    "ffn_threshold_hidden_q8": "ffn.cu",
     "ffn_down_f16": "ffn.cu",
     "ffn_down_q8": "ffn.cu",
     "sum_partials_f32": "ffn.cu",

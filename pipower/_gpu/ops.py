@@ -11,7 +11,9 @@ What runs where (T = tokens in the call):
            otherwise                    NumpyOps.linear: cuBLAS over float32 row tiles (dequant_rows kernel
                                         as _rows, <= temp_bytes at a time; f32 weights as they are)
   embed                                 dequant_rows kernel (as _rows)
-  ffn      f16/q8, T <= SMALL_T         ffn_hidden (one warp per selected neuron) + ffn_down (parallel
+  ffn      Threshold (T = 1), f16/q8    ffn_threshold_hidden (every neuron's gate, up only for the kept
+                                        ones), the kept ids compacted, then ffn_down over them
+           f16/q8, T <= SMALL_T         ffn_hidden (one warp per selected neuron) + ffn_down (parallel
                                         over D, split over neurons, deterministic partial sums);
                                         a bool [T, F] mask: all neurons' hidden values times the mask
            f16/q8 T > SMALL_T, or f32   NumpyOps._ffn_chunked: row tiles, cuBLAS, act_f32
@@ -30,7 +32,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InvalidArgumentError
-from ..ops import ACT_CODES, NumpyOps, check_activation, check_attention, check_linear, check_rope
+from ..ops import ACT_CODES, NumpyOps, Threshold, check_activation, check_attention, check_linear, check_rope
 from . import kernels
 from .memory import F32, DeviceMatrix, DeviceMemory, _cdiv
 
@@ -49,7 +51,7 @@ class CupyOps(DeviceMemory, NumpyOps):
     """NumpyOps on one CUDA device (see the module doc); memory and transfers from DeviceMemory."""
 
     name = "cupy"
-    fused_threshold = False          # ffn takes neuron index arrays and masks, not a Threshold
+    fused_threshold = True           # ffn takes a Threshold (one token): ffn_threshold_hidden
     temp_bytes = TEMP_BYTES // 3     # the chunked FFN holds three weight tiles at once
 
     def __init__(self, limit_bytes: int | None = None, device: int = 0, check_indices: bool = True):
@@ -192,7 +194,9 @@ class CupyOps(DeviceMemory, NumpyOps):
     def ffn(self, x, gate, up, down_t, act: str, idx=None):
         """x: [T, D]; gate (or None) / up / down_t: placed [F, D] in one format -> [T, D].
 
-        idx: None (all neurons), int32 [n] sorted unique neuron ids, or bool [T, F] per-token mask.
+        idx: None (all neurons), int32 [n] sorted unique neuron ids, bool [T, F] per-token mask, or a
+        pipower.ops.Threshold (T = 1): the neurons with |act(gate x)| > tau, selected while the gate is
+        computed; bitwise the unfused path (gemv, act, then these neurons' ids).
         """
         cp = self.xp
         code = self._act_code(act)
@@ -209,6 +213,16 @@ class CupyOps(DeviceMemory, NumpyOps):
                     raise InvalidArgumentError(f"ffn: gate/up/down_t must share one format, "
                                                f"got {what} {w.fmt} and up {up.fmt}")
             mask = None
+            if isinstance(idx, Threshold):
+                if T != 1:
+                    raise InvalidArgumentError(f"the fused threshold FFN takes one token, got {T}")
+                if up.fmt != "f32" and D:
+                    return self._ffn_threshold(x, gate, up, down, code, idx)
+                pre = self.linear(x, gate if gate is not None else up)                 # f32: unfused
+                keep = cp.abs(self.activation(act, pre[0])) > F32(idx.tau)
+                idx_sel = cp.flatnonzero(keep).astype(I32)
+                idx.count(int(idx_sel.size), F)
+                idx = idx_sel
             if idx is not None:
                 if not isinstance(idx, cp.ndarray):
                     raise InvalidArgumentError(f"ffn: idx must be a device array (to_device), got {type(idx).__name__}")
@@ -240,6 +254,33 @@ class CupyOps(DeviceMemory, NumpyOps):
             if mask is not None:
                 h *= mask                                   # masked neurons: 0, skipped by ffn_down
             return self._ffn_down(h, down, ix, has_idx, n, T, D)
+
+    def _ffn_threshold(self, x, gate, up: DeviceMatrix, down: DeviceMatrix, code: int, threshold: Threshold):
+        """One token's fused threshold FFN: ffn_threshold_hidden over all F neurons (gate dots, selection,
+        up dots of the kept ones), the kept ids compacted (one sync: their count), then ffn_down over
+        them exactly as an index list would run it."""
+        cp = self.xp
+        F, D = up.shape
+        h_all = cp.empty((1, F), F32)
+        sel = cp.empty(F, np.int8)
+        if gate is not None:
+            g_data, g_scales = gate.data, gate.scales
+        else:
+            g_data, g_scales = cp.empty(0, up.data.dtype), cp.empty(0, np.float16)
+        flags = (I32(F), I32(D), I32(code), I32(gate is not None), F32(threshold.tau))
+        grid, block = (_cdiv(F, WARPS),), (32 * WARPS,)
+        if up.fmt == "f16":
+            self._launch("ffn_threshold_hidden_f16", grid, block, (x, g_data, up.data, h_all, sel) + flags)
+        else:
+            self._launch("ffn_threshold_hidden_q8", grid, block,
+                         (x, g_data, g_scales, up.data, up.scales, h_all, sel) + flags)
+        kept = cp.flatnonzero(sel).astype(I32)                                        # [n], sorted
+        n = int(kept.size)
+        threshold.count(n, F)
+        if n == 0:
+            return cp.zeros((1, D), F32)
+        h = cp.ascontiguousarray(h_all[:, kept])                                       # [1, n]
+        return self._ffn_down(h, down, kept, True, n, 1, D)
 
     def _ffn_down(self, h, down: DeviceMatrix, ix, has_idx: bool, n: int, T: int, D: int):
         """out [T, D] = h [T, n] @ down rows (idx or all), split over neurons into P deterministic partials."""

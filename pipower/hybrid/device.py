@@ -18,7 +18,7 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import DeviceMemoryError, InvalidArgumentError     # DeviceMemoryError: still importable here
-from ..ops import NumpyOps
+from ..ops import NumpyOps, Threshold
 from ..quant import QMatrix
 
 
@@ -32,6 +32,7 @@ class DeviceOps(Protocol):
     native_formats: tuple[str, ...]     # weight formats the device ops run without converting
     limit_bytes: int | None             # None, or the hard cap: no allocation may take the total past it
     transfers: dict[str, int]           # to_device / to_host: copies; bytes_to_device / bytes_to_host
+    fused_threshold: bool               # ffn takes a pipower.ops.Threshold (one token, selection fused)
 
     # -- placement, transfers, memory --------------------------------------------------------------
     def owns(self, a) -> bool:
@@ -146,6 +147,11 @@ class StandInDeviceOps:
         self._peak = 0
         self.transfers = {"to_device": 0, "to_host": 0, "bytes_to_device": 0, "bytes_to_host": 0}
 
+    @property
+    def fused_threshold(self) -> bool:
+        """ffn takes a Threshold when the ops doing the arithmetic do."""
+        return bool(getattr(self.ref, "fused_threshold", False))
+
     # -- contract -----------------------------------------------------------------------------------
     def owns(self, a) -> bool:
         return isinstance(a, (StandInArray, StandInWeight))
@@ -222,6 +228,8 @@ class StandInDeviceOps:
                 out.append(a.w)
             elif isinstance(a, StandInArray):
                 out.append(a.view(np.ndarray))
+            elif isinstance(a, Threshold):               # ffn's fused selection: not an array
+                out.append(a)
             else:
                 raise InvalidArgumentError(f"device op got a host {type(a).__name__} {getattr(a, 'shape', '')}: "
                                 f"move it with to_device first")

@@ -15,6 +15,9 @@ Split FFN (PowerInfer, per layer and forward call), with h [T, D] the normed FFN
   3. meanwhile the host computes the cold part with the Cython kernel (GIL released);
   4. the cold partial [T, D] is copied up (pinned staging memory, asynchronous on the device's stream) and
      added in place to the hot partial; the host only waits when it needs a result (to_host).
+With a Threshold (oracle mode, one token; fused_threshold when both sides have it) step 1 copies only h:
+each side selects its own neurons while computing their gates (ops.ffn's fused threshold FFN), so the
+selection never crosses the bus; the two sides' counts add up to the layer's.
 """
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..errors import InvalidArgumentError
+from ..ops import Threshold
 from .plan import ExecutionPlan
 
 if TYPE_CHECKING:
@@ -97,6 +101,11 @@ class HybridOps:
         # False: wait for the device's hot part before the host starts the cold part (no overlap);
         # the hybrid benchmark times both to measure what the overlap saves
         self.overlap = True
+
+    @property
+    def fused_threshold(self) -> bool:
+        """ffn takes a Threshold (one token) when the device and the host ops both do."""
+        return bool(getattr(self.device, "fused_threshold", False) and getattr(self.host, "fused_threshold", False))
 
     # -- placement of data ---------------------------------------------------------------------------
     def _home(self, layer: int | None) -> str:
@@ -197,7 +206,9 @@ class HybridOps:
         if isinstance(down_t, SplitMatrix):
             return self._split_ffn(x, gate, up, down_t, act, idx)
         side = self._side_of(down_t)
-        return self._ops(side).ffn(self._to(side, x), gate, up, down_t, act, self._to(side, idx))
+        if not isinstance(idx, Threshold):
+            idx = self._to(side, idx)
+        return self._ops(side).ffn(self._to(side, x), gate, up, down_t, act, idx)
 
     def _split_linear(self, x, w: SplitMatrix):
         """x [T, D] @ w.T for a split FFN matrix -> host float32 [T, F] (hot columns from the device)."""
@@ -213,6 +224,8 @@ class HybridOps:
         sp, dev = down_t.split, self.device
         T = x.shape[0]
         x = self._to("device", x)
+        if isinstance(idx, Threshold):
+            return self._split_ffn_threshold(x, gate, up, down_t, act, idx)
         if idx is None:
             hot_sel = cold_sel = None
             n_hot, n_cold = T * sp.hot.size, T * sp.cold.size
@@ -245,6 +258,37 @@ class HybridOps:
             out = dev.to_device(np.zeros((T, down_t.shape[1]), np.float32))
         self.stats.hot_neurons += n_hot
         self.stats.cold_neurons += n_cold
+        self.stats.split_calls += 1
+        return out
+
+    def _split_ffn_threshold(self, x, gate: SplitMatrix | None, up: SplitMatrix, down_t: SplitMatrix, act,
+                             threshold: Threshold):
+        """One token's split FFN in fused threshold mode: each side runs its own part with the same tau;
+        the hot part is queued first, the cold part overlaps it. x: device [1, D] -> device [1, D]."""
+        sp, dev = down_t.split, self.device
+        kept = {"hot": 0, "cold": 0}
+
+        def counter(side: str):
+            def count(computed: int, total: int) -> None:
+                kept[side] = computed
+                threshold.count(computed, total)
+            return Threshold(threshold.tau, count)
+
+        x_host = dev.to_host(x) if sp.cold.size else None
+        out = None
+        if sp.hot.size:
+            out = dev.ffn(x, _part(gate, "hot"), up.hot, down_t.hot, act, counter("hot"))
+        if not self.overlap:
+            dev.synchronize()
+        if sp.cold.size:
+            t0 = time.perf_counter()
+            cold = self.host.ffn(x_host, _part(gate, "cold"), up.cold, down_t.cold, act, counter("cold"))
+            self.stats.host_ffn_seconds += time.perf_counter() - t0
+            out = dev.to_device(cold) if out is None else dev.add_from_host(out, cold)
+        if out is None:
+            out = dev.to_device(np.zeros((1, down_t.shape[1]), np.float32))
+        self.stats.hot_neurons += kept["hot"]
+        self.stats.cold_neurons += kept["cold"]
         self.stats.split_calls += 1
         return out
 
