@@ -128,11 +128,14 @@ class Transformer:
         return KVCache(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
                        min(max_len or limit, limit), alloc=self.ops.kv_buffer)
 
-    def forward(self, ids, cache: KVCache, last_only: bool = False) -> np.ndarray:
-        """ids: int [T] at positions cache.length .. +T -> logits float32 [T, V] (or [1, V] if last_only)."""
-        return self.forward_batch([ids], [cache], last_only)[0]
+    def forward(self, ids, cache: KVCache, last_only: bool = False, head: tuple | None = None) -> np.ndarray:
+        """ids: int [T] at positions cache.length .. +T -> logits float32 [T, V] (or [1, V] if last_only).
+        head: output weights to use instead of lm_head, e.g. a drafter's vocabulary subset
+        (pipower.draft_vocab): logits are then their rows' columns side by side, [T, sum of their rows]."""
+        return self.forward_batch([ids], [cache], last_only, head)[0]
 
-    def forward_batch(self, ids_list, caches: list[KVCache], last_only: bool = False) -> list[np.ndarray]:
+    def forward_batch(self, ids_list, caches: list[KVCache], last_only: bool = False,
+                      head: tuple | None = None) -> list[np.ndarray]:
         """Several sequences in one forward: ids_list[s] (int [T_s]) continues caches[s]. Projections, norms
         and the FFN run once over all rows (each weight read once); attention runs per sequence over its
         own cache. -> logits per sequence ([T_s, V], or [1, V] if last_only). On the compiled backend a
@@ -149,9 +152,10 @@ class Transformer:
                 raise ContextLengthError(f"{cache.length + ids.shape[0]} tokens exceed the context length "
                                          f"{cache.max_len}")
         with self.ops.forward_scope(sum(ids.shape[0] for ids in seqs)):
-            return self._forward(seqs, caches, last_only)
+            return self._forward(seqs, caches, last_only, head)
 
-    def _forward(self, seqs: list[np.ndarray], caches: list[KVCache], last_only: bool) -> list[np.ndarray]:
+    def _forward(self, seqs: list[np.ndarray], caches: list[KVCache], last_only: bool,
+                 head: tuple | None = None) -> list[np.ndarray]:
         ops = self.ops
         lengths = [ids.shape[0] for ids in seqs]
         starts = [cache.length for cache in caches]
@@ -178,7 +182,10 @@ class Transformer:
             rows = np.arange(len(seqs) + 1)
         x = ops.enter_output(x)
         x = ops.rms_norm(x, self.final_norm, self.config.rms_norm_eps)
-        logits = ops.to_host(ops.linear(x, self.lm_head))                         # [rows, V] on the host
+        if head is None:
+            logits = ops.to_host(ops.linear(x, self.lm_head))                     # [rows, V] on the host
+        else:
+            logits = np.concatenate([ops.to_host(ops.linear(x, w)) for w in head], axis=1)
         return [logits] if len(seqs) == 1 else [logits[rows[s]:rows[s + 1]] for s in range(len(seqs))]
 
     def _attention(self, i, layer: LayerWeights, h, caches, starts, rows, cos, sin) -> np.ndarray:

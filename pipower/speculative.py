@@ -27,6 +27,7 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from .cache import KVCache
+from .draft_vocab import DraftVocab
 from .errors import InvalidArgumentError
 from .generate import GenerationStats, start
 from .sampling import Sampler
@@ -184,10 +185,12 @@ class ModelDrafter:
     Greedy drafts take the argmax; sampled drafts sample with the generation's own settings and return
     the distributions they sampled from (needed by the acceptance rule)."""
 
-    def __init__(self, transformer, selector=None, name: str = "model", max_len: int | None = None):
+    def __init__(self, transformer, selector=None, name: str = "model", max_len: int | None = None,
+                 vocab: DraftVocab | None = None):
         self.transformer = transformer
         self.selector = selector
         self.name = name
+        self.vocab = vocab                   # logits over this subset of the ids only (None: all)
         self.cache = transformer.new_cache(max_len)
         self.tokens: list[int] = []          # what self.cache holds, position by position
         self.seconds_per_token: float | None = None   # one-token draft forwards, running estimate
@@ -197,7 +200,8 @@ class ModelDrafter:
         saved, t.ffn_neurons = t.ffn_neurons, self.selector
         t0 = time.perf_counter()
         try:
-            return t.forward(np.asarray(ids, dtype=np.int64), self.cache, last_only=True)[-1]
+            head = None if self.vocab is None else self.vocab.weights
+            return t.forward(np.asarray(ids, dtype=np.int64), self.cache, last_only=True, head=head)[-1]
         finally:
             t.ffn_neurons = saved
             if len(ids) == 1:   # the catch-up forwards (a prompt, accepted lookup drafts) are not per token
@@ -219,15 +223,17 @@ class ModelDrafter:
         k = min(k, self.cache.max_len - len(ctx))
         if k <= 0:
             return [], None
+        if self.vocab is not None:
+            self.vocab.cover(context)             # ids of the context join the draft vocabulary
         logits = self._forward(ctx[keep:])
         self.tokens.extend(ctx[keep:])
         drafts, dists = [], []
         greedy = sampler is None or sampler.params.temperature == 0
         for i in range(k):
             if greedy:
-                tok = int(np.argmax(logits))
+                tok = int(np.argmax(logits)) if self.vocab is None else int(self.vocab.ids[np.argmax(logits)])
             else:
-                q = sampler.distribution(logits)
+                q = sampler.distribution(logits if self.vocab is None else self.vocab.full_logits(logits))
                 tok = int(sampler.rng.choice(q.shape[0], p=q))
                 dists.append(q)
             drafts.append(tok)
@@ -364,7 +370,10 @@ DRAFT_HELP = ("lookup (prompt lookup), sparse:S (this model with an oracle FFN s
               "same vocabulary: a GGUF file, HF directory or known name, e.g. model:qwen2.5-coder-0.5b "
               "drafting for qwen2.5-coder-1.5b; loaded with this model's backend and threads), or several "
               "joined by '+' (each round the one expected to give the most tokens per second drafts, e.g. "
-              "lookup+model:qwen2.5-coder-0.5b); in the library also a loaded Model with the same vocabulary")
+              "lookup+model:qwen2.5-coder-0.5b); a model drafter may end in @N: it computes logits only for "
+              "the first N token ids, the stop ids and the ids already in the context (a cheaper draft step, "
+              "the text unchanged; e.g. sparse:0.5@32768); in the library also a loaded Model with the same "
+              "vocabulary")
 
 
 def make_drafter(model, spec):
@@ -380,6 +389,18 @@ def make_drafter(model, spec):
         return ModelDrafter(spec.transformer, spec.transformer.ffn_neurons, name=f"model:{spec.source}")
     if "+" in spec:
         return make_drafter(model, [s for s in spec.split("+")])
+    base, at, size = spec.rpartition("@")
+    if at and size.isdigit():                  # a draft vocabulary: the first `size` ids (+ stops, context)
+        drafter = make_drafter(model, base)
+        if not isinstance(drafter, ModelDrafter) or int(size) < 1:
+            raise InvalidArgumentError(f"unknown draft {spec!r}: @N (N a positive number of token ids) follows "
+                                       f"a model drafter (sparse:, act:, pred:, model:)")
+        head = drafter.transformer.lm_head
+        tok = model.tokenizer
+        stops = set() if tok is None else set(tok.stop_ids) | ({tok.eos_id} - {None})
+        drafter.vocab = DraftVocab(head, head.shape[0], int(size), always=stops)
+        drafter.name = spec
+        return drafter
     from .sparse.modes import make_selector
     kind, _, arg = spec.partition(":")
     if kind == "model" and arg:

@@ -6,6 +6,7 @@ import pytest
 
 from pipower import _cpu
 from pipower.config import ModelConfig
+from pipower.draft_vocab import DraftVocab
 from pipower.errors import InvalidArgumentError
 from pipower.generate import GenerationStats, generate_ids
 from pipower.sampling import Sampler, SamplingParams
@@ -60,6 +61,12 @@ def test_greedy_output_is_the_plain_greedy_output_with_every_drafter(fmt, dot):
         "self-sparse": lambda: ModelDrafter(t, OracleSelector(t, 0.3), "act:0.3"),
         "other-model": lambda: ModelDrafter(other, None, "other"),
         "lookup+other": lambda: ChainDrafter([LookupDrafter(), ModelDrafter(other, None, "other")]),
+        # a draft vocabulary of 40 of the 96 ids (+ the context's): rejections where the model's token
+        # is outside it, the same text
+        "other-model@40": lambda: ModelDrafter(other, None, "other@40",
+                                               vocab=DraftVocab(other.lm_head, CFG["vocab_size"], 40)),
+        "self-sparse@40": lambda: ModelDrafter(t, OracleSelector(t, 0.3), "act:0.3@40",
+                                               vocab=DraftVocab(t.lm_head, CFG["vocab_size"], 40, always=[95])),
     }
     for name, make in drafters.items():
         accepted = drafted = 0
@@ -115,7 +122,8 @@ def _softmax(z):
 
 def _first_two(rule_rng_seed, n, deterministic, broken=False):
     """Joint counts [V, V] of the first two emitted tokens when p depends on the previous token:
-    p1 = softmax(A), p2(.|t1) = softmax(B[t1]); drafts from q1, q2(.|d1) (or fixed tokens)."""
+    p1 = softmax(A), p2(.|t1) = softmax(B[t1]); drafts from q1, q2(.|d1) (or fixed tokens).
+    deterministic == "subset": q1, q2 are zero outside ids 0..3 (a drafter with a draft vocabulary)."""
     rng = np.random.default_rng(0)
     A, B = rng.normal(size=V) * 1.5, rng.normal(size=(V, V)) * 1.5
     QA, QB = rng.normal(size=V) * 1.5, rng.normal(size=(V, V)) * 1.5
@@ -123,13 +131,14 @@ def _first_two(rule_rng_seed, n, deterministic, broken=False):
     draw = np.random.default_rng(rule_rng_seed + 1)
     counts = np.zeros((V, V))
     for _ in range(n):
-        if deterministic:
+        if deterministic is True:
             d = [2, 3]
             dists = None
         else:
-            q1 = _softmax(QA)
+            cut = np.where(np.arange(V) < 4, 0.0, -np.inf) if deterministic == "subset" else np.zeros(V)
+            q1 = _softmax(QA + cut)
             d1 = int(draw.choice(V, p=q1))
-            q2 = _softmax(QB[d1])
+            q2 = _softmax(QB[d1] + cut)
             d = [d1, int(draw.choice(V, p=q2))]
             dists = np.stack([q1, q2])
         rows = np.stack([A, B[d[0]], np.zeros(V)]).astype(np.float32)   # the third row is unused here
@@ -151,7 +160,7 @@ def _chi2_p(counts, joint):
     return chisquare(counts.ravel(), joint.ravel() * n).pvalue
 
 
-@pytest.mark.parametrize("deterministic", (True, False))
+@pytest.mark.parametrize("deterministic", (True, False, "subset"))
 def test_speculative_sampling_keeps_the_models_distribution(deterministic):
     counts, joint = _first_two(11, 12000, deterministic)
     assert _chi2_p(counts, joint) > 1e-3
@@ -165,7 +174,7 @@ def test_bad_draft_specs_are_refused():
 
     class Stub:
         transformer = None
-    for spec in ("nope", "sparse", "lookup:3", "pred:", "model:", 3.5):
+    for spec in ("nope", "sparse", "lookup:3", "pred:", "model:", 3.5, "lookup@100", "model:@100"):
         with pytest.raises(InvalidArgumentError):
             make_drafter(Stub(), spec)
 
@@ -213,7 +222,8 @@ def test_real_model_greedy_text_identical_with_lookup_and_sparse_drafts():
                 "class Stack:\n    def __init__(self):"]
     for p in prompts_:
         want = m.generate_ids(p, max_tokens=48)
-        for draft in ("lookup", "act:0.1", "lookup+act:0.1", f"model:{path}", f"lookup+model:{path}"):
+        for draft in ("lookup", "act:0.1", "lookup+act:0.1", f"model:{path}", f"lookup+model:{path}",
+                      "act:0.1@4096", f"lookup+model:{path}@8192"):
             assert m.generate_ids(p, max_tokens=48, draft=draft) == want, (p, draft)
             st = m.last_stats
             assert st.drafted >= st.accepted >= 0 and 0.0 <= st.draft_acceptance <= 1.0
