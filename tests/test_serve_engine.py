@@ -56,6 +56,29 @@ def test_batched_greedy_equals_solo(model):
 
 
 @needs_ext
+def test_joining_prompts_ride_in_the_step_and_equal_solo(model):
+    """Short prompts are prefilled inside the decode step's forward (rows within the invariant limit),
+    a prompt too long for the room left is prefilled alone; every request still gets its solo tokens."""
+    from pipower._cpu.linear_ops import MAX_TOKENS
+    rng = np.random.default_rng(5)
+    lengths = [3, 8, MAX_TOKENS + 6, 12, 1, MAX_TOKENS - 2, 5]
+    ps = [[int(t) for t in rng.integers(3, model.config.vocab_size, size=n)] for n in lengths]
+    with BatchEngine(model.transformer, max_batch=4, max_queue=8) as engine:
+        reqs = []
+        for i, p in enumerate(ps):
+            reqs.append(engine.submit(p, 12 + 7 * (i % 3), SamplingParams(), model._stop_ids()))
+            if i in (0, 3):
+                reqs[-1].get(TIMEOUT)              # a running batch for the next ones to join
+        got = [r.result(TIMEOUT) for r in reqs]
+    for i, (p, r, ids) in enumerate(zip(ps, reqs, got)):
+        solo = model.generate_ids(p, max_tokens=12 + 7 * (i % 3), temperature=0)
+        assert (solo[:1] if i in (0, 3) else []) + ids == solo, i
+    st = engine.stats()
+    assert 0 < st.prefills_in_step < len(ps)       # some rode in a step, the longest could not
+    assert st.prefill_tokens == sum(lengths)
+
+
+@needs_ext
 def test_batched_seeded_sampling_equals_solo(model):
     ps = prompts(model, 5, seed=1)
     params = [SamplingParams(0.9, 20, 0.9, seed=i) for i in range(5)]

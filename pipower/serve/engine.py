@@ -2,11 +2,15 @@
 
 A BatchEngine owns one background thread that runs the step loop over a Transformer:
 
-1. requests waiting in the (bounded) queue join while the batch has room: each is prefilled alone, with
-   the same code as a solo generation (pipower.generate.prefill on its own KV cache), and its first
-   token is sampled from the prefill logits;
-2. one `Transformer.forward_batch` runs the last token of every active request, each over its own cache
-   (`last_only=True`), and each request's own Sampler picks its next token;
+1. requests waiting in the (bounded) queue join while the batch has room. A joining prompt rides in the
+   step's batched forward (step 2) while the step's rows stay within the batch-invariant limit
+   (batch_limit: the prompt's rows are then bitwise its solo prefill, and the decoding requests do not
+   stop for it); a longer one is prefilled alone first, with the same code as a solo generation
+   (pipower.generate.prefill on its own KV cache). Its first token is sampled from the prompt's last
+   logits;
+2. one `Transformer.forward_batch` runs the last token of every active request (and the joining
+   prompts), each over its own cache (`last_only=True`), and each request's own Sampler picks its next
+   token;
 3. a request that sampled a stop id, reached max_tokens or filled its context leaves the batch; one that
    was cancelled leaves at the next step boundary.
 
@@ -190,6 +194,7 @@ class EngineStats:
     prefill_tokens: int = 0
     generated_tokens: int = 0
     steps: int = 0                     # batched decode forwards
+    prefills_in_step: int = 0          # prompts prefilled inside a decode step's forward (not alone)
     step_rows: int = 0                 # sequences over all steps (step_rows / steps = mean batch size)
     max_rows: int = 0                  # the largest batch seen
     queued: int = 0                    # waiting now
@@ -234,6 +239,8 @@ class BatchEngine:
         self.max_queue = max_queue
         self.context = transformer.new_cache(context).max_len
         self.vocab_size = transformer.config.vocab_size
+        # rows of one step's forward (decoding tokens + riding prompts) that keep every row's solo result
+        self._rows_limit = limit
         self._cond = threading.Condition()
         self._pending: collections.deque[GenerationRequest] = collections.deque()
         self._active: list[GenerationRequest] = []
@@ -383,15 +390,25 @@ class BatchEngine:
 
     def _iteration(self, joining: list[GenerationRequest]) -> None:
         running = [r for r in self._active if not self._dropped(r)]
-        for req in joining:                       # each prefilled alone, as a solo generation would be
-            if not self._dropped(req) and self._start(req):
+        rows = len(running) + len(joining)        # each joining prompt has >= 1 row
+        riding = []                               # prompts prefilled inside this step's forward
+        for req in joining:
+            if self._dropped(req):
+                continue
+            extra = len(req.prompt_ids) - 1
+            if self._rows_limit > 1 and rows + extra <= self._rows_limit:
+                rows += extra
+                req._sampler = Sampler(req.params)
+                req._cache = self.transformer.new_cache(self.context)
+                riding.append(req)
+            elif self._start(req):                # prefilled alone, as a solo generation would be
                 running.append(req)
             with self._cond:
-                self._active = running[:]
+                self._active = running + riding
         running = [r for r in running if not self._dropped(r)]
-        if running:
-            self._step(running)
-            running = [r for r in running if r.finish_reason is None]
+        if running or riding:
+            self._step(running, riding)
+            running = [r for r in running + riding if r.finish_reason is None]
         with self._cond:
             self._active = running
 
@@ -417,22 +434,27 @@ class BatchEngine:
             self._stats.prefill_tokens += req.prompt_tokens
         return self._advance(req, logits)
 
-    def _step(self, running: list[GenerationRequest]) -> None:
-        """One batched forward over the last token of every running request."""
-        ids = [np.array([r._next], dtype=np.int64) for r in running]
+    def _step(self, running: list[GenerationRequest], riding: list[GenerationRequest] = ()) -> None:
+        """One batched forward over the last token of every running request and the whole prompt of
+        every riding one (its prefill, rows within the batch-invariant limit)."""
+        ids = [np.array([r._next], dtype=np.int64) for r in running] + \
+              [np.asarray(r.prompt_ids, dtype=np.int64) for r in riding]
+        seqs = list(running) + list(riding)
         try:
-            out = self.transformer.forward_batch(ids, [r._cache for r in running], last_only=True)
+            out = self.transformer.forward_batch(ids, [r._cache for r in seqs], last_only=True)
         except Exception as e:
-            log.exception("batched forward of %d sequences failed", len(running))
-            for r in running:
+            log.exception("batched forward of %d sequences failed", len(seqs))
+            for r in seqs:
                 r._finish("error", e)
             return
         with self._cond:
             s = self._stats
-            s.steps += 1
+            s.steps += bool(running)              # a forward of riding prompts only is no decode step
             s.step_rows += len(running)
             s.max_rows = max(s.max_rows, len(running))
-        for r, logits in zip(running, out):
+            s.prefills_in_step += len(riding)
+            s.prefill_tokens += sum(r.prompt_tokens for r in riding)
+        for r, logits in zip(seqs, out):
             self._advance(r, logits[-1])
 
     def _advance(self, req: GenerationRequest, logits: np.ndarray) -> bool:
