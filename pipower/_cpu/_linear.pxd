@@ -7,14 +7,25 @@ cdef extern from "_int8_impl.h" nogil:
         pass
     int pp_isa_mask()
     int pp_isa_default()
+    enum: PP_ISA_COUNT
+    const char *pp_isa_names[]
+
+
+cdef inline tuple isa_names():
+    """Every integer-dot kernel level's name, slowest first, as _isa_impl.h spells them (the one source)."""
+    cdef list names = []
+    cdef int level
+    for level in range(PP_ISA_COUNT):          # a loop, not a generator: inline code shared across modules
+        names.append(pp_isa_names[level].decode())
+    return tuple(names)
 
 
 cdef inline tuple int_isas():
     """Names of the integer-dot kernels this CPU and build run, slowest first (levels of _isa_impl.h)."""
     cdef int mask = pp_isa_mask(), level
-    cdef tuple names = ("c", "avx2", "avxvnni", "avx512vnni")
+    cdef tuple names = isa_names()
     cdef list have = []
-    for level in range(4):
+    for level in range(PP_ISA_COUNT):
         if (mask >> level) & 1:
             have.append(names[level])
     return tuple(have)
@@ -25,7 +36,7 @@ cdef inline int check_simd(object simd) except -1:
     machine runs, or the one the PIPOWER_INT_ISA environment variable names; False: portable C; a name
     ("c", "avx2", "avxvnni", "avx512vnni"): that kernel, which this machine must run (tests compare them).
     Every level gives the same bits."""
-    cdef tuple names = ("c", "avx2", "avxvnni", "avx512vnni")
+    cdef tuple names = isa_names()
     cdef int level
     if isinstance(simd, str):
         if simd not in names:

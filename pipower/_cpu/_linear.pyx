@@ -67,7 +67,7 @@ def integer_kernels():
     return int_isas(), INT_ISAS[check_simd(True)]
 
 
-INT_ISAS = ("c", "avx2", "avxvnni", "avx512vnni")   # every integer-dot kernel level, slowest first
+INT_ISAS = isa_names()        # every integer-dot kernel level, slowest first ("c", "avx2", "avxvnni", "avx512vnni")
 FORMATS = ("f32", "f16", "q8", "q4")
 FMT_CODE = {"f32": PP_F32, "f16": PP_F16, "q8": PP_Q8, "q4": PP_Q4}
 
