@@ -66,23 +66,27 @@ class VerifyCost:
         return min(2.0, max(0.02, self.extra / self.step))
 
 
-def draft_plan(acceptance: float, room: int, cost: float = VERIFY_COST, draft_cost: float = 0.0) -> tuple[int, float]:
+def draft_plan(acceptance: float, room: int, cost: float = VERIFY_COST, draft_cost: float = 0.0,
+               fixed: float = 0.0) -> tuple[int, float]:
     """-> (the draft length that maximizes expected tokens per unit of time, that rate relative to plain
     decoding) when each drafted token is accepted with probability `acceptance` once the ones before it
-    were: (1 + a + .. + a^k) tokens for 1 + (cost + draft_cost) k steps (cost: verifying one more token;
-    draft_cost: drafting one, both in decode steps of the model). (0, 1.0) = not worth drafting now."""
+    were: (1 + a + .. + a^k) tokens for 1 + fixed + (cost + draft_cost) k steps (cost: verifying one more
+    token; draft_cost: drafting one; fixed: what a round costs the drafter before its first draft, e.g.
+    catching its cache up with tokens accepted since it last ran; all in decode steps of the model).
+    (0, 1.0) = not worth drafting now."""
     best, best_gain, tokens = 0, 1.0, 1.0
     for k in range(1, min(room, MAX_DRAFT) + 1):
         tokens += acceptance ** k
-        gain = tokens / (1 + (cost + draft_cost) * k)
+        gain = tokens / (1 + fixed + (cost + draft_cost) * k)
         if gain > best_gain:
             best, best_gain = k, gain
     return best, best_gain
 
 
-def draft_length(acceptance: float, room: int, cost: float = VERIFY_COST, draft_cost: float = 0.0) -> int:
+def draft_length(acceptance: float, room: int, cost: float = VERIFY_COST, draft_cost: float = 0.0,
+                 fixed: float = 0.0) -> int:
     """draft_plan's length."""
-    return draft_plan(acceptance, room, cost, draft_cost)[0]
+    return draft_plan(acceptance, room, cost, draft_cost, fixed)[0]
 
 
 class DrafterRecord:
@@ -135,9 +139,19 @@ def propose_round(drafter, context: np.ndarray, room: int, sampler, records: dic
         else:
             key = (id(leaf), None)
             rec = records.setdefault(key, DrafterRecord())
-            # a model drafter times its own one-token steps (not its catch-up forwards); until it has, free
-            per_token = getattr(leaf, "seconds_per_token", None) or 0.0
-            k, rate = draft_plan(rec.acceptance, room, cost.ratio, per_token / step if step else 0.0)
+            per_token = getattr(leaf, "seconds_per_token", None)
+            if per_token is None:
+                # never timed: its first round is free, so that its step gets timed
+                k, rate = draft_plan(rec.acceptance, room, cost.ratio)
+            elif step is None:
+                # its cost is known but not the model's own step: the drafter cannot be priced, so this
+                # round goes without it (a one-token forward, which times the step); a drafter that was
+                # taken as free here kept drafting at any cost (measured: sparse self-drafts whose step
+                # cost 1.5 dense steps made generation 2x slower)
+                continue
+            else:
+                catch_up = leaf.catch_up_seconds(context) if hasattr(leaf, "catch_up_seconds") else 0.0
+                k, rate = draft_plan(rec.acceptance, room, cost.ratio, per_token / step, catch_up / step)
             candidate = (rate, leaf, key, k)
         if rate > best[0]:
             best = candidate
@@ -194,6 +208,7 @@ class ModelDrafter:
         self.cache = transformer.new_cache(max_len)
         self.tokens: list[int] = []          # what self.cache holds, position by position
         self.seconds_per_token: float | None = None   # one-token draft forwards, running estimate
+        self.seconds_per_extra: float | None = None   # each token past the first in a catch-up forward
 
     def _forward(self, ids) -> np.ndarray:
         t = self.transformer
@@ -204,20 +219,41 @@ class ModelDrafter:
             return t.forward(np.asarray(ids, dtype=np.int64), self.cache, last_only=True, head=head)[-1]
         finally:
             t.ffn_neurons = saved
-            if len(ids) == 1:   # the catch-up forwards (a prompt, accepted lookup drafts) are not per token
-                dt = time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            if len(ids) == 1:
                 self.seconds_per_token = dt if self.seconds_per_token is None else \
                     self.seconds_per_token + 0.2 * (dt - self.seconds_per_token)
+            elif self.seconds_per_token is not None:
+                # a catch-up forward (accepted drafts of another drafter, or a whole prompt): the time
+                # of its tokens past the first, per token
+                per = max(0.0, dt - self.seconds_per_token) / (len(ids) - 1)
+                self.seconds_per_extra = per if self.seconds_per_extra is None else \
+                    self.seconds_per_extra + 0.2 * (per - self.seconds_per_extra)
 
-    def propose(self, context: np.ndarray, k: int, sampler: Sampler | None = None):
-        """-> (k draft tokens, their draft distributions [k, V] or None for greedy)."""
-        ctx = context.tolist()
-        keep = 0                                  # longest prefix of the cache that the context shares
+    def _shared_prefix(self, ctx: list[int]) -> int:
+        """How many leading context tokens the cache holds already (the last one is always fed again)."""
+        keep = 0
         for a, b in zip(self.tokens, ctx):
             if a != b:
                 break
             keep += 1
-        keep = min(keep, len(ctx) - 1)            # the last context token is fed below, for its logits
+        return min(keep, len(ctx) - 1)
+
+    def catch_up_seconds(self, context: np.ndarray) -> float:
+        """Expected extra seconds of this drafter's first forward in a round beyond a one-token step:
+        the context tokens its cache lacks (accepted since it last drafted), past the one it always feeds."""
+        ctx = context.tolist()
+        missing = len(ctx) - 1 - self._shared_prefix(ctx)
+        if missing <= 0 or self.seconds_per_token is None:
+            return 0.0
+        per = self.seconds_per_extra if self.seconds_per_extra is not None else \
+            VERIFY_COST * self.seconds_per_token
+        return missing * per
+
+    def propose(self, context: np.ndarray, k: int, sampler: Sampler | None = None):
+        """-> (k draft tokens, their draft distributions [k, V] or None for greedy)."""
+        ctx = context.tolist()
+        keep = self._shared_prefix(ctx)           # the last context token is fed below, for its logits
         self.cache.truncate(keep)
         del self.tokens[keep:]
         k = min(k, self.cache.max_len - len(ctx))

@@ -306,6 +306,48 @@ def test_draft_length_and_the_verify_cost_estimate():
     assert abs(c.ratio - 0.2) < 1e-9
 
 
+class _TimedDrafter:
+    """A model-like drafter with a known step time that counts its calls (propose_round's pricing)."""
+    name = "timed"
+
+    def __init__(self, seconds_per_token, catch_up=0.0):
+        self.seconds_per_token, self.catch_up, self.calls = seconds_per_token, catch_up, 0
+
+    def catch_up_seconds(self, context):
+        return self.catch_up
+
+    def propose(self, context, k, sampler=None):
+        self.calls += 1
+        return [1] * k, None
+
+
+def test_a_model_drafter_is_priced_by_its_step_time_and_its_catch_up():
+    """A drafter whose step costs more than the model's own is never chosen once both are timed; one
+    whose cost is known while the model's step is not sits the round out (the plain round times the
+    step), instead of being taken as free; a large catch-up (tokens its cache lacks) prices it out too."""
+    from pipower.speculative import DrafterRecord, VerifyCost, draft_plan, propose_round
+    ctx = np.arange(10, dtype=np.int64)
+    sampler = Sampler(SamplingParams())
+    cost = VerifyCost(prior=0.1)
+    cheap, dear = _TimedDrafter(0.02), _TimedDrafter(0.15)
+    assert propose_round(dear, ctx, 16, sampler, {}, cost) == ([], None, None)     # step not yet timed
+    cost.add(1, 0.1)                                                                # the model: 0.1 s a step
+    for drafter, want_drafts in ((cheap, True), (dear, False)):
+        records = {(id(drafter), None): DrafterRecord()}
+        for _ in range(20):
+            records[(id(drafter), None)].add(8, 7)                                  # ~0.9 acceptance
+        drafts, _, key = propose_round(drafter, ctx, 16, sampler, records, cost)
+        assert bool(drafts) == want_drafts and drafter.calls == int(want_drafts)
+    slow_start = _TimedDrafter(0.02, catch_up=5.0)                                  # 50 steps to catch up
+    records = {(id(slow_start), None): DrafterRecord()}
+    assert propose_round(slow_start, ctx, 16, sampler, records, cost)[0] == [] and slow_start.calls == 0
+    # a fixed cost per round lowers the rate and favours longer drafts to spread it
+    k0, r0 = draft_plan(0.9, 16, 0.1, 0.2)
+    k1, r1 = draft_plan(0.9, 16, 0.1, 0.2, fixed=1.0)
+    assert r1 < r0 and k1 >= k0 >= 1
+    assert draft_plan(0.9, 16, 0.1, 0.2, fixed=20.0) == (0, 1.0)
+
+
 def test_speculative_decoding_needs_a_batch_invariant_verifier(caplog):
     from pipower.ops import NumpyOps
     from pipower.speculative import check_verifier
