@@ -60,7 +60,7 @@ def _transformer(ops, fmt):
     return Transformer(ModelConfig.from_dict(CFG), random_tensors(CFG, seed=3), ops, weights=fmt)
 
 
-@pytest.mark.parametrize("fmt,dot", [("q8", "float"), ("q4", "int8"), ("f16", "float")])
+@pytest.mark.parametrize("fmt,dot", [("q8", "float"), ("q8", "int8"), ("q4", "int8"), ("f16", "float")])
 def test_threshold_mode_decode_same_with_and_without_fusion(fmt, dot, monkeypatch):
     """Oracle mode's decode steps through the fused kernel equal the unfused path (gate GEMV, NumPy
     selection, sparse FFN) bitwise, with the same measured sparsity."""
@@ -79,6 +79,44 @@ def test_threshold_mode_decode_same_with_and_without_fusion(fmt, dot, monkeypatc
     (a, sa, ta), (b, sb, tb) = results
     assert np.array_equal(bits(a), bits(b))
     assert (sa, ta) == (sb, tb) and 0 < sa < ta
+
+
+@pytest.mark.parametrize("fmt", ["q8", "q4"])
+def test_threshold_on_a_panel_packed_layer_takes_the_gate_from_the_panels(fmt):
+    """With integer dots a layer's gate and up are weight panels: the threshold FFN computes every gate
+    dot with the panel GEMV, then reads the kept neurons' up and down rows from bundles without gate rows.
+    Same selection and bitwise the same output as the sparse FFN over that selection (gate rows
+    recomputed by the row kernels), and as the same call on plain (unpacked) matrices."""
+    from pipower import panels
+    from pipower._cpu.ops import CythonOps
+    r = np.random.default_rng(31)
+    F, D = 160, 96
+    g, u, d = (quantize(r.standard_normal((F, D)).astype(np.float32), fmt) for _ in range(3))
+    pg, pu = panels.pack(g), panels.pack(u)
+    ops = CythonOps(2, "int8")
+    x = r.standard_normal((1, D)).astype(np.float32)
+    pre = np.abs(ACTIVATIONS["silu"](ops.linear(x, g)))[0]
+    for q in (0.0, 0.4, 0.8):
+        tau = float(np.quantile(pre, q))
+        want_idx = np.flatnonzero(pre > np.float32(tau)).astype(np.int32)
+        counts = []
+        got = ops.ffn(x, pg, pu, d, "silu", Threshold(tau, lambda n, total: counts.append((n, total))))
+        assert counts == [(want_idx.size, F)]
+        want = ops.ffn(x, pg, pu, d, "silu", want_idx)                  # bundles with gate rows
+        plain = ops.ffn(x, g, u, d, "silu", Threshold(tau, lambda n, total: None))   # row kernels' gate pass
+        assert np.array_equal(bits(got), bits(want)) and np.array_equal(bits(got), bits(plain))
+
+
+def test_gate_dots_and_gate_rows_are_not_both_given():
+    from pipower._cpu import _ffn
+    from pipower.errors import InvalidArgumentError
+    r = np.random.default_rng(1)
+    w = [compact(r.standard_normal((8, 32)).astype(np.float32), "q8") for _ in range(3)]
+    x = r.standard_normal(32).astype(np.float32)
+    with pytest.raises(InvalidArgumentError, match="not both"):
+        _ffn.ffn_threshold("q8", x, w[0], w[1], w[2], 0.1, "silu", gate_dots=np.zeros(8, np.float32))
+    with pytest.raises(InvalidArgumentError, match="gate_dots must have shape"):
+        _ffn.ffn_threshold("q8", x, None, w[1], w[2], 0.1, "silu", gate_dots=np.zeros(7, np.float32))
 
 
 def test_numpy_reference_of_the_threshold_idx():

@@ -48,6 +48,7 @@ cdef extern from "_ffn_batch_impl.h" nogil:
         float *hbuf
         unsigned char *live
         const float *pre
+        int pre_gate
         float *h_out
     int PP_FFN_MAX_T
     void pp_ffn_chunk(const pp_ffn_args *a, Py_ssize_t j0, Py_ssize_t j1, float *acc)
@@ -58,6 +59,7 @@ cdef extern from "_ffn_batch_impl.h" nogil:
     void pp_barrier()
     void pp_ffn_gate_pass(const pp_ffn_args *a, float tau, Py_ssize_t i0, Py_ssize_t i1, float *pre,
                           unsigned char *on)
+    void pp_ffn_select(const pp_ffn_args *a, float tau, Py_ssize_t F, const float *pre, unsigned char *on)
 
 # HF activation name -> kernel code: pipower.ops' table, which must number the formulas as the C enum does.
 ACTS = ACT_CODES
@@ -134,12 +136,23 @@ cdef void _gate_pass(pp_ffn_args *a, float tau, Py_ssize_t F, float *pre, unsign
                 pp_ffn_gate_pass(a, tau, p * per, min(F, (p + 1) * per), pre, on)
 
 
-def ffn_threshold(fmt, x, gate, up, down_t, tau, act, out=None, n_threads=1, simd=True, int_dot=False):
+def ffn_threshold(fmt, x, gate, up, down_t, tau, act, out=None, n_threads=1, simd=True, int_dot=False,
+                  gate_dots=None):
     """The fused threshold FFN for one token: the neurons with |act(gate[i] . x)| > tau (|act(up[i] . x)|
     for a plain MLP) are selected and computed in one call, the gate rows read once. -> (out [D],
     number of neurons computed). out is bitwise ffn_sparse over the same selection (same dots, same
-    chunks); same arguments as ffn_sparse, x [D] only."""
-    return _ffn(fmt, x, gate, up, down_t, None, act, out, None, n_threads, simd, int_dot, tau)
+    chunks); same arguments as ffn_sparse, x [D] only.
+    gate_dots: float32 [F], the gate's dots gate[i] . x computed elsewhere (weight panels: the integer
+    dots are bitwise these kernels'); gate must then be None, and up / down_t may be bundled without
+    gate rows, so only the kept neurons' up and down rows are read."""
+    if gate_dots is not None:
+        if gate is not None:
+            raise invalid("give the gate's rows or its dots (gate_dots), not both")
+        check_array(gate_dots, "gate_dots", (np.dtype(np.float32),), 1, True)
+        if gate_dots.shape[0] != up[0].shape[0]:
+            raise invalid(f"gate_dots must have shape ({up[0].shape[0]},) like up's rows, "
+                          f"got {gate_dots.shape}")
+    return _ffn(fmt, x, gate, up, down_t, None, act, out, None, n_threads, simd, int_dot, tau, gate_dots)
 
 
 def ffn_sparse(fmt, x, gate, up, down_t, idx, act, out=None, h_out=None, n_threads=1, simd=True,
@@ -153,11 +166,12 @@ def ffn_sparse(fmt, x, gate, up, down_t, idx, act, out=None, h_out=None, n_threa
     is read once for all T tokens, and row t of out is bitwise ffn_sparse(x[t]) with the same idx.
     int_dot (q4, q8): gate and up dots over int8-quantized x (pipower.intdot); the down rows stay float.
     """
-    return _ffn(fmt, x, gate, up, down_t, idx, act, out, h_out, n_threads, simd, int_dot, None)[0]
+    return _ffn(fmt, x, gate, up, down_t, idx, act, out, h_out, n_threads, simd, int_dot, None, None)[0]
 
 
-cdef tuple _ffn(fmt, x, gate, up, down_t, idx, act, out, h_out, n_threads, simd, int_dot, tau):
-    """ffn_sparse, or with tau not None ffn_threshold. -> (out, neurons computed)."""
+cdef tuple _ffn(fmt, x, gate, up, down_t, idx, act, out, h_out, n_threads, simd, int_dot, tau, gate_dots):
+    """ffn_sparse, or with tau not None ffn_threshold (gate_dots: its gate's dots given). -> (out, neurons
+    computed)."""
     cdef int nt = check_threads(n_threads)
     cdef pp_ffn_args a
     cdef Py_ssize_t N, D, F, n, CH, C, j, rs, ss
@@ -227,14 +241,22 @@ cdef tuple _ffn(fmt, x, gate, up, down_t, idx, act, out, h_out, n_threads, simd,
     a.n = n
     a.bundle = pp_ffn_bundle_start(&a) if F > 1 else NULL
     a.pre = NULL
+    a.pre_gate = 0
     if tau is not None:                                    # select, then the sparse FFN over the selection
-        pre = np.empty(F, dtype=np.float32)
         on = np.empty(F, dtype=np.uint8)
         ftau = <float>tau
-        pre_p = <float *>cnp.PyArray_DATA(pre)
         on_p = <unsigned char *>cnp.PyArray_DATA(on)
-        with nogil:
-            _gate_pass(&a, ftau, F, pre_p, on_p, <int>min(nt, F))
+        if gate_dots is None:
+            pre = np.empty(F, dtype=np.float32)
+            pre_p = <float *>cnp.PyArray_DATA(pre)
+            with nogil:
+                _gate_pass(&a, ftau, F, pre_p, on_p, <int>min(nt, F))
+        else:
+            pre = gate_dots
+            pre_p = <float *>cnp.PyArray_DATA(pre)
+            a.pre_gate = 1
+            with nogil:
+                pp_ffn_select(&a, ftau, F, pre_p, on_p)
         idx = np.flatnonzero(on).astype(np.int32)
         n = idx.shape[0]
         if n == 0:
@@ -279,6 +301,7 @@ def layout(fmt, gate, up, down_t):
     span, which it prefetches whole), else "separate". Same arguments as ffn_sparse."""
     cdef pp_ffn_args a
     cdef Py_ssize_t F
+    a.pre_gate = 0
     a.fmt, F, a.D, a.rs, a.ss = check_weight(fmt, up[0], up[1], "up")
     _set_matrices(&a, gate, up, down_t)
     return "bundled" if F > 1 and pp_ffn_bundle_start(&a) != NULL else "separate"

@@ -46,6 +46,8 @@ typedef struct {
     unsigned char *live;                    /* T > 1: scratch [chunks, chunk] */
     const float *pre;                       /* [F] gate . x per neuron (up . x for a plain MLP) computed by
                                                the fused threshold pass, or NULL: computed here */
+    int pre_gate;                           /* 1: pre holds the gate's dots and there are no gate rows (gate
+                                               NULL; a gated FFN whose gate came from weight panels) */
     float *h_out;                           /* [n] or NULL (T == 1 only) */
 } pp_ffn_args;
 
@@ -172,14 +174,15 @@ static inline void pp_ffn_chunk(const pp_ffn_args *a, ptrdiff_t j0, ptrdiff_t j1
         /* gate before up: a bundle stores gate | up | down, so the reads ascend through the span */
         pp_prefetch_span_part(later, rb, 0);
         float g = 0.0f, u;
-        if (a->gate) {
+        const int gated = a->gate || a->pre_gate;
+        if (gated) {
             if (a->pre) g = a->pre[i];
             else pp_ffn_dots(a, a->gate + i * rb, q ? a->gate_s + i * nsb : NULL, 1, &g);
         }
         pp_prefetch_span_part(later, rb, 1);
-        if (!a->gate && a->pre) u = a->pre[i];
+        if (!gated && a->pre) u = a->pre[i];
         else pp_ffn_dots(a, a->up + i * rb, q ? a->up_s + i * nsb : NULL, 1, &u);
-        const float h = a->gate ? pp_act(a->act, g) * u : pp_act(a->act, u);
+        const float h = gated ? pp_act(a->act, g) * u : pp_act(a->act, u);
         pp_prefetch_span_part(later, rb, 2);
         if (a->h_out) a->h_out[j] = h;
         /* ReLU-family models give many exact zeros: skipping them saves the down row's read. */
@@ -205,6 +208,13 @@ static inline void pp_ffn_gate_pass(const pp_ffn_args *a, float tau, ptrdiff_t i
         pp_ffn_dots(a, w + i * a->rs, ws ? ws + i * a->ss : NULL, 1, pre + i);
         on[i] = fabsf(pp_act(a->act, pre[i])) > tau;
     }
+}
+
+/* The fused threshold FFN's selection when the gate's dots come from elsewhere (weight panels, whose
+ * integer dots are bitwise these kernels'): on[i] = |act(pre[i])| > tau, pp_ffn_gate_pass's test. */
+static inline void pp_ffn_select(const pp_ffn_args *a, float tau, ptrdiff_t F, const float *pre,
+                                 unsigned char *on) {
+    for (ptrdiff_t i = 0; i < F; i++) on[i] = fabsf(pp_act(a->act, pre[i])) > tau;
 }
 
 /* out[k] = sum_{c < C} part[c][k] for k in [k0, k1), c in increasing order. part: [C, D]. */

@@ -69,12 +69,13 @@ def on_kernels(T: int, idx, int_dot: bool = False) -> bool:
 
 
 def ffn(x: np.ndarray, gate, up, down_t, act: str, n_threads: int = 1,
-        idx: np.ndarray | None = None, int_dot: bool = False) -> np.ndarray:
+        idx: np.ndarray | None = None, int_dot: bool = False, gate_dots: np.ndarray | None = None) -> np.ndarray:
     """x: float32 [T, D]; gate (or None), up, down_t: [F, D]; idx: int32 [n] sorted unique active
     neurons, a bool [T, F] per-token mask, a pipower.ops.Threshold (T = 1: the fused threshold FFN), or
     None (all) -> new float32 [T, D]. Same math as NumpyOps.ffn, for the calls on_kernels() accepts.
     int_dot (q4, q8): gate/up dots over int8-quantized x, on the batch-invariant kernel for every T (token
-    slices of MAX_TOKENS; a per-token mask runs each token's own neurons as its decode step would)."""
+    slices of MAX_TOKENS; a per-token mask runs each token's own neurons as its decode step would).
+    gate_dots (with a Threshold, gate None): float32 [F], the gate's dots already computed (weight panels)."""
     fu, ud, us = parts(up)
     fd, dd, ds = parts(down_t)
     fg, gd, gs = parts(gate) if gate is not None else (fu, None, None)
@@ -88,7 +89,8 @@ def ffn(x: np.ndarray, gate, up, down_t, act: str, n_threads: int = 1,
             raise InvalidArgumentError(f"the fused threshold FFN takes one token, got {x.shape[0]}")
         out = np.empty((1, x.shape[1]), dtype=np.float32)
         _, n = _ffn.ffn_threshold(fu, x.reshape(-1), None if gd is None else (gd, gs), (ud, us), (dd, ds),
-                                  idx.tau, act, out=out.reshape(-1), n_threads=n_threads, int_dot=int_dot)
+                                  idx.tau, act, out=out.reshape(-1), n_threads=n_threads, int_dot=int_dot,
+                                  gate_dots=gate_dots)
         idx.count(n, up.shape[0])
         return out
     mask = None
