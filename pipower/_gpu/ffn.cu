@@ -152,6 +152,14 @@ extern "C" __global__ void ffn_hidden_q8(const float* __restrict__ x, const sign
 // dots_*<false>(.., row, ..) leaves row . x in `us`, summed exactly as gemv_* sums it (same lane split,
 // same fma chain), which is what makes the selection bitwise the unfused path's.
 
+// h[j] and sel[j] of a threshold kernel, written once per warp (every lane holds the same values).
+__device__ __forceinline__ void threshold_store(int lane, int j, bool keep, float v, float* h, signed char* sel) {
+    if (lane == 0) {
+        h[j] = v;
+        sel[j] = keep ? 1 : 0;
+    }
+}
+
 extern "C" __global__ void ffn_threshold_hidden_f16(const float* __restrict__ x,
                                                     const unsigned short* __restrict__ gate,
                                                     const unsigned short* __restrict__ up, float* __restrict__ h,
@@ -165,21 +173,13 @@ extern "C" __global__ void ffn_threshold_hidden_f16(const float* __restrict__ x,
     dots_f16<false>(first, first, x, D, lane, unused, s);  // warp_sum: every lane holds s, keep is uniform
     const float a = apply_act(act, s);
     const bool keep = fabsf(a) > tau;
-    float v = 0.0f;
-    if (keep) {
-        if (has_gate) {
-            const unsigned short* u = up + (size_t)j * D;
-            float us;
-            dots_f16<false>(u, u, x, D, lane, unused, us);
-            v = a * us;
-        } else {
-            v = a;
-        }
+    float us = 1.0f;                                      // a plain MLP's h is act(up . x) itself
+    if (keep && has_gate) {
+        const unsigned short* u = up + (size_t)j * D;
+        dots_f16<false>(u, u, x, D, lane, unused, us);
     }
-    if (lane == 0) {
-        h[j] = v;
-        sel[j] = keep ? 1 : 0;
-    }
+    const float v = keep ? (has_gate ? a * us : a) : 0.0f;
+    threshold_store(lane, j, keep, v, h, sel);
 }
 
 extern "C" __global__ void ffn_threshold_hidden_q8(const float* __restrict__ x, const signed char* __restrict__ gate_q,
@@ -198,21 +198,14 @@ extern "C" __global__ void ffn_threshold_hidden_q8(const float* __restrict__ x, 
     dots_q8<false>(fq, fd, fq, fd, x, D, lane, unused, s);
     const float a = apply_act(act, s);
     const bool keep = fabsf(a) > tau;
-    float v = 0.0f;
-    if (keep) {
-        if (has_gate) {
-            float us;
-            dots_q8<false>(up_q + (size_t)j * D, up_d + (size_t)j * nb, up_q + (size_t)j * D, up_d + (size_t)j * nb,
-                           x, D, lane, unused, us);
-            v = a * us;
-        } else {
-            v = a;
-        }
+    float us = 1.0f;
+    if (keep && has_gate) {
+        const signed char* uq = up_q + (size_t)j * D;
+        const unsigned short* ud = up_d + (size_t)j * nb;
+        dots_q8<false>(uq, ud, uq, ud, x, D, lane, unused, us);
     }
-    if (lane == 0) {
-        h[j] = v;
-        sel[j] = keep ? 1 : 0;
-    }
+    const float v = keep ? (has_gate ? a * us : a) : 0.0f;
+    threshold_store(lane, j, keep, v, h, sel);
 }
 
 // ---- kernel B: out = h @ down_t[idx], parallel over columns --------------------------------------
