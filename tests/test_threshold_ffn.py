@@ -107,16 +107,29 @@ def test_threshold_on_a_panel_packed_layer_takes_the_gate_from_the_panels(fmt):
         assert np.array_equal(bits(got), bits(want)) and np.array_equal(bits(got), bits(plain))
 
 
-def test_gate_dots_and_gate_rows_are_not_both_given():
+@pytest.mark.parametrize("with_gate_rows", [True, False])
+def test_threshold_with_gate_dots_given_is_bitwise_the_gate_pass(with_gate_rows):
+    """ffn_threshold(gate_dots=): the gate's dots from elsewhere, no gate pass; with the gate rows still
+    in the bundles (skipped) or without them, bitwise the fused call that computes them itself."""
     from pipower._cpu import _ffn
     from pipower.errors import InvalidArgumentError
+    from pipower.arena import Arena, ffn_nbytes
     r = np.random.default_rng(1)
-    w = [compact(r.standard_normal((8, 32)).astype(np.float32), "q8") for _ in range(3)]
-    x = r.standard_normal(32).astype(np.float32)
-    with pytest.raises(InvalidArgumentError, match="not both"):
-        _ffn.ffn_threshold("q8", x, w[0], w[1], w[2], 0.1, "silu", gate_dots=np.zeros(8, np.float32))
+    F, D = 64, 64
+    g, u, d = (quantize(r.standard_normal((F, D)).astype(np.float32), "q8") for _ in range(3))
+    bg, bu, bd = Arena(ffn_nbytes(g, u, d)).bundle_ffn(g, u, d)
+    x = r.standard_normal(D).astype(np.float32)
+    tau = 0.3
+    want, n_want = _ffn.ffn_threshold("q8", x, (bg.data, bg.scales), (bu.data, bu.scales), (bd.data, bd.scales),
+                                      tau, "silu", int_dot=True)
+    dots = _cpu.ops.CythonOps(1, "int8").linear(x.reshape(1, -1), g)[0]
+    gate = (bg.data, bg.scales) if with_gate_rows else None
+    got, n_got = _ffn.ffn_threshold("q8", x, gate, (bu.data, bu.scales), (bd.data, bd.scales), tau, "silu",
+                                    int_dot=True, gate_dots=dots)
+    assert n_got == n_want and 0 < n_got < F and np.array_equal(bits(got), bits(want))
     with pytest.raises(InvalidArgumentError, match="gate_dots must have shape"):
-        _ffn.ffn_threshold("q8", x, None, w[1], w[2], 0.1, "silu", gate_dots=np.zeros(7, np.float32))
+        _ffn.ffn_threshold("q8", x, None, (bu.data, bu.scales), (bd.data, bd.scales), tau, "silu",
+                           gate_dots=np.zeros(F - 1, np.float32))
 
 
 def test_numpy_reference_of_the_threshold_idx():

@@ -143,11 +143,9 @@ def ffn_threshold(fmt, x, gate, up, down_t, tau, act, out=None, n_threads=1, sim
     number of neurons computed). out is bitwise ffn_sparse over the same selection (same dots, same
     chunks); same arguments as ffn_sparse, x [D] only.
     gate_dots: float32 [F], the gate's dots gate[i] . x computed elsewhere (weight panels: the integer
-    dots are bitwise these kernels'); gate must then be None, and up / down_t may be bundled without
-    gate rows, so only the kept neurons' up and down rows are read."""
+    dots are bitwise these kernels'): no gate pass; only the kept neurons' up and down rows are read
+    (gate rows, when given, only lay out the bundles; gate None: up / down bundled without them)."""
     if gate_dots is not None:
-        if gate is not None:
-            raise invalid("give the gate's rows or its dots (gate_dots), not both")
         check_array(gate_dots, "gate_dots", (np.dtype(np.float32),), 1, True)
         if gate_dots.shape[0] != up[0].shape[0]:
             raise invalid(f"gate_dots must have shape ({up[0].shape[0]},) like up's rows, "
@@ -254,7 +252,7 @@ cdef tuple _ffn(fmt, x, gate, up, down_t, idx, act, out, h_out, n_threads, simd,
         else:
             pre = gate_dots
             pre_p = <float *>cnp.PyArray_DATA(pre)
-            a.pre_gate = 1
+            a.pre_gate = gate is None
             with nogil:
                 pp_ffn_select(&a, ftau, F, pre_p, on_p)
         idx = np.flatnonzero(on).astype(np.int32)

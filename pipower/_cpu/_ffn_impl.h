@@ -147,18 +147,22 @@ static inline void pp_ffn_chunk(const pp_ffn_args *a, ptrdiff_t j0, ptrdiff_t j1
     const ptrdiff_t far = a->idx ? far_sparse : PP_FFN_DENSE_L2 * far_sparse;   /* unused when spread */
     const ptrdiff_t near = spread ? (rb >= PP_FFN_SPREAD_NEAR_BYTES ? 1 : PP_FFN_SPREAD_NEAR_BYTES / rb)
                          : a->idx ? PP_FFN_BUNDLE_NEAR : PP_FFN_DENSE_NEAR;
+    /* Gate dots given (a->pre) in a bundle that still holds gate rows: prefetch each span from its up
+     * row on, so the gate bytes are never read (the bundle stores gate | up | down, scales after). */
+    const ptrdiff_t skip = (a->bundle && a->pre && a->gate && a->up > a->gate) ? a->up - a->bundle : 0;
+    const ptrdiff_t span = rb - skip;
     memset(acc, 0, (size_t)D * sizeof(float));
     for (ptrdiff_t j = j0; j < j1; j++) {
         const ptrdiff_t i = pp_ffn_neuron(a, j);
         const char *later = NULL;          /* spread: the span whose parts are prefetched below */
         if (a->bundle) {   /* whole spans, dense or sparse: one contiguous stream per neuron */
             if (spread) {
-                if (j + near < a->n) later = a->bundle + pp_ffn_neuron(a, j + near) * rb;
+                if (j + near < a->n) later = a->bundle + pp_ffn_neuron(a, j + near) * rb + skip;
             } else {
                 if (far && j + far < a->n)
-                    pp_prefetch_span_l2(a->bundle + pp_ffn_neuron(a, j + far) * rb, rb);
+                    pp_prefetch_span_l2(a->bundle + pp_ffn_neuron(a, j + far) * rb + skip, span);
                 if (j + near < a->n)
-                    pp_prefetch_row(a->bundle + pp_ffn_neuron(a, j + near) * rb, rb);
+                    pp_prefetch_row(a->bundle + pp_ffn_neuron(a, j + near) * rb + skip, span);
             }
         } else if (a->idx && j + PP_FFN_PREFETCH_AHEAD < j1) {
             const ptrdiff_t ip = (ptrdiff_t)a->idx[j + PP_FFN_PREFETCH_AHEAD], len = pp_row_bytes(a->fmt, D);
@@ -172,18 +176,18 @@ static inline void pp_ffn_chunk(const pp_ffn_args *a, ptrdiff_t j0, ptrdiff_t j1
             }
         }
         /* gate before up: a bundle stores gate | up | down, so the reads ascend through the span */
-        pp_prefetch_span_part(later, rb, 0);
+        pp_prefetch_span_part(later, span, 0);
         float g = 0.0f, u;
         const int gated = a->gate || a->pre_gate;
         if (gated) {
             if (a->pre) g = a->pre[i];
             else pp_ffn_dots(a, a->gate + i * rb, q ? a->gate_s + i * nsb : NULL, 1, &g);
         }
-        pp_prefetch_span_part(later, rb, 1);
+        pp_prefetch_span_part(later, span, 1);
         if (!gated && a->pre) u = a->pre[i];
         else pp_ffn_dots(a, a->up + i * rb, q ? a->up_s + i * nsb : NULL, 1, &u);
         const float h = gated ? pp_act(a->act, g) * u : pp_act(a->act, u);
-        pp_prefetch_span_part(later, rb, 2);
+        pp_prefetch_span_part(later, span, 2);
         if (a->h_out) a->h_out[j] = h;
         /* ReLU-family models give many exact zeros: skipping them saves the down row's read. */
         if (h != 0.0f)

@@ -33,7 +33,7 @@ class CythonOps(NumpyOps):
         if _attention is None:
             raise BackendError(f"pipower._cpu kernel modules are not all built ({_ATTENTION_ERROR})")
         super().__init__(n_threads, dot)
-        self._bundles: dict = {}      # (id(up Panels), gateless) -> (up, neuron bundles): _sparse_bundles
+        self._bundles: dict = {}      # id(up Panels) -> (up, neuron bundles): _sparse_bundles
 
     def prepare(self, transformer) -> None:
         """Float dots: lay every layer's FFN out as neuron bundles in one huge-page arena (pipower.arena:
@@ -155,11 +155,11 @@ class CythonOps(NumpyOps):
             return super().ffn(x, gate, up, down_t, act, idx, down)
         if type(up) is Panels and isinstance(idx, Threshold) and type(gate) is Panels and x.shape[0] == 1:
             # the threshold FFN on a panel-packed layer: every gate dot from the panels (the dense GEMV,
-            # bitwise the row kernels' integer dots), then only the kept neurons' up and down rows, from
-            # bundles without gate rows
+            # bitwise the row kernels' integer dots), then only the kept neurons' up and down rows of the
+            # layer's one set of neuron bundles (their gate rows are skipped)
             gate_dots = self.linear(x, gate)[0]                                  # [F]
-            up, down_t = self._sparse_bundles(None, up, down_t)[1:]
-            return linear_ops.ffn(x, None, up, down_t, act, self.n_threads, idx, int_dot=True,
+            gate, up, down_t = self._sparse_bundles(gate, up, down_t)
+            return linear_ops.ffn(x, gate, up, down_t, act, self.n_threads, idx, int_dot=True,
                                   gate_dots=gate_dots)
         if type(up) is Panels:                     # a sparse call on a panel-packed layer
             gate, up, down_t = self._sparse_bundles(gate, up, down_t)
@@ -172,7 +172,7 @@ class CythonOps(NumpyOps):
         """Neuron bundles (pipower.arena) of a panel-packed layer for the sparse FFN, built on its first
         sparse call and kept: gate/up rows come back exactly from the panels, down_t is the layer's own.
         Dense-only use never pays their memory."""
-        key = (id(up), gate is None)                # gate None: up / down bundles (threshold on panels)
+        key = id(up)
         hit = self._bundles.get(key)
         if hit is None or hit[0] is not up:
             from ..arena import Arena, ffn_nbytes
