@@ -224,9 +224,11 @@ def add_sparsity_args(p):
     dense output, generate has --draft."""
     sp = p.add_mutually_exclusive_group()
     add_act_threshold(sp, "research knob (changes the output): skip the inactive FFN neurons (one pass "
-                          "computes every gate and selects; ~1.1-1.3x dense speed at 25-40%% skipped; 0 = dense on SiLU models)")
+                          "computes every gate and selects; ~1.1-1.3x dense speed at 25-40%% skipped with --dot float, "
+                          "below dense with the integer dots; 0 = dense on SiLU models)")
     add_target_sparsity(sp, "calibrated on stdlib code; research knob (changes the output; ~1.1-1.3x dense "
-                            "speed at 0.25-0.4): skip the inactive neurons")
+                            "speed at 0.25-0.4 with --dot float, below dense with the integer dots): skip the "
+                            "inactive neurons")
     add_predictors(sp, "research knob (changes the output): skip neurons whose predictor logit < "
                        "--pred-threshold (faster than dense only at high thresholds, which cost accuracy)")
     flag(p, "--pred-threshold", type=float, default=0.0, metavar="TAU", default_text="0, i.e. p >= 0.5",
