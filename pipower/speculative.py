@@ -150,8 +150,8 @@ def propose_round(drafter, context: np.ndarray, room: int, sampler, records: dic
                 # cost 1.5 dense steps made generation 2x slower)
                 continue
             else:
-                catch_up = leaf.catch_up_seconds(context) if hasattr(leaf, "catch_up_seconds") else 0.0
-                k, rate = draft_plan(rec.acceptance, room, cost.ratio, per_token / step, catch_up / step)
+                k, rate = draft_plan(rec.acceptance, room, cost.ratio, per_token / step,
+                                     leaf.catch_up_seconds(context) / step)
             candidate = (rate, leaf, key, k)
         if rate > best[0]:
             best = candidate

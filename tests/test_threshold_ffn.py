@@ -84,7 +84,7 @@ def test_threshold_mode_decode_same_with_and_without_fusion(fmt, dot, monkeypatc
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
 def test_threshold_on_a_panel_packed_layer_takes_the_gate_from_the_panels(fmt):
     """With integer dots a layer's gate and up are weight panels: the threshold FFN computes every gate
-    dot with the panel GEMV, then reads the kept neurons' up and down rows from bundles without gate rows.
+    dot with the panel GEMV, then reads only the kept neurons' up and down rows (gate rows skipped).
     Same selection and bitwise the same output as the sparse FFN over that selection (gate rows
     recomputed by the row kernels), and as the same call on plain (unpacked) matrices."""
     from pipower import panels
@@ -107,10 +107,10 @@ def test_threshold_on_a_panel_packed_layer_takes_the_gate_from_the_panels(fmt):
         assert np.array_equal(bits(got), bits(want)) and np.array_equal(bits(got), bits(plain))
 
 
-@pytest.mark.parametrize("with_gate_rows", [True, False])
-def test_threshold_with_gate_dots_given_is_bitwise_the_gate_pass(with_gate_rows):
-    """ffn_threshold(gate_dots=): the gate's dots from elsewhere, no gate pass; with the gate rows still
-    in the bundles (skipped) or without them, bitwise the fused call that computes them itself."""
+def test_threshold_with_gate_dots_given_is_bitwise_the_gate_pass():
+    """ffn_threshold(gate_dots=): the gate's dots from elsewhere, no gate pass, the gate rows in the
+    bundles skipped; bitwise the fused call that computes them itself. Dots without gate rows, or of the
+    wrong length, are refused."""
     from pipower._cpu import _ffn
     from pipower.errors import InvalidArgumentError
     from pipower.arena import Arena, ffn_nbytes
@@ -123,13 +123,15 @@ def test_threshold_with_gate_dots_given_is_bitwise_the_gate_pass(with_gate_rows)
     want, n_want = _ffn.ffn_threshold("q8", x, (bg.data, bg.scales), (bu.data, bu.scales), (bd.data, bd.scales),
                                       tau, "silu", int_dot=True)
     dots = _cpu.ops.CythonOps(1, "int8").linear(x.reshape(1, -1), g)[0]
-    gate = (bg.data, bg.scales) if with_gate_rows else None
-    got, n_got = _ffn.ffn_threshold("q8", x, gate, (bu.data, bu.scales), (bd.data, bd.scales), tau, "silu",
-                                    int_dot=True, gate_dots=dots)
+    got, n_got = _ffn.ffn_threshold("q8", x, (bg.data, bg.scales), (bu.data, bu.scales), (bd.data, bd.scales),
+                                    tau, "silu", int_dot=True, gate_dots=dots)
     assert n_got == n_want and 0 < n_got < F and np.array_equal(bits(got), bits(want))
     with pytest.raises(InvalidArgumentError, match="gate_dots must have shape"):
+        _ffn.ffn_threshold("q8", x, (bg.data, bg.scales), (bu.data, bu.scales), (bd.data, bd.scales), tau,
+                           "silu", gate_dots=np.zeros(F - 1, np.float32))
+    with pytest.raises(InvalidArgumentError, match="give its gate rows too"):
         _ffn.ffn_threshold("q8", x, None, (bu.data, bu.scales), (bd.data, bd.scales), tau, "silu",
-                           gate_dots=np.zeros(F - 1, np.float32))
+                           gate_dots=dots)
 
 
 def test_numpy_reference_of_the_threshold_idx():

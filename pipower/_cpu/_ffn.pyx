@@ -48,7 +48,6 @@ cdef extern from "_ffn_batch_impl.h" nogil:
         float *hbuf
         unsigned char *live
         const float *pre
-        int pre_gate
         float *h_out
     int PP_FFN_MAX_T
     void pp_ffn_chunk(const pp_ffn_args *a, Py_ssize_t j0, Py_ssize_t j1, float *acc)
@@ -143,9 +142,11 @@ def ffn_threshold(fmt, x, gate, up, down_t, tau, act, out=None, n_threads=1, sim
     number of neurons computed). out is bitwise ffn_sparse over the same selection (same dots, same
     chunks); same arguments as ffn_sparse, x [D] only.
     gate_dots: float32 [F], the gate's dots gate[i] . x computed elsewhere (weight panels: the integer
-    dots are bitwise these kernels'): no gate pass; only the kept neurons' up and down rows are read
-    (gate rows, when given, only lay out the bundles; gate None: up / down bundled without them)."""
+    dots are bitwise these kernels'): no gate pass; only the kept neurons' up and down rows are read (the
+    gate rows are still required: they lay out the bundles, whose gate bytes are then skipped)."""
     if gate_dots is not None:
+        if gate is None:
+            raise invalid("gate_dots are a gated FFN's gate dots: give its gate rows too")
         check_array(gate_dots, "gate_dots", (np.dtype(np.float32),), 1, True)
         if gate_dots.shape[0] != up[0].shape[0]:
             raise invalid(f"gate_dots must have shape ({up[0].shape[0]},) like up's rows, "
@@ -239,7 +240,6 @@ cdef tuple _ffn(fmt, x, gate, up, down_t, idx, act, out, h_out, n_threads, simd,
     a.n = n
     a.bundle = pp_ffn_bundle_start(&a) if F > 1 else NULL
     a.pre = NULL
-    a.pre_gate = 0
     if tau is not None:                                    # select, then the sparse FFN over the selection
         on = np.empty(F, dtype=np.uint8)
         ftau = <float>tau
@@ -252,7 +252,6 @@ cdef tuple _ffn(fmt, x, gate, up, down_t, idx, act, out, h_out, n_threads, simd,
         else:
             pre = gate_dots
             pre_p = <float *>cnp.PyArray_DATA(pre)
-            a.pre_gate = gate is None
             with nogil:
                 pp_ffn_select(&a, ftau, F, pre_p, on_p)
         idx = np.flatnonzero(on).astype(np.int32)
@@ -299,7 +298,6 @@ def layout(fmt, gate, up, down_t):
     span, which it prefetches whole), else "separate". Same arguments as ffn_sparse."""
     cdef pp_ffn_args a
     cdef Py_ssize_t F
-    a.pre_gate = 0
     a.fmt, F, a.D, a.rs, a.ss = check_weight(fmt, up[0], up[1], "up")
     _set_matrices(&a, gate, up, down_t)
     return "bundled" if F > 1 and pp_ffn_bundle_start(&a) != NULL else "separate"

@@ -46,8 +46,6 @@ typedef struct {
     unsigned char *live;                    /* T > 1: scratch [chunks, chunk] */
     const float *pre;                       /* [F] gate . x per neuron (up . x for a plain MLP) computed by
                                                the fused threshold pass, or NULL: computed here */
-    int pre_gate;                           /* 1: pre holds the gate's dots and there are no gate rows (gate
-                                               NULL; a gated FFN whose gate came from weight panels) */
     float *h_out;                           /* [n] or NULL (T == 1 only) */
 } pp_ffn_args;
 
@@ -178,15 +176,14 @@ static inline void pp_ffn_chunk(const pp_ffn_args *a, ptrdiff_t j0, ptrdiff_t j1
         /* gate before up: a bundle stores gate | up | down, so the reads ascend through the span */
         pp_prefetch_span_part(later, span, 0);
         float g = 0.0f, u;
-        const int gated = a->gate || a->pre_gate;
-        if (gated) {
+        if (a->gate) {
             if (a->pre) g = a->pre[i];
             else pp_ffn_dots(a, a->gate + i * rb, q ? a->gate_s + i * nsb : NULL, 1, &g);
         }
         pp_prefetch_span_part(later, span, 1);
-        if (!gated && a->pre) u = a->pre[i];
+        if (!a->gate && a->pre) u = a->pre[i];
         else pp_ffn_dots(a, a->up + i * rb, q ? a->up_s + i * nsb : NULL, 1, &u);
-        const float h = gated ? pp_act(a->act, g) * u : pp_act(a->act, u);
+        const float h = a->gate ? pp_act(a->act, g) * u : pp_act(a->act, u);
         pp_prefetch_span_part(later, span, 2);
         if (a->h_out) a->h_out[j] = h;
         /* ReLU-family models give many exact zeros: skipping them saves the down row's read. */
