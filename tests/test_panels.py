@@ -69,16 +69,18 @@ def test_panel_kernel_is_bitwise_the_reference(fmt, N, K, simd):
 @pytest.mark.parametrize("fmt", panels.FORMATS)
 def test_panel_rows_do_not_depend_on_the_batch(fmt):
     from pipower._cpu import _linear, _panel
-    N, K = 70, 320
-    m = matrix(fmt, N, K, seed=3)
-    p = panels.pack(m)
-    x = np.random.default_rng(2).standard_normal((33, K)).astype(np.float32)
-    one = np.stack([_panel.gemm_panels(fmt, p.data, p.scales, N, x[t:t + 1])[0] for t in range(33)])
-    for T in (1, 2, 3, 7, 8, 9, 16, 33):
-        got = _panel.gemm_panels(fmt, p.data, p.scales, N, x[:T], n_threads=2)
-        assert np.array_equal(got, one[:T]), T
-    # and the row-major integer kernel gives the same bits
-    assert np.array_equal(_linear.gemm_int8(fmt, m.data, m.scales, x, n_threads=2), one)
+    # every token count of the multi-token kernel (1 .. 8 compiled apart, then tiles of 8 plus a rest);
+    # K = 320 leaves lanes of the 16 accumulators unused, 1056 (33 blocks) wraps them twice
+    for N, K in ((70, 320), (40, 1056)):
+        m = matrix(fmt, N, K, seed=3)
+        p = panels.pack(m)
+        x = np.random.default_rng(2).standard_normal((33, K)).astype(np.float32)
+        one = np.stack([_panel.gemm_panels(fmt, p.data, p.scales, N, x[t:t + 1])[0] for t in range(33)])
+        for T in range(1, 34):
+            got = _panel.gemm_panels(fmt, p.data, p.scales, N, x[:T], n_threads=2)
+            assert np.array_equal(got, one[:T]), (K, T)
+        # and the row-major integer kernel gives the same bits
+        assert np.array_equal(_linear.gemm_int8(fmt, m.data, m.scales, x, n_threads=2), one)
 
 
 @needs_ext
