@@ -192,9 +192,10 @@ class Transformer:
         """h: normed [Tsum, D] -> attention output [Tsum, D]; appends this layer's k/v to each cache."""
         c, ops = self.config, self.ops
         T = h.shape[0]
-        q = ops.linear(h, layer.q, layer.q_bias).reshape(T, c.num_attention_heads, c.head_dim)
-        k = ops.linear(h, layer.k, layer.k_bias).reshape(T, c.num_key_value_heads, c.head_dim)
-        v = ops.linear(h, layer.v, layer.v_bias).reshape(T, c.num_key_value_heads, c.head_dim)
+        q, k, v = ops.linear_many(h, (layer.q, layer.k, layer.v), (layer.q_bias, layer.k_bias, layer.v_bias))
+        q = q.reshape(T, c.num_attention_heads, c.head_dim)
+        k = k.reshape(T, c.num_key_value_heads, c.head_dim)
+        v = v.reshape(T, c.num_key_value_heads, c.head_dim)
         q, k = ops.rope(q, cos, sin), ops.rope(k, cos, sin)
         parts = []
         for s, (cache, start) in enumerate(zip(caches, starts)):

@@ -244,6 +244,11 @@ class NumpyOps:
             y += bias
         return y
 
+    def linear_many(self, x, weights, biases) -> list:
+        """Several projections of one input (q, k, v): [linear(x, w, b) for each]. A backend may run them
+        as one call where its weights allow it, with the same results."""
+        return [self.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
+
     def embed(self, table, ids):
         """table: [V, D], ids: int [T] -> float32 [T, D] (a copy: the graph adds into it)."""
         V = table.shape[0]

@@ -86,3 +86,55 @@ def rows(p: Panels, idx=None) -> QMatrix:
 def unpack(p: Panels) -> QMatrix:
     """Panels -> the row-major QMatrix they were packed from."""
     return rows(p)
+
+
+def pack_adjacent(ms: list) -> list:
+    """QMatrix list (q4 / q8) -> one Panels each, laid out back to back in one allocation when they can
+    be (same format and K, every matrix but the last a whole number of panels) so that joined() sees one
+    matrix: projections of one input (q, k, v; gate, up) then run as one kernel call over their rows,
+    with the same bits per row. Otherwise each is packed on its own."""
+    m0 = ms[0]
+    if (len(ms) < 2 or any(not isinstance(m, QMatrix) or m.fmt != m0.fmt or m.shape[1] != m0.shape[1]
+                           for m in ms) or m0.fmt not in FORMATS or any(m.shape[0] % PANEL for m in ms[:-1])):
+        return [pack(m) for m in ms]
+    whole = pack(QMatrix(m0.fmt, (sum(m.shape[0] for m in ms), m0.shape[1]),
+                         np.concatenate([m.data for m in ms]), np.concatenate([m.scales for m in ms])))
+    out, p0 = [], 0
+    for m in ms:
+        p1 = p0 + -(-m.shape[0] // PANEL)
+        out.append(Panels(m.fmt, m.shape, whole.data[p0:p1], whole.scales[p0:p1]))
+        p0 = p1
+    return out
+
+
+def _owner(a: np.ndarray):
+    """The object that owns a's memory (the root array, or the buffer a cached model maps)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a if a.base is None else a.base
+
+
+def _span(arrays: list):
+    """One view over C-contiguous arrays that lie back to back in one owner's memory, or None."""
+    a0, at = arrays[0], arrays[0].ctypes.data
+    for a in arrays:
+        if (not a.flags.c_contiguous or a.dtype != a0.dtype or a.shape[1:] != a0.shape[1:]
+                or a.ctypes.data != at or _owner(a) is not _owner(a0)):
+            return None
+        at += a.nbytes
+    rows = sum(a.shape[0] for a in arrays)
+    return np.lib.stride_tricks.as_strided(a0, shape=(rows,) + a0.shape[1:], strides=a0.strides,
+                                           writeable=False)
+
+
+def joined(ps) -> Panels | None:
+    """Panels that lie back to back in memory (pack_adjacent, or a prepared-model cache that kept them
+    so) as one Panels of all their rows, in order; None if they do not."""
+    p0 = ps[0]
+    if (len(ps) < 2 or any(type(p) is not Panels or p.fmt != p0.fmt or p.shape[1] != p0.shape[1] for p in ps)
+            or any(p.shape[0] % PANEL for p in ps[:-1])):
+        return None
+    data, scales = _span([p.data for p in ps]), _span([p.scales for p in ps])
+    if data is None or scales is None:
+        return None
+    return Panels(p0.fmt, (sum(p.shape[0] for p in ps), p0.shape[1]), data, scales)

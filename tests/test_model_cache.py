@@ -74,6 +74,9 @@ def test_cached_load_is_bitwise_a_fresh_load(tmp_path, backend, fmt, arch, caplo
             assert type(a) is type(b)                        # QMatrix, Panels (q4's integer dots) or array
             a, b = (a.data, b.data) if isinstance(a, (QMatrix, Panels)) else (a, b)
             assert a.strides == b.strides and a.shape == b.shape and a.dtype == b.dtype
+        if hasattr(fresh.transformer.ops, "_join"):          # q, k, v one kernel call before and after
+            qkv = lambda m, lay: m.transformer.ops._join((lay.q, lay.k, lay.v))  # noqa: E731
+            assert (qkv(warm, lw) is None) == (qkv(fresh, lf) is None)
     tr = warm.transformer
     assert (tr.lm_head is tr.embed_tokens) == (arch == "qwen2")
 

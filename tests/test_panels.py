@@ -83,6 +83,42 @@ def test_panel_rows_do_not_depend_on_the_batch(fmt):
         assert np.array_equal(_linear.gemm_int8(fmt, m.data, m.scales, x, n_threads=2), one)
 
 
+@pytest.mark.parametrize("fmt", panels.FORMATS)
+def test_matrices_packed_back_to_back_join_into_one(fmt):
+    q, k, v = matrix(fmt, 64, 320, 1), matrix(fmt, 32, 320, 2), matrix(fmt, 40, 320, 3)
+    ps = panels.pack_adjacent([q, k, v])
+    for p, m in zip(ps, (q, k, v)):                        # each view is its matrix's own panels
+        back = panels.unpack(p)
+        assert p.shape == m.shape and np.array_equal(back.data, m.data) and np.array_equal(back.scales, m.scales)
+    whole = panels.joined(ps)
+    assert whole.shape == (136, 320) and whole.data.shape[0] == 4 + 2 + 3
+    assert np.array_equal(panels.unpack(whole).data, np.concatenate([q.data, k.data, v.data]))
+    # not joined: packed apart, out of order, or a matrix before the last with a partial panel
+    assert panels.joined([panels.pack(q), panels.pack(k)]) is None
+    assert panels.joined([ps[1], ps[0]]) is None
+    apart = panels.pack_adjacent([v, q])
+    assert panels.joined(apart) is None
+    assert all(np.array_equal(panels.unpack(p).data, m.data) for p, m in zip(apart, (v, q)))
+    assert panels.joined(ps[:1]) is None
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt", panels.FORMATS)
+def test_linear_many_over_joined_panels_is_bitwise_separate_calls(fmt):
+    from pipower._cpu.ops import CythonOps
+    ops = CythonOps(2, dot="int8")
+    ms = [matrix(fmt, 64, 320, 1), matrix(fmt, 16, 320, 2), matrix(fmt, 16, 320, 3)]
+    rng = np.random.default_rng(4)
+    biases = [rng.standard_normal(m.shape[0]).astype(np.float32) for m in ms[:2]] + [None]
+    for ws, adjacent in ((panels.pack_adjacent(ms), True), ([panels.pack(m) for m in ms], False)):
+        assert (ops._join(ws) is not None) == adjacent                       # only the adjacent ones join
+        for T in (1, 3, 9):
+            x = rng.standard_normal((T, 320)).astype(np.float32)
+            got = ops.linear_many(x, ws, biases)
+            for g, w, b in zip(got, ws, biases):
+                assert g.flags.c_contiguous and np.array_equal(g, ops.linear(x, w, b))
+
+
 @needs_ext
 def test_panel_kernel_rejects_bad_arguments():
     from pipower._cpu import _panel

@@ -80,7 +80,11 @@ def rms_norm(x, weight, eps, out=None, n_threads=1):
     out = check_out(out, "out", (T, D))
     if T == 0:
         return out
-    # More threads than rows only adds idle team members.
+    # More threads than rows only adds idle team members, and below ~64 K elements the OpenMP region
+    # costs more than it saves (T = 8, D = 896: 1.6 us on one thread, 3.8 us on two). Rows are summed
+    # by the same code whatever the thread count, so this changes no bits.
     nt = <int>min(nt, T)
+    if T * D < 65536:
+        nt = 1
     _rms_norm(x, weight, <float>eps, out, nt)
     return out

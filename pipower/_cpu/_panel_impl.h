@@ -155,22 +155,31 @@ pp_panel_tok_v(const int Q8, const uint8_t *W, const uint16_t *S, pp_xq x, ptrdi
     }
     pp_panel_tree_store(acc, y, m);
 }
-/* Block b of one panel against nt tokens, added to lane b % 16 of each token's accumulators
- * (lane = acc + (b % 16) * 16; token t's at lane + 256 t). */
+/* Block b of one panel (weights w, scales dw) against token t, added to its lane (token 0's lane + 256 t). */
 static inline __attribute__((always_inline)) void
-pp_panel_multi_block(const int Q8, const int nt, const uint8_t *W, const uint16_t *S, const pp_xq *x,
-                     ptrdiff_t b, float *lane, const uint8_t *next) {
+pp_panel_multi_tok(const int SHUF, const __m512i w[8], __m512 dw, const pp_xq *x, int t, ptrdiff_t b, float *lane) {
+    const __m512i s = _mm512_sub_epi32(pp_panel_isum(SHUF, w, x[t].q + b * PP_QB), _mm512_set1_epi32(x[t].c[b]));
+    const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(x[t].d[b]));
+    float *a = lane + t * 256;
+    _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, _mm512_load_ps(a)));
+}
+
+/* Block b of one panel against nt tokens, added to lane b % 16 of each token's accumulators (lane =
+ * acc + (b % 16) * 16). FAST: nt is a constant and the token loop unrolls; otherwise the loop stays
+ * rolled (GCC peeled it into 1..3 copies with branches once it knew nt <= 3: 15% slower at T = 2, 3). */
+static inline __attribute__((always_inline)) void
+pp_panel_multi_block(const int Q8, const int FAST, const int nt, const uint8_t *W, const uint16_t *S,
+                     const pp_xq *x, ptrdiff_t b, float *lane, const uint8_t *next) {
     const ptrdiff_t bb = pp_panel_block_bytes(Q8 ? PP_Q8 : PP_Q4);
     pp_panel_prefetch(next, b * bb, bb);
     __m512i w[8];
     pp_panel_load(Q8, W + b * bb, w);
     const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(S + b * PP_PANEL)));
-#pragma GCC unroll 8
-    for (int t = 0; t < nt; t++) {
-        const __m512i s = _mm512_sub_epi32(pp_panel_isum(nt >= 4, w, x[t].q + b * PP_QB), _mm512_set1_epi32(x[t].c[b]));
-        const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(x[t].d[b]));
-        float *a = lane + t * 256;
-        _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, _mm512_load_ps(a)));
+    if (FAST) {
+        for (int t = 0; t < nt; t++) pp_panel_multi_tok(1, w, dw, x, t, b, lane);
+    } else {
+#pragma GCC unroll 1
+        for (int t = 0; t < nt; t++) pp_panel_multi_tok(0, w, dw, x, t, b, lane);
     }
 }
 
@@ -184,22 +193,23 @@ pp_panel_multi_block(const int Q8, const int nt, const uint8_t *W, const uint16_
  * several tokens a panel is compute-bound (~0.5 ms per 70 M multiply-adds per core) and the hardware
  * prefetcher alone did not keep DRAM busy meanwhile: a T = 8 FFN cost the sum of its compute and memory
  * times, not the larger of the two.
- * nt is a compile-time constant after inlining (pp_panel_multi_nt) so the token loop unrolls. */
+ * FAST (a constant): 4 .. 8 tokens, nt a compile-time constant too (pp_panel_multi_nt): the block loop
+ * rolled, the token loop unrolled, activations by shuffles (pp_panel_isum), 20% faster at T = 4 and 8
+ * from DRAM. Otherwise (1 .. 3 tokens, counted at run time): the block loop unrolled 16 times (lane
+ * constant) and broadcast loads, 15% faster at T = 2 and 3 than the FAST code. */
 static inline __attribute__((always_inline)) void
-pp_panel_multi_v(const int Q8, const int nt, const uint8_t *W, const uint16_t *S, const pp_xq *x, ptrdiff_t nb,
+pp_panel_multi_v(const int Q8, const int FAST, const int nt, const uint8_t *W, const uint16_t *S, const pp_xq *x, ptrdiff_t nb,
                  float *y, ptrdiff_t ldy, int m, const uint8_t *next, float *acc) {
     memset(acc, 0, (size_t)nt * 256 * sizeof(float));
-    if (nt <= 3) {          /* the block loop unrolled 16 times (lane constant), tokens counted at run
-                             * time, broadcast loads: 10% faster at T = 2 and 3 from DRAM than the rolled
-                             * loop, which is 20% faster at T = 4 */
+    if (!FAST) {
         for (ptrdiff_t g = 0; g < nb; g += 16) {
             const int n = nb - g < 16 ? (int)(nb - g) : 16;
 #pragma GCC unroll 16
             for (int l = 0; l < 16; l++)
-                if (l < n) pp_panel_multi_block(Q8, nt, W, S, x, g + l, acc + l * 16, next);
+                if (l < n) pp_panel_multi_block(Q8, 0, nt, W, S, x, g + l, acc + l * 16, next);
         }
     } else {
-        for (ptrdiff_t b = 0; b < nb; b++) pp_panel_multi_block(Q8, nt, W, S, x, b, acc + (b % 16) * 16, next);
+        for (ptrdiff_t b = 0; b < nb; b++) pp_panel_multi_block(Q8, 1, nt, W, S, x, b, acc + (b % 16) * 16, next);
     }
     for (int t = 0; t < nt; t++) {
         __m512 a[16];
@@ -209,11 +219,11 @@ pp_panel_multi_v(const int Q8, const int nt, const uint8_t *W, const uint16_t *S
 }
 
 /* pp_panel_multi_v for nt = 4 .. PP_TB with nt and Q8 as constants, one unrolled copy per token count
- * (independent dot chains of several tokens interleave; 5% at T = 4 and 8); fewer tokens share one copy
- * that counts them at run time (as fast there). */
-#define PP_MULTI_CASE(Q8, NT) case NT: pp_panel_multi_v(Q8, NT, W, S, x, nb, y, ldy, m, next, acc); break;
+ * (independent dot chains of several tokens interleave; 5% at T = 4 and 8). Fewer tokens run inline
+ * in pp_gemm_panels with the count at run time: a call out to this function cost 15% there. */
+#define PP_MULTI_CASE(Q8, NT) case NT: pp_panel_multi_v(Q8, 1, NT, W, S, x, nb, y, ldy, m, next, acc); break;
 #define PP_MULTI_SWITCH(Q8) switch (nt) { PP_MULTI_CASE(Q8, 4) PP_MULTI_CASE(Q8, 5) PP_MULTI_CASE(Q8, 6) \
-    PP_MULTI_CASE(Q8, 7) PP_MULTI_CASE(Q8, 8) default: pp_panel_multi_v(Q8, nt, W, S, x, nb, y, ldy, m, next, acc); }
+    PP_MULTI_CASE(Q8, 7) default: pp_panel_multi_v(Q8, 1, 8, W, S, x, nb, y, ldy, m, next, acc); }
 static PP_NOINLINE void pp_panel_multi_nt(int fmt, int nt, const uint8_t *W, const uint16_t *S, const pp_xq *x,
                                           ptrdiff_t nb, float *y, ptrdiff_t ldy, int m, const uint8_t *next,
                                           float *acc) {
@@ -240,7 +250,9 @@ static inline void pp_gemm_panels(int fmt, int isa, const uint8_t *data, const u
                 const int nt = (int)(T - t0 < PP_TB ? T - t0 : PP_TB);
                 float *yt = y + t0 * N + p * PP_PANEL;
                 const uint8_t *nx = t0 == 0 ? next : NULL;
-                pp_panel_multi_nt(fmt, nt, W, S, x + t0, nb, yt, N, m, nx, acc);
+                if (nt >= 4) pp_panel_multi_nt(fmt, nt, W, S, x + t0, nb, yt, N, m, nx, acc);
+                else if (fmt == PP_Q8) pp_panel_multi_v(1, 0, nt, W, S, x + t0, nb, yt, N, m, nx, acc);
+                else pp_panel_multi_v(0, 0, nt, W, S, x + t0, nb, yt, N, m, nx, acc);
             }
             continue;
         }

@@ -187,6 +187,9 @@ class HybridOps:
         side = self._side_of(weight)
         return self._ops(side).linear(self._to(side, x), weight, bias)
 
+    def linear_many(self, x, weights, biases) -> list:
+        return [self.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
+
     def embed(self, table, ids):
         return self._ops(self._side_of(table)).embed(table, ids)
 
