@@ -199,6 +199,17 @@ def pct(xs, q):
     return xs[i]
 
 
+def memory_gbs(threads: int) -> float | None:
+    """Memory read bandwidth now (pipower.benchmark.read_gbs), or None without pipower's kernels. This VM
+    kind switches between ~45 and ~80 GB/s: at the slower speed a decode step is more memory-bound, so
+    batching gains more and the ratios to one client are higher; the table says which it was."""
+    try:
+        from pipower.benchmark import read_gbs
+        return read_gbs(threads)
+    except Exception:                              # no pipower importable here (--url), no kernels
+        return None
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -277,6 +288,7 @@ def main(argv=None) -> int:
 
     if os.path.exists(args.model):                 # the server runs in another folder
         args.model = os.path.abspath(args.model)
+    gbs_start = memory_gbs(args.threads)
     server = None if args.url else Server(args.model, args.threads, args.weights, args.max_batch, args.server_arg)
     url = args.url or server.url
     rc = 0
@@ -296,6 +308,7 @@ def main(argv=None) -> int:
             rounds.append(got)
     finally:
         stopped = server.stop() if server else 0
+    gbs_end = memory_gbs(args.threads)
     rows = summarize(rounds, levels)
     if any(r["errors"] for r in rows) or stopped != 0:
         rc = 1
@@ -304,12 +317,14 @@ def main(argv=None) -> int:
             "threads": args.threads, "weights": args.weights, "max_batch": args.max_batch,
             "requests_per_client": args.requests, "max_tokens": args.max_tokens, "rounds": args.rounds,
             "cpu": cpu_model(), "cores": os.cpu_count(), "loadavg_end": load, "commit": git_commit(),
-            "server": server.banner if server else args.url, "server_exit": stopped}
+            "server": server.banner if server else args.url, "server_exit": stopped,
+            "memory_gbs": [gbs_start, gbs_end]}
     md = "\n".join([
         f"# pipower serve benchmark ({meta['date']})", "",
         f"- model {args.model}; server: {meta['server']}",
         f"- CPU: {meta['cpu']}, {meta['cores']} cores; load average at the end: "
-        + (", ".join(f"{x:.2f}" for x in load) if load else "n/a"),
+        + (", ".join(f"{x:.2f}" for x in load) if load else "n/a") + "; memory read "
+        + " / ".join("n/a" if g is None else f"{g:.1f}" for g in (gbs_start, gbs_end)) + " GB/s (start / end)",
         f"- each client sends {args.requests} streaming /v1/completions requests in a row (greedy, max_tokens "
         f"{args.max_tokens}, {len(PROMPTS)} code prompts of ~20-30 tokens); {args.rounds} rounds, medians; "
         f"pipower commit {meta['commit']}", "",

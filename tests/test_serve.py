@@ -476,3 +476,30 @@ def test_real_model_concurrent_chats_equal_solo(tmp_path):
         assert solo[0] == m.chat([{"role": "user", "content": questions[0]}], max_tokens=40, temperature=0)
     finally:
         assert s.stop() == 0, s.log
+
+
+def test_one_loop_wake_up_sets_every_event_of_a_step():
+    """The engine thread delivers a batched step's tokens to several requests; their events are set by
+    one wake-up of the event loop (pipower.serve.app._LoopWaker), and later ones get a wake-up again."""
+    import asyncio
+
+    from pipower.serve.app import _LoopWaker
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        waker = _LoopWaker(loop)
+        calls = []
+        real = loop.call_soon_threadsafe
+
+        def counting(*args):
+            calls.append(args)
+            return real(*args)
+        loop.call_soon_threadsafe = counting
+        for step in range(2):
+            events = [asyncio.Event() for _ in range(4)]
+            engine = threading.Thread(target=lambda: [waker.set_soon(e) for e in events])
+            engine.start()
+            engine.join()
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in events)), 10)
+            assert len(calls) == step + 1
+    asyncio.run(main())

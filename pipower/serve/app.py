@@ -29,6 +29,7 @@ import hmac
 import json
 import logging
 import queue
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -272,18 +273,44 @@ def _chat_ids(model, body: dict) -> list[int]:
 
 
 # ---- generation --------------------------------------------------------------------------------------
+class _LoopWaker:
+    """Sets asyncio Events of one event loop from the engine thread, one loop wake-up for all the events
+    set before the loop gets to them: a batched step delivers a token to every running request at once,
+    and one call_soon_threadsafe per request (a write to the loop's self-pipe each) was the engine
+    thread's largest cost outside the forward with 4 clients (py-spy: 2.5% of its time)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self.loop = loop
+        self._lock = threading.Lock()
+        self._pending: list[asyncio.Event] = []
+
+    def set_soon(self, event: asyncio.Event) -> None:        # engine thread
+        with self._lock:
+            self._pending.append(event)
+            if len(self._pending) > 1:                       # a wake-up is already on its way
+                return
+        try:
+            self.loop.call_soon_threadsafe(self._fire)
+        except RuntimeError:                                 # the loop is gone (server stopped)
+            pass
+
+    def _fire(self) -> None:                                 # event loop
+        with self._lock:
+            events, self._pending = self._pending, []
+        for e in events:
+            e.set()
+
+
+
 class _Generation:
     """One request's tokens, turned into text pieces on the event loop."""
 
-    def __init__(self, engine: BatchEngine, model, ids: list[int], p: GenParams, chat: bool, retry_after_s: int = 1):
-        loop = asyncio.get_running_loop()
+    def __init__(self, engine: BatchEngine, model, ids: list[int], p: GenParams, chat: bool, waker: _LoopWaker,
+                 retry_after_s: int = 1):
         self.wake = asyncio.Event()
 
         def listener():                           # engine thread -> event loop
-            try:
-                loop.call_soon_threadsafe(self.wake.set)
-            except RuntimeError:                  # the loop is gone (server stopped): nobody is waiting
-                pass
+            waker.set_soon(self.wake)
         self.text = StopTextStream(model.tokenizer.stream_decoder(strip_first_space=chat), p.stop)
         self.tokens = 0
         self.started = time.monotonic()
@@ -392,6 +419,15 @@ def create_app(model, engine: BatchEngine, settings: ServerSettings) -> Starlett
     """The ASGI app serving `model` (a pipower.Model, for its tokenizer and stop ids) through `engine`
     (started at startup, closed at shutdown)."""
     created = int(time.time())
+    wakers: dict = {}                             # the serving event loop -> its _LoopWaker
+
+    def loop_waker() -> _LoopWaker:
+        loop = asyncio.get_running_loop()
+        waker = wakers.get(loop)
+        if waker is None:
+            wakers.clear()                        # another loop (an app served twice, in tests): done
+            waker = wakers[loop] = _LoopWaker(loop)
+        return waker
 
     def authorize(request: Request) -> None:
         if not settings.api_key:
@@ -442,7 +478,7 @@ def create_app(model, engine: BatchEngine, settings: ServerSettings) -> Starlett
             ids = await asyncio.to_thread(tokenize, model, body)
         else:
             ids = tokenize(model, body)
-        gen = _Generation(engine, model, ids, p, chat, settings.retry_after_s)
+        gen = _Generation(engine, model, ids, p, chat, loop_waker(), settings.retry_after_s)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         now = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
