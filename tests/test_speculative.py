@@ -297,13 +297,23 @@ def test_draft_length_and_the_verify_cost_estimate():
     # drafting that costs time shortens drafts, and stops them when it eats the gain
     assert draft_length(0.9, 16, cost=0.1, draft_cost=0.4) < draft_length(0.9, 16, cost=0.1)
     assert draft_length(0.6, 16, cost=0.1, draft_cost=0.6) == 0
+    # the verify cost curve, in steps: the prior's line until a step and a longer forward are timed
     c = VerifyCost(prior=0.35)
-    assert c.ratio == 0.35
+    assert c.forward_steps(0) == 1.0 and abs(c.forward_steps(4) - 2.4) < 1e-9
     c.add(4, 0.5)                          # no one-token forward measured yet: still the prior
-    assert c.ratio == 0.35
+    assert abs(c.forward_steps(3) - 2.05) < 1e-9
     c.add(1, 0.1)
-    c.add(5, 0.18)                         # 4 extra tokens for 0.08 s over a 0.1 s step
-    assert abs(c.ratio - 0.2) < 1e-9
+    c.add(5, 0.18)                         # T = 4: 5 steps (measured), T = 5: 1.8 steps
+    assert abs(c.forward_steps(3) - 5.0) < 1e-9 and abs(c.forward_steps(4) - 1.8) < 1e-9
+    c = VerifyCost()
+    c.add(1, 0.1)
+    c.add(2, 0.12)
+    c.add(9, 0.15)                         # concave: the first extra token costs most
+    assert abs(c.forward_steps(1) - 1.2) < 1e-9 and abs(c.forward_steps(8) - 1.5) < 1e-9
+    assert abs(c.forward_steps(4) - (1.2 + 0.3 * 3 / 7)) < 1e-9                    # interpolated
+    assert abs(c.forward_steps(12) - (1.5 + 0.5 / 8 * 4)) < 1e-9                   # extrapolated
+    # with that curve, long drafts are nearly free: drafted longer than the line through T = 2 allows
+    assert draft_length(0.7, 16, cost=c.forward_steps) > draft_length(0.7, 16, cost=0.2)
 
 
 class _TimedDrafter:
@@ -356,3 +366,17 @@ def test_speculative_decoding_needs_a_batch_invariant_verifier(caplog):
     with caplog.at_level("WARNING", logger="pipower"):
         check_verifier(NumpyOps())
     assert "NumPy reference" in caplog.text
+
+
+@needs_ext
+def test_the_verify_cost_curve_is_calibrated_once_per_model_and_changes_no_output():
+    from pipower.speculative import CALIBRATION_TOKENS, calibrate_verify_cost, verify_cost_for
+    t = transformer()
+    ids = prompts(1)[0]
+    before = t.forward(ids, t.new_cache(64), last_only=False)
+    cost = calibrate_verify_cost(t, repeats=1)
+    assert cost.step > 0 and set(cost.seconds) == set(CALIBRATION_TOKENS)
+    assert all(cost.forward_steps(T - 1) >= 1.0 for T in CALIBRATION_TOKENS)
+    np.testing.assert_array_equal(t.forward(ids, t.new_cache(64), last_only=False), before)   # scratch cache
+    shared = verify_cost_for(t)
+    assert verify_cost_for(t) is shared and verify_cost_for(transformer()) is not shared
