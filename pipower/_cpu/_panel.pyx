@@ -20,7 +20,6 @@ cnp.import_array()
 
 cdef extern from "_panel_impl.h" nogil:
     int PP_Q8, PP_Q4
-    int pp_fast_min
     void pp_gemm_panels(int fmt, int isa, const uint8_t *data, const uint16_t *scales, Py_ssize_t nb,
                         Py_ssize_t N, const pp_xq *x, Py_ssize_t T, float *y, Py_ssize_t p0, Py_ssize_t p1)
 
@@ -93,8 +92,3 @@ def gemm_panels(fmt, data, scales, Py_ssize_t n_rows, x, out=None, n_threads=1, 
             if lo < hi:
                 pp_gemm_panels(code, sd, dp, sp, nb, n_rows, rows, T, yp, lo, hi)
     return out
-
-
-def _set_fast_min(int n):
-    global pp_fast_min
-    pp_fast_min = n

@@ -29,7 +29,6 @@
 #include "_int8_impl.h"
 
 #define PP_PANEL 16   /* rows per panel */
-static int pp_fast_min = 4;
 
 static inline ptrdiff_t pp_panel_block_bytes(int fmt) { return fmt == PP_Q8 ? 512 : 256; }   /* 16 rows x 32 */
 
@@ -223,7 +222,7 @@ pp_panel_multi_v(const int Q8, const int FAST, const int nt, const uint8_t *W, c
  * (independent dot chains of several tokens interleave; 5% at T = 4 and 8). Fewer tokens run inline
  * in pp_gemm_panels with the count at run time: a call out to this function cost 15% there. */
 #define PP_MULTI_CASE(Q8, NT) case NT: pp_panel_multi_v(Q8, 1, NT, W, S, x, nb, y, ldy, m, next, acc); break;
-#define PP_MULTI_SWITCH(Q8) switch (nt) { PP_MULTI_CASE(Q8, 2) PP_MULTI_CASE(Q8, 3) PP_MULTI_CASE(Q8, 4) PP_MULTI_CASE(Q8, 5) PP_MULTI_CASE(Q8, 6) \
+#define PP_MULTI_SWITCH(Q8) switch (nt) { PP_MULTI_CASE(Q8, 4) PP_MULTI_CASE(Q8, 5) PP_MULTI_CASE(Q8, 6) \
     PP_MULTI_CASE(Q8, 7) default: pp_panel_multi_v(Q8, 1, 8, W, S, x, nb, y, ldy, m, next, acc); }
 static PP_NOINLINE void pp_panel_multi_nt(int fmt, int nt, const uint8_t *W, const uint16_t *S, const pp_xq *x,
                                           ptrdiff_t nb, float *y, ptrdiff_t ldy, int m, const uint8_t *next,
@@ -251,7 +250,7 @@ static inline void pp_gemm_panels(int fmt, int isa, const uint8_t *data, const u
                 const int nt = (int)(T - t0 < PP_TB ? T - t0 : PP_TB);
                 float *yt = y + t0 * N + p * PP_PANEL;
                 const uint8_t *nx = t0 == 0 ? next : NULL;
-                if (nt >= pp_fast_min) pp_panel_multi_nt(fmt, nt, W, S, x + t0, nb, yt, N, m, nx, acc);
+                if (nt >= 4) pp_panel_multi_nt(fmt, nt, W, S, x + t0, nb, yt, N, m, nx, acc);
                 else if (fmt == PP_Q8) pp_panel_multi_v(1, 0, nt, W, S, x + t0, nb, yt, N, m, nx, acc);
                 else pp_panel_multi_v(0, 0, nt, W, S, x + t0, nb, yt, N, m, nx, acc);
             }
