@@ -184,3 +184,21 @@ def test_humaneval_draft_summary_leaves_out_problems_where_the_anchor_raised():
     assert s["llama plain"]["problems"] == 1 and s["llama plain"]["seconds"] == 2.0
     assert s["llama plain"]["vs_pipower_plain"] == 2.0 and s["llama plain"]["failed"] == 0
     assert s["llama lookup"]["failed"] == 1 and s["llama lookup"]["vs_llama_plain"] == 1.0
+
+
+def test_draft_replay_models_lookup_on_a_stored_token_stream():
+    from pipower.speculative import LookupDrafter
+    replay = load_script("draft_replay")
+    steps = replay.cost_curve("2:1.2,8:1.4")
+    assert steps(1) == 1.0 and steps(2) == 1.2 and abs(steps(5) - 1.3) < 1e-9
+    assert abs(steps(14) - (1.4 + 0.4 / 7 * 6)) < 1e-9                         # past the last point: its line
+    pattern = list(range(100, 120))
+    tokens = pattern * 6                                                         # repeats: lookup finds them
+    for price in (replay.LinePrice(), replay.calibrated(steps)):
+        spent, plain, drafted, accepted, forwards = replay.replay(pattern[:5], tokens, LookupDrafter(8), price,
+                                                                  steps, 384)
+        assert plain == len(tokens) - 1 and 0 < accepted <= drafted
+        assert forwards < plain / 2 and spent < plain / 2
+    unique = list(range(200, 260))                                               # nothing to look up
+    assert replay.replay([1, 2, 3], unique, LookupDrafter(8), replay.LinePrice(), steps, 384) == \
+        (len(unique) - 1, len(unique) - 1, 0, 0, len(unique) - 1)
