@@ -88,15 +88,21 @@ def unpack(p: Panels) -> QMatrix:
     return rows(p)
 
 
+def _stackable(ms) -> bool:
+    """Matrices (QMatrix or Panels) that can lie back to back as one: two or more, the same q4 / q8
+    format and K, every one but the last a whole number of panels."""
+    m0 = ms[0]
+    return (len(ms) >= 2 and m0.fmt in FORMATS and all(m.fmt == m0.fmt and m.shape[1] == m0.shape[1] for m in ms)
+            and not any(m.shape[0] % PANEL for m in ms[:-1]))
+
+
 def pack_adjacent(ms: list) -> list:
     """QMatrix list (q4 / q8) -> one Panels each, laid out back to back in one allocation when they can
-    be (same format and K, every matrix but the last a whole number of panels) so that joined() sees one
-    matrix: projections of one input (q, k, v; gate, up) then run as one kernel call over their rows,
-    with the same bits per row. Otherwise each is packed on its own."""
-    m0 = ms[0]
-    if (len(ms) < 2 or any(not isinstance(m, QMatrix) or m.fmt != m0.fmt or m.shape[1] != m0.shape[1]
-                           for m in ms) or m0.fmt not in FORMATS or any(m.shape[0] % PANEL for m in ms[:-1])):
+    be (_stackable) so that joined() sees one matrix: projections of one input (q, k, v) then run as one
+    kernel call over their rows, with the same bits per row. Otherwise each is packed on its own."""
+    if not all(isinstance(m, QMatrix) for m in ms) or not _stackable(ms):
         return [pack(m) for m in ms]
+    m0 = ms[0]
     whole = pack(QMatrix(m0.fmt, (sum(m.shape[0] for m in ms), m0.shape[1]),
                          np.concatenate([m.data for m in ms]), np.concatenate([m.scales for m in ms])))
     out, p0 = [], 0
@@ -130,10 +136,9 @@ def _span(arrays: list):
 def joined(ps) -> Panels | None:
     """Panels that lie back to back in memory (pack_adjacent, or a prepared-model cache that kept them
     so) as one Panels of all their rows, in order; None if they do not."""
-    p0 = ps[0]
-    if (len(ps) < 2 or any(type(p) is not Panels or p.fmt != p0.fmt or p.shape[1] != p0.shape[1] for p in ps)
-            or any(p.shape[0] % PANEL for p in ps[:-1])):
+    if not all(type(p) is Panels for p in ps) or not _stackable(ps):
         return None
+    p0 = ps[0]
     data, scales = _span([p.data for p in ps]), _span([p.scales for p in ps])
     if data is None or scales is None:
         return None

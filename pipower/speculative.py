@@ -61,8 +61,10 @@ class VerifyCost:
         self.prior, self.weight = prior, weight
         self.step = None                     # seconds of a one-token forward
         self.seconds: dict[int, float] = {}  # T >= 2 -> seconds of a T-token forward
+        self._curve: list[float] | None = None   # forward_steps(0 .. MAX_DRAFT), until the next add
 
     def add(self, tokens: int, seconds: float) -> None:
+        self._curve = None
         if tokens == 1:
             self.step = seconds if self.step is None else self.step + self.weight * (seconds - self.step)
         elif tokens > 1:
@@ -72,22 +74,35 @@ class VerifyCost:
     def forward_steps(self, drafts: int) -> float:
         """What verifying `drafts` tokens costs: a forward over drafts + 1 tokens, in steps. Measured
         sizes as measured; between two, interpolated; past the largest, its line from one step (the
-        mean extra cost per token so far); none measured (or no step yet): 1 + prior * drafts."""
-        T = drafts + 1
-        if T <= 1:
-            return 1.0
-        if self.step is None or self.step <= 0 or not self.seconds:
-            return 1.0 + self.prior * drafts
-        known = {n: max(1.0, s / self.step) for n, s in self.seconds.items()}
-        if T in known:
-            return known[T]
-        below = max((n for n in known if n < T), default=1)
-        above = min((n for n in known if n > T), default=None)
-        c_below = known.get(below, 1.0)
-        if above is None:
-            return c_below + (c_below - 1.0) / max(below - 1, 1) * (T - below)
-        return c_below + (known[above] - c_below) * (T - below) / (above - below)
+        mean extra cost per token so far); none measured (or no step yet): 1 + prior * drafts.
+        draft_plan asks for every length each round: the curve is worked out once per measurement."""
+        if not 0 <= drafts <= MAX_DRAFT:
+            return self._steps([drafts + 1])[0]
+        if self._curve is None:
+            self._curve = self._steps(range(1, MAX_DRAFT + 2))
+        return self._curve[drafts]
 
+    def _steps(self, sizes) -> list[float]:
+        """The cost in steps of a forward over each of `sizes` tokens (forward_steps' rules)."""
+        if self.step is None or self.step <= 0 or not self.seconds:
+            return [1.0 + self.prior * max(T - 1, 0) for T in sizes]
+        known = {n: max(1.0, s / self.step) for n, s in self.seconds.items()}
+        out = []
+        for T in sizes:
+            if T <= 1:
+                out.append(1.0)
+                continue
+            if T in known:
+                out.append(known[T])
+                continue
+            below = max((n for n in known if n < T), default=1)
+            above = min((n for n in known if n > T), default=None)
+            c_below = known.get(below, 1.0)
+            if above is None:
+                out.append(c_below + (c_below - 1.0) / max(below - 1, 1) * (T - below))
+            else:
+                out.append(c_below + (known[above] - c_below) * (T - below) / (above - below))
+        return out
 
 
 # The verify cost curve of each transformer this process has drafted for: measured once before its first

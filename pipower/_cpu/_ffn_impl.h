@@ -192,6 +192,11 @@ static inline void pp_ffn_chunk(const pp_ffn_args *a, ptrdiff_t j0, ptrdiff_t j1
     }
 }
 
+/* The threshold test: a neuron whose gate dot (up dot for a plain MLP) is g is kept iff |act(g)| > tau. */
+static inline unsigned char pp_ffn_keeps(const pp_ffn_args *a, float tau, float g) {
+    return fabsf(pp_act(a->act, g)) > tau;
+}
+
 /* The fused threshold FFN's first pass (one token): for neurons [i0, i1), pre[i] = gate_i . x (up_i . x
  * for a plain MLP) and on[i] = |act(pre[i])| > tau: the gate rows stream at dense speed, and the chunks
  * then run over the neurons that are on, reading only their up and down rows (pp_ffn_chunk with a->pre).
@@ -207,7 +212,7 @@ static inline void pp_ffn_gate_pass(const pp_ffn_args *a, float tau, ptrdiff_t i
             if (ws) PP_PREFETCH(ws + (i + PP_FFN_PREFETCH_AHEAD) * a->ss);
         }
         pp_ffn_dots(a, w + i * a->rs, ws ? ws + i * a->ss : NULL, 1, pre + i);
-        on[i] = fabsf(pp_act(a->act, pre[i])) > tau;
+        on[i] = pp_ffn_keeps(a, tau, pre[i]);
     }
 }
 
@@ -215,7 +220,7 @@ static inline void pp_ffn_gate_pass(const pp_ffn_args *a, float tau, ptrdiff_t i
  * integer dots are bitwise these kernels'): on[i] = |act(pre[i])| > tau, pp_ffn_gate_pass's test. */
 static inline void pp_ffn_select(const pp_ffn_args *a, float tau, ptrdiff_t F, const float *pre,
                                  unsigned char *on) {
-    for (ptrdiff_t i = 0; i < F; i++) on[i] = fabsf(pp_act(a->act, pre[i])) > tau;
+    for (ptrdiff_t i = 0; i < F; i++) on[i] = pp_ffn_keeps(a, tau, pre[i]);
 }
 
 /* out[k] = sum_{c < C} part[c][k] for k in [k0, k1), c in increasing order. part: [C, D]. */

@@ -85,9 +85,10 @@ static inline __m512i pp_bcst4(const int8_t *p) {   /* 4 activation bytes to eve
 /* Exact block sums of the 16 rows against one token's block xb (still biased by c): 8 dots, two chains.
  * Dot c needs activation bytes 4c .. 4c+3 in every 32-bit lane. SHUF = 0: 8 broadcast loads. SHUF = 1:
  * each 16-byte half of xb loaded once into all four 128-bit lanes and vpshufd picks the dword, 2 loads
- * and 8 in-lane shuffles: with 3 or more tokens per block the broadcasts kept the load ports busy (q8
+ * and 8 in-lane shuffles: with 4 or more tokens per block the broadcasts kept the load ports busy (q8
  * 4864x896 from L3, one Zen 5 core: 2.4 -> 2.1 ns per block and token at T = 8, 2.9 -> 2.6 at T = 4),
- * while with 1 or 2 tokens, streaming from DRAM, the shuffles' longer path to the first dot cost 5-14%. */
+ * while with 1 or 2 tokens, streaming from DRAM, the shuffles' longer path to the first dot cost 5-14%
+ * (at 3, within noise either way). */
 static inline __attribute__((always_inline)) __m512i pp_panel_isum(const int SHUF, const __m512i w[8],
                                                                   const int8_t *xb) {
     __m512i s0, s1;
@@ -166,7 +167,7 @@ pp_panel_multi_tok(const int SHUF, const __m512i w[8], __m512 dw, const pp_xq *x
 
 /* Block b of one panel against nt tokens, added to lane b % 16 of each token's accumulators (lane =
  * acc + (b % 16) * 16). FAST: nt is a constant and the token loop unrolls; otherwise the loop stays
- * rolled (GCC peeled it into 1..3 copies with branches once it knew nt <= 3: 15% slower at T = 2, 3). */
+ * rolled (GCC peeled it into 1..3 copies with branches once it knew nt <= 3: 10-15% slower at T = 2, 3). */
 static inline __attribute__((always_inline)) void
 pp_panel_multi_block(const int Q8, const int FAST, const int nt, const uint8_t *W, const uint16_t *S,
                      const pp_xq *x, ptrdiff_t b, float *lane, const uint8_t *next) {
@@ -196,7 +197,8 @@ pp_panel_multi_block(const int Q8, const int FAST, const int nt, const uint8_t *
  * FAST (a constant): 4 .. 8 tokens, nt a compile-time constant too (pp_panel_multi_nt): the block loop
  * rolled, the token loop unrolled, activations by shuffles (pp_panel_isum), 20% faster at T = 4 and 8
  * from DRAM. Otherwise (1 .. 3 tokens, counted at run time): the block loop unrolled 16 times (lane
- * constant) and broadcast loads, 15% faster at T = 2 and 3 than the FAST code. */
+ * constant) and broadcast loads, 14% faster at T = 2 than the FAST code (one thread from DRAM; at T = 3
+ * the two measured within +-8%, either way depending on the measure). */
 static inline __attribute__((always_inline)) void
 pp_panel_multi_v(const int Q8, const int FAST, const int nt, const uint8_t *W, const uint16_t *S, const pp_xq *x, ptrdiff_t nb,
                  float *y, ptrdiff_t ldy, int m, const uint8_t *next, float *acc) {
@@ -220,7 +222,7 @@ pp_panel_multi_v(const int Q8, const int FAST, const int nt, const uint8_t *W, c
 
 /* pp_panel_multi_v for nt = 4 .. PP_TB with nt and Q8 as constants, one unrolled copy per token count
  * (independent dot chains of several tokens interleave; 5% at T = 4 and 8). Fewer tokens run inline
- * in pp_gemm_panels with the count at run time: a call out to this function cost 15% there. */
+ * in pp_gemm_panels on pp_panel_multi_v's run-time-count code (FAST = 0). */
 #define PP_MULTI_CASE(Q8, NT) case NT: pp_panel_multi_v(Q8, 1, NT, W, S, x, nb, y, ldy, m, next, acc); break;
 #define PP_MULTI_SWITCH(Q8) switch (nt) { PP_MULTI_CASE(Q8, 4) PP_MULTI_CASE(Q8, 5) PP_MULTI_CASE(Q8, 6) \
     PP_MULTI_CASE(Q8, 7) default: pp_panel_multi_v(Q8, 1, 8, W, S, x, nb, y, ldy, m, next, acc); }

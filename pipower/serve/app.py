@@ -301,7 +301,6 @@ class _LoopWaker:
             e.set()
 
 
-
 class _Generation:
     """One request's tokens, turned into text pieces on the event loop."""
 
@@ -419,15 +418,13 @@ def create_app(model, engine: BatchEngine, settings: ServerSettings) -> Starlett
     """The ASGI app serving `model` (a pipower.Model, for its tokenizer and stop ids) through `engine`
     (started at startup, closed at shutdown)."""
     created = int(time.time())
-    wakers: dict = {}                             # the serving event loop -> its _LoopWaker
+    waker: list[_LoopWaker | None] = [None]       # the serving event loop's
 
     def loop_waker() -> _LoopWaker:
         loop = asyncio.get_running_loop()
-        waker = wakers.get(loop)
-        if waker is None:
-            wakers.clear()                        # another loop (an app served twice, in tests): done
-            waker = wakers[loop] = _LoopWaker(loop)
-        return waker
+        if waker[0] is None or waker[0].loop is not loop:    # first request, or an app served again
+            waker[0] = _LoopWaker(loop)
+        return waker[0]
 
     def authorize(request: Request) -> None:
         if not settings.api_key:
