@@ -34,7 +34,7 @@ def head_rows(w, ids: np.ndarray, pack: bool):
     if isinstance(w, (QMatrix, np.ndarray)):
         return take_rows(w, ids)
     raise InvalidArgumentError(f"a draft vocabulary needs the output head in host memory, got "
-                               f"{type(w).__name__} (speculative decoding runs on the CPU engine)")
+                               f"{type(w).__name__} (a draft vocabulary runs on the CPU engine)")
 
 
 class DraftVocab:

@@ -130,6 +130,9 @@ class NumpyOps:
     native_formats: tuple = ("f32",)
     # ffn() takes a Threshold as idx (the selection made inside the FFN for one token)
     fused_threshold: bool = True
+    # Row t of a forward over up to 64 tokens is bitwise what a one-token forward computes for it (what
+    # speculative verification and batched serving need). BLAS rounds a batch its own way: not here.
+    batch_invariant: bool = False
     # How the FFN matrices of a prepared model sit in memory: "separate" (three matrices) or "bundled"
     # (pipower.arena's neuron bundles, laid out by prepare(); hybrid engines bundle the cold rows too).
     ffn_layout: str = "separate"

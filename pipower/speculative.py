@@ -555,17 +555,19 @@ def _looks_like_tau(arg: str) -> bool:
 
 
 def check_verifier(ops) -> None:
-    """Speculative output equals plain output because the compiled CPU backend is batch invariant: refuse
-    the device engines (their batched kernels are not), warn on the NumPy reference (BLAS rounds a
-    batch differently from one token, so greedy text may differ in rare near-ties)."""
-    from .ops import NumpyOps
-    if not isinstance(ops, NumpyOps):
-        raise InvalidArgumentError("speculative decoding (draft=) runs on the CPU engine only: its "
-                                   "verification needs the compiled backend's batch invariance")
-    if getattr(ops, "name", "") == "numpy":
-        log.warning("speculative decoding on the NumPy reference backend: batched verification rounds "
-                    "differently from single steps, so greedy text can differ from plain decoding in rare "
-                    "near-ties (the compiled backend is bitwise batch invariant)")
+    """Speculative output equals plain output because the verifying forward is batch invariant (the
+    compiled CPU backend, the GPU's CupyOps, a hybrid engine of the two): warn on the NumPy reference
+    (BLAS rounds a batch differently from one token, so greedy text may differ in rare near-ties) and
+    refuse any other engine (a device stand-in over the NumPy reference)."""
+    if getattr(ops, "batch_invariant", False):
+        return
+    if getattr(ops, "name", "") != "numpy":
+        raise InvalidArgumentError(f"speculative decoding (draft=) needs a batch-invariant engine (the compiled "
+                                   f"CPU backend, a GPU, or a hybrid of the two); the {getattr(ops, 'name', '?')} "
+                                   f"engine is not: its verification could round differently from single steps")
+    log.warning("speculative decoding on the NumPy reference backend: batched verification rounds "
+                "differently from single steps, so greedy text can differ from plain decoding in rare "
+                "near-ties (the compiled backend is bitwise batch invariant)")
 
 
 def check_same_vocabulary(model, other) -> None:

@@ -29,9 +29,9 @@ from pipower.ops import ACT_CODES, ACTIVATIONS, NumpyOps, Threshold
 from pipower.quant import FORMATS, quantize
 
 RTOL = {"f32": 1e-5, "f16": 1e-4, "q8": 1e-4, "q4": 1e-4}
-SMALL_T = 4                  # CupyOps.SMALL_T: above it the device runs cuBLAS paths
-LONG_T = 70                  # above linear_ops.MAX_TOKENS (64): the CPU's prefill paths
-TOKENS = (1, 3, SMALL_T + 3, LONG_T)
+TILE_T = 11                  # two token tiles of the device kernels (TOK_TILE = 8)
+LONG_T = 70                  # above 64 tokens: the CPU's float prefill paths, the device's cuBLAS paths
+TOKENS = (1, 3, TILE_T, LONG_T)
 ACTS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 REF = {dot: NumpyOps(1, dot) for dot in ("float", "int8")}
 
@@ -107,7 +107,7 @@ def test_linear(backend, fmt, dot, T, bias):
 
 @pytest.mark.parametrize("fmt", ["f32", "f16"])
 @pytest.mark.parametrize("K", [33, 70])
-@pytest.mark.parametrize("T", [1, SMALL_T + 1])
+@pytest.mark.parametrize("T", [1, TILE_T])
 def test_linear_odd_k(backend, fmt, K, T):
     ops, r = backend.ops(fmt=fmt), rng(4)
     W, x = weight(r, (5, K), fmt), randn(r, T, K)

@@ -99,16 +99,16 @@ def test_emulator_catches_launch_mistakes(monkeypatch):
     k = emulator.get("gemv_q8")
     x, wq, wd = cp.zeros((1, 64)), cp.zeros((2, 64), np.int8), cp.zeros((2, 2), np.float16)
     y = cp.empty((1, 2))
-    k((1, 1), (256,), (x, wq, wd, y, np.int32(2), np.int32(64)))
+    k((1, 1), (256,), (x, wq, wd, y, np.int32(2), np.int32(64), np.int32(1)))
     assert (np.asarray(y) == 0).all()
     with pytest.raises(emulator.EmulationError, match="numpy.int32"):
-        k((1, 1), (256,), (x, wq, wd, y, 2, np.int32(64)))
+        k((1, 1), (256,), (x, wq, wd, y, 2, np.int32(64), np.int32(1)))
     with pytest.raises(emulator.EmulationError, match="float32 array"):
-        k((1, 1), (256,), (x, x, wd, y, np.int32(2), np.int32(64)))
+        k((1, 1), (256,), (x, x, wd, y, np.int32(2), np.int32(64), np.int32(1)))
     with pytest.raises(emulator.EmulationError, match="misaligned"):
-        k((1, 1), (256,), (cp.zeros((1, 65))[:, 1:], wq, wd, y, np.int32(2), np.int32(64)))
+        k((1, 1), (256,), (cp.zeros((1, 65))[:, 1:], wq, wd, y, np.int32(2), np.int32(64), np.int32(1)))
     with pytest.raises(emulator.EmulationError, match="outside"):
-        k((1, 1), (256,), (x, wq, wd, cp.empty((1, 1)), np.int32(2), np.int32(64)))
+        k((1, 1), (256,), (x, wq, wd, cp.empty((1, 1)), np.int32(2), np.int32(64), np.int32(1)))
 
 
 # -- kernels ------------------------------------------------------------------------------------------
@@ -123,6 +123,61 @@ def test_ffn_all_neurons_listed_equals_dense(ops, fmt, T):
     dense = ops.to_host(ops.ffn(x, *w, "silu"))
     listed = ops.to_host(ops.ffn(x, *w, "silu", ops.to_device(np.arange(F, dtype=np.int32))))
     np.testing.assert_array_equal(listed, dense)
+
+
+# -- batch invariance: row t of a T-token call is bitwise a one-token call on that row ---------------------
+T_BATCH = 11                 # two token tiles of the kernels (TOK_TILE = 8), the second one partial
+
+
+def assert_rows_batch_invariant(f, x, r):
+    """f(x)[t] == f(x[t:t+1]) bit for bit, and a row does not change when its neighbours do."""
+    whole = f(x)
+    np.testing.assert_array_equal(whole, np.concatenate([f(x[t:t + 1]) for t in range(len(x))]))
+    y = x.copy()
+    y[1:] = randn(r, len(x) - 1, *x.shape[1:])
+    np.testing.assert_array_equal(f(y)[0], whole[0])
+
+
+@pytest.mark.parametrize("fmt,K", [("f16", 96), ("f16", 33), ("q8", 96)])
+def test_linear_is_batch_invariant(ops, fmt, K):
+    r = rng(21)
+    W = ops.place(quantize(randn(r, 37, K, scale=0.3), fmt))
+    assert_rows_batch_invariant(lambda a: ops.to_host(ops.linear(ops.to_device(a), W)), randn(r, T_BATCH, K), r)
+
+
+@pytest.mark.parametrize("fmt", ["f16", "q8"])
+@pytest.mark.parametrize("act,gated", [("silu", True), ("relu", False)])
+@pytest.mark.parametrize("listed", [False, True])
+def test_ffn_is_batch_invariant(ops, fmt, act, gated, listed):
+    """Dense and an index list shared by the rows; relu zeros exercise the down kernel's per-token skips."""
+    r = rng(22)
+    F, D = 130, 96
+    g, u, d = (ops.place(m) for m in _ffn_weights(r, F, D, fmt))
+    idx = ops.to_device(np.sort(r.choice(F, 70, replace=False)).astype(np.int32)) if listed else None
+    assert_rows_batch_invariant(
+        lambda a: ops.to_host(ops.ffn(ops.to_device(a), g if gated else None, u, d, act, idx)), randn(r, T_BATCH, D), r)
+
+
+@pytest.mark.parametrize("window", [None, 70])
+def test_attention_rows_are_batch_invariant(ops, window):
+    """T query rows after start_pos cached tokens == each row decoded alone over its own prefix (GQA, head
+    dim not a multiple of 32, caches with spare capacity, long enough prefixes to split over keys), and
+    both agree with the reference."""
+    from pipower.ops import NumpyOps
+    r = rng(23)
+    H, Hkv, hd, start, cap = 4, 2, 40, 150, 200
+    S = start + T_BATCH
+    k_host, v_host = randn(r, Hkv, cap, hd), randn(r, Hkv, cap, hd)
+    k, v = ops.to_device(k_host), ops.to_device(v_host)
+    q_host = randn(r, T_BATCH, H, hd)
+    q = ops.to_device(q_host)
+    whole = ops.to_host(ops.attention(q, k[:, :S], v[:, :S], start, window))
+    for t in range(T_BATCH):
+        p = start + t
+        alone = ops.to_host(ops.attention(q[t:t + 1], k[:, :p + 1], v[:, :p + 1], p, window))
+        np.testing.assert_array_equal(whole[t:t + 1], alone, err_msg=f"row {t}")
+    want = NumpyOps().attention(q_host, k_host[:, :S], v_host[:, :S], start, window)
+    np.testing.assert_allclose(whole, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
 
 
 def test_ffn_device_argument_checks(ops):

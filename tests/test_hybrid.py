@@ -260,7 +260,8 @@ def test_device_backends_meet_the_device_contract(cupy_ops):
     methods = [n for n, v in vars(DeviceOps).items() if callable(v) and not n.startswith("_")]
     attributes = list(DeviceOps.__annotations__)
     assert {"place", "to_device", "to_host", "add_from_host", "ffn", "attention"} <= set(methods)
-    assert attributes == ["name", "native_formats", "limit_bytes", "transfers", "fused_threshold"]
+    assert attributes == ["name", "native_formats", "limit_bytes", "transfers", "fused_threshold",
+                          "batch_invariant"]
     for dev in (StandInDeviceOps(), cupy_ops(limit_bytes=1 << 20)):
         missing = [n for n in methods + attributes if not hasattr(dev, n)]
         assert not missing, (type(dev).__name__, missing)
@@ -416,3 +417,33 @@ def test_fused_threshold_on_the_scheduler_is_the_unfused_path_bitwise(cupy_ops, 
         np.testing.assert_array_equal(f[0], u[0], err_msg=plan.kind)
         assert f[1:5] == u[1:5], plan.kind
         assert 0 < f[1] < f[2]                       # the threshold skipped some neurons, not all
+
+
+# --- batch invariance on the device engines: what speculative verification relies on ---------------------
+
+def cython_transformer(weights="q8", cfg=None):
+    from pipower import _cpu
+    if not _cpu.AVAILABLE:
+        pytest.skip("compiled kernels not built")
+    from pipower.backend import make_ops
+    cfg = cfg or CFG
+    return Transformer(ModelConfig.from_dict(cfg), random_tensors(cfg), make_ops("cython", 2), weights=weights)
+
+
+@pytest.mark.parametrize("variant", ["qwen", "mistral-window"])
+def test_device_engines_forward_is_bitwise_single_steps(cupy_ops, variant):
+    """On CupyOps (all layers, or split with the cold rows on a CythonOps host), a forward over several new
+    tokens gives bitwise the logits of one decode step per token; the stand-in over the NumPy reference
+    does not promise it (BLAS)."""
+    cfg = CFG if variant == "qwen" else VARIANTS[variant]
+    new = np.array([8, 90, 14, 14, 61, 3, 27, 50, 11, 64])          # 10 tokens: two token tiles
+    for plan in (gpu_plan(3), split_plan(random_hot(3, 160, 0.4))):
+        t = make_hybrid(cython_transformer(cfg=cfg), plan, cupy_ops())
+        assert t.ops.batch_invariant, plan.kind
+        c1, c2 = t.new_cache(), t.new_cache()
+        t.forward(IDS, c1)
+        t.forward(IDS, c2)
+        batched = t.forward(new, c1)
+        steps = np.concatenate([t.forward(new[i:i + 1], c2) for i in range(len(new))])
+        np.testing.assert_array_equal(batched, steps, err_msg=plan.kind)
+    assert not make_hybrid(transformer("q8"), gpu_plan(3), StandInDeviceOps()).ops.batch_invariant

@@ -359,13 +359,50 @@ def test_a_model_drafter_is_priced_by_its_step_time_and_its_catch_up():
 
 
 def test_speculative_decoding_needs_a_batch_invariant_verifier(caplog):
+    from pipower.hybrid import HybridOps, StandInDeviceOps, gpu_plan
     from pipower.ops import NumpyOps
     from pipower.speculative import check_verifier
-    with pytest.raises(InvalidArgumentError, match="CPU engine"):
+    with pytest.raises(InvalidArgumentError, match="batch-invariant"):
         check_verifier(object())
+    with pytest.raises(InvalidArgumentError, match="hybrid engine is not"):      # a device over NumPy
+        check_verifier(HybridOps(StandInDeviceOps(), NumpyOps(), gpu_plan(2)))
     with caplog.at_level("WARNING", logger="pipower"):
         check_verifier(NumpyOps())
     assert "NumPy reference" in caplog.text
+
+
+@needs_ext
+@pytest.mark.slow
+def test_greedy_output_on_the_gpu_engine_is_its_plain_greedy_output(cupy_ops, monkeypatch):
+    """The GPU engine (CupyOps, kernels emulated on the CPU; all layers on the device, or split with the
+    cold rows on the CPU) verifies drafts with its batch-invariant kernels: speculative greedy text is
+    its own plain greedy text, with rejected drafts (lookup on these prompts) and all-accepted rounds
+    (the model drafting for itself). Emulated kernels cost ~T times more for T tokens, so the draft
+    policy would not draft: verification is priced by the prior here. Slow (~4 min): the emulator runs
+    every CUDA thread as a fiber; tests/test_hybrid.py checks the batched forward bitwise by default."""
+    from pipower import speculative
+    from pipower.hybrid import gpu_plan, make_hybrid
+    from pipower.hybrid.plan import ExecutionPlan
+    from pipower.speculative import VerifyCost, check_verifier
+    monkeypatch.setattr(speculative, "verify_cost_for", lambda transformer: VerifyCost())
+    monkeypatch.setattr(VerifyCost, "add", lambda self, tokens, seconds: None)
+    rng = np.random.default_rng(3)
+    hot = [np.sort(rng.choice(CFG["intermediate_size"], 60, replace=False)).astype(np.int32)
+           for _ in range(CFG["num_hidden_layers"])]
+    plans = (gpu_plan(CFG["num_hidden_layers"]), ExecutionPlan("hybrid", ["split"] * len(hot), "device", hot))
+    for plan in plans:
+        t = make_hybrid(transformer(), plan, cupy_ops())
+        check_verifier(t.ops)
+        counts = {"lookup": [0, 0], "self": [0, 0]}
+        for ids in prompts(3, seed=4):
+            want, _ = plain(t, ids, 16)
+            for name, drafter in (("lookup", LookupDrafter()), ("self", ModelDrafter(t, None, "self"))):
+                got, s = spec(t, ids, 16, drafter)
+                assert got == want, (plan.kind, name)
+                counts[name][0] += s.drafted
+                counts[name][1] += s.accepted
+        assert counts["lookup"][0] > counts["lookup"][1]                    # rejections rolled back
+        assert counts["self"][0] == counts["self"][1] > 0                   # multi-token acceptance
 
 
 @needs_ext

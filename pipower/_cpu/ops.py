@@ -26,6 +26,7 @@ else:
 
 class CythonOps(NumpyOps):
     name = "cython"
+    batch_invariant = True      # docs/BATCHING.md "Batch invariance"; tests/test_cpu_batch.py
 
     def __init__(self, n_threads: int = 1, dot: str = "float"):
         if not AVAILABLE:

@@ -23,3 +23,8 @@ __device__ __forceinline__ float fma_q8x4(char4 q, float d, float4 xv, float s) 
     s = fmaf((float)q.w * d, xv.w, s);
     return s;
 }
+
+// Tokens one warp carries through a weight row at once (batched kernels): each row is read once per
+// TOK_TILE tokens, every token with its own accumulator and the same fma chain as a single token, so a
+// token's result never depends on the other tokens of the launch (batch invariance).
+#define TOK_TILE 8

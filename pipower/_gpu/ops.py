@@ -7,20 +7,30 @@ pool) is DeviceMemory (pipower/_gpu/memory.py). Kernels compile on first use.
 
 What runs where (T = tokens in the call):
   rms_norm, activation, rope            kernels (rmsnorm.cu, ffn.cu, attention.cu), any T
-  linear   f16/q8, T <= SMALL_T         gemv kernel, weights dequantized on the fly
+  linear   f16/q8, T <= INVARIANT_T     gemv kernel: each weight row read once per 8 tokens, dequantized on
+                                        the fly, every token summed as a lone token would be
            otherwise                    NumpyOps.linear: cuBLAS over float32 row tiles (dequant_rows kernel
                                         as _rows, <= temp_bytes at a time; f32 weights as they are)
   embed                                 dequant_rows kernel (as _rows)
   ffn      Threshold (T = 1), f16/q8    ffn_threshold_hidden (every neuron's gate, up only for the kept
                                         ones), the kept ids compacted, then ffn_down over them
-           f16/q8, T <= SMALL_T         ffn_hidden (one warp per selected neuron) + ffn_down (parallel
-                                        over D, split over neurons, deterministic partial sums);
-                                        a bool [T, F] mask: all neurons' hidden values times the mask
-           f16/q8 T > SMALL_T, or f32   NumpyOps._ffn_chunked: row tiles, cuBLAS, act_f32
-  attention T == 1, S == start_pos + 1  attn_decode kernels (online softmax, split over keys)
-           otherwise (prefill)          NumpyOps.attention: cupy matmuls + causal / window mask, in query
+           f16/q8, T <= INVARIANT_T     ffn_hidden (one warp per selected neuron, 8 tokens per row read) +
+                                        ffn_down (parallel over D, split over neurons by their count only,
+                                        deterministic partial sums); a bool [T, F] mask: all neurons'
+                                        hidden values times the mask
+           f16/q8 T > INVARIANT_T, f32  NumpyOps._ffn_chunked: row tiles, cuBLAS, act_f32
+  attention T <= INVARIANT_T,           attn_decode kernels: each query row over its own prefix (online
+           S == start_pos + T           softmax, split over keys by the row's key count only)
+           otherwise (long prefill)     NumpyOps.attention: cupy matmuls + causal / window mask, in query
                                         chunks of temp_bytes of scores
 cuBLAS runs in plain float32 (CuPy uses TF32 only when CUPY_TF32=1 is set; do not set it).
+
+Batch invariance (`batch_invariant`, as the compiled CPU backend): up to INVARIANT_T tokens, row t of any
+op is bitwise what a one-token call computes for that row (same operation chains, splits chosen without
+looking at T), so a T-token forward gives bitwise the logits of T decode steps: what speculative
+verification and batched serving rely on. Dense FFNs and index lists shared by all rows keep it; a
+per-token bool mask sums over all neurons with the masked ones zero, and a prefill over more than
+INVARIANT_T tokens takes cuBLAS: neither is what a decode step computes.
 
 Checks happen before any launch: device arrays (InvalidArgumentError for host arrays), float32
 activations (made C-contiguous when they are not), shapes, formats, activation names, and neuron indices
@@ -39,11 +49,12 @@ from .memory import F32, DeviceMatrix, DeviceMemory, _cdiv
 I32 = np.int32
 I64 = np.int64
 
-SMALL_T = 4               # up to this many tokens, weight-streaming kernels (weights re-read per token)
+INVARIANT_T = 64          # up to this many tokens, the batch-invariant kernels (longer prefills: cuBLAS)
+TOK_TILE = 8              # tokens per weight-row read in gemv / ffn kernels (TOK_TILE of common.cuh)
 WARPS = 8                 # warps per block of the one-warp-per-row kernels (block = 256 threads)
 DOWN_THREADS = 128        # block of ffn_down (4 columns per thread)
 MIN_CHUNK = 32            # ffn_down: fewest neurons per split
-ATT_MIN_KEYS = 64         # attention decode: fewest keys per split
+ATT_MIN_KEYS = 64         # attention: fewest keys per split piece (ATT_MIN_KEYS of attention.cu)
 TEMP_BYTES = 64 << 20     # bound on the temporaries of one cuBLAS-path call (pipower.hybrid reserves it)
 
 
@@ -52,6 +63,7 @@ class CupyOps(DeviceMemory, NumpyOps):
 
     name = "cupy"
     fused_threshold = True           # ffn takes a Threshold (one token): ffn_threshold_hidden
+    batch_invariant = True           # up to INVARIANT_T tokens (module doc)
     temp_bytes = TEMP_BYTES // 3     # the chunked FFN holds three weight tiles at once
 
     def __init__(self, limit_bytes: int | None = None, device: int = 0, check_indices: bool = True):
@@ -171,15 +183,15 @@ class CupyOps(DeviceMemory, NumpyOps):
             W = self._weight(weight, "weight")
             b = None if bias is None else self._arr(bias, "bias", 1)
             (N, K), T = W.shape, x.shape[0]
-            if W.fmt == "f32" or not 0 < T <= SMALL_T or N == 0:
+            if W.fmt == "f32" or not 0 < T <= INVARIANT_T or N == 0:
                 return super().linear(x, W, b)                # cuBLAS over float32 row tiles
             check_linear(x, W, b)
             y = self.xp.empty((T, N), F32)
-            grid, block = (_cdiv(N, WARPS), T), (32 * WARPS,)
+            grid, block = (_cdiv(N, WARPS), _cdiv(T, TOK_TILE)), (32 * WARPS,)
             if W.fmt == "f16":
-                self._launch("gemv_f16", grid, block, (x, W.data, y, I32(N), I32(K)))
+                self._launch("gemv_f16", grid, block, (x, W.data, y, I32(N), I32(K), I32(T)))
             else:
-                self._launch("gemv_q8", grid, block, (x, W.data, W.scales, y, I32(N), I32(K)))
+                self._launch("gemv_q8", grid, block, (x, W.data, W.scales, y, I32(N), I32(K), I32(T)))
             if b is not None:
                 y += b
             return y
@@ -235,7 +247,7 @@ class CupyOps(DeviceMemory, NumpyOps):
             n = F if idx is None else int(idx.size)
             if T == 0 or n == 0 or D == 0:
                 return cp.zeros((T, D), F32)
-            if up.fmt == "f32" or T > SMALL_T:
+            if up.fmt == "f32" or T > INVARIANT_T:
                 return self._ffn_chunked(x, gate, up, down, act, idx, mask)
             h = cp.empty((T, n), F32)
             has_idx = idx is not None
@@ -245,8 +257,8 @@ class CupyOps(DeviceMemory, NumpyOps):
                 g_data, g_scales = gate.data, gate.scales
             else:
                 g_data, g_scales = cp.empty(0, up.data.dtype), cp.empty(0, np.float16)
-            grid, block = (_cdiv(n, WARPS), T), (32 * WARPS,)
-            flags = (I32(n), I32(D), I32(code), I32(gate is not None), I32(has_idx))
+            grid, block = (_cdiv(n, WARPS), _cdiv(T, TOK_TILE)), (32 * WARPS,)
+            flags = (I32(n), I32(D), I32(code), I32(gate is not None), I32(has_idx), I32(T))
             if up.fmt == "f16":
                 self._launch("ffn_hidden_f16", grid, block, (x, g_data, up.data, ix, h) + flags)
             else:
@@ -283,17 +295,18 @@ class CupyOps(DeviceMemory, NumpyOps):
         return self._ffn_down(h, down, kept, True, n, 1, D)
 
     def _ffn_down(self, h, down: DeviceMatrix, ix, has_idx: bool, n: int, T: int, D: int):
-        """out [T, D] = h [T, n] @ down rows (idx or all), split over neurons into P deterministic partials."""
+        """out [T, D] = h [T, n] @ down rows (idx or all), split over neurons into P deterministic partials.
+        P depends on n and D, never on T: a token's sums are the same pieces in any batch."""
         cp = self.xp
         tiles = _cdiv(D, 4 * DOWN_THREADS)
-        P = max(1, min(_cdiv(n, MIN_CHUNK), _cdiv(4 * self._n_sm, tiles * T)))
+        P = max(1, min(_cdiv(n, MIN_CHUNK), _cdiv(4 * self._n_sm, tiles)))
         chunk = _cdiv(n, P)
         P = _cdiv(n, chunk)
         out = cp.empty((T, D), F32)
         part = out if P == 1 else cp.empty((P, T, D), F32)
         args = (h, down.data) + ((down.scales,) if down.fmt == "q8" else ()) + \
                (ix, part, I32(n), I32(D), I32(chunk), I32(T), I32(has_idx))
-        self._launch(f"ffn_down_{down.fmt}", (tiles, P, T), (DOWN_THREADS,), args)
+        self._launch(f"ffn_down_{down.fmt}", (tiles, P, _cdiv(T, TOK_TILE)), (DOWN_THREADS,), args)
         if P > 1:
             self._launch("sum_partials_f32", self._grid_1d(T * D), (256,), (part, out, I32(P), I64(T * D)))
         return out
@@ -338,24 +351,26 @@ class CupyOps(DeviceMemory, NumpyOps):
             v, v_stride = self._kv(v, "v")
             check_attention(q, k, v, start_pos, window)
             S = k.shape[1]
-            if T == 1 and S == start_pos + 1 and 0 < hd <= 256:
-                return self._attention_decode(q, k, v, k_stride, v_stride, window)
+            if 0 < T <= INVARIANT_T and S == start_pos + T and 0 < hd <= 256 and H:
+                return self._attention_decode(q, k, v, k_stride, v_stride, start_pos, window)
             return super().attention(q, k, v, start_pos, window)
 
-    def _attention_decode(self, q, k, v, k_stride: int, v_stride: int, window):
+    def _attention_decode(self, q, k, v, k_stride: int, v_stride: int, start_pos: int, window):
+        """T query rows at positions start_pos + t, each over its own keys (attention.cu). The kernels split
+        a row by its own key count (at most pcap pieces); PM here only sizes the partials for the longest."""
         cp = self.xp
-        _, H, hd = q.shape
-        Hkv, S, _ = k.shape
-        lo = max(0, S - window) if window is not None else 0     # visible: j > p - window, p = S - 1
-        n_keys = S - lo
-        P = max(1, min(_cdiv(n_keys, ATT_MIN_KEYS), _cdiv(4 * self._n_sm, H)))
-        chunk = _cdiv(n_keys, P)
-        P = _cdiv(n_keys, chunk)
-        pm, pl = cp.empty((H, P), F32), cp.empty((H, P), F32)
-        po = cp.empty((H, P, hd), F32)
-        self._launch("attn_decode_partial", (H, P), (128,),
-                     (q, k, v, pm, pl, po, I32(H // Hkv), I32(hd), I64(k_stride), I64(v_stride), I32(lo),
-                      I32(S), I32(chunk), F32(1.0 / np.sqrt(hd))))
-        out = cp.empty((1, H * hd), F32)
-        self._launch("attn_decode_combine", (H,), (min(256, _cdiv(hd, 32) * 32),), (pm, pl, po, out, I32(P), I32(hd)))
+        T, H, hd = q.shape
+        Hkv = k.shape[0]
+        pcap = _cdiv(4 * self._n_sm, H)
+        longest = start_pos + T if window is None else min(start_pos + T, window)
+        PM = max(1, min(_cdiv(longest, ATT_MIN_KEYS), pcap))               # >= every row's piece count
+        pm, pl = cp.empty((T, H, PM), F32), cp.empty((T, H, PM), F32)
+        po = cp.empty((T, H, PM, hd), F32)
+        win = I32(0 if window is None else window)
+        self._launch("attn_decode_partial", (H, PM, T), (128,),
+                     (q, k, v, pm, pl, po, I32(H // Hkv), I32(hd), I64(k_stride), I64(v_stride), I32(start_pos),
+                      win, I32(pcap), F32(1.0 / np.sqrt(hd))))
+        out = cp.empty((T, H * hd), F32)
+        self._launch("attn_decode_combine", (H, T), (min(256, _cdiv(hd, 32) * 32),),
+                     (pm, pl, po, out, I32(PM), I32(hd), I32(start_pos), win, I32(pcap)))
         return out

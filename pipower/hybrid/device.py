@@ -33,6 +33,7 @@ class DeviceOps(Protocol):
     limit_bytes: int | None             # None, or the hard cap: no allocation may take the total past it
     transfers: dict[str, int]           # to_device / to_host: copies; bytes_to_device / bytes_to_host
     fused_threshold: bool               # ffn takes a pipower.ops.Threshold (one token, selection fused)
+    batch_invariant: bool               # a token's result never depends on the batch (up to 64 tokens)
 
     # -- placement, transfers, memory --------------------------------------------------------------
     def owns(self, a) -> bool:
@@ -151,6 +152,11 @@ class StandInDeviceOps:
     def fused_threshold(self) -> bool:
         """ffn takes a Threshold when the ops doing the arithmetic do."""
         return bool(getattr(self.ref, "fused_threshold", False))
+
+    @property
+    def batch_invariant(self) -> bool:
+        """As the ops doing the arithmetic."""
+        return bool(getattr(self.ref, "batch_invariant", False))
 
     # -- contract -----------------------------------------------------------------------------------
     def owns(self, a) -> bool:

@@ -107,6 +107,12 @@ class HybridOps:
         """ffn takes a Threshold (one token) when the device and the host ops both do."""
         return bool(getattr(self.device, "fused_threshold", False) and getattr(self.host, "fused_threshold", False))
 
+    @property
+    def batch_invariant(self) -> bool:
+        """Each side's ops are, and what joins them is per row (the FFN's hot and cold partials are added
+        element by element, activations move whole rows)."""
+        return bool(getattr(self.device, "batch_invariant", False) and getattr(self.host, "batch_invariant", False))
+
     # -- placement of data ---------------------------------------------------------------------------
     def _home(self, layer: int | None) -> str:
         home = self.plan.output_home if layer is None else self.plan.layer_home[layer]
