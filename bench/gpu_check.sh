@@ -12,6 +12,8 @@
 #   junit-gpu.xml   the same run as JUnit XML
 #   hybrid.json/.md, hybrid.log   bench/hybrid.py on the GPU (synthetic LLaMA-2-7B shape, q8)
 #   hybrid-qwen1.5b.json/.md/.log the Qwen2.5-Coder-1.5B shape all on the GPU vs the CPU engine
+#   gpu-batch.json/.md/.log       bench/gpu_batch.py: T-token forward cost in decode steps on that shape,
+#                   and whether a forward is bitwise T decode steps
 #   pytest-hybrid.log, junit-hybrid.xml   `pytest -m gpu tests/test_hybrid.py` (the scheduler on CupyOps),
 #                   when pipower's Python dependencies import there
 # Exit status: pytest's; 3 when no gpu test ran (all skipped: CuPy sees no device); 2 when setup failed.
@@ -124,6 +126,11 @@ if timeout "$(budget 30)" "$PY" -c 'import pipower._cpu as c; assert c.AVAILABLE
     timeout "$(budget 150)" "$PY" bench/hybrid.py --device gpu --shape qwen2.5-1.5b --weights q8 --budgets '' \
         --predictor-rank 0 --tokens 16 --repeats 3 --out "$OUT/hybrid-qwen1.5b.json" >"$OUT/hybrid-qwen1.5b.log" 2>&1
     log "qwen1.5b bench rc=$?: $(tail -n 3 "$OUT/hybrid-qwen1.5b.log" | tr '\n' ' ')"
+    # the batched kernels: T-token forward cost in decode steps, and bitwise = T decode steps (rc 1 if not)
+    log "bench/gpu_batch.py --shape qwen2.5-1.5b (T-cost, batch invariance)"
+    timeout "$(budget 120)" "$PY" bench/gpu_batch.py --device gpu --shape qwen2.5-1.5b --weights q8,f16 \
+        --tokens 1,2,4,8,16,32,64 --repeats 5 --out "$OUT/gpu-batch.json" >"$OUT/gpu-batch.log" 2>&1
+    log "gpu batch bench rc=$?: $(tail -n 2 "$OUT/gpu-batch.log" | tr '\n' ' ')"
 else
     log "hybrid bench skipped: the Cython extension is not importable and did not build (build.log)"
 fi

@@ -202,3 +202,16 @@ def test_draft_replay_models_lookup_on_a_stored_token_stream():
     unique = list(range(200, 260))                                               # nothing to look up
     assert replay.replay([1, 2, 3], unique, LookupDrafter(8), replay.LinePrice(), steps, 384) == \
         (len(unique) - 1, len(unique) - 1, 0, 0, len(unique) - 1)
+
+
+def test_gpu_batch_benchmark_dry_run(tmp_path):
+    """bench/gpu_batch.py on the stand-in device over the CPU engine: the table, and the bitwise check
+    (a forward over T tokens == T decode steps) true on a batch-invariant engine."""
+    gpu_batch = load_script("gpu_batch")
+    out = tmp_path / "gb.json"
+    assert gpu_batch.main(["--device", "emulated", "--shape", "tiny", "--weights", "q8", "--tokens", "1,2,5",
+                           "--repeats", "1", "--prompt-tokens", "6", "--out", str(out)]) == 0
+    res = json.loads(out.read_text())
+    assert [r["T"] for r in res["rows"]] == [1, 2, 5] and res["rows"][0]["vs_step"] == 1.0
+    assert res["checks"]["q8"] == {"tokens": 5, "bitwise": True, "invariant_engine": True}
+    assert "5-token forward == 5 decode steps bit for bit: True" in out.with_suffix(".md").read_text()
