@@ -313,12 +313,22 @@ class ModelDrafter:
                     self.seconds_per_extra + 0.2 * (per - self.seconds_per_extra)
 
     def _shared_prefix(self, ctx: list[int]) -> int:
-        """How many leading context tokens the cache holds already (the last one is always fed again)."""
-        keep = 0
-        for a, b in zip(self.tokens, ctx):
-            if a != b:
-                break
-            keep += 1
+        """How many leading context tokens the cache holds already (the last one is always fed again).
+        The longest common prefix by bisection over list-slice comparisons (C loops): a round asks twice
+        (pricing, then drafting), and a token-by-token Python scan of a long context cost more than the
+        comparisons themselves."""
+        n = min(len(self.tokens), len(ctx))
+        if self.tokens[:n] == ctx[:n]:
+            keep = n                                   # the usual case: the context extends the cache
+        else:
+            lo, hi = 0, n - 1                          # prefix lo matches, prefix hi + 1 does not
+            while lo < hi:
+                mid = (lo + hi + 1) // 2
+                if self.tokens[:mid] == ctx[:mid]:
+                    lo = mid
+                else:
+                    hi = mid - 1
+            keep = lo
         return min(keep, len(ctx) - 1)
 
     def catch_up_seconds(self, context: np.ndarray) -> float:

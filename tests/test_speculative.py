@@ -417,3 +417,27 @@ def test_the_verify_cost_curve_is_calibrated_once_per_model_and_changes_no_outpu
     np.testing.assert_array_equal(t.forward(ids, t.new_cache(64), last_only=False), before)   # scratch cache
     shared = verify_cost_for(t)
     assert verify_cost_for(t) is shared and verify_cost_for(transformer()) is not shared
+
+
+def test_a_model_drafters_shared_prefix_is_the_longest_common_prefix():
+    """ModelDrafter._shared_prefix (bisection over slice comparisons) against a token-by-token scan, on
+    random caches and contexts: extensions, rejected drafts at the end, early mismatches, empty caches."""
+    import random
+    from types import SimpleNamespace
+
+    def scan(tokens, ctx):
+        keep = 0
+        for a, b in zip(tokens, ctx):
+            if a != b:
+                break
+            keep += 1
+        return min(keep, len(ctx) - 1)
+
+    r = random.Random(0)
+    for _ in range(3000):
+        n = r.randint(0, 40)
+        base = [r.randint(0, 3) for _ in range(n)]
+        tokens = base[:r.randint(0, n)] + [r.randint(0, 3) for _ in range(r.randint(0, 6))]
+        ctx = (base[:r.randint(1, n)] if n else [1]) + [r.randint(0, 3) for _ in range(r.randint(0, 3))]
+        got = ModelDrafter._shared_prefix(SimpleNamespace(tokens=tokens), ctx)
+        assert got == scan(tokens, ctx), (tokens, ctx)
