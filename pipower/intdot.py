@@ -10,6 +10,9 @@ against the float path (`dot` vs `dequantize(W) @ x`). The rules (see the header
     one row, per block b:                 isum_b = sum w * q   (w = nibble - 8, or the int8)  exact int32
     lane b % 16 of acc[16], in block order: acc = fma(float(isum_b), float32(dw_b * dx_b), acc)
     result: acc[i] + acc[i+8] -> + [i+4] -> + [i+2] -> s[0] + s[1]
+    q4m (w = (nibble - 8) d + o per block) adds its offsets' term, kept apart from the lanes:
+        xs_b = float32(float(sum_j q_j) * dx_b);  off = fma(o_b, xs_b, off) in block order from 0
+        result = lane tree + off
 
 Where the integer path sits next to the float path: its error is the activation rounding, at most
 dx / 2 = max|x| / 254 per element of a block, i.e. relative ~0.4% per element, averaging out over a row
@@ -81,17 +84,17 @@ def q4_nibbles(m: QMatrix) -> np.ndarray:
     return np.concatenate([(p & 15) - 8, (p >> 4) - 8], axis=-1).reshape(N, -1)
 
 
-FORMATS = ("q4", "q8")   # weight formats with integer dot products
+FORMATS = ("q4", "q8", "q4m")   # weight formats with integer dot products
 
 
 def dot(m: QMatrix, x: np.ndarray) -> np.ndarray:
     """Y [T, N] = W x over int8-quantized activations, bit for bit what the compiled kernels give.
     m: q4 or q8 QMatrix [N, K]; x: float32 [T, K] (or [K])."""
     if m.fmt not in FORMATS:
-        raise ValueError(f"integer dot products are defined for q4 and q8 weights, not {m.fmt}")
+        raise ValueError(f"integer dot products are defined for q4, q8 and q4m weights, not {m.fmt}")
     x2 = np.atleast_2d(np.asarray(x, dtype=np.float32))
     q, dx = quantize_activations(x2)
-    w = q4_nibbles(m) if m.fmt == "q4" else m.data.astype(np.int32)
+    w = m.data.astype(np.int32) if m.fmt == "q8" else q4_nibbles(m)
     N, K = w.shape
     nb = K // QB
     # exact per-block integer sums [T, N, nb]
@@ -103,4 +106,11 @@ def dot(m: QMatrix, x: np.ndarray) -> np.ndarray:
         n = min(LANES, nb - g)
         acc[..., :n] = fma32(isum[..., g:g + n].astype(np.float32), scale[..., g:g + n], acc[..., :n])
     y = lane_tree(acc)
+    if m.fmt == "q4m":
+        xs = (q.reshape(-1, nb, QB).sum(axis=-1, dtype=np.int32).astype(np.float32) * dx).astype(np.float32)  # [T, nb]
+        o = m.offsets.astype(np.float32)                                                  # [N, nb]
+        off = np.zeros(isum.shape[:2], dtype=np.float32)                                  # [T, N]
+        for b in range(nb):
+            off = fma32(np.broadcast_to(o[None, :, b], off.shape), np.broadcast_to(xs[:, b, None], off.shape), off)
+        y = (y + off).astype(np.float32)
     return y if np.ndim(x) == 2 else y[0]

@@ -60,20 +60,19 @@ class LayerWeights:
     @classmethod
     def from_tensors(cls, t: dict, i: int, fmt: str = "f32", keep_down: bool = False) -> LayerWeights:
         p = f"model.layers.{i}."
+        gate = p + "mlp.gate_proj.weight"
+        # each matrix goes from the file to its format on its own (stored: a GGUF's Q4_1 / Q4_K blocks
+        # straight into q4m); down_t, a transpose, through float32
         layer = cls(
             attn_norm=t[p + "input_layernorm.weight"],
-            q=t[p + "self_attn.q_proj.weight"], k=t[p + "self_attn.k_proj.weight"],
-            v=t[p + "self_attn.v_proj.weight"], o=t[p + "self_attn.o_proj.weight"],
+            q=stored(t, p + "self_attn.q_proj.weight", fmt), k=stored(t, p + "self_attn.k_proj.weight", fmt),
+            v=stored(t, p + "self_attn.v_proj.weight", fmt), o=stored(t, p + "self_attn.o_proj.weight", fmt),
             q_bias=t.get(p + "self_attn.q_proj.bias"), k_bias=t.get(p + "self_attn.k_proj.bias"),
             v_bias=t.get(p + "self_attn.v_proj.bias"), o_bias=t.get(p + "self_attn.o_proj.bias"),
             ffn_norm=t[p + "post_attention_layernorm.weight"],
-            gate=t.get(p + "mlp.gate_proj.weight"), up=t[p + "mlp.up_proj.weight"],
-            down_t=np.ascontiguousarray(t[p + "mlp.down_proj.weight"].T),
+            gate=stored(t, gate, fmt) if gate in t else None, up=stored(t, p + "mlp.up_proj.weight", fmt),
+            down_t=store(np.ascontiguousarray(t[p + "mlp.down_proj.weight"].T), fmt),
         )
-        for name in MATRICES:
-            w = getattr(layer, name)
-            if w is not None:
-                setattr(layer, name, store(w, fmt))
         if keep_down:
             layer.down = stored(t, p + "mlp.down_proj.weight", fmt)
         return layer
@@ -98,12 +97,12 @@ class Transformer:
             raise InvalidArgumentError(f"unknown weight format {weights!r}; choose one of {', '.join(FORMATS)}")
         self.config = config
         self.ops = ops or NumpyOps()
-        self.weights = weights                                                    # f32 | f16 | q8 | q4
+        self.weights = weights                                                    # quant.FORMATS
         if prepared is not None:
             self.embed_tokens, self.layers, self.final_norm, self.lm_head = prepared
         else:
             self.embed_tokens = stored(tensors, "model.embed_tokens.weight", weights)  # [V, D]
-            keep_down = self.ops.dot == "int8" and weights in ("q4", "q8")   # the integer-dot dense FFN's
+            keep_down = self.ops.dot == "int8" and weights in ("q4", "q8", "q4m")   # the integer-dot dense FFN's
             self.layers = [LayerWeights.from_tensors(tensors, i, weights, keep_down)
                            for i in range(config.num_hidden_layers)]
             self.final_norm = tensors["model.norm.weight"]                        # [D]

@@ -206,6 +206,7 @@ class _Layout:
             return None
         if isinstance(w, (QMatrix, Panels)):
             return {"fmt": w.fmt, "shape": list(w.shape), "data": self.array(w.data), "scales": self.array(w.scales),
+                    **({"offsets": self.array(w.offsets)} if w.offsets is not None else {}),
                     **({"panels": True} if isinstance(w, Panels) else {})}
         return {"a": self.array(w)}
 
@@ -420,9 +421,12 @@ def _rebuild(h: Header, data: np.ndarray):
         if w["fmt"] not in FORMATS:
             raise CacheFileError(f"{h.path}: unknown format {w['fmt']!r}")
         scales = None if w["scales"] is None else arrays[w["scales"]]
+        offsets = arrays[w["offsets"]] if w.get("offsets") is not None else None
+        if (offsets is None) != (w["fmt"] != "q4m"):
+            raise CacheFileError(f"{h.path}: {w['fmt']} weights {'without' if offsets is None else 'with'} offsets")
         if w.get("panels"):
-            return Panels(w["fmt"], tuple(w["shape"]), arrays[w["data"]], scales)
-        return QMatrix(w["fmt"], tuple(w["shape"]), arrays[w["data"]], scales)
+            return Panels(w["fmt"], tuple(w["shape"]), arrays[w["data"]], scales, offsets)
+        return QMatrix(w["fmt"], tuple(w["shape"]), arrays[w["data"]], scales, offsets)
 
     tok_blob = blobs[j["tokenizer_blob"]]
     if zlib.crc32(tok_blob) != j["tokenizer_crc"]:

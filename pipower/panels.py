@@ -8,6 +8,7 @@ horizontal sums (pipower/_cpu/_panel_impl.h). The values are the QMatrix's, only
     q4: data uint8 [P, nb, 4, 16, 4]: the q4 bytes as stored (byte j: element j low, element j + 16 high),
         bytes 4v .. 4v+3 of row r in vector v
     scales float16 [P, nb, 16]
+    q4m: data as q4, scales as above, offsets float16 [P, nb, 16] (o of each row's block, pipower.quant)
 with P = ceil(N / 16) panels (rows past N: zero weights and scales), nb = K / 32 blocks. The arrays are
 flattened to [P, nb, bytes per block] for the kernel.
 """
@@ -21,30 +22,31 @@ from .errors import InvalidArgumentError
 from .quant import QMatrix
 
 PANEL = 16
-FORMATS = ("q4", "q8")
-CHUNKS = {"q8": 8, "q4": 4}          # 64-byte vectors per block of a panel
+FORMATS = ("q4", "q8", "q4m")
+CHUNKS = {"q8": 8, "q4": 4, "q4m": 4}          # 64-byte vectors per block of a panel
 
 
 @dataclass(frozen=True)
 class Panels:
-    """A q4 / q8 weight matrix [N, K] as panels of 16 rows (module docstring)."""
+    """A q4 / q8 / q4m weight matrix [N, K] as panels of 16 rows (module docstring)."""
     fmt: str
     shape: tuple                     # (N, K) of the logical matrix
     data: np.ndarray                 # uint8 [P, K/32, 64 * CHUNKS[fmt]]
     scales: np.ndarray               # float16 [P, K/32, 16]
+    offsets: np.ndarray | None = None  # float16 [P, K/32, 16] for q4m, else None
 
     @property
     def nbytes(self) -> int:
-        return self.data.nbytes + self.scales.nbytes
+        return self.data.nbytes + self.scales.nbytes + (0 if self.offsets is None else self.offsets.nbytes)
 
     def __repr__(self) -> str:
         return f"Panels({self.fmt}, {self.shape[0]}x{self.shape[1]}, {self.nbytes / 2**20:.1f} MiB)"
 
 
 def pack(m: QMatrix) -> Panels:
-    """QMatrix (q4 / q8) -> Panels with the same values."""
+    """QMatrix (q4 / q8 / q4m) -> Panels with the same values."""
     if not isinstance(m, QMatrix) or m.fmt not in FORMATS:
-        raise InvalidArgumentError(f"weight panels hold q4 or q8 QMatrix weights, got {m!r}")
+        raise InvalidArgumentError(f"weight panels hold q4, q8 or q4m QMatrix weights, got {m!r}")
     N, K = m.shape
     nb, P = K // 32, -(-N // PANEL)
     C = CHUNKS[m.fmt]
@@ -61,11 +63,19 @@ def pack(m: QMatrix) -> Panels:
                 np.bitwise_xor(view, np.uint8(0x80), out=dst[..., :n, :])
             else:
                 dst[..., :n, :] = view
-    sc = m.scales
-    scales[:full] = sc[:full * PANEL].reshape(full, PANEL, nb).transpose(0, 2, 1)
+    return Panels(m.fmt, (N, K), data.reshape(P, nb, C * 64), _pack_blockwise(m.scales, P),
+                  None if m.offsets is None else _pack_blockwise(m.offsets, P))
+
+
+def _pack_blockwise(sc: np.ndarray, P: int) -> np.ndarray:
+    """Per-(row, block) float16 values [N, nb] -> [P, nb, 16] (rows past N: zeros)."""
+    N, nb = sc.shape
+    full = N // PANEL
+    out = np.zeros((P, nb, PANEL), dtype=np.float16)
+    out[:full] = sc[:full * PANEL].reshape(full, PANEL, nb).transpose(0, 2, 1)
     if N % PANEL:
-        scales[full, :, :N % PANEL] = sc[full * PANEL:].T
-    return Panels(m.fmt, (N, K), data.reshape(P, nb, C * 64), scales)
+        out[full, :, :N % PANEL] = sc[full * PANEL:].T
+    return out
 
 
 def rows(p: Panels, idx=None) -> QMatrix:
@@ -80,7 +90,8 @@ def rows(p: Panels, idx=None) -> QMatrix:
     if p.fmt == "q8":
         data = (data ^ np.uint8(0x80)).view(np.int8)
     scales = p.scales[idx // PANEL, :, idx % PANEL]                                          # [n, nb]
-    return QMatrix(p.fmt, (idx.size, K), np.ascontiguousarray(data), np.ascontiguousarray(scales))
+    offsets = None if p.offsets is None else np.ascontiguousarray(p.offsets[idx // PANEL, :, idx % PANEL])
+    return QMatrix(p.fmt, (idx.size, K), np.ascontiguousarray(data), np.ascontiguousarray(scales), offsets)
 
 
 def unpack(p: Panels) -> QMatrix:
@@ -104,11 +115,13 @@ def pack_adjacent(ms: list) -> list:
         return [pack(m) for m in ms]
     m0 = ms[0]
     whole = pack(QMatrix(m0.fmt, (sum(m.shape[0] for m in ms), m0.shape[1]),
-                         np.concatenate([m.data for m in ms]), np.concatenate([m.scales for m in ms])))
+                         np.concatenate([m.data for m in ms]), np.concatenate([m.scales for m in ms]),
+                         None if m0.offsets is None else np.concatenate([m.offsets for m in ms])))
     out, p0 = [], 0
     for m in ms:
         p1 = p0 + -(-m.shape[0] // PANEL)
-        out.append(Panels(m.fmt, m.shape, whole.data[p0:p1], whole.scales[p0:p1]))
+        out.append(Panels(m.fmt, m.shape, whole.data[p0:p1], whole.scales[p0:p1],
+                          None if whole.offsets is None else whole.offsets[p0:p1]))
         p0 = p1
     return out
 
@@ -140,6 +153,7 @@ def joined(ps) -> Panels | None:
         return None
     p0 = ps[0]
     data, scales = _span([p.data for p in ps]), _span([p.scales for p in ps])
-    if data is None or scales is None:
+    offsets = None if p0.offsets is None else _span([p.offsets for p in ps])
+    if data is None or scales is None or (p0.offsets is not None and offsets is None):
         return None
-    return Panels(p0.fmt, (sum(p.shape[0] for p in ps), p0.shape[1]), data, scales)
+    return Panels(p0.fmt, (sum(p.shape[0] for p in ps), p0.shape[1]), data, scales, offsets)

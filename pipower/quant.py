@@ -10,12 +10,19 @@ sparse FFN's row gathers and for the row-wise axpy over `down_t`.
 | f16 | float16 [N, K]                         | -                           | 2            |
 | q8  | int8 [N, K]; w = q * d                 | float16 [N, K/32] (d)       | 1.0625       |
 | q4  | uint8 [N, K/2]; w = (nibble - 8) * d   | float16 [N, K/32] (d)       | 0.5625       |
+| q4m | as q4; w = (nibble - 8) * d + o        | d, and offsets o alike      | 0.625        |
 
 q8 is llama.cpp's Q8_0 rule (d = max|w| / 127, q = round(w / d)), q4 its Q4_0 rule (d = m / -8 with m the
 signed value of largest magnitude, nibble = min(15, floor(w / d + 8.5))). q4 packing inside a 32-block,
 as Q4_0: byte j (0..15) holds element j in its low nibble and element j + 16 in its high nibble.
+q4m is an affine 4-bit grid per block (llama.cpp's Q4_1 and Q4_K: a scale and a minimum per 32 weights),
+written with the nibble - 8 of q4 so that the integer dots run q4's kernel and add one offset term per
+block (pipower.intdot). From floats it takes Q4_1's rule on the stored (float16) scale and offset:
+d = (max - min) / 15, o = min + 8 d, nibble = clip(rint((w - o) / d) + 8, 0, 15); a GGUF Q4_1 or Q4_K
+tensor converts to it directly, without requantizing (pipower.loader.native).
 Error bounds per element: q8 |e| <= d / 2 = max|w| / 254 of its block; q4 |e| <= d = max|w| / 8 (d / 2
-except at the clamped top end: the value opposite the extreme can only reach 7 d, as in Q4_0).
+except at the clamped top end: the value opposite the extreme can only reach 7 d, as in Q4_0); q4m
+|e| <= d / 2 plus the float16 rounding of o (<= |o| / 2048) at the ends of the range.
 Scales are rounded to float16 *before* quantizing, so the bound holds for the stored scale.
 """
 from __future__ import annotations
@@ -26,7 +33,10 @@ import numpy as np
 
 from .errors import InvalidArgumentError, UnsupportedModelError
 
-FORMATS = ("f32", "f16", "q8", "q4")
+FORMATS = ("f32", "f16", "q8", "q4", "q4m")
+# what every row kernel takes (float dots, the sparse FFN's neuron rows, the devices' uploads); q4m has
+# dense integer dots over weight panels only (pipower.panels)
+ROW_FORMATS = ("f32", "f16", "q8", "q4")
 BLOCK = 32
 
 
@@ -37,11 +47,12 @@ class QMatrix:
     fmt: str
     shape: tuple                     # (N, K) of the logical float matrix
     data: np.ndarray                 # see the module table
-    scales: np.ndarray | None = None  # float16 [N, K / 32] for q8 / q4
+    scales: np.ndarray | None = None  # float16 [N, K / 32] for q8 / q4 / q4m
+    offsets: np.ndarray | None = None  # float16 [N, K / 32] for q4m (o), else None
 
     @property
     def nbytes(self) -> int:
-        return self.data.nbytes + (self.scales.nbytes if self.scales is not None else 0)
+        return sum(a.nbytes for a in (self.data, self.scales, self.offsets) if a is not None)
 
     def __repr__(self) -> str:
         return f"QMatrix({self.fmt}, {self.shape[0]}x{self.shape[1]}, {self.nbytes / 2**20:.1f} MiB)"
@@ -50,7 +61,7 @@ class QMatrix:
 def _blocks(w: np.ndarray) -> np.ndarray:
     N, K = w.shape
     if K % BLOCK:
-        raise UnsupportedModelError(f"a {N}x{K} matrix cannot be stored as q8/q4: K={K} is not a multiple "
+        raise UnsupportedModelError(f"a {N}x{K} matrix cannot be stored as q8/q4/q4m: K={K} is not a multiple "
                                     f"of {BLOCK}; use weights='f16' or 'f32'")
     return w.reshape(N, K // BLOCK, BLOCK)
 
@@ -70,22 +81,30 @@ def quantize(w: np.ndarray, fmt: str) -> QMatrix:
     rows = max(1, _CHUNK_FLOATS // w.shape[1])
     if w.shape[0] > rows:     # row chunks bound the float32 temporaries (a 150k-row embedding: ~4x 0.5 GB)
         parts = [_quantize_blocks(w[i:i + rows], fmt) for i in range(0, w.shape[0], rows)]
-        return QMatrix(fmt, w.shape, np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts]))
-    data, scales = _quantize_blocks(w, fmt)
-    return QMatrix(fmt, w.shape, data, scales)
+        return QMatrix(fmt, w.shape, *(None if p[0] is None else np.concatenate(p) for p in zip(*parts)))
+    return QMatrix(fmt, w.shape, *_quantize_blocks(w, fmt))
 
 
 _CHUNK_FLOATS = 1 << 24            # 64 MiB of float32 per quantization chunk
 
 
-def _quantize_blocks(w: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray]:
-    """float32 [n, K] -> (data, scales) of q8 / q4 (see the module table)."""
+def _quantize_blocks(w: np.ndarray, fmt: str) -> tuple:
+    """float32 [n, K] -> (data, scales, offsets) of q8 / q4 / q4m (see the module table; offsets None
+    but for q4m)."""
     b = _blocks(w)                                                    # [n, K/32, 32]
     if fmt == "q8":
         d = (np.abs(b).max(axis=-1) / 127).astype(np.float16)         # [N, K/32]
         inv = _safe_inverse(d)
         q = np.rint(b * inv[..., None]).clip(-127, 127).astype(np.int8)
-        return q.reshape(w.shape), d
+        return q.reshape(w.shape), d, None
+    if fmt == "q4m":
+        lo, hi = b.min(axis=-1), b.max(axis=-1)
+        d = ((hi - lo) / 15).astype(np.float16)
+        o = (lo + 8 * d.astype(np.float32)).astype(np.float16)
+        inv = _safe_inverse(d)
+        nib = np.clip(np.rint((b - o.astype(np.float32)[..., None]) * inv[..., None]) + 8, 0, 15).astype(np.uint8)
+        packed = nib[..., :16] | (nib[..., 16:] << 4)
+        return packed.reshape(w.shape[0], w.shape[1] // 2), d, o
     # q4: the signed extreme maps to -8, so the range [-8, 7] is used fully on one side
     idx = np.abs(b).argmax(axis=-1)[..., None]
     m = np.take_along_axis(b, idx, axis=-1)[..., 0]
@@ -93,7 +112,7 @@ def _quantize_blocks(w: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray]:
     inv = _safe_inverse(d)
     nib = np.minimum(15, np.floor(b * inv[..., None] + 8.5)).astype(np.uint8)   # [N, K/32, 32]
     packed = nib[..., :16] | (nib[..., 16:] << 4)                                # [N, K/32, 16]
-    return packed.reshape(w.shape[0], w.shape[1] // 2), d
+    return packed.reshape(w.shape[0], w.shape[1] // 2), d, None
 
 
 def _safe_inverse(d: np.ndarray) -> np.ndarray:
@@ -105,8 +124,9 @@ def _safe_inverse(d: np.ndarray) -> np.ndarray:
 def take_rows(w, rows: np.ndarray):
     """Rows `rows` of a float32 array or QMatrix [N, K] -> the same format [len(rows), K], contiguous."""
     if isinstance(w, QMatrix):
-        scales = None if w.scales is None else np.ascontiguousarray(w.scales[rows])
-        return QMatrix(w.fmt, (len(rows), w.shape[1]), np.ascontiguousarray(w.data[rows]), scales)
+        def pick(a):
+            return None if a is None else np.ascontiguousarray(a[rows])
+        return QMatrix(w.fmt, (len(rows), w.shape[1]), pick(w.data), pick(w.scales), pick(w.offsets))
     return np.ascontiguousarray(w[rows])
 
 
@@ -124,4 +144,7 @@ def dequantize(m: QMatrix, rows: np.ndarray | None = None) -> np.ndarray:
     else:
         packed = data.reshape(n, K // BLOCK, BLOCK // 2)
         vals = np.concatenate([packed & 0xF, packed >> 4], axis=-1).astype(np.float32) - 8
+    if m.fmt == "q4m":
+        o = (m.offsets if rows is None else m.offsets[rows]).astype(np.float32)
+        return (vals * d[..., None] + o[..., None]).reshape(n, K)
     return (vals * d[..., None]).reshape(n, K)

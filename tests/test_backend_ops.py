@@ -26,7 +26,7 @@ import pytest
 import pipower
 from pipower.errors import InvalidArgumentError, PipowerError
 from pipower.ops import ACT_CODES, ACTIVATIONS, NumpyOps, Threshold
-from pipower.quant import FORMATS, quantize
+from pipower.quant import ROW_FORMATS as FORMATS, quantize
 
 RTOL = {"f32": 1e-5, "f16": 1e-4, "q8": 1e-4, "q4": 1e-4}
 TILE_T = 11                  # two token tiles of the device kernels (TOK_TILE = 8)

@@ -297,16 +297,18 @@ def test_library_profile_of_no_sequences_raises(tiny_gguf):
 
 
 def test_dot_option(tiny_gguf):
-    """--dot int8 is the q4 and q8 default, named on the stats line; on another format it is a one-line
-    error."""
-    for fmt in ("q4", "q8"):
+    """--dot int8 is the q4, q8 and q4m default, named on the stats line; on another format it is a one-line
+    error, and so is --dot float with q4m."""
+    for fmt in ("q4", "q8", "q4m"):
         out = run_cli("generate", "-m", tiny_gguf, "-n", "2", "--weights", fmt, "--no-cache", "hi")
         assert out.returncode == 0, out.stderr
         assert f"{fmt} weights (int8 dots)" in out.stderr
     out = run_cli("generate", "-m", tiny_gguf, "-n", "2", "--weights", "q4", "--dot", "float", "--no-cache", "hi")
     assert out.returncode == 0 and "int8 dots" not in out.stderr
     _one_line_error(run_cli("generate", "-m", tiny_gguf, "-n", "1", "--weights", "f16", "--dot", "int8", "hi"),
-                    "q4 and q8 weights")
+                    "q4, q8 and q4m weights")
+    _one_line_error(run_cli("generate", "-m", tiny_gguf, "-n", "1", "--weights", "q4m", "--dot", "float", "hi"),
+                    "integer dots only")
 
 
 # ---- issue #17 item 4: one package, every flag defined once, one name per concept ------------------------

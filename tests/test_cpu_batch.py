@@ -7,7 +7,7 @@ import pytest
 
 from pipower import _cpu
 from pipower.config import ModelConfig
-from pipower.quant import FORMATS, quantize
+from pipower.quant import ROW_FORMATS as FORMATS, quantize
 
 from helpers_models import CFG, random_tensors
 

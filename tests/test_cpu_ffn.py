@@ -9,7 +9,7 @@ import pytest
 
 from pipower import _cpu
 from pipower.ops import NumpyOps
-from pipower.quant import FORMATS, dequantize, quantize
+from pipower.quant import ROW_FORMATS as FORMATS, dequantize, quantize
 
 Fm = pytest.importorskip("pipower._cpu._ffn", reason=f"pipower._cpu not built: {_cpu.IMPORT_ERROR}")
 from pipower._cpu import _linear as L  # noqa: E402

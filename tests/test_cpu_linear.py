@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipower import _cpu
-from pipower.quant import FORMATS, QMatrix, dequantize, quantize
+from pipower.quant import ROW_FORMATS as FORMATS, QMatrix, dequantize, quantize
 
 L = pytest.importorskip("pipower._cpu._linear", reason=f"pipower._cpu not built: {_cpu.IMPORT_ERROR}")
 

@@ -5,7 +5,7 @@ import pytest
 
 import pipower
 from pipower import _cpu
-from pipower.quant import FORMATS
+from pipower.quant import ROW_FORMATS as FORMATS
 
 pytestmark = pytest.mark.skipif(not _cpu.AVAILABLE, reason="compiled kernels not built")
 

@@ -9,7 +9,7 @@ import pytest
 
 from pipower import _cpu
 from pipower.arena import Arena, bundle_stride, ffn_nbytes
-from pipower.quant import FORMATS, QMatrix, dequantize, quantize
+from pipower.quant import ROW_FORMATS as FORMATS, QMatrix, dequantize, quantize
 
 _ffn = pytest.importorskip("pipower._cpu._ffn", reason=f"pipower._cpu not built: {_cpu.IMPORT_ERROR}")
 from pipower._cpu import _linear, linear_ops  # noqa: E402

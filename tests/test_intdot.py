@@ -232,8 +232,13 @@ def test_dot_option_is_validated():
     assert check_dot(None, "q4", device="hybrid") == "float"
     assert check_dot("float", "q4") == "float"
     assert check_dot("int8", "q8") == "int8"
-    with pytest.raises(InvalidArgumentError, match="q4 and q8"):
+    with pytest.raises(InvalidArgumentError, match="q4, q8 and q4m"):
         check_dot("int8", "f16")
+    assert check_dot(None, "q4m") == "int8"
+    with pytest.raises(InvalidArgumentError, match="integer dots only"):
+        check_dot("float", "q4m")
+    with pytest.raises(InvalidArgumentError, match="CPU engine only"):
+        check_dot(None, "q4m", device="hybrid")
     with pytest.raises(InvalidArgumentError, match="CPU"):
         check_dot("int8", "q4", device="gpu")
     with pytest.raises(InvalidArgumentError, match="dot must be"):

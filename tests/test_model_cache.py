@@ -14,7 +14,7 @@ import pipower
 from pipower import _cpu, model_cache
 from pipower.cli import main
 from pipower.panels import Panels
-from pipower.quant import FORMATS, QMatrix
+from pipower.quant import ROW_FORMATS as FORMATS, QMatrix
 
 from helpers_models import random_llama_config, random_qwen2_config, random_tensors, write_gguf_from_hf
 from helpers_models import CHILD_CWD
@@ -49,7 +49,7 @@ def load(path, backend="numpy", weights="q8", **kw):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("fmt", list(FORMATS) + ["q4m"])
 @pytest.mark.parametrize("arch", ["qwen2", "llama"])
 def test_cached_load_is_bitwise_a_fresh_load(tmp_path, backend, fmt, arch, caplog):
     path = write_model(tmp_path / "m.gguf", arch)
@@ -72,6 +72,8 @@ def test_cached_load_is_bitwise_a_fresh_load(tmp_path, backend, fmt, arch, caplo
         for name in ("q", "gate", "up", "down_t"):
             a, b = getattr(lw, name), getattr(lf, name)
             assert type(a) is type(b)                        # QMatrix, Panels (q4's integer dots) or array
+            if isinstance(a, (QMatrix, Panels)):
+                assert (a.offsets is None) == (b.offsets is None) == (fmt != "q4m")
             a, b = (a.data, b.data) if isinstance(a, (QMatrix, Panels)) else (a, b)
             assert a.strides == b.strides and a.shape == b.shape and a.dtype == b.dtype
         if hasattr(fresh.transformer.ops, "_join"):          # q, k, v one kernel call before and after
@@ -97,18 +99,30 @@ def test_sparse_ffn_and_decode_over_cached_weights(tmp_path, backend):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("fmt", FORMATS)
-def test_chunked_gguf_conversion_is_bitwise_whole(tmp_path, fmt, monkeypatch):
+@pytest.mark.parametrize("fmt, qtype", [(f, "Q4_0") for f in FORMATS] + [("q4m", "Q4_0"), ("q4m", "Q4_1")])
+def test_chunked_gguf_conversion_is_bitwise_whole(tmp_path, fmt, qtype, monkeypatch):
     from pipower.loader import gguf, load_gguf
+    from pipower.loader.native import to_q4m
     from pipower.model import store
-    path = write_model(tmp_path / "m.gguf", "llama", qtype="Q4_0")
+    from pipower.loader.gguf import unpermute_rows
+    path = write_model(tmp_path / "m.gguf", "llama", qtype=qtype)
     monkeypatch.setattr(gguf, "STORE_CHUNK_FLOATS", 64 * 5)          # 5 rows per chunk, 300-row tensors
     files = load_gguf(path, progress=False)
     for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.0.mlp.up_proj.weight",
                  "model.layers.1.self_attn.q_proj.weight"):     # q: llama row permutation, converted whole
-        a, b = files.tensors.stored(name, fmt), store(files.tensors[name], fmt)
-        for x, y in ((a.data, b.data), (a.scales, b.scales)) if fmt != "f32" else ((a, b),):
-            np.testing.assert_array_equal(x, y)
+        a = files.tensors.stored(name, fmt)
+        if qtype == "Q4_1" and fmt == "q4m":        # converted from the file's blocks, whole: the same bits
+            t = files.tensors._infos[name]
+            b = to_q4m(files.tensors._raw(t), t.ggml_type, t.shape)
+            if ".q_proj." in name:
+                b = type(b)("q4m", b.shape, *(unpermute_rows(x, TINY["num_attention_heads"])
+                                              for x in (b.data, b.scales, b.offsets)))
+        else:
+            b = store(files.tensors[name], fmt)
+        for x, y in ((a.data, b.data), (a.scales, b.scales), (a.offsets, b.offsets)) if fmt != "f32" else ((a, b),):
+            assert (x is None) == (y is None)
+            if x is not None:
+                np.testing.assert_array_equal(x, y)
 
 
 def test_key_follows_the_source_and_old_entries_go(tmp_path):

@@ -33,6 +33,7 @@ def test_pack_then_rows_gives_the_matrix_back(fmt, N, K):
     assert p.data.shape == (P, K // 32, 64 * panels.CHUNKS[fmt]) and p.scales.shape == (P, K // 32, 16)
     back = panels.unpack(p)
     assert np.array_equal(back.data, m.data) and np.array_equal(back.scales, m.scales)
+    assert (back.offsets is None and m.offsets is None) or np.array_equal(back.offsets, m.offsets)
     idx = np.array([N - 1, 0, N // 2, N - 1])
     sub = panels.rows(p, idx)
     np.testing.assert_array_equal(dequantize(sub), dequantize(m)[idx])
@@ -61,7 +62,7 @@ def test_panel_kernel_is_bitwise_the_reference(fmt, N, K, simd):
     want = intdot.dot(m, x)
     for nt in (1, 2):
         for T in (1, 9):                                   # the one-token and the multi-token kernels
-            got = _panel.gemm_panels(fmt, p.data, p.scales, N, x[:T], n_threads=nt, simd=simd)
+            got = _panel.gemm_panels(fmt, p.data, p.scales, N, x[:T], n_threads=nt, simd=simd, offsets=p.offsets)
             assert np.array_equal(got.view(np.uint32), want[:T].view(np.uint32)), (nt, T, np.abs(got - want[:T]).max())
 
 
@@ -75,12 +76,14 @@ def test_panel_rows_do_not_depend_on_the_batch(fmt):
         m = matrix(fmt, N, K, seed=3)
         p = panels.pack(m)
         x = np.random.default_rng(2).standard_normal((33, K)).astype(np.float32)
-        one = np.stack([_panel.gemm_panels(fmt, p.data, p.scales, N, x[t:t + 1])[0] for t in range(33)])
+        one = np.stack([_panel.gemm_panels(fmt, p.data, p.scales, N, x[t:t + 1], offsets=p.offsets)[0]
+                        for t in range(33)])
         for T in range(1, 34):
-            got = _panel.gemm_panels(fmt, p.data, p.scales, N, x[:T], n_threads=2)
+            got = _panel.gemm_panels(fmt, p.data, p.scales, N, x[:T], n_threads=2, offsets=p.offsets)
             assert np.array_equal(got, one[:T]), (K, T)
-        # and the row-major integer kernel gives the same bits
-        assert np.array_equal(_linear.gemm_int8(fmt, m.data, m.scales, x, n_threads=2), one)
+        # and the row-major integer kernel (q4m: none, the reference) gives the same bits
+        row_major = (intdot.dot(m, x) if fmt == "q4m" else _linear.gemm_int8(fmt, m.data, m.scales, x, n_threads=2))
+        assert np.array_equal(row_major, one)
 
 
 @pytest.mark.parametrize("fmt", panels.FORMATS)
@@ -90,6 +93,7 @@ def test_matrices_packed_back_to_back_join_into_one(fmt):
     for p, m in zip(ps, (q, k, v)):                        # each view is its matrix's own panels
         back = panels.unpack(p)
         assert p.shape == m.shape and np.array_equal(back.data, m.data) and np.array_equal(back.scales, m.scales)
+        assert fmt != "q4m" or np.array_equal(back.offsets, m.offsets)
     whole = panels.joined(ps)
     assert whole.shape == (136, 320) and whole.data.shape[0] == 4 + 2 + 3
     assert np.array_equal(panels.unpack(whole).data, np.concatenate([q.data, k.data, v.data]))
@@ -124,22 +128,29 @@ def test_panel_kernel_rejects_bad_arguments():
     from pipower._cpu import _panel
     p = panels.pack(matrix("q8", 20, 64))
     x = np.zeros((2, 64), np.float32)
-    with pytest.raises(InvalidArgumentError, match="q4 or q8"):
+    with pytest.raises(InvalidArgumentError, match="q4, q8 or q4m"):
         _panel.gemm_panels("f16", p.data, p.scales, 20, x)
+    with pytest.raises(InvalidArgumentError, match="need their offsets"):
+        _panel.gemm_panels("q4m", p.data, p.scales, 20, x)
+    with pytest.raises(InvalidArgumentError, match="take no offsets"):
+        _panel.gemm_panels("q8", p.data, p.scales, 20, x, offsets=p.scales)
+    m = panels.pack(matrix("q4m", 20, 64))
+    with pytest.raises(InvalidArgumentError, match="the scales' shape"):
+        _panel.gemm_panels("q4m", m.data, m.scales, 20, x, offsets=np.ascontiguousarray(m.offsets[:, :1]))
     with pytest.raises(InvalidArgumentError, match="panels of 40 rows"):
         _panel.gemm_panels("q8", p.data, p.scales, 40, x)
     with pytest.raises(InvalidArgumentError, match="panels of 20 rows"):
         _panel.gemm_panels("q4", p.data, p.scales, 20, x)                  # q8 bytes per block
     with pytest.raises(InvalidArgumentError, match=r"shape \(T, 64\)"):
         _panel.gemm_panels("q8", p.data, p.scales, 20, np.zeros((2, 96), np.float32))
-    with pytest.raises(InvalidArgumentError, match="q4 or q8 QMatrix"):
+    with pytest.raises(InvalidArgumentError, match="q4, q8 or q4m QMatrix"):
         panels.pack(quantize(np.zeros((4, 32), np.float32), "f16"))
     with pytest.raises(InvalidArgumentError, match="out of range"):
         panels.rows(p, [20])
 
 
 @needs_ext
-@pytest.mark.parametrize("fmt", panels.FORMATS)
+@pytest.mark.parametrize("fmt", ["q4", "q8"])             # q4m has no row-major path: tests/test_q4m.py
 def test_model_on_panels_is_bitwise_the_row_major_integer_path(tmp_path, fmt, monkeypatch):
     from pipower._cpu.ops import CythonOps
     cfg = random_qwen2_config(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,

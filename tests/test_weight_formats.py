@@ -44,7 +44,7 @@ def test_row_dequantization_equals_full(fmt):
     q = quantize(w, fmt)
     rows = np.array([0, 3, 19], dtype=np.int32)
     np.testing.assert_array_equal(dequantize(q, rows=rows), dequantize(q)[rows])
-    assert q.nbytes == {"f32": 4, "f16": 2, "q8": 1.0625, "q4": 0.5625}[fmt] * w.size
+    assert q.nbytes == {"f32": 4, "f16": 2, "q8": 1.0625, "q4": 0.5625, "q4m": 0.625}[fmt] * w.size
 
 
 def test_bad_inputs():

@@ -20,35 +20,54 @@ cnp.import_array()
 
 cdef extern from "_panel_impl.h" nogil:
     int PP_Q8, PP_Q4
-    void pp_gemm_panels(int fmt, int isa, const uint8_t *data, const uint16_t *scales, Py_ssize_t nb,
-                        Py_ssize_t N, const pp_xq *x, Py_ssize_t T, float *y, Py_ssize_t p0, Py_ssize_t p1)
+    void pp_gemm_panels(int fmt, int isa, const uint8_t *data, const uint16_t *scales, const uint16_t *offsets,
+                        Py_ssize_t nb, Py_ssize_t N, const pp_xq *x, Py_ssize_t T, float *y, Py_ssize_t p0,
+                        Py_ssize_t p1)
 
 PANEL = 16                                   # rows per panel
-BLOCK_BYTES = {"q8": 512, "q4": 256}         # bytes of one 32-block of a panel's 16 rows
+BLOCK_BYTES = {"q8": 512, "q4": 256, "q4m": 256}   # bytes of one 32-block of a panel's 16 rows
+
+
+def _activation_format(fmt):
+    """The weight format whose activation layout fmt's panels read: q4m runs q4's dots (then its offsets)."""
+    return "q4" if fmt == "q4m" else fmt
+
+
+def quantize_alike(fmt_a, fmt_b):
+    """Whether panels of the two formats read the same quantized activations (one quantize() for both)."""
+    return _activation_format(fmt_a) == _activation_format(fmt_b)
 
 
 def quantize(x, fmt, simd=True):
     """x float32 [T, K] -> its int8 blocks laid out for `fmt` panels, to pass to several gemm_panels.
     simd: as gemm_panels' (which vector code quantizes; the bytes are the same)."""
     if fmt not in BLOCK_BYTES:
-        raise invalid(f"weight panels hold q4 or q8 weights, not {fmt}")
-    return QuantizedActivations(x.reshape(1, -1) if x.ndim == 1 else x, fmt, panels=True, simd=simd)
+        raise invalid(f"weight panels hold q4, q8 or q4m weights, not {fmt}")
+    return QuantizedActivations(x.reshape(1, -1) if x.ndim == 1 else x, _activation_format(fmt), panels=True,
+                                simd=simd)
 
 
-def gemm_panels(fmt, data, scales, Py_ssize_t n_rows, x, out=None, n_threads=1, simd=True):
+def gemm_panels(fmt, data, scales, Py_ssize_t n_rows, x, out=None, n_threads=1, simd=True, offsets=None):
     """x float32 [T, K] (or quantize(x, fmt)) -> out float32 [T, n_rows]. data uint8 [P, K/32,
-    BLOCK_BYTES[fmt]], scales float16 [P, K/32, 16] with P = ceil(n_rows / 16). Panels are split over
+    BLOCK_BYTES[fmt]], scales float16 [P, K/32, 16] with P = ceil(n_rows / 16); offsets (q4m only, then
+    required) float16 like scales. Panels are split over
     n_threads OpenMP threads. simd: True (the best kernel this machine runs, or PIPOWER_INT_ISA's), False
     (portable C) or a kernel's name ("avx2", "avxvnni", "avx512vnni"); the bits are the same."""
     cdef int nt = check_threads(n_threads)
     if fmt not in BLOCK_BYTES:
-        raise invalid(f"weight panels hold q4 or q8 weights, not {fmt}")
+        raise invalid(f"weight panels hold q4, q8 or q4m weights, not {fmt}")
+    if (offsets is None) != (fmt != "q4m"):
+        raise invalid("q4m panels need their offsets" if offsets is None else f"{fmt} panels take no offsets")
     check_array(data, "panel data", (np.dtype(np.uint8),), 3, True)
     check_array(scales, "panel scales", (np.dtype(np.float16), np.dtype(np.uint16)), 3, True)
+    if offsets is not None:
+        check_array(offsets, "panel offsets", (np.dtype(np.float16), np.dtype(np.uint16)), 3, True)
+        if offsets.shape != scales.shape:
+            raise invalid(f"panel offsets must have the scales' shape {scales.shape}, got {offsets.shape}")
     cdef Py_ssize_t T, K
     if isinstance(x, QuantizedActivations):
         xq = x
-        if xq.fmt != fmt or not xq.panels:
+        if xq.fmt != _activation_format(fmt) or not xq.panels:
             raise invalid(f"activations quantized for {xq.fmt} panels, not {fmt}")
         T, K = xq.T, xq.K
     else:
@@ -70,17 +89,18 @@ def gemm_panels(fmt, data, scales, Py_ssize_t n_rows, x, out=None, n_threads=1, 
         return out
     cdef int sd = check_simd(simd)
     if xq is None:
-        xq = QuantizedActivations(x, fmt, panels=True, simd=simd)
+        xq = QuantizedActivations(x, _activation_format(fmt), panels=True, simd=simd)
     cdef int code = PP_Q8 if fmt == "q8" else PP_Q4
     cdef const uint8_t *dp = <const uint8_t *>cnp.PyArray_DATA(data)
     cdef const uint16_t *sp = <const uint16_t *>cnp.PyArray_DATA(scales)
+    cdef const uint16_t *op = NULL if offsets is None else <const uint16_t *>cnp.PyArray_DATA(offsets)
     cdef const pp_xq *rows = (<QuantizedActivations>xq).rows
     cdef float *yp = <float *>cnp.PyArray_DATA(out)
     cdef Py_ssize_t per, p, lo, hi
     nt = <int>min(nt, P)
     if nt <= 1:
         with nogil:
-            pp_gemm_panels(code, sd, dp, sp, nb, n_rows, rows, T, yp, 0, P)
+            pp_gemm_panels(code, sd, dp, sp, op, nb, n_rows, rows, T, yp, 0, P)
         return out
     # thread p owns panels [p*per, (p+1)*per): each streams its own part of W and writes its own 16-float
     # runs of each token's output row (threads can share a cache line only where two runs meet)
@@ -90,5 +110,5 @@ def gemm_panels(fmt, data, scales, Py_ssize_t n_rows, x, out=None, n_threads=1, 
             lo = p * per
             hi = min(P, lo + per)
             if lo < hi:
-                pp_gemm_panels(code, sd, dp, sp, nb, n_rows, rows, T, yp, lo, hi)
+                pp_gemm_panels(code, sd, dp, sp, op, nb, n_rows, rows, T, yp, lo, hi)
     return out

@@ -235,50 +235,115 @@ static PP_NOINLINE void pp_panel_multi_nt(int fmt, int nt, const uint8_t *W, con
 #undef PP_MULTI_CASE
 #endif /* PP_HAVE_VNNI512 */
 
+/* q4m's offset term (pipower.quant: w = (nibble - 8) d + o per block), after a panel's dots: for rows
+ * r < m of one panel against one token, y[r] += off_r with off_r = fma(o_rb, xs_b, off_r) over the blocks
+ * in order from 0 and xs_b = (float)(sum of the block's q) * dx_b (c = 8 sum q for q4 activations). A
+ * 1/32 of the dots' multiply-adds, kept out of their kernels: one pass for every instruction level, the
+ * same per-row fma chain in each of its three codes (16-wide, two 8-wide halves, scalar), so the same
+ * bits. pipower.intdot.dot is the reference. */
+static inline float pp_panel_xs(pp_xq x, ptrdiff_t b) { return (float)(x.c[b] / 8) * x.d[b]; }
+
+static PP_NOINLINE void pp_panel_offsets_c(const uint16_t *O, pp_xq x, ptrdiff_t nb, float *y, int m) {
+    float off[PP_PANEL] = {0};
+    for (ptrdiff_t b = 0; b < nb; b++) {
+        const float xs = pp_panel_xs(x, b);
+        for (int r = 0; r < PP_PANEL; r++) off[r] = fmaf(pp_h2f(O[b * PP_PANEL + r]), xs, off[r]);
+    }
+    for (int r = 0; r < m; r++) y[r] = y[r] + off[r];
+}
+
+#if PP_HAVE_AVX512
+static inline void pp_panel_offsets_512(const uint16_t *O, pp_xq x, ptrdiff_t nb, float *y, int m) {
+    __m512 off = _mm512_setzero_ps();
+    for (ptrdiff_t b = 0; b < nb; b++)
+        off = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(O + b * PP_PANEL))),
+                              _mm512_set1_ps(pp_panel_xs(x, b)), off);
+    const __mmask16 k = (__mmask16)(m >= 16 ? 0xFFFF : ((1u << m) - 1));
+    _mm512_mask_storeu_ps(y, k, _mm512_add_ps(_mm512_maskz_loadu_ps(k, y), off));
+}
+#endif
+
+#if PP_HAVE_AVX2I
+__attribute__((target("avx2,fma,f16c"))) static void
+pp_panel_offsets_256(const uint16_t *O, pp_xq x, ptrdiff_t nb, float *y, int m) {
+    __m256 lo = _mm256_setzero_ps(), hi = _mm256_setzero_ps();
+    for (ptrdiff_t b = 0; b < nb; b++) {
+        const __m256 xs = _mm256_set1_ps(pp_panel_xs(x, b));
+        lo = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(O + b * PP_PANEL))), xs, lo);
+        hi = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(O + b * PP_PANEL + 8))), xs, hi);
+    }
+    float off[PP_PANEL];
+    _mm256_storeu_ps(off, lo);
+    _mm256_storeu_ps(off + 8, hi);
+    for (int r = 0; r < m; r++) y[r] = y[r] + off[r];
+}
+#endif
+
+static inline void pp_panel_offsets(int isa, const uint16_t *O, pp_xq x, ptrdiff_t nb, float *y, int m) {
+#if PP_HAVE_AVX512
+    if (isa == PP_ISA_AVX512VNNI) { pp_panel_offsets_512(O, x, nb, y, m); return; }
+#endif
+#if PP_HAVE_AVX2I
+    if (isa == PP_ISA_AVX2 || isa == PP_ISA_AVXVNNI) { pp_panel_offsets_256(O, x, nb, y, m); return; }
+#endif
+    (void)isa;
+    pp_panel_offsets_c(O, x, nb, y, m);
+}
+
+/* Y[t, p*16 + r] for panel p (weights W, scales S, rows r < m) against T tokens (Y [T, N] row stride N),
+ * on the kernels of level isa (PP_ISA_*; _isa_impl.h). next: the next panel's data to prefetch, or NULL. */
+static inline void pp_gemm_panel(int fmt, int isa, const uint8_t *W, const uint16_t *S, ptrdiff_t nb, ptrdiff_t N,
+                                 const pp_xq *x, ptrdiff_t T, float *y, ptrdiff_t p, int m, const uint8_t *next) {
+#if PP_HAVE_VNNI512
+    if (isa == PP_ISA_AVX512VNNI && T > 1) {
+        float acc[PP_TB * 256] __attribute__((aligned(64)));
+        for (ptrdiff_t t0 = 0; t0 < T; t0 += PP_TB) {
+            const int nt = (int)(T - t0 < PP_TB ? T - t0 : PP_TB);
+            float *yt = y + t0 * N + p * PP_PANEL;
+            const uint8_t *nx = t0 == 0 ? next : NULL;
+            if (nt >= 4) pp_panel_multi_nt(fmt, nt, W, S, x + t0, nb, yt, N, m, nx, acc);
+            else if (fmt == PP_Q8) pp_panel_multi_v(1, 0, nt, W, S, x + t0, nb, yt, N, m, nx, acc);
+            else pp_panel_multi_v(0, 0, nt, W, S, x + t0, nb, yt, N, m, nx, acc);
+        }
+        return;
+    }
+    if (isa == PP_ISA_AVX512VNNI) {
+        if (fmt == PP_Q8) pp_panel_tok_v(1, W, S, x[0], nb, y + p * PP_PANEL, m, next);
+        else pp_panel_tok_v(0, W, S, x[0], nb, y + p * PP_PANEL, m, next);
+        return;
+    }
+#endif
+#if PP_HAVE_AVXVNNI
+    if (isa == PP_ISA_AVXVNNI) {
+        pp_avxvnni_gemm_panel(fmt, W, S, x, T, nb, y + p * PP_PANEL, N, m, next);
+        return;
+    }
+#endif
+#if PP_HAVE_AVX2I
+    if (isa == PP_ISA_AVX2) {
+        pp_avx2_gemm_panel(fmt, W, S, x, T, nb, y + p * PP_PANEL, N, m, next);
+        return;
+    }
+#endif
+    (void)isa;
+    (void)next;
+    for (ptrdiff_t t = 0; t < T; t++) pp_panel_tok_c(fmt, W, S, x[t], nb, y + t * N + p * PP_PANEL, m);
+}
+
 /* Y[t, n] for panels [p0, p1) of a matrix of N rows against T tokens (Y [T, N] row stride N), on the
- * kernels of level isa (PP_ISA_*; _isa_impl.h). */
-static inline void pp_gemm_panels(int fmt, int isa, const uint8_t *data, const uint16_t *scales, ptrdiff_t nb,
-                                  ptrdiff_t N, const pp_xq *x, ptrdiff_t T, float *y, ptrdiff_t p0, ptrdiff_t p1) {
+ * kernels of level isa. offsets: q4m's (pp_panel_offsets; the scales' layout), NULL for q4 / q8: a q4m
+ * panel is a q4 panel's dots, then each token's offset term. */
+static inline void pp_gemm_panels(int fmt, int isa, const uint8_t *data, const uint16_t *scales,
+                                  const uint16_t *offsets, ptrdiff_t nb, ptrdiff_t N, const pp_xq *x,
+                                  ptrdiff_t T, float *y, ptrdiff_t p0, ptrdiff_t p1) {
     const ptrdiff_t pb = nb * pp_panel_block_bytes(fmt), ps = nb * PP_PANEL;
     for (ptrdiff_t p = p0; p < p1; p++) {
         const uint8_t *W = data + p * pb;
-        const uint16_t *S = scales + p * ps;
         const int m = N - p * PP_PANEL < PP_PANEL ? (int)(N - p * PP_PANEL) : PP_PANEL;
-        const uint8_t *next = p + 1 < p1 ? W + pb : NULL;
-#if PP_HAVE_VNNI512
-        if (isa == PP_ISA_AVX512VNNI && T > 1) {
-            float acc[PP_TB * 256] __attribute__((aligned(64)));
-            for (ptrdiff_t t0 = 0; t0 < T; t0 += PP_TB) {
-                const int nt = (int)(T - t0 < PP_TB ? T - t0 : PP_TB);
-                float *yt = y + t0 * N + p * PP_PANEL;
-                const uint8_t *nx = t0 == 0 ? next : NULL;
-                if (nt >= 4) pp_panel_multi_nt(fmt, nt, W, S, x + t0, nb, yt, N, m, nx, acc);
-                else if (fmt == PP_Q8) pp_panel_multi_v(1, 0, nt, W, S, x + t0, nb, yt, N, m, nx, acc);
-                else pp_panel_multi_v(0, 0, nt, W, S, x + t0, nb, yt, N, m, nx, acc);
-            }
-            continue;
-        }
-        if (isa == PP_ISA_AVX512VNNI) {
-            if (fmt == PP_Q8) pp_panel_tok_v(1, W, S, x[0], nb, y + p * PP_PANEL, m, next);
-            else pp_panel_tok_v(0, W, S, x[0], nb, y + p * PP_PANEL, m, next);
-            continue;
-        }
-#endif
-#if PP_HAVE_AVXVNNI
-        if (isa == PP_ISA_AVXVNNI) {
-            pp_avxvnni_gemm_panel(fmt, W, S, x, T, nb, y + p * PP_PANEL, N, m, next);
-            continue;
-        }
-#endif
-#if PP_HAVE_AVX2I
-        if (isa == PP_ISA_AVX2) {
-            pp_avx2_gemm_panel(fmt, W, S, x, T, nb, y + p * PP_PANEL, N, m, next);
-            continue;
-        }
-#endif
-        (void)isa;
-        (void)next;
-        for (ptrdiff_t t = 0; t < T; t++) pp_panel_tok_c(fmt, W, S, x[t], nb, y + t * N + p * PP_PANEL, m);
+        pp_gemm_panel(fmt, isa, W, scales + p * ps, nb, N, x, T, y, p, m, p + 1 < p1 ? W + pb : NULL);
+        if (offsets)
+            for (ptrdiff_t t = 0; t < T; t++)
+                pp_panel_offsets(isa, offsets + p * ps, x[t], nb, y + t * N + p * PP_PANEL, m);
     }
 }
 

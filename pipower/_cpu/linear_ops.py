@@ -44,11 +44,13 @@ def linear(x: np.ndarray, W, bias: np.ndarray | None = None, n_threads: int = 1,
     if type(W) is Panels:                       # q4 / q8 laid out for the integer dots (pipower.panels)
         if not int_dot:
             raise InvalidArgumentError("weight panels multiply with integer dots only (dot='int8')")
-        y = _panel.gemm_panels(W.fmt, W.data, W.scales, W.shape[0], x, n_threads=n_threads)
+        y = _panel.gemm_panels(W.fmt, W.data, W.scales, W.shape[0], x, n_threads=n_threads, offsets=W.offsets)
         if bias is not None:
             y += bias
         return y
     fmt, data, scales = parts(W)
+    if fmt == "q4m":
+        raise InvalidArgumentError("q4m weights multiply as weight panels (CythonOps.prepare packs them)")
     if int_dot:
         y = _linear.gemm_int8(fmt, data, scales, x, n_threads=n_threads)
     elif x.ndim == 2 and x.shape[0] == 1:
@@ -127,15 +129,17 @@ def ffn_panels(x: np.ndarray, gate, up, down, act: str, n_threads: int = 1) -> n
     [F, D]; down: Panels [D, F] -> new float32 [T, D]. Bitwise NumpyOps' dense integer FFN
     (_ffn_int8_dense): h = act(x G^T) * (x U^T) with NumPy's activation formulas, then h quantized per 32
     neurons times down. Any T; row t is bitwise the one-token result."""
-    fmt = up.fmt
-    xq = _panel.quantize(x, fmt)                                  # once for gate and up
-    h = _panel.gemm_panels(fmt, up.data, up.scales, up.shape[0], xq, n_threads=n_threads)      # [T, F]
+    xq = _panel.quantize(x, up.fmt)                               # once for gate and up (if alike)
+    h = _gemm(up, xq, n_threads)                                                              # [T, F]
     if gate is not None:
-        h *= ACTIVATIONS[act](_panel.gemm_panels(fmt, gate.data, gate.scales, gate.shape[0], xq,
-                                                 n_threads=n_threads))
+        h *= ACTIVATIONS[act](_gemm(gate, xq if _panel.quantize_alike(gate.fmt, up.fmt) else x, n_threads))
     else:
         h = ACTIVATIONS[act](h)
-    return _panel.gemm_panels(fmt, down.data, down.scales, down.shape[0], h, n_threads=n_threads)
+    return _gemm(down, h, n_threads)
+
+
+def _gemm(W: Panels, x, n_threads: int) -> np.ndarray:
+    return _panel.gemm_panels(W.fmt, W.data, W.scales, W.shape[0], x, n_threads=n_threads, offsets=W.offsets)
 
 
 def ffn_layout(gate, up, down_t) -> str:

@@ -167,8 +167,8 @@ class CythonOps(NumpyOps):
 
     def _rows(self, w, rows=None) -> np.ndarray:
         """The compiled row dequantizer: exactly quant.dequantize's values, for strided bundle rows too."""
-        if isinstance(w, Panels):
-            return super()._rows(w, rows)
+        if isinstance(w, Panels) or getattr(w, "fmt", None) == "q4m":     # q4m: embedding rows only (dense
+            return super()._rows(w, rows)                                   # use), NumPy's dequantizer
         fmt, data, scales = linear_ops.parts(w)
         if isinstance(rows, slice):
             start, stop, _ = rows.indices(w.shape[0])
@@ -187,6 +187,9 @@ class CythonOps(NumpyOps):
             if type(up) is Panels and type(down) is Panels and (gate is None or type(gate) is Panels):
                 return linear_ops.ffn_panels(x, gate, up, down, act, self.n_threads)
             return super().ffn(x, gate, up, down_t, act, idx, down)
+        if getattr(up, "fmt", None) == "q4m":
+            raise BackendError("the sparse FFN (threshold, predictor and oracle modes, sparse drafts) has no "
+                               "kernels for q4m weights; load the model with weights='q8' or 'q4'")
         if type(up) is Panels and isinstance(idx, Threshold) and type(gate) is Panels and x.shape[0] == 1:
             # the threshold FFN on a panel-packed layer: every gate dot from the panels (the dense GEMV,
             # bitwise the row kernels' integer dots), then only the kept neurons' up and down rows of the

@@ -126,7 +126,9 @@ def add_model_args(p, *, optional: str | None = None, threads: bool = True, no_c
          concept="ops backend: cython = compiled kernels, numpy = reference; auto = cython when built, else numpy "
                  "with a warning")
     flag(p, "--weights", choices=FORMATS, default=None,
-         concept="in-memory weight format: f32, f16, q8 (int8 blocks of 32), q4 (4-bit blocks of 32)",
+         concept="in-memory weight format: f32, f16, q8 (int8 blocks of 32), q4 (4-bit blocks of 32), q4m "
+                 "(4-bit blocks of 32 with a scale and an offset each: a GGUF's Q4_K / Q4_1 tensors kept as in "
+                 "the file; dense decode on the CPU's integer dots only)",
          default_text="q8 for GGUF files when the backend has compact kernels, else f32")
     flag(p, "--dot", choices=("int8", "float"), default=None,
          concept="how q4/q8 weights multiply: int8 = activations quantized per 32-block to int8 and exact "
@@ -134,7 +136,7 @@ def add_model_args(p, *, optional: str | None = None, threads: bool = True, no_c
                  "/ 1.7x (q4), an 8-token forward 2.5-3x, a 512-token prefill ~2.5x; HumanEval "
                  "unchanged), float = weights converted to "
                  "float32 with exact activations; f32/f16 and the GPU devices are float only",
-         default_text="int8 for --weights q4/q8 on the CPU engine, float otherwise")
+         default_text="int8 for --weights q4/q8/q4m on the CPU engine, float otherwise")
     if no_cache:
         flag(p, "--no-cache", action="store_true",
              concept="neither read nor write the prepared-model cache (see `pipower cache`)")

@@ -23,6 +23,7 @@ from ..arena import release_free_memory
 from ..config import ModelConfig
 from ..errors import ModelFileError, UnsupportedModelError
 from ..tokenizer.gguf_meta import read_gguf_header
+from . import native
 from .gguf_file import DEFAULT_ALIGNMENT, TensorInfo, parse_tensor_infos, tensor_bytes
 from .validate import check_tensors
 from .weights import ModelFiles, new_fingerprint, update_fingerprint
@@ -283,24 +284,34 @@ class LazyGGUFTensors(Mapping):
         permuted = self._n_head and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name)
         N = t.shape[0] if len(t.shape) == 2 else 0
         rows = max(1, STORE_CHUNK_FLOATS // max(t.ne[0], 1))
-        if permuted or N <= rows:
+        direct = fmt == "q4m" and N and t.ggml_type in native.CONVERTIBLE      # the file's own 4-bit blocks
+        if direct and permuted:
+            m = native.to_q4m(self._raw(t), t.ggml_type, tuple(t.shape))
+            n_head = self._n_head if ".q_proj." in name else self._n_kv_head
+            self._count(name, t)
+            return QMatrix("q4m", m.shape, *(unpermute_rows(a, n_head) for a in (m.data, m.scales, m.offsets)))
+        if not direct and (permuted or N <= rows):
             return store(self[name], fmt)
         out = None
         for r0 in range(0, N, rows):
             r1 = min(N, r0 + rows)
-            w = self._dequantize(t, (r0, r1))
-            if w.shape != (r1 - r0, t.shape[1]):
-                raise ModelFileError(f"{self.path}: tensor {t.name} rows dequantized to {w.shape}")
-            part = store(w, fmt)
-            pieces = (part,) if fmt == "f32" else (part.data, part.scales)
+            if direct:
+                part = native.to_q4m(self._raw(t, (r0, r1)), t.ggml_type, (r1 - r0, t.shape[1]))
+            else:
+                w = self._dequantize(t, (r0, r1))
+                if w.shape != (r1 - r0, t.shape[1]):
+                    raise ModelFileError(f"{self.path}: tensor {t.name} rows dequantized to {w.shape}")
+                part = store(w, fmt)
+            pieces = (part,) if fmt == "f32" else (part.data, part.scales, part.offsets)
             if out is None:
-                out = tuple(np.empty((N, *p.shape[1:]), p.dtype) for p in pieces if p is not None)
+                out = tuple(None if p is None else np.empty((N, *p.shape[1:]), p.dtype) for p in pieces)
             for o, p in zip(out, pieces):
-                o[r0:r1] = p
+                if p is not None:
+                    o[r0:r1] = p
         self._count(name, t)
         if fmt == "f32":
             return out[0]
-        return QMatrix(fmt, tuple(t.shape), out[0], out[1] if len(out) > 1 else None)
+        return QMatrix(fmt, tuple(t.shape), *out)
 
     def close(self) -> None:
         """Close the progress bar; later reads fail (the model build is done)."""
