@@ -43,7 +43,6 @@ if str(ROOT) not in sys.path:          # run from a checkout without installing
 # loads the same libgomp later and inherits it).
 import pipower  # noqa: E402
 from pipower import _cpu  # noqa: E402
-from pipower.sparse.placement import layer_weight_bytes  # noqa: E402
 
 NA = "n/a (not implemented)"
 HUMANEVAL = dict(problems=164, prompt_tokens=150, new_tokens=150)
@@ -78,12 +77,15 @@ class Bandwidth:
 
 # ---- pipower --------------------------------------------------------------------------------------
 def pipower_bytes(tr) -> dict:
-    """Weight bytes one decode step reads: the attention / FFN matrices of every layer (pipower's byte
-    accounting for the model's format) and the output head. (The embedding row, norms and biases are
+    """Weight bytes one decode step reads: the attention / FFN matrices of every layer and the output
+    head, as stored (weights="native" mixes formats). (The embedding row, norms and biases are
     negligible.)"""
-    per = layer_weight_bytes(tr.config, tr.weights)
-    L = tr.config.num_hidden_layers
-    attn, ffn, head = L * per["attention"], L * per["ffn"], int(tr.lm_head.nbytes)
+    def nbytes(m):
+        return 0 if m is None else int(m.nbytes)
+    attn = sum(nbytes(getattr(lw, n)) for lw in tr.layers for n in ("q", "k", "v", "o"))
+    ffn = sum(nbytes(lw.gate) + nbytes(lw.up) + nbytes(lw.down if lw.down is not None else lw.down_t)
+              for lw in tr.layers)
+    head = int(tr.lm_head.nbytes)
     return {"attn": attn, "ffn": ffn, "head": head, "total": attn + ffn + head}
 
 
@@ -346,7 +348,7 @@ def finish_row(row: dict, bw: dict) -> dict:
 
 
 def bench_pipower(model_name, path, args, ids512, ids150, prompt, bandwidth, rows):
-    configs = [("numpy", "f32")] + [("cython", f) for f in args.formats]
+    configs = ([] if args.no_reference else [("numpy", "f32")]) + [("cython", f) for f in args.formats]
     for backend, fmt in configs:
         base = {"model": model_name, "engine": f"pipower-{backend}", "weights": fmt, "ffn_active": 1.0,
                 "threads": args.threads, "status": "ok"}
@@ -358,7 +360,8 @@ def bench_pipower(model_name, path, args, ids512, ids150, prompt, bandwidth, row
         except Exception as e:  # noqa: BLE001
             rows.append(finish_row({**base, "status": f"error: {type(e).__name__}: {e}"}, bw))
             continue
-        if fmt.partition("-")[0] not in native and not args.allow_reference_path:
+        # native: q8 and q4m matrices (per the file's types), both compiled where q4m is
+        if (fmt.partition("-")[0] if fmt != "native" else "q4m") not in native and not args.allow_reference_path:
             rows.append(finish_row({**base, "status": NA, "detail": f"the {backend} backend has no compiled "
                                     f"kernel for {fmt} (native_formats={native}); its NumPy reference path "
                                     f"would dequantize on every call"}, bw))
@@ -561,6 +564,7 @@ def parse_args(argv=None):
     p.add_argument("--no-pipower", action="store_true")
     p.add_argument("--no-llama", action="store_true")
     p.add_argument("--no-prefill", action="store_true")
+    p.add_argument("--no-reference", action="store_true", help="skip the NumPy reference row (f32 weights)")
     p.add_argument("--bandwidth-gib", type=float, default=1.0)
     p.add_argument("--requant-dir", default=None, help="default $PIPOWER_HOME/bench")
     p.add_argument("--render", metavar="JSON", help="only re-render the table of a stored result (.md beside it)")

@@ -13,7 +13,7 @@ from .config import ModelConfig
 from .errors import InvalidArgumentError, ModelFileError, TokenizerError
 from .fetcher import KNOWN_MODELS, fetch
 from .generate import GenerationStats, generate_ids, stream_text
-from .model import Transformer
+from .model import INT_DOT_WEIGHTS, Transformer
 from .ops import DOTS
 from .sampling import Sampler, SamplingParams
 
@@ -236,9 +236,6 @@ def default_weights(path: str, ops) -> str:
     return "q8" if "q8" in ops.native_formats and not os.path.isdir(path) else "f32"
 
 
-INT_DOT_WEIGHTS = ("q4", "q8", "q4m")     # weight formats with integer dot products (pipower.intdot)
-
-
 def default_dot(weights: str, device: str = "cpu") -> str:
     """Integer dot products by default where they are faster and checked on HumanEval: q4 and q8 weights on
     the CPU engine (weight panels, Qwen2.5-Coder-0.5B against the float path: decode 1.05x (q8) / 1.7x
@@ -250,9 +247,9 @@ def default_dot(weights: str, device: str = "cpu") -> str:
 
 def check_dot(dot: str | None, weights: str, device: str = "cpu") -> str:
     """The `dot` of load(): None -> default_dot; else validated against the weight format and device."""
-    if weights == "q4m" and device != "cpu":
-        raise InvalidArgumentError(f"q4m weights run on the CPU engine only (integer dots), not device {device!r}; "
-                                   f"use weights='q8'")
+    if weights in ("q4m", "native") and device != "cpu":
+        raise InvalidArgumentError(f"{weights} weights run on the CPU engine only (integer dots), not device "
+                                   f"{device!r}; use weights='q8'")
     if dot is None:
         return default_dot(weights, device)
     if dot not in DOTS:
@@ -260,9 +257,9 @@ def check_dot(dot: str | None, weights: str, device: str = "cpu") -> str:
     if dot == "int8" and weights not in INT_DOT_WEIGHTS:
         raise InvalidArgumentError(f"dot='int8' (integer dot products) is implemented for q4, q8 and q4m weights, "
                                    f"not {weights}; use weights='q4' or 'q8', or dot='float'")
-    if dot == "float" and weights == "q4m":
-        raise InvalidArgumentError("q4m weights multiply with integer dots only (dot='int8'); for float dots "
-                                   "use weights='q4' or 'q8'")
+    if dot == "float" and weights in ("q4m", "native"):
+        raise InvalidArgumentError(f"{weights} weights multiply with integer dots only (dot='int8'); for float "
+                                   f"dots use weights='q4' or 'q8'")
     if dot == "int8" and device != "cpu":
         raise InvalidArgumentError(f"dot='int8' runs on the CPU engine only, not device {device!r}")
     return dot
@@ -273,11 +270,12 @@ def load(source, *, backend: str = "auto", threads: int | None = None, weights: 
          placement=None, stats=None, predictors=None, cache: bool = True, dot: str | None = None) -> Model:
     """Load a GGUF file, a Hugging Face model directory, or a known model name.
 
-    weights: in-memory format of the weight matrices, f32 | f16 | q8 | q4 | q4m (pipower.quant); None = q8
-    for GGUF on the compiled backend, else f32. GGUF tensors are dequantized once, then re-stored, except
-    Q4_1 / Q4_K tensors into q4m, which convert block by block (the file's 4-bit values, scales and
-    minimums kept; pipower.loader.native). q4m: dense decode on the CPU engine's integer dots (no sparse
-    FFN modes, no devices).
+    weights: in-memory format of the weight matrices, f32 | f16 | q8 | q4 | q4m (pipower.quant), or
+    "native" (GGUF only: each 4-bit matrix of the file (Q4_0 / Q4_1 / Q4_K) kept as q4m, every other one
+    q8); None = q8 for GGUF on the compiled backend, else f32. GGUF tensors are dequantized once, then
+    re-stored, except 4-bit tensors into q4m, which convert block by block (the file's nibbles, scales and
+    minimums; pipower.loader.native). q4m and native run on the CPU engine's integer dots only; the sparse
+    FFN modes run a q4m layer on q8 copies of its rows.
     device: cpu (default) | gpu | hybrid | offload (pipower.hybrid.engine); vram_budget: bytes or
     "4GiB", a hard limit on device memory; placement (file from `pipower plan`) or stats (file from
     `pipower profile`, solved at vram_budget) decide the hot neurons of "hybrid"; predictors: the

@@ -22,6 +22,13 @@ from .rope import cos_sin, inv_frequencies
 # Predictors read x (PowerInfer's input), profilers record both; must not modify either.
 NeuronSelector = Callable[[int, np.ndarray, np.ndarray], "np.ndarray | None"]
 MATRICES = ("q", "k", "v", "o", "gate", "up", "down_t")   # LayerWeights fields stored in the weight format
+# weights= of a model: one format for every matrix (quant.FORMATS), or "native": per matrix of a GGUF file,
+# its 4-bit blocks kept as q4m, every other matrix q8 (pipower.loader.native)
+WEIGHTS = FORMATS + ("native",)
+INT_DOT_WEIGHTS = ("q4", "q8", "q4m", "native")        # weights= with integer dot products (pipower.intdot)
+# down_t serves only the sparse FFN, whose kernels have no q4m code: q8 there (and its gate / up rows,
+# CythonOps._sparse_bundles)
+SPARSE_ROWS = {"q4m": "q8", "native": "q8"}
 
 
 def store(w: np.ndarray, fmt: str):
@@ -61,8 +68,8 @@ class LayerWeights:
     def from_tensors(cls, t: dict, i: int, fmt: str = "f32", keep_down: bool = False) -> LayerWeights:
         p = f"model.layers.{i}."
         gate = p + "mlp.gate_proj.weight"
-        # each matrix goes from the file to its format on its own (stored: a GGUF's Q4_1 / Q4_K blocks
-        # straight into q4m); down_t, a transpose, through float32
+        # each matrix goes from the file to its format on its own (stored: a GGUF's 4-bit blocks straight
+        # into q4m); down_t, a transpose, through float32
         layer = cls(
             attn_norm=t[p + "input_layernorm.weight"],
             q=stored(t, p + "self_attn.q_proj.weight", fmt), k=stored(t, p + "self_attn.k_proj.weight", fmt),
@@ -71,7 +78,7 @@ class LayerWeights:
             v_bias=t.get(p + "self_attn.v_proj.bias"), o_bias=t.get(p + "self_attn.o_proj.bias"),
             ffn_norm=t[p + "post_attention_layernorm.weight"],
             gate=stored(t, gate, fmt) if gate in t else None, up=stored(t, p + "mlp.up_proj.weight", fmt),
-            down_t=store(np.ascontiguousarray(t[p + "mlp.down_proj.weight"].T), fmt),
+            down_t=store(np.ascontiguousarray(t[p + "mlp.down_proj.weight"].T), SPARSE_ROWS.get(fmt, fmt)),
         )
         if keep_down:
             layer.down = stored(t, p + "mlp.down_proj.weight", fmt)
@@ -93,16 +100,19 @@ class Transformer:
                  weights: str = "f32", *, prepared: tuple | None = None):
         """prepared: (embed_tokens, layers, final_norm, lm_head) already in `weights` format and in the
         layout `ops.prepare` makes (pipower.model_cache): used as they are, `tensors` unused."""
-        if weights not in FORMATS:
-            raise InvalidArgumentError(f"unknown weight format {weights!r}; choose one of {', '.join(FORMATS)}")
+        if weights not in WEIGHTS:
+            raise InvalidArgumentError(f"unknown weight format {weights!r}; choose one of {', '.join(WEIGHTS)}")
+        if weights == "native" and prepared is None and not hasattr(tensors, "stored"):
+            raise InvalidArgumentError("weights='native' keeps a GGUF file's 4-bit blocks; this model's tensors "
+                                       "come from elsewhere: choose a format (q8, q4m, ...)")
         self.config = config
         self.ops = ops or NumpyOps()
-        self.weights = weights                                                    # quant.FORMATS
+        self.weights = weights                                                    # WEIGHTS
         if prepared is not None:
             self.embed_tokens, self.layers, self.final_norm, self.lm_head = prepared
         else:
             self.embed_tokens = stored(tensors, "model.embed_tokens.weight", weights)  # [V, D]
-            keep_down = self.ops.dot == "int8" and weights in ("q4", "q8", "q4m")   # the integer-dot dense FFN's
+            keep_down = self.ops.dot == "int8" and weights in INT_DOT_WEIGHTS   # the integer-dot dense FFN's
             self.layers = [LayerWeights.from_tensors(tensors, i, weights, keep_down)
                            for i in range(config.num_hidden_layers)]
             self.final_norm = tensors["model.norm.weight"]                        # [D]

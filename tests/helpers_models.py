@@ -192,13 +192,14 @@ def expected_after_gguf(w: np.ndarray, qtype: str) -> np.ndarray:
 
 def write_gguf_from_hf(tensors_fp32: dict[str, np.ndarray], config, path, qtype: str = "F32", *,
                        arch: str | None = None, tokenizer: bool = True, extra_tensors: dict | None = None,
-                       skip_keys: tuple = (), extra_kv: dict | None = None) -> Path:
+                       skip_keys: tuple = (), extra_kv: dict | None = None, qtype_of: dict | None = None) -> Path:
     """Write HF-named float32 tensors + an HF config (dict or ModelConfig) as a llama.cpp-style GGUF.
 
     qtype: any type gguf.quants can quantize (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1). `arch`
     overrides general.architecture (to test rejection); `skip_keys` omits metadata keys (suffixes after
     the arch prefix, e.g. "block_count"); `extra_kv` adds metadata (str / int as u32 / float as f32);
-    `extra_tensors` adds raw GGUF tensors by GGUF name.
+    `extra_tensors` adds raw GGUF tensors by GGUF name; `qtype_of` {substring of an HF name: qtype} gives
+    matching tensors another type (the first match), as mixed files (Q4_K_M) do.
     """
     import gguf
     cfg = config if isinstance(config, dict) else config.to_dict()
@@ -250,7 +251,7 @@ def write_gguf_from_hf(tensors_fp32: dict[str, np.ndarray], config, path, qtype:
             t = llamacpp_permute(t, H)
         elif permute and ".self_attn.k_proj." in name:
             t = llamacpp_permute(t, Hkv)
-        data, gtype = quantize_like_gguf(t, qtype)
+        data, gtype = quantize_like_gguf(t, next((q for k, q in (qtype_of or {}).items() if k in name), qtype))
         w.add_tensor(gguf_name(name), data, raw_dtype=gtype)
     for name, data in (extra_tensors or {}).items():
         w.add_tensor(name, data)
@@ -274,9 +275,12 @@ TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|extra_0|>{{ m['role'] }}\n{{ m['
                       "{% if add_generation_prompt %}<|extra_0|>assistant\n{% endif %}")
 
 
-def write_tiny_gguf(path, seed: int = 0, extra_kv: dict | None = None, **config_overrides) -> Path:
+def write_tiny_gguf(path, seed: int = 0, extra_kv: dict | None = None, endless: bool = False,
+                    **config_overrides) -> Path:
     """A tiny llama GGUF (D=32, 1 layer, V=300: the byte-level BPE vocab with merges and control tokens,
-    and a chat template) with random float32 weights made by NumPy alone: no torch, ~50 KB, milliseconds."""
+    and a chat template) with random float32 weights made by NumPy alone: no torch, ~50 KB, milliseconds.
+    endless: the output rows of EOS and the control tokens are zero (logit 0 while the maximum of the
+    others is positive), so a greedy answer never ends by itself: it runs to its token limit."""
     from pipower.config import ModelConfig
     from pipower.loader.validate import expected_shapes
     cfg = random_llama_config(**{"vocab_size": 300, "hidden_size": 32, "intermediate_size": 64,
@@ -287,5 +291,10 @@ def write_tiny_gguf(path, seed: int = 0, extra_kv: dict | None = None, **config_
     for name, shape in expected_shapes(ModelConfig.from_dict(cfg)).items():
         w = rng.standard_normal(shape).astype(np.float32)
         tensors[name] = 1.0 + 0.1 * w if name.endswith("norm.weight") else 0.5 * w
+    if endless:
+        tokens, types, _ = byte_level_vocab(cfg["vocab_size"])
+        mute = [i for i, t in enumerate(types) if t == 3] + [cfg["eos_token_id"]]
+        head = "lm_head.weight" if "lm_head.weight" in tensors else "model.embed_tokens.weight"
+        tensors[head][mute] = 0.0
     kv = {"tokenizer.chat_template": TINY_CHAT_TEMPLATE, **(extra_kv or {})}
     return write_gguf_from_hf(tensors, cfg, path, qtype="F32", extra_kv=kv)

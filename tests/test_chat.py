@@ -298,9 +298,10 @@ class _Repl:
 
 @pytest.fixture(scope="module")
 def slow_path(tmp_path_factory):
-    # long answers: a 4096-token context and -n 4000 keep the model talking while the test interrupts it
+    # long answers: no end-of-turn token can win (endless), a 4096-token context and -n 4000 keep the model
+    # talking while the test interrupts it
     return write_tiny_gguf(tmp_path_factory.mktemp("slow") / "slow.gguf", hidden_size=256, intermediate_size=1024,
-                           max_position_embeddings=4096)
+                           max_position_embeddings=4096, endless=True)
 
 
 def test_ctrl_c_stops_the_answer_and_keeps_the_session(slow_path):

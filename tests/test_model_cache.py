@@ -73,7 +73,8 @@ def test_cached_load_is_bitwise_a_fresh_load(tmp_path, backend, fmt, arch, caplo
             a, b = getattr(lw, name), getattr(lf, name)
             assert type(a) is type(b)                        # QMatrix, Panels (q4's integer dots) or array
             if isinstance(a, (QMatrix, Panels)):
-                assert (a.offsets is None) == (b.offsets is None) == (fmt != "q4m")
+                # q4m keeps an offset per block; its down_t (sparse FFN rows only) is q8 (model.SPARSE_ROWS)
+                assert (a.offsets is None) == (b.offsets is None) == (fmt != "q4m" or name == "down_t")
             a, b = (a.data, b.data) if isinstance(a, (QMatrix, Panels)) else (a, b)
             assert a.strides == b.strides and a.shape == b.shape and a.dtype == b.dtype
         if hasattr(fresh.transformer.ops, "_join"):          # q, k, v one kernel call before and after
@@ -111,7 +112,7 @@ def test_chunked_gguf_conversion_is_bitwise_whole(tmp_path, fmt, qtype, monkeypa
     for name in ("model.embed_tokens.weight", "lm_head.weight", "model.layers.0.mlp.up_proj.weight",
                  "model.layers.1.self_attn.q_proj.weight"):     # q: llama row permutation, converted whole
         a = files.tensors.stored(name, fmt)
-        if qtype == "Q4_1" and fmt == "q4m":        # converted from the file's blocks, whole: the same bits
+        if fmt == "q4m":                # Q4_0 / Q4_1 converted from the file's blocks, whole: the same bits
             t = files.tensors._infos[name]
             b = to_q4m(files.tensors._raw(t), t.ggml_type, t.shape)
             if ".q_proj." in name:

@@ -10,7 +10,6 @@ import pipower
 from helpers_kernels import INT_SIMD
 from helpers_models import random_llama_config, random_qwen2_config, random_tensors, write_gguf_from_hf
 from pipower import intdot, panels
-from pipower.errors import BackendError
 from pipower.loader.native import from_q4_1, from_q4_k
 from pipower.quant import dequantize, quantize
 
@@ -169,14 +168,90 @@ def test_model_forward_is_batch_and_thread_invariant_and_matches_the_reference(t
     assert model.generate("the", max_tokens=6) == ref.generate("the", max_tokens=6)
 
 
-def test_q4m_is_dense_only_on_the_compiled_engine(tmp_path):
+@pytest.mark.parametrize("weights", ["q4m", "native"])
+def test_sparse_ffn_on_q4m_runs_on_q8_rows_close_to_dense(tmp_path, weights):
+    """The sparse FFN kernels have no q4m code: a q4m layer's sparse calls run on q8 copies of its gate and
+    up rows (built on first use) with a q8 down_t; every neuron kept = dense up to q8's rounding."""
     needs_ext()
-    model = tiny_model(tmp_path)
+    model = tiny_model(tmp_path) if weights == "q4m" else mixed_model(tmp_path)
     t = model.transformer
     layer = t.layers[0]
-    x = np.zeros((1, TINY["hidden_size"]), np.float32)
-    with pytest.raises(BackendError, match="q4m"):
-        t.ops.ffn(x, layer.gate, layer.up, layer.down_t, "silu", idx=np.arange(8, dtype=np.int32))
+    assert layer.down_t.fmt == "q8" and layer.up.fmt == "q4m"
+    x = np.random.default_rng(3).standard_normal((1, TINY["hidden_size"])).astype(np.float32)
+    dense = t.ops.ffn(x, layer.gate, layer.up, layer.down_t, "silu", down=layer.down)
+    every = t.ops.ffn(x, layer.gate, layer.up, layer.down_t, "silu", idx=np.arange(TINY["intermediate_size"],
+                                                                                   dtype=np.int32))
+    np.testing.assert_allclose(every, dense, rtol=0.05, atol=0.05 * np.abs(dense).max())
+    gate, up, _ = t.ops._sparse_bundles(layer.gate, layer.up, layer.down_t)
+    assert gate.fmt == up.fmt == "q8"
+    np.testing.assert_allclose(dequantize(up), dequantize(panels.unpack(layer.up)),
+                               atol=np.abs(dequantize(panels.unpack(layer.up))).max() / 254 * 1.01)
+    half = np.arange(0, TINY["intermediate_size"], 2, dtype=np.int32)
+    assert not np.allclose(t.ops.ffn(x, layer.gate, layer.up, layer.down_t, "silu", idx=half), every)
+
+
+def test_q4m_refuses_float_dots(tmp_path):
     from pipower.errors import InvalidArgumentError
     with pytest.raises(InvalidArgumentError, match="integer dots only"):
         tiny_model(tmp_path, dot="float")
+
+
+# ---- weights="native": per matrix of a GGUF, its 4-bit blocks kept as q4m, every other one q8 ----------
+
+MIXED = {"mlp.down_proj": "Q8_0", "self_attn.v_proj": "Q5_0", "embed_tokens": "Q8_0"}
+
+
+def mixed_model(tmp_path, weights="native", backend="cython", arch="qwen2"):
+    cfg = (random_qwen2_config if arch == "qwen2" else random_llama_config)(**TINY)
+    path = tmp_path / f"mixed-{arch}.gguf"
+    if not path.exists():
+        write_gguf_from_hf(random_tensors(cfg, 1), cfg, path, qtype="Q4_0", qtype_of=MIXED)
+    return pipower.load(path, backend=backend, weights=weights, threads=2, cache=False, progress=False)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_native_keeps_4_bit_matrices_and_makes_the_rest_q8(tmp_path, arch):
+    needs_ext()
+    from pipower.loader import load_gguf
+    model = mixed_model(tmp_path, arch=arch)
+    assert model.weights == "native" and model.dot == "int8"
+    t = model.transformer
+    for lw in t.layers:
+        assert {n: getattr(lw, n).fmt for n in ("q", "k", "v", "o", "gate", "up", "down", "down_t")} == dict(
+            q="q4m", k="q4m", v="q8", o="q4m", gate="q4m", up="q4m", down="q8", down_t="q8")
+    # Q4_0 blocks convert exactly (offset 0): the file's values
+    files = load_gguf(tmp_path / f"mixed-{arch}.gguf", progress=False)
+    q = panels.unpack(t.layers[1].q)
+    assert not q.offsets.any()
+    np.testing.assert_array_equal(dequantize(q), files.tensors["model.layers.1.self_attn.q_proj.weight"])
+    files.close()
+    # one forward over 11 tokens = 11 steps, bitwise; close to the NumPy reference of the same matrices
+    cache = t.new_cache(64)
+    batch = t.forward(np.array(IDS), cache)
+    cache = t.new_cache(64)
+    assert np.array_equal(batch, np.concatenate([t.forward(np.array([i]), cache) for i in IDS]))
+    ref = mixed_model(tmp_path, backend="numpy", arch=arch)
+    np.testing.assert_allclose(model.logits(IDS), ref.logits(IDS), rtol=1e-4, atol=1e-4)
+
+
+def test_native_on_a_file_without_4_bit_matrices_is_q8(tmp_path):
+    needs_ext()
+    cfg = random_qwen2_config(**TINY)
+    path = write_gguf_from_hf(random_tensors(cfg, 2), cfg, tmp_path / "q8.gguf", qtype="Q8_0")
+    kw = dict(backend="cython", threads=2, cache=False, progress=False)
+    native, q8 = pipower.load(path, weights="native", **kw), pipower.load(path, weights="q8", **kw)
+    assert np.array_equal(native.logits(IDS), q8.logits(IDS))
+
+
+def test_native_needs_a_gguf_and_the_cpu_engine(tmp_path):
+    from helpers_models import write_hf_model
+    from pipower.errors import InvalidArgumentError
+    d = tmp_path / "hf"
+    write_hf_model(d, random_qwen2_config(**TINY))
+    with pytest.raises(InvalidArgumentError, match="GGUF"):
+        pipower.load(d, backend="numpy", weights="native", progress=False)
+    from pipower.api import check_dot
+    with pytest.raises(InvalidArgumentError, match="CPU engine only"):
+        check_dot(None, "native", device="gpu")
+    with pytest.raises(InvalidArgumentError, match="integer dots only"):
+        check_dot("float", "native")

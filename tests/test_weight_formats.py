@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from pipower.errors import InvalidArgumentError, UnsupportedModelError
-from pipower.model import Transformer
+from pipower.model import SPARSE_ROWS, Transformer
 from pipower.ops import NumpyOps
 from pipower.quant import BLOCK, FORMATS, dequantize, quantize
 
@@ -76,8 +76,9 @@ def test_graph_over_format_equals_graph_over_dequantized_weights(tiny, fmt):
     t = Transformer(config, tensors, NumpyOps(), weights=fmt)
     deq = dict(tensors)
     for name, w in tensors.items():
-        if name.endswith("down_proj.weight"):      # stored transposed: blocks run along D
-            deq[name] = dequantize(quantize(np.ascontiguousarray(w.T), fmt)).T
+        if name.endswith("down_proj.weight"):      # stored transposed: blocks run along D; q4m's as q8
+            down_fmt = SPARSE_ROWS.get(fmt, fmt)
+            deq[name] = dequantize(quantize(np.ascontiguousarray(w.T), down_fmt)).T
         elif w.ndim == 2:
             deq[name] = dequantize(quantize(w, fmt))
     ref = Transformer(config, deq, NumpyOps())

@@ -6,6 +6,8 @@ reference.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from ..errors import BackendError
@@ -13,8 +15,10 @@ from ..threads import blas_threads
 from .. import panels
 from ..ops import ACTIVATIONS, NumpyOps, Threshold
 from ..panels import Panels
-from ..quant import FORMATS, QMatrix
+from ..quant import FORMATS, QMatrix, dequantize, quantize
 from . import AVAILABLE, IMPORT_ERROR, kernels
+
+log = logging.getLogger(__name__)
 
 try:  # built with _kernels by the same setup.py; missing only in a half-built tree
     from . import _attention, _linear, linear_ops
@@ -187,9 +191,6 @@ class CythonOps(NumpyOps):
             if type(up) is Panels and type(down) is Panels and (gate is None or type(gate) is Panels):
                 return linear_ops.ffn_panels(x, gate, up, down, act, self.n_threads)
             return super().ffn(x, gate, up, down_t, act, idx, down)
-        if getattr(up, "fmt", None) == "q4m":
-            raise BackendError("the sparse FFN (threshold, predictor and oracle modes, sparse drafts) has no "
-                               "kernels for q4m weights; load the model with weights='q8' or 'q4'")
         if type(up) is Panels and isinstance(idx, Threshold) and type(gate) is Panels and x.shape[0] == 1:
             # the threshold FFN on a panel-packed layer: every gate dot from the panels (the dense GEMV,
             # bitwise the row kernels' integer dots), then only the kept neurons' up and down rows of the
@@ -207,13 +208,13 @@ class CythonOps(NumpyOps):
 
     def _sparse_bundles(self, gate, up, down_t) -> tuple:
         """Neuron bundles (pipower.arena) of a panel-packed layer for the sparse FFN, built on its first
-        sparse call and kept: gate/up rows come back exactly from the panels, down_t is the layer's own.
-        Dense-only use never pays their memory."""
+        sparse call and kept: gate/up rows come back exactly from the panels (q4m ones as q8, _sparse_rows),
+        down_t is the layer's own. Dense-only use never pays their memory."""
         key = id(up)
         hit = self._bundles.get(key)
         if hit is None or hit[0] is not up:
             from ..arena import Arena, ffn_nbytes
-            rows = (None if gate is None else panels.unpack(gate), panels.unpack(up), down_t)
+            rows = (None if gate is None else _sparse_rows(gate), _sparse_rows(up), down_t)
             hit = self._bundles[key] = (up, Arena(ffn_nbytes(*rows)).bundle_ffn(*rows))
         return hit[1]
 
@@ -221,3 +222,14 @@ class CythonOps(NumpyOps):
         # NumPy's formulas, not the kernels' (activation() above): the chunked FFN has always used them,
         # and long-prompt results stay bitwise what they were.
         return ACTIVATIONS[name](h)
+
+
+def _sparse_rows(p: Panels) -> QMatrix:
+    """A panel-packed gate / up matrix as the row-major rows the sparse FFN kernels read. Those kernels
+    have no q4m code: q4m rows are requantized to q8 (error <= 1/254 of a block's largest weight, on top
+    of the 4-bit grid), as down_t of a q4m / native model is q8 (pipower.model)."""
+    m = panels.unpack(p)
+    if m.fmt != "q4m":
+        return m
+    log.info("sparse FFN over q4m weights: building q8 copies of the layer's gate/up rows")
+    return quantize(dequantize(m), "q8")

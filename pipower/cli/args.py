@@ -9,7 +9,7 @@ import os
 import sys
 
 from ..fetcher import DEFAULT_MODEL, KNOWN_MODELS
-from ..quant import FORMATS
+from ..model import WEIGHTS
 
 EPILOG = f"known model names: {', '.join(sorted(KNOWN_MODELS))} (fetched on first use into $PIPOWER_HOME)"
 
@@ -125,10 +125,11 @@ def add_model_args(p, *, optional: str | None = None, threads: bool = True, no_c
     flag(p, "--backend", choices=BACKENDS, default="auto", default_text="auto",
          concept="ops backend: cython = compiled kernels, numpy = reference; auto = cython when built, else numpy "
                  "with a warning")
-    flag(p, "--weights", choices=FORMATS, default=None,
+    flag(p, "--weights", choices=WEIGHTS, default=None,
          concept="in-memory weight format: f32, f16, q8 (int8 blocks of 32), q4 (4-bit blocks of 32), q4m "
                  "(4-bit blocks of 32 with a scale and an offset each: a GGUF's Q4_K / Q4_1 tensors kept as in "
-                 "the file; dense decode on the CPU's integer dots only)",
+                 "the file; the CPU's integer dots only), native (GGUF: the file's 4-bit "
+                 "matrices as q4m, the others q8)",
          default_text="q8 for GGUF files when the backend has compact kernels, else f32")
     flag(p, "--dot", choices=("int8", "float"), default=None,
          concept="how q4/q8 weights multiply: int8 = activations quantized per 32-block to int8 and exact "

@@ -277,13 +277,17 @@ class LazyGGUFTensors(Mapping):
     def stored(self, name: str, fmt: str):
         """`pipower.model.store(self[name], fmt)` built over row chunks of the file tensor, so the float32
         copy of a large matrix (Qwen2.5-0.5B's embedding: 545 MB, plus gguf's temporaries) never exists
-        whole. Bitwise the same: dequantization and every compact format work row by row."""
+        whole. Bitwise the same: dequantization and every compact format work row by row. q4m from a
+        Q4_0 / Q4_1 / Q4_K tensor converts its blocks (pipower.loader.native); fmt "native" picks q4m or
+        q8 by the tensor's type (native.native_format)."""
         from ..model import store
         from ..quant import QMatrix
         t = self._infos[name]
         permuted = self._n_head and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name)
         N = t.shape[0] if len(t.shape) == 2 else 0
         rows = max(1, STORE_CHUNK_FLOATS // max(t.ne[0], 1))
+        if fmt == "native":
+            fmt = native.native_format(t.ggml_type)
         direct = fmt == "q4m" and N and t.ggml_type in native.CONVERTIBLE      # the file's own 4-bit blocks
         if direct and permuted:
             m = native.to_q4m(self._raw(t), t.ggml_type, tuple(t.shape))

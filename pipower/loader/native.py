@@ -1,8 +1,10 @@
-"""GGUF 4-bit tensors straight into pipower's q4m format, block by block (no requantization).
+"""GGUF 4-bit tensors straight into pipower's q4m format, block by block (no requantization), and the
+per-matrix choice of weights="native".
 
 q4m (pipower.quant) stores per block of 32 weights a float16 scale d and offset o with
-w = (nibble - 8) d + o. Two GGUF types are this affine 4-bit grid already:
+w = (nibble - 8) d + o. Three GGUF types are this affine 4-bit grid already:
 
+    Q4_0  block of 32:  f16 d, 16 bytes of nibbles;                   w = d (q - 8)   (o = 0: exact)
     Q4_1  block of 32:  f16 d, f16 m, 16 bytes of nibbles;            w = d q + m
     Q4_K  block of 256: f16 d, f16 dmin, 12 bytes of 6-bit scales and minimums (8 of each), 128 bytes of
           nibbles;      sub-block s of 32: w = (d sc_s) q - (dmin m_s)
@@ -25,12 +27,29 @@ from ..quant import QMatrix
 BLOCK = 32
 Q4_1_BYTES = 20            # f16 d, f16 m, 16 bytes of nibbles
 Q4_K_BYTES = 144           # f16 d, f16 dmin, 12 bytes of scales, 128 bytes of nibbles
-CONVERTIBLE = (GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_K)
+Q4_0_BYTES = 18            # f16 d, 16 bytes of nibbles
+CONVERTIBLE = (GGMLQuantizationType.Q4_0, GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_K)
+
+
+def native_format(ggml_type: int) -> str:
+    """weights="native": the format a matrix stored as ggml_type loads into. The file's 4-bit matrices
+    keep their blocks (q4m); every other one is q8, the default format (Q5 / Q6 / Q8 types lose at most
+    q8's rounding; F16 / F32 matrices are quantized to it)."""
+    return "q4m" if ggml_type in CONVERTIBLE else "q8"
 
 
 def _packed_q4(nib: np.ndarray) -> np.ndarray:
     """nibbles uint8 [..., 32] in element order -> q4's bytes [..., 16]."""
     return nib[..., :16] | (nib[..., 16:] << 4)
+
+
+def from_q4_0(raw: np.ndarray, shape: tuple) -> QMatrix:
+    """Q4_0 (w = d (q - 8)) bytes -> q4m with offset 0: exactly the file's values."""
+    N, K = shape
+    b = np.ascontiguousarray(raw).reshape(N, K // BLOCK, Q4_0_BYTES)
+    d = np.ascontiguousarray(b[..., 0:2]).view(np.float16)[..., 0]
+    data = np.ascontiguousarray(b[..., 2:]).reshape(N, K // 2)
+    return QMatrix("q4m", (N, K), data, d, np.zeros_like(d))
 
 
 def from_q4_1(raw: np.ndarray, shape: tuple) -> QMatrix:
@@ -61,7 +80,9 @@ def from_q4_k(raw: np.ndarray, shape: tuple) -> QMatrix:
 
 
 def to_q4m(raw: np.ndarray, ggml_type: int, shape: tuple) -> QMatrix:
-    """A Q4_1 or Q4_K tensor's bytes -> q4m QMatrix [N, K]."""
+    """A Q4_0, Q4_1 or Q4_K tensor's bytes -> q4m QMatrix [N, K]."""
+    if ggml_type == GGMLQuantizationType.Q4_0:
+        return from_q4_0(raw, shape)
     if ggml_type == GGMLQuantizationType.Q4_1:
         return from_q4_1(raw, shape)
     if ggml_type == GGMLQuantizationType.Q4_K:

@@ -69,9 +69,10 @@ def make_selector(model, *, act_threshold: float | None = None, target_sparsity:
 
 def predictor_format(model) -> str:
     """Predictors are read every token like the model's matrices: store them in the model's weight
-    format when the ops run it natively (the Cython engine: f16/q8/q4), else keep the trainer's f32."""
+    format when the ops run it natively (the Cython engine: f16/q8), q8 for 4-bit models, else keep the
+    trainer's f32."""
     fmt = getattr(model, "weights", "f32")
-    fmt = "q8" if fmt == "q4" else fmt          # 4-bit logits flip too many near-threshold neurons
+    fmt = "q8" if fmt in ("q4", "q4m", "native") else fmt    # 4-bit logits flip too many near-threshold neurons
     return fmt if fmt in getattr(model.transformer.ops, "native_formats", ("f32",)) else "f32"
 
 

@@ -38,7 +38,7 @@ from ..errors import InvalidArgumentError, ModelFileError, PipowerError
 # Bytes per weight of pipower's formats (pipower/quant.py table), exact: q8 = 32 int8 + one f16 scale
 # per 32 weights = 34/32, q4 = 16 bytes + one f16 scale per 32 = 18/32.
 BYTES_PER_WEIGHT = {"f32": Fraction(4), "f16": Fraction(2), "bf16": Fraction(2),
-                    "q8": Fraction(34, 32), "q4": Fraction(18, 32)}
+                    "q8": Fraction(34, 32), "q4": Fraction(18, 32), "q4m": Fraction(20, 32)}
 DEFAULT_GRANULARITY = 256        # PowerInfer's batch size: one ILP variable per 256 neurons
 DEFAULT_MIN_NEURONS = 0          # PowerInfer's `--threshold` default (its engine never passes another)
 DEFAULT_TIME_LIMIT_S = 10.0      # PowerInfer gives GLPK 30 s; HiGHS overruns its limit a little (PLACEMENT.md)
