@@ -9,11 +9,17 @@ cache length. Rounds interleave the T values, so a change of the machine's speed
 table gives medians over --repeats rounds and each T's time as a ratio to the T = 1 step of the same
 rounds. Only `Transformer.forward` is timed (no tokenizer or sampling). Prints a markdown table and
 writes JSON plus the table as .md next to it.
+
+--llama Q8_0,Q4_0 adds llama.cpp (llama-cpp-python) as an anchor: the model's GGUF requantized to those
+types (bench/decode.py's files under $PIPOWER_HOME/bench, made if missing), the same prompt length and
+token counts, one llama_decode of T tokens with logits for every row (what verifying T drafted tokens
+needs), its KV cache rolled back after each, rounds interleaved the same way.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -24,6 +30,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:          # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))       # bench/decode.py for the llama.cpp anchor
 
 import pipower  # noqa: E402
 from pipower.benchmark import cpu_model, read_gbs  # noqa: E402
@@ -57,16 +64,67 @@ def bench(model_name, fmt, threads, tokens, repeats, prompt_tokens) -> list[dict
     prompt = rng.integers(100, min(V, 30000), prompt_tokens)
     new = rng.integers(100, min(V, 30000), max(tokens))
     times = time_forwards(m.transformer, prompt, new, tokens, repeats)
+    return rows_of(model_name, fmt, threads, tokens, times)
+
+
+def time_llama_forwards(session, prompt_ids, new_ids, tokens, repeats) -> dict:
+    """llama.cpp's {T: [seconds of one T-token llama_decode, logits for every row] per round}."""
+    L = session.L
+    L.llama_memory_clear(session.mem, True)
+    session._decode([int(t) for t in prompt_ids])
+    base = len(prompt_ids)
+    times = {T: [] for T in tokens}
+    for r in range(repeats + 1):                       # round 0 warms up and is dropped
+        for T in tokens:
+            batch = L.llama_batch_init(T, 0, 1)
+            for i in range(T):
+                batch.token[i], batch.pos[i], batch.n_seq_id[i] = int(new_ids[i]), base + i, 1
+                batch.seq_id[i][0], batch.logits[i] = 0, 1
+            batch.n_tokens = T
+            t0 = time.perf_counter()
+            rc = L.llama_decode(session.ctx, batch)
+            dt = time.perf_counter() - t0
+            L.llama_batch_free(batch)
+            L.llama_memory_seq_rm(session.mem, 0, base, -1)
+            if rc != 0:
+                raise RuntimeError(f"llama_decode returned {rc}")
+            if r:
+                times[T].append(dt)
+    return times
+
+
+def rows_of(model_name, label, threads, tokens, times) -> list[dict]:
     step = statistics.median(times[1]) if 1 in times else None
     rows = []
     for T in tokens:
         med = statistics.median(times[T])
         # ratio per round (same round's T = 1 step), then the median: robust to a speed change mid-run
         ratios = [a / b for a, b in zip(times[T], times[1])] if 1 in times else []
-        rows.append(dict(model=model_name, weights=fmt, threads=threads, T=T, ms=1e3 * med,
+        rows.append(dict(model=model_name, weights=label, threads=threads, T=T, ms=1e3 * med,
                          tok_per_s=T / med, vs_step=statistics.median(ratios) if ratios else None,
                          step_ms=None if step is None else 1e3 * step))
     return rows
+
+
+def bench_llama(model_name, gguf_type, threads, tokens, repeats, prompt_tokens) -> list[dict]:
+    from decode import LlamaCpp                        # bench/decode.py: loading and requantizing
+    path = pipower.fetch(model_name, progress=False)
+    home = Path(os.environ.get("PIPOWER_HOME") or Path.home() / ".cache" / "pipower") / "bench"
+    home.mkdir(parents=True, exist_ok=True)
+    llama = LlamaCpp()
+    dst = home / f"{model_name}.{gguf_type}.gguf"
+    if not dst.exists():
+        llama.quantize(path, str(dst), gguf_type, threads)
+    V = pipower.load(path, backend="numpy", weights="f32", progress=False, cache=False).config.vocab_size
+    rng = np.random.default_rng(0)                     # the same ids as bench()
+    prompt = rng.integers(100, min(V, 30000), prompt_tokens)
+    new = rng.integers(100, min(V, 30000), max(tokens))
+    session = llama.open(str(dst), threads, prompt_tokens + max(tokens) + 16)
+    try:
+        times = time_llama_forwards(session, prompt, new, tokens, repeats)
+    finally:
+        session.close()
+    return rows_of(model_name, f"llama.cpp {gguf_type}", threads, tokens, times)
 
 
 def markdown(rows) -> str:
@@ -87,6 +145,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2, help="OpenMP threads of the kernels")
     ap.add_argument("--repeats", type=int, default=7, help="timed rounds (medians over them)")
     ap.add_argument("--prompt-tokens", type=int, default=120, help="tokens in the cache before each forward")
+    ap.add_argument("--llama", default="", help="comma-separated GGUF types (Q8_0,Q4_0) to time llama.cpp on "
+                    "as well, the model requantized to each ('' = none; needs llama-cpp-python)")
     ap.add_argument("--out", type=Path, help="write JSON here (and the table as .md next to it)")
     a = ap.parse_args(argv)
     tokens = [int(x) for x in a.tokens.split(",")]
@@ -95,6 +155,9 @@ def main(argv=None) -> int:
     for name in a.models.split(","):
         for fmt in a.formats.split(","):
             rows += bench(name, fmt, a.threads, tokens, a.repeats, a.prompt_tokens)
+            print(markdown(rows[-len(tokens):]), file=sys.stderr, flush=True)
+        for gguf_type in filter(None, a.llama.split(",")):
+            rows += bench_llama(name, gguf_type, a.threads, tokens, a.repeats, a.prompt_tokens)
             print(markdown(rows[-len(tokens):]), file=sys.stderr, flush=True)
     gbs.append(read_gbs(a.threads))
     table = markdown(rows)

@@ -15,10 +15,14 @@ three 2-thread OpenMP kernels; sum of the parts run alone ~3.3 ms):
 Limiting BLAS to 1 thread *around* each OpenMP kernel does not help (a BLAS worker already spinning
 keeps spinning whatever the pool size says), so the rules are "one pool at a time":
   * pipower._cpu calls `openmp_env_defaults()` before libgomp loads: unless the user set either
-    variable, OMP_WAIT_POLICY=PASSIVE and GOMP_SPINCOUNT=1000 - idle workers spin briefly (so kernels
-    run back to back keep a warm team) then sleep (so they do not steal BLAS's core). Kernels still skip
-    the parallel region when the work is tiny. Once the hot path is all OpenMP, BLAS=1 + ACTIVE is
-    the better pair.
+    variable, OMP_WAIT_POLICY=PASSIVE and GOMP_SPINCOUNT=20000 - idle workers spin a while (so kernels
+    run back to back keep a warm team) then sleep (so they do not steal BLAS's core for long). Kernels
+    still skip the parallel region when the work is tiny. 20000 (was 1000): the Python between two
+    kernels of a forward often outlasts 1000 spins (~20-40 us here), and each later region then pays a
+    wake-up (~20 us; a 2-thread region after a 40 us gap: 19 us at 1000, 0.5 us at 20000, which spins
+    ~0.4 ms). Qwen2.5-0.5B q8, 2 threads, five interleaved runs: decode step and 8-token forward ~3%
+    faster. Inside a forward BLAS runs on one thread (`ops.forward_scope`), so the longer spin does not
+    meet a second BLAS thread there.
   * `blas_threads(n)` limits the BLAS pool for a scope (one generate call, a benchmark), never per
     kernel: threadpoolctl.threadpool_limits() costs ~200 us per call (it rediscovers the loaded
     libraries), a cached ThreadpoolController.limit() ~5 us, the raw set_num_threads used here ~1 us.
@@ -41,7 +45,7 @@ def openmp_env_defaults() -> None:
     if "OMP_WAIT_POLICY" in os.environ or "GOMP_SPINCOUNT" in os.environ:
         return
     os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    os.environ["GOMP_SPINCOUNT"] = "1000"   # libgomp: overrides PASSIVE's 0; ignored by other runtimes
+    os.environ["GOMP_SPINCOUNT"] = "20000"  # libgomp: overrides PASSIVE's 0; ignored by other runtimes
 
 
 @lru_cache(maxsize=None)

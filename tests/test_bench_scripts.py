@@ -215,3 +215,28 @@ def test_gpu_batch_benchmark_dry_run(tmp_path):
     assert [r["T"] for r in res["rows"]] == [1, 2, 5] and res["rows"][0]["vs_step"] == 1.0
     assert res["checks"]["q8"] == {"tokens": 5, "bitwise": True, "invariant_engine": True}
     assert "5-token forward == 5 decode steps bit for bit: True" in out.with_suffix(".md").read_text()
+
+
+def test_batch_benchmark_times_forwards_on_a_rolled_back_cache(tmp_path):
+    """bench/batch.py's timing loop on a tiny model: every T timed on the same cache length (rolled back),
+    ratios per round against that round's one-token step."""
+    from helpers_models import write_tiny_gguf
+    import pipower
+    batch = load_script("batch")
+    m = pipower.load(write_tiny_gguf(tmp_path / "t.gguf"), backend="cython", weights="q8", cache=False,
+                     progress=False)
+    t = m.transformer
+    seen = []
+    real_forward = t.forward
+
+    def forward(ids, cache, **kw):
+        seen.append((len(ids), cache.length))
+        return real_forward(ids, cache, **kw)
+
+    t.forward = forward
+    times = batch.time_forwards(t, list(range(5, 15)), list(range(20, 28)), [1, 3, 8], repeats=2)
+    assert {T: len(v) for T, v in times.items()} == {1: 2, 3: 2, 8: 2}        # round 0 dropped
+    assert seen[0] == (10, 0) and all(length == 10 for _, length in seen[1:])  # prompt, then rolled back
+    assert [n for n, _ in seen[1:]] == [1, 3, 8] * 3
+    rows = batch.rows_of("tiny", "q8-int8", 1, [1, 8], {1: [1.0, 2.0], 8: [1.5, 2.0]})
+    assert [r["vs_step"] for r in rows] == [1.0, 1.25] and rows[1]["tok_per_s"] == 8 / 1.75

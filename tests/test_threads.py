@@ -38,7 +38,7 @@ def test_pool_info_shape():
 
 
 @pytest.mark.parametrize("user_env, want", [
-    ({}, ("PASSIVE", "1000")),                                   # nothing set: pipower's default
+    ({}, ("PASSIVE", "20000")),                                   # nothing set: pipower's default
     ({"OMP_WAIT_POLICY": "ACTIVE"}, ("ACTIVE", None)),          # the user's choice is kept
     ({"GOMP_SPINCOUNT": "5"}, (None, "5")),
 ])
@@ -61,4 +61,4 @@ def test_openmp_env_defaults_respect_user(monkeypatch):
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE" and "GOMP_SPINCOUNT" not in os.environ
     monkeypatch.delenv("OMP_WAIT_POLICY")
     threads.openmp_env_defaults()
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and os.environ["GOMP_SPINCOUNT"] == "1000"
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and os.environ["GOMP_SPINCOUNT"] == "20000"

@@ -32,11 +32,13 @@ cnp.import_array()
 
 cdef tuple _F32S = (np.dtype(np.float32),)
 
-# Below this many multiply-adds (H * keys * hd * 2) a call runs on one thread: waking the OpenMP team
-# (~10-60 us with OMP_WAIT_POLICY=PASSIVE, see pipower/threads.py) costs more than the work saves; one
-# thread does ~2.7 ns per (head, key) at hd=64 (decode S=512, H=14: ~25 us). A first guess: re-measure on a
-# quiet machine (docs/dev/PERF_NOTES.md): it was measured on a 2-core machine under heavy load.
-DEFAULT_MIN_PARALLEL_WORK = 1 << 19
+# Below this many multiply-adds (H * keys * hd * 2) a call runs on one thread. Inside a forward the
+# OpenMP team is warm (the kernels before this one ran on it, and idle workers spin ~0.4 ms before they
+# sleep: pipower/threads.py), so a parallel region costs ~1 us, about what one thread does in 2^15
+# multiply-adds (~2.7 ns per (head, key) at hd = 64). Was 2^19, set for a team woken from sleep (20-60
+# us): Qwen2.5-0.5B, 2 threads, attention per forward T = 1 / 2 / 4 0.41 / 0.60 / 0.98 -> 0.29 / 0.39 /
+# 0.62 ms (docs/dev/PERF_NOTES.md section 11).
+DEFAULT_MIN_PARALLEL_WORK = 1 << 15
 cdef Py_ssize_t _min_par_work = DEFAULT_MIN_PARALLEL_WORK
 
 
