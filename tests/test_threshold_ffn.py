@@ -148,3 +148,56 @@ def test_numpy_reference_of_the_threshold_idx():
     sel = np.flatnonzero(a > np.float32(tau)).astype(np.int32)
     np.testing.assert_array_equal(out, ops.ffn(x, g, u, d, "silu", sel))
     assert counted == [(len(sel), F)]
+
+
+def _float32_neighbours(center: float, n: int) -> np.ndarray:
+    """The 2n + 1 float32 values around center, consecutive."""
+    out = [np.float32(center)]
+    up = down = np.float32(center)
+    for _ in range(n):
+        up, down = np.nextafter(up, np.float32(np.inf)), np.nextafter(down, np.float32(-np.inf))
+        out += [up, down]
+    return np.array(out, dtype=np.float32)
+
+
+def _silu_roots(tau: float) -> list[float]:
+    """The v with |silu(v)| = tau (float64 bisection on the monotone pieces of silu)."""
+    def f(v):
+        return abs(v / (1 + np.exp(-v))) - tau
+    roots = []
+    for a, b in ((0.0, 50.0), (-1.2784645, 0.0), (-60.0, -1.2784645)):   # silu's minimum at -1.2784645
+        if f(a) * f(b) < 0:
+            for _ in range(200):
+                m = (a + b) / 2
+                a, b = (m, b) if f(a) * f(m) > 0 else (a, m)
+            roots.append((a + b) / 2)
+    return roots
+
+
+@pytest.mark.parametrize("tau", [0.2, 0.05, 0.0, -1.0])
+def test_vector_silu_selection_is_the_scalar_one(tau):
+    """With gate dots given, the AVX-512 selection (a vector silu with a margin, the libm formula for the
+    undecided) keeps exactly the neurons the scalar |act(g)| > tau test keeps: the output and the count
+    equal the portable path's bitwise, over values a few ulps around every root of |silu| = tau, large
+    and special values and random ones."""
+    from pipower._cpu import _ffn
+    from pipower.arena import Arena, ffn_nbytes
+    r = np.random.default_rng(3)
+    roots = _silu_roots(tau) if tau > 0 else []
+    dots = [_float32_neighbours(root, 150) for root in roots]       # the undecided band: libm decides
+    dots += [np.linspace(root * 0.99, root * 1.01, 2001, dtype=np.float32) for root in roots]   # its edges
+    dots.append(np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 80.0, -80.0, 79.99, -79.99, 88.0, -88.0, 1e-40,
+                          -1e-40, 100.0, -100.0, 1e30, -1e30], dtype=np.float32))
+    dots.append((r.standard_normal(700) * 3).astype(np.float32))
+    dots = np.concatenate(dots)
+    F, D = dots.size + (-dots.size) % 16 + 5, 64                          # a tail past the 16-lane steps
+    dots = np.concatenate([dots, r.standard_normal(F - dots.size).astype(np.float32)])
+    g, u, d = (quantize(r.standard_normal((F, D)).astype(np.float32), "q8") for _ in range(3))
+    bg, bu, bd = Arena(ffn_nbytes(g, u, d)).bundle_ffn(g, u, d)
+    x = r.standard_normal(D).astype(np.float32)
+    runs = [_ffn.ffn_threshold("q8", x, (bg.data, bg.scales), (bu.data, bu.scales), (bd.data, bd.scales), tau,
+                               "silu", int_dot=True, gate_dots=dots, simd=simd) for simd in (True, False)]
+    want_n = int((np.abs(_ffn.activation("silu", dots)) > np.float32(tau)).sum())
+    (got, n_got), (ref, n_ref) = runs
+    assert n_got == n_ref == want_n and 0 < want_n
+    assert np.array_equal(bits(got), bits(ref))

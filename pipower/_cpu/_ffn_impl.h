@@ -216,10 +216,59 @@ static inline void pp_ffn_gate_pass(const pp_ffn_args *a, float tau, ptrdiff_t i
     }
 }
 
+#if PP_HAVE_AVX512
+/* on[i] = |silu(pre[i])| > tau for i < F, exactly pp_ffn_keeps' answer but 16 neurons at a time. A vector
+ * silu (exp by range reduction and a degree-6 polynomial, then v / (1 + e)) is within ~2e-6 relative of
+ * the libm formula's value (expf within an ulp, then two roundings); a neuron whose vector |silu| lies
+ * outside tau (1 -+ 1e-4) is decided by it, the rest (|silu| within 1e-4 of tau, |v| >= 80, NaN, inf)
+ * by pp_ffn_keeps itself. The scalar test over every neuron cost 20 us per Qwen2.5-0.5B layer (4864
+ * neurons, libm expf), 0.5 ms per token. */
+static inline void pp_ffn_select_silu_v(float tau, ptrdiff_t F, const float *pre, unsigned char *on) {
+    const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), ln2_hi = _mm512_set1_ps(0.693359375f),
+                 ln2_lo = _mm512_set1_ps(-2.12194440e-4f), one = _mm512_set1_ps(1.0f),
+                 lim = _mm512_set1_ps(80.0f), hi = _mm512_set1_ps(tau * (1.0f + 1e-4f)),
+                 lo = _mm512_set1_ps(tau * (1.0f - 1e-4f));
+    /* exp(r) on |r| <= ln2 / 2: Taylor to r^6 (truncation < 2e-7 relative) */
+    const __m512 c6 = _mm512_set1_ps(1.0f / 720), c5 = _mm512_set1_ps(1.0f / 120), c4 = _mm512_set1_ps(1.0f / 24),
+                 c3 = _mm512_set1_ps(1.0f / 6), c2 = _mm512_set1_ps(0.5f);
+    ptrdiff_t i = 0;
+    for (; tau >= 0.0f && i + 16 <= F; i += 16) {    /* tau < 0 flips the margins: all scalar */
+        const __m512 v = _mm512_loadu_ps(pre + i);
+        const __m512 x = _mm512_sub_ps(_mm512_setzero_ps(), v);                       /* exp(-v) */
+        const __mmask16 ok = _mm512_cmp_ps_mask(_mm512_abs_ps(v), lim, _CMP_LT_OQ);   /* finite, |v| < 80 */
+        const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
+        r = _mm512_fnmadd_ps(n, ln2_lo, r);
+        __m512 p = _mm512_fmadd_ps(c6, r, c5);
+        p = _mm512_fmadd_ps(p, r, c4);
+        p = _mm512_fmadd_ps(p, r, c3);
+        p = _mm512_fmadd_ps(p, r, c2);
+        p = _mm512_fmadd_ps(p, r, one);
+        p = _mm512_fmadd_ps(p, r, one);
+        const __m512 e = _mm512_scalef_ps(p, n);
+        const __m512 act = _mm512_abs_ps(_mm512_div_ps(v, _mm512_add_ps(one, e)));
+        const __mmask16 yes = _mm512_mask_cmp_ps_mask(ok, act, hi, _CMP_GT_OQ);
+        const __mmask16 no = _mm512_mask_cmp_ps_mask(ok, act, lo, _CMP_LT_OQ);
+        _mm_storeu_si128((__m128i *)(on + i), _mm512_cvtepi32_epi8(_mm512_maskz_set1_epi32(yes, 1)));
+        for (__mmask16 rest = (__mmask16)(~(yes | no)); rest; rest &= (__mmask16)(rest - 1)) {
+            const int k = __builtin_ctz(rest);
+            on[i + k] = fabsf(pp_act(PP_ACT_SILU, pre[i + k])) > tau;
+        }
+    }
+    for (; i < F; i++) on[i] = fabsf(pp_act(PP_ACT_SILU, pre[i])) > tau;
+}
+#endif
+
 /* The fused threshold FFN's selection when the gate's dots come from elsewhere (weight panels, whose
  * integer dots are bitwise these kernels'): on[i] = |act(pre[i])| > tau, pp_ffn_gate_pass's test. */
 static inline void pp_ffn_select(const pp_ffn_args *a, float tau, ptrdiff_t F, const float *pre,
                                  unsigned char *on) {
+#if PP_HAVE_AVX512
+    if (a->simd && a->act == PP_ACT_SILU) {
+        pp_ffn_select_silu_v(tau, F, pre, on);
+        return;
+    }
+#endif
     for (ptrdiff_t i = 0; i < F; i++) on[i] = pp_ffn_keeps(a, tau, pre[i]);
 }
 
