@@ -240,3 +240,26 @@ def test_batch_benchmark_times_forwards_on_a_rolled_back_cache(tmp_path):
     assert [n for n, _ in seen[1:]] == [1, 3, 8] * 3
     rows = batch.rows_of("tiny", "q8-int8", 1, [1, 8], {1: [1.0, 2.0], 8: [1.5, 2.0]})
     assert [r["vs_step"] for r in rows] == [1.0, 1.25] and rows[1]["tok_per_s"] == 8 / 1.75
+
+
+def test_ab_builds_swaps_the_module_per_build_and_restores_it(tmp_path, capsys):
+    """bench/ab_builds.py with the installed _panel extension as both builds: each build is its own module
+    object while it runs (the kernels the model calls come from it), and the original is back after."""
+    from helpers_models import write_tiny_gguf
+    from pipower._cpu import _panel, linear_ops
+    ab = load_script("ab_builds")
+    seen = set()
+    real_use = ab.use
+
+    def use(refs, build):
+        real_use(refs, build)
+        seen.add(id(linear_ops._panel))
+    ab.use = use
+    path = write_tiny_gguf(tmp_path / "t.gguf")
+    assert ab.main(["--module", "_panel", "--a", _panel.__file__, "--b", _panel.__file__, "--models", str(path),
+                    "--weights", "q8", "--threads", "1", "--tokens", "1,3", "--prompt-tokens", "4",
+                    "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| T=1 |" in out and "| T=3 |" in out
+    assert len(seen) == 3 and id(_panel) in seen               # build a, build b, then the original again
+    assert linear_ops._panel is _panel
