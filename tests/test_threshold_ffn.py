@@ -186,7 +186,7 @@ def test_vector_silu_selection_is_the_scalar_one(tau):
     roots = _silu_roots(tau) if tau > 0 else []
     dots = [_float32_neighbours(root, 150) for root in roots]       # the undecided band: libm decides
     dots += [np.linspace(root * 0.99, root * 1.01, 2001, dtype=np.float32) for root in roots]   # its edges
-    dots.append(np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 80.0, -80.0, 79.99, -79.99, 88.0, -88.0, 1e-40,
+    dots.append(np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 80.0, -80.0, 79.99, -79.99, 88.0, -88.0, 1e-40, 2e-30,
                           -1e-40, 100.0, -100.0, 1e30, -1e30], dtype=np.float32))
     dots.append((r.standard_normal(700) * 3).astype(np.float32))
     dots = np.concatenate(dots)

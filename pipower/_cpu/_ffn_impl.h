@@ -220,13 +220,13 @@ static inline void pp_ffn_gate_pass(const pp_ffn_args *a, float tau, ptrdiff_t i
 /* on[i] = |silu(pre[i])| > tau for i < F, exactly pp_ffn_keeps' answer but 16 neurons at a time. A vector
  * silu (exp by range reduction and a degree-6 polynomial, then v / (1 + e)) is within ~2e-6 relative of
  * the libm formula's value (expf within an ulp, then two roundings); a neuron whose vector |silu| lies
- * outside tau (1 -+ 1e-4) is decided by it, the rest (|silu| within 1e-4 of tau, |v| >= 80, NaN, inf)
- * by pp_ffn_keeps itself. The scalar test over every neuron cost 20 us per Qwen2.5-0.5B layer (4864
+ * outside tau (1 -+ 1e-4) is decided by it, the rest (|silu| within 1e-4 of tau, |v| >= 80 or <= 1e-30,
+ * NaN, inf) by pp_ffn_keeps itself. The scalar test over every neuron cost 20 us per Qwen2.5-0.5B layer (4864
  * neurons, libm expf), 0.5 ms per token. */
 static inline void pp_ffn_select_silu_v(float tau, ptrdiff_t F, const float *pre, unsigned char *on) {
     const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), ln2_hi = _mm512_set1_ps(0.693359375f),
                  ln2_lo = _mm512_set1_ps(-2.12194440e-4f), one = _mm512_set1_ps(1.0f),
-                 lim = _mm512_set1_ps(80.0f), hi = _mm512_set1_ps(tau * (1.0f + 1e-4f)),
+                 lim = _mm512_set1_ps(80.0f), tiny = _mm512_set1_ps(1e-30f), hi = _mm512_set1_ps(tau * (1.0f + 1e-4f)),
                  lo = _mm512_set1_ps(tau * (1.0f - 1e-4f));
     /* exp(r) on |r| <= ln2 / 2: Taylor to r^6 (truncation < 2e-7 relative) */
     const __m512 c6 = _mm512_set1_ps(1.0f / 720), c5 = _mm512_set1_ps(1.0f / 120), c4 = _mm512_set1_ps(1.0f / 24),
@@ -235,7 +235,9 @@ static inline void pp_ffn_select_silu_v(float tau, ptrdiff_t F, const float *pre
     for (; tau >= 0.0f && i + 16 <= F; i += 16) {    /* tau < 0 flips the margins: all scalar */
         const __m512 v = _mm512_loadu_ps(pre + i);
         const __m512 x = _mm512_sub_ps(_mm512_setzero_ps(), v);                       /* exp(-v) */
-        const __mmask16 ok = _mm512_cmp_ps_mask(_mm512_abs_ps(v), lim, _CMP_LT_OQ);   /* finite, |v| < 80 */
+        /* decided here: 1e-30 < |v| < 80 (finite, no subnormal quotient whose rounding the margin misses) */
+        const __mmask16 ok = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(_mm512_abs_ps(v), lim, _CMP_LT_OQ),
+                                                     _mm512_abs_ps(v), tiny, _CMP_GT_OQ);
         const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
         r = _mm512_fnmadd_ps(n, ln2_lo, r);
