@@ -73,6 +73,27 @@ def relu(x):
 # HF hidden_act name -> reference formula: the one table of supported activations (config.py checks
 # models against it, the kernels take the codes below).
 ACTIVATIONS = {"silu": silu, "gelu": gelu, "gelu_pytorch_tanh": gelu_tanh, "gelu_new": gelu_tanh, "relu": relu}
+
+
+def multiply_by_activation(h: np.ndarray, g: np.ndarray, act: str, rows: int = 16) -> np.ndarray:
+    """h *= ACTIVATIONS[act](g) in place, bit for bit; h, g: float32 [T, F] host arrays (g is left as is).
+    SiLU runs its formula's elementwise operations on blocks of `rows` rows through one scratch block
+    instead of four whole-matrix temporaries: a 512-token prompt's [512, 4864] gate took 2.6 ms per
+    Qwen2.5-0.5B layer, 1.7 ms this way (the temporaries left the cache and were mapped fresh)."""
+    if act != "silu":
+        h *= ACTIVATIONS[act](g)
+        return h
+    scratch = np.empty((min(rows, g.shape[0]), g.shape[1]), dtype=F32)
+    for a in range(0, g.shape[0], rows):
+        gb, t = g[a:a + rows], scratch[:min(rows, g.shape[0] - a)]
+        np.negative(gb, out=t)                       # silu(x) = x / (1 + exp(-x)), operation by operation
+        np.exp(t, out=t)
+        np.add(t, F32(1), out=t)
+        np.divide(gb, t, out=t)
+        h[a:a + rows] *= t
+    return h
+
+
 # name -> the formula's number in the compiled kernels: enum PP_ACT_* of pipower/_cpu/_ffn_impl.h (checked
 # when pipower._cpu._ffn imports) and apply_act of pipower/_gpu/ffn.cu.
 ACT_CODES = {name: (silu, gelu, gelu_tanh, relu).index(f) for name, f in ACTIVATIONS.items()}

@@ -357,3 +357,20 @@ def test_attention_model_sized(gpu_ops):
     q = randn(r, 64, H, hd)
     got = ops.to_host(ops.attention(dev(ops, q), kd, vd, S - 64, None))
     close(got, REF["float"].attention(q, k, v, S - 64, None), 1e-5)
+
+
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_pytorch_tanh", "relu"])
+@pytest.mark.parametrize("T", [1, 15, 16, 17, 40])
+def test_multiply_by_activation_is_the_formula_bitwise(act, T):
+    """ops.multiply_by_activation (the dense FFN's h *= act(g), SiLU in row blocks without temporaries)
+    gives the bits of h * ACTIVATIONS[act](g) and leaves g alone."""
+    from pipower.ops import ACTIVATIONS, multiply_by_activation
+    r = np.random.default_rng(T)
+    g = (r.standard_normal((T, 200)) * 6).astype(np.float32)
+    g[0, :4] = [0.0, -0.0, 100.0, -100.0]
+    h = r.standard_normal((T, 200)).astype(np.float32)
+    want = h * ACTIVATIONS[act](g)
+    g0 = g.copy()
+    got = multiply_by_activation(h, g, act)
+    assert got is h and np.array_equal(got.view(np.uint32), want.view(np.uint32))
+    assert np.array_equal(g.view(np.uint32), g0.view(np.uint32))

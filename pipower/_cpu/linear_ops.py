@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InvalidArgumentError
-from ..ops import ACTIVATIONS, Threshold
+from ..ops import ACTIVATIONS, Threshold, multiply_by_activation
 from ..panels import Panels
 from ..quant import QMatrix
 from . import _ffn, _linear, _panel
@@ -132,7 +132,7 @@ def ffn_panels(x: np.ndarray, gate, up, down, act: str, n_threads: int = 1) -> n
     xq = _panel.quantize(x, up.fmt)                               # once for gate and up (if alike)
     h = _gemm(up, xq, n_threads)                                                              # [T, F]
     if gate is not None:
-        h *= ACTIVATIONS[act](_gemm(gate, xq if _panel.quantize_alike(gate.fmt, up.fmt) else x, n_threads))
+        multiply_by_activation(h, _gemm(gate, xq if _panel.quantize_alike(gate.fmt, up.fmt) else x, n_threads), act)
     else:
         h = ACTIVATIONS[act](h)
     return _gemm(down, h, n_threads)
