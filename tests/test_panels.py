@@ -202,3 +202,34 @@ def test_sparse_calls_on_a_panel_model_use_bundles_built_on_first_use(tmp_path, 
     off = pipower.load(path, backend="cython", weights="q4", threads=2, cache=False, progress=False)
     assert isinstance(off.transformer.layers[0].up, QMatrix)
     assert np.array_equal(got, run(off))
+
+
+def test_dense_panel_ffn_reuses_per_thread_scratch_safely():
+    """linear_ops.ffn_panels keeps its [T, F] work arrays per thread between calls: calls of growing and
+    shrinking T, and two threads at once, give bitwise what a fresh call gives (NumpyOps' integer FFN)."""
+    import threading
+    from pipower._cpu import linear_ops
+    from pipower.ops import NumpyOps
+    F, D = 96, 64
+    gate, up, down = (matrix("q8", *shape, seed=s) for s, shape in enumerate(((F, D), (F, D), (D, F))))
+    pg, pu, pd = (panels.pack(w) for w in (gate, up, down))
+    ref = NumpyOps(dot="int8")
+    r = np.random.default_rng(5)
+    xs = [r.standard_normal((T, D)).astype(np.float32) for T in (40, 3, 17, 1, 40)]
+    want = [ref.ffn(x, gate, up, None, "silu", down=down) for x in xs]
+    for x, w in zip(xs, want):                                     # one thread, T up and down
+        assert np.array_equal(linear_ops.ffn_panels(x, pg, pu, pd, "silu"), w)
+    got = [[None] * len(xs) for _ in range(2)]
+
+    def run(k):
+        for _ in range(20):
+            for i, x in enumerate(xs):
+                got[k][i] = linear_ops.ffn_panels(x, pg, pu, pd, "silu")
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(2):
+        for g, w in zip(got[k], want):
+            assert np.array_equal(g, w)

@@ -17,6 +17,8 @@ otherwise.
 """
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from ..errors import InvalidArgumentError
@@ -130,16 +132,33 @@ def ffn_panels(x: np.ndarray, gate, up, down, act: str, n_threads: int = 1) -> n
     (_ffn_int8_dense): h = act(x G^T) * (x U^T) with NumPy's activation formulas, then h quantized per 32
     neurons times down. Any T; row t is bitwise the one-token result."""
     xq = _panel.quantize(x, up.fmt)                               # once for gate and up (if alike)
-    h = _gemm(up, xq, n_threads)                                                              # [T, F]
+    T, F = x.shape[0], up.shape[0]
+    h = _gemm(up, xq, n_threads, _scratch("h", T, F))                                         # [T, F]
     if gate is not None:
-        multiply_by_activation(h, _gemm(gate, xq if _panel.quantize_alike(gate.fmt, up.fmt) else x, n_threads), act)
+        g = _gemm(gate, xq if _panel.quantize_alike(gate.fmt, up.fmt) else x, n_threads, _scratch("g", T, F))
+        multiply_by_activation(h, g, act)
     else:
         h = ACTIVATIONS[act](h)
     return _gemm(down, h, n_threads)
 
 
-def _gemm(W: Panels, x, n_threads: int) -> np.ndarray:
-    return _panel.gemm_panels(W.fmt, W.data, W.scales, W.shape[0], x, n_threads=n_threads, offsets=W.offsets)
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, T: int, F: int) -> np.ndarray:
+    """A float32 [T, F] work array of this thread, kept between calls (a prompt's [512, 4864] products are
+    10 MB each, and a fresh one is mapped page by page every layer). Only for values that die within
+    the call that asked."""
+    pool = _SCRATCH.__dict__.setdefault("pool", {})
+    buf = pool.get(name)
+    if buf is None or buf.size < T * F:
+        buf = pool[name] = np.empty(T * F, dtype=np.float32)
+    return buf[:T * F].reshape(T, F)
+
+
+def _gemm(W: Panels, x, n_threads: int, out: np.ndarray | None = None) -> np.ndarray:
+    return _panel.gemm_panels(W.fmt, W.data, W.scales, W.shape[0], x, out=out, n_threads=n_threads,
+                              offsets=W.offsets)
 
 
 def ffn_layout(gate, up, down_t) -> str:
