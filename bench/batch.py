@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import time
@@ -59,12 +58,17 @@ def bench(model_name, fmt, threads, tokens, repeats, prompt_tokens) -> list[dict
     weights, _, dot = fmt.partition("-")
     m = pipower.load(path, backend="cython", threads=threads, weights=weights, dot=dot or None)
     fmt = f"{weights}-{m.dot}" if weights in ("q4", "q8") else weights    # q4-int8, q8-float, ...
-    rng = np.random.default_rng(0)
-    V = m.config.vocab_size
-    prompt = rng.integers(100, min(V, 30000), prompt_tokens)
-    new = rng.integers(100, min(V, 30000), max(tokens))
+    prompt, new = forward_ids(m.config.vocab_size, prompt_tokens, tokens)
     times = time_forwards(m.transformer, prompt, new, tokens, repeats)
     return rows_of(model_name, fmt, threads, tokens, times)
+
+
+def forward_ids(vocab_size: int, prompt_tokens: int, tokens) -> tuple:
+    """The prompt's and the new tokens' ids, the same for every engine (their content does not change the
+    cost)."""
+    rng = np.random.default_rng(0)
+    return (rng.integers(100, min(vocab_size, 30000), prompt_tokens),
+            rng.integers(100, min(vocab_size, 30000), max(tokens)))
 
 
 def time_llama_forwards(session, prompt_ids, new_ids, tokens, repeats) -> dict:
@@ -107,20 +111,13 @@ def rows_of(model_name, label, threads, tokens, times) -> list[dict]:
 
 
 def bench_llama(model_name, gguf_type, threads, tokens, repeats, prompt_tokens) -> list[dict]:
-    from decode import LlamaCpp                        # bench/decode.py: loading and requantizing
-    path = pipower.fetch(model_name, progress=False)
-    home = Path(os.environ.get("PIPOWER_HOME") or Path.home() / ".cache" / "pipower") / "bench"
-    home.mkdir(parents=True, exist_ok=True)
+    from decode import LlamaCpp, default_requant_dir   # bench/decode.py: loading and requantizing
     llama = LlamaCpp()
-    dst = home / f"{model_name}.{gguf_type}.gguf"
-    if not dst.exists():
-        llama.quantize(path, str(dst), gguf_type, threads)
-    V = pipower.load(path, backend="numpy", weights="f32", progress=False, cache=False).config.vocab_size
-    rng = np.random.default_rng(0)                     # the same ids as bench()
-    prompt = rng.integers(100, min(V, 30000), prompt_tokens)
-    new = rng.integers(100, min(V, 30000), max(tokens))
-    session = llama.open(str(dst), threads, prompt_tokens + max(tokens) + 16)
+    dst = llama.requantized(pipower.fetch(model_name, progress=False), default_requant_dir(), model_name,
+                            gguf_type, threads)
+    session = llama.open(dst, threads, prompt_tokens + max(tokens) + 16)
     try:
+        prompt, new = forward_ids(session.n_vocab, prompt_tokens, tokens)
         times = time_llama_forwards(session, prompt, new, tokens, repeats)
     finally:
         session.close()

@@ -51,6 +51,11 @@ LLAMA_FOR = {"f32": "F32", "f16": "F16", "q8": "Q8_0", "q4": "Q4_0"}     # pipow
 LLAMA_FTYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 7}                  # llama_ftype values
 
 
+def default_requant_dir() -> Path:
+    """$PIPOWER_HOME/bench: the GGUFs requantized for the llama.cpp baseline."""
+    return Path(os.environ.get("PIPOWER_HOME") or Path.home() / ".cache" / "pipower") / "bench"
+
+
 def log(*a):
     print(*a, file=sys.stderr, flush=True)
 
@@ -203,6 +208,17 @@ class LlamaCpp:
         if rc != 0:
             raise RuntimeError(f"llama_model_quantize({src} -> {gguf_type}) returned {rc}")
         os.replace(tmp, dst)
+
+    def requantized(self, src: str, requant_dir: Path, model_name: str, gguf_type: str, threads: int) -> str:
+        """requant_dir/<model>.<type>.gguf, made from src by llama_model_quantize if it is not there yet."""
+        dst = requant_dir / f"{model_name}.{gguf_type}.gguf"
+        if not dst.exists():
+            requant_dir.mkdir(parents=True, exist_ok=True)
+            log(f"[{model_name}] llama_model_quantize -> {dst}")
+            t0 = time.perf_counter()
+            self.quantize(src, str(dst), gguf_type, threads)
+            log(f"    {time.perf_counter() - t0:.1f} s")
+        return str(dst)
 
     def open(self, path: str, threads: int, n_ctx: int):
         return LlamaSession(self.L, path, threads, n_ctx)
@@ -427,13 +443,7 @@ def bench_pipower(model_name, path, args, ids512, ids150, prompt, bandwidth, row
 def bench_llama(llama, model_name, path, args, ids512, ids150, prompt, bandwidth, rows, requant_dir):
     files = [("orig", path)]
     for fmt in args.llama_formats:
-        dst = requant_dir / f"{model_name}.{fmt}.gguf"
-        if not dst.exists():
-            log(f"[{model_name}] llama_model_quantize -> {dst}")
-            t0 = time.perf_counter()
-            llama.quantize(path, str(dst), fmt, args.threads)
-            log(f"    {time.perf_counter() - t0:.1f} s")
-        files.append((fmt, str(dst)))
+        files.append((fmt, llama.requantized(path, requant_dir, model_name, fmt, args.threads)))
     for label, fpath in files:
         nb = gguf_bytes(fpath)
         weights = label if label != "orig" else f"orig {Path(fpath).name.rsplit('.', 2)[-2]}"
@@ -605,9 +615,7 @@ def main(argv=None):
             llama_info = {"version": llama.version, "system_info": llama.system_info}
         except ImportError as e:
             llama_info = {"version": f"not installed ({e})"}
-    requant_dir = Path(args.requant_dir) if args.requant_dir else Path(
-        os.environ.get("PIPOWER_HOME") or Path.home() / ".cache" / "pipower") / "bench"
-    requant_dir.mkdir(parents=True, exist_ok=True)
+    requant_dir = Path(args.requant_dir) if args.requant_dir else default_requant_dir()
 
     rows = []
     prompt_len = None
