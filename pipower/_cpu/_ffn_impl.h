@@ -223,7 +223,8 @@ static inline void pp_ffn_gate_pass(const pp_ffn_args *a, float tau, ptrdiff_t i
  * outside tau (1 -+ 1e-4) is decided by it, the rest (|silu| within 1e-4 of tau, |v| >= 80 or <= 1e-30,
  * NaN, inf) by pp_ffn_keeps itself. The scalar test over every neuron cost 20 us per Qwen2.5-0.5B layer (4864
  * neurons, libm expf), 0.5 ms per token. */
-static inline void pp_ffn_select_silu_v(float tau, ptrdiff_t F, const float *pre, unsigned char *on) {
+static inline void pp_ffn_select_silu_v(const pp_ffn_args *a, float tau, ptrdiff_t F, const float *pre,
+                                        unsigned char *on) {
     const __m512 log2e = _mm512_set1_ps(1.44269504088896341f), ln2_hi = _mm512_set1_ps(0.693359375f),
                  ln2_lo = _mm512_set1_ps(-2.12194440e-4f), one = _mm512_set1_ps(1.0f),
                  lim = _mm512_set1_ps(80.0f), tiny = _mm512_set1_ps(1e-30f), hi = _mm512_set1_ps(tau * (1.0f + 1e-4f)),
@@ -236,8 +237,8 @@ static inline void pp_ffn_select_silu_v(float tau, ptrdiff_t F, const float *pre
         const __m512 v = _mm512_loadu_ps(pre + i);
         const __m512 x = _mm512_sub_ps(_mm512_setzero_ps(), v);                       /* exp(-v) */
         /* decided here: 1e-30 < |v| < 80 (finite, no subnormal quotient whose rounding the margin misses) */
-        const __mmask16 ok = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(_mm512_abs_ps(v), lim, _CMP_LT_OQ),
-                                                     _mm512_abs_ps(v), tiny, _CMP_GT_OQ);
+        const __m512 av = _mm512_abs_ps(v);
+        const __mmask16 ok = _mm512_mask_cmp_ps_mask(_mm512_cmp_ps_mask(av, lim, _CMP_LT_OQ), av, tiny, _CMP_GT_OQ);
         const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
         __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
         r = _mm512_fnmadd_ps(n, ln2_lo, r);
@@ -254,10 +255,10 @@ static inline void pp_ffn_select_silu_v(float tau, ptrdiff_t F, const float *pre
         _mm_storeu_si128((__m128i *)(on + i), _mm512_cvtepi32_epi8(_mm512_maskz_set1_epi32(yes, 1)));
         for (__mmask16 rest = (__mmask16)(~(yes | no)); rest; rest &= (__mmask16)(rest - 1)) {
             const int k = __builtin_ctz(rest);
-            on[i + k] = fabsf(pp_act(PP_ACT_SILU, pre[i + k])) > tau;
+            on[i + k] = pp_ffn_keeps(a, tau, pre[i + k]);
         }
     }
-    for (; i < F; i++) on[i] = fabsf(pp_act(PP_ACT_SILU, pre[i])) > tau;
+    for (; i < F; i++) on[i] = pp_ffn_keeps(a, tau, pre[i]);
 }
 #endif
 
@@ -267,7 +268,7 @@ static inline void pp_ffn_select(const pp_ffn_args *a, float tau, ptrdiff_t F, c
                                  unsigned char *on) {
 #if PP_HAVE_AVX512
     if (a->simd && a->act == PP_ACT_SILU) {
-        pp_ffn_select_silu_v(tau, F, pre, on);
+        pp_ffn_select_silu_v(a, tau, F, pre, on);
         return;
     }
 #endif
