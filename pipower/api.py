@@ -13,7 +13,7 @@ from .config import ModelConfig
 from .errors import InvalidArgumentError, ModelFileError, TokenizerError
 from .fetcher import KNOWN_MODELS, fetch
 from .generate import GenerationStats, generate_ids, stream_text
-from .model import INT_DOT_WEIGHTS, Transformer
+from .model import INT_DOT_ONLY, INT_DOT_WEIGHTS, Transformer
 from .ops import DOTS
 from .sampling import Sampler, SamplingParams
 
@@ -247,7 +247,7 @@ def default_dot(weights: str, device: str = "cpu") -> str:
 
 def check_dot(dot: str | None, weights: str, device: str = "cpu") -> str:
     """The `dot` of load(): None -> default_dot; else validated against the weight format and device."""
-    if weights in ("q4m", "native") and device != "cpu":
+    if weights in INT_DOT_ONLY and device != "cpu":
         raise InvalidArgumentError(f"{weights} weights run on the CPU engine only (integer dots), not device "
                                    f"{device!r}; use weights='q8'")
     if dot is None:
@@ -257,7 +257,7 @@ def check_dot(dot: str | None, weights: str, device: str = "cpu") -> str:
     if dot == "int8" and weights not in INT_DOT_WEIGHTS:
         raise InvalidArgumentError(f"dot='int8' (integer dot products) is implemented for q4, q8 and q4m weights, "
                                    f"not {weights}; use weights='q4' or 'q8', or dot='float'")
-    if dot == "float" and weights in ("q4m", "native"):
+    if dot == "float" and weights in INT_DOT_ONLY:
         raise InvalidArgumentError(f"{weights} weights multiply with integer dots only (dot='int8'); for float "
                                    f"dots use weights='q4' or 'q8'")
     if dot == "int8" and device != "cpu":

@@ -26,6 +26,7 @@ MATRICES = ("q", "k", "v", "o", "gate", "up", "down_t")   # LayerWeights fields 
 # its 4-bit blocks kept as q4m, every other matrix q8 (pipower.loader.native)
 WEIGHTS = FORMATS + ("native",)
 INT_DOT_WEIGHTS = ("q4", "q8", "q4m", "native")        # weights= with integer dot products (pipower.intdot)
+INT_DOT_ONLY = ("q4m", "native")     # weights= with no float-dot or device code: integer dots on the CPU only
 # down_t serves only the sparse FFN, whose kernels have no q4m code: q8 there (and its gate / up rows,
 # CythonOps._sparse_bundles)
 SPARSE_ROWS = {"q4m": "q8", "native": "q8"}
