@@ -147,7 +147,18 @@ def test_batched_forward_close_to_the_numpy_reference(fmt, dot):
     fast = steps(cython_transformer(CFG, fmt, dot=dot), ids, 4, [4, 16])
     ref_t = Transformer(ModelConfig.from_dict(CFG), random_tensors(CFG, seed=5), NumpyOps(dot=dot), weights=fmt)
     ref = steps(ref_t, ids, 4, [4, 16])
-    assert np.abs(fast - ref).max() <= 1e-4 * np.abs(ref).max()
+    err = np.abs(fast - ref).max(axis=1) / np.abs(ref).max()            # per token (row of logits)
+    if dot == "float":
+        assert err.max() <= 1e-4
+        return
+    # Integer dots quantize every projection's input to int8 per 32 values. The reference's float parts
+    # (NumPy / BLAS attention, the blocks' float tails) agree with the kernels' only to an ulp or so, and
+    # an ulp can move a value across a rounding boundary of that quantization: one int8 step (1/127 of
+    # its block's largest value) in one activation, which then shows in that token's later logits. Seen
+    # on an Ice Lake Xeon (BLAS kernels differ per CPU): one token of 20 at 1.8e-3, the rest ~1e-7. So:
+    # nearly every token as close as the float path, and none further than a few such steps.
+    assert np.mean(err <= 1e-4) >= 0.8, err
+    assert err.max() <= 1e-2, err
 
 
 @pytest.mark.parametrize("fmt,dot", [("q8", "float"), ("f16", "float"), ("q4", "int8")])

@@ -29,6 +29,15 @@
 #include "_int8_impl.h"
 
 #define PP_PANEL 16   /* rows per panel */
+/* Tokens per pass over a panel from 16 tokens on (fewer: passes of up to PP_TB = 8, the last one
+ * shorter): each block's weights are loaded (q4: unpacked) once for 16 tokens instead of 8, with 16 KiB of
+ * accumulators in L1. Same operations per (token, row), so the same bits. Measured on an Ice Lake Xeon VM
+ * (bench/ab_builds.py, both builds in one process, 7 rounds, Qwen2.5-Coder-0.5B, 2 threads): forwards of
+ * T = 16 / 32 / 64 tokens 9 / 6 / 7% faster for q4, 6 / 16 / 13% for q8; 32-token passes gained nothing
+ * more (T = 64 +-0%, one core at T = 512 2.5% slower than 16). */
+#ifndef PP_PANEL_TILE
+#define PP_PANEL_TILE 16
+#endif
 
 static inline ptrdiff_t pp_panel_block_bytes(int fmt) { return fmt == PP_Q8 ? 512 : 256; }   /* 16 rows x 32 */
 
@@ -184,8 +193,8 @@ pp_panel_multi_block(const int Q8, const int FAST, const int nt, const uint8_t *
     }
 }
 
-/* Up to PP_TB tokens against one panel, the weights of each block loaded (and q4 unpacked) once for
- * all of them: 16 accumulators per token do not fit in registers for several tokens, so they live in
+/* Up to PP_PANEL_TILE tokens against one panel, the weights of each block loaded (and q4 unpacked) once
+ * for all of them: 16 accumulators per token do not fit in registers for several tokens, so they live in
  * acc (L1, [nt][16 lanes][16 rows]) and each block adds to its lane there. Same operations per (token,
  * row) as pp_panel_tok_v, so the same bits. Per block and token: 8 dots, 5 other vector operations
  * and one accumulator load/store, against 8 weight loads (and for q4 12 unpacking operations) more per
@@ -220,12 +229,13 @@ pp_panel_multi_v(const int Q8, const int FAST, const int nt, const uint8_t *W, c
     }
 }
 
-/* pp_panel_multi_v for nt = 4 .. PP_TB with nt and Q8 as constants, one unrolled copy per token count
- * (independent dot chains of several tokens interleave; 5% at T = 4 and 8). Fewer tokens run inline
+/* pp_panel_multi_v for nt = 4 .. PP_TB and PP_PANEL_TILE with nt and Q8 as constants, one unrolled copy
+ * per token count (independent dot chains of several tokens interleave; 5% at T = 4 and 8). Fewer tokens run inline
  * in pp_gemm_panels on pp_panel_multi_v's run-time-count code (FAST = 0). */
 #define PP_MULTI_CASE(Q8, NT) case NT: pp_panel_multi_v(Q8, 1, NT, W, S, x, nb, y, ldy, m, next, acc); break;
 #define PP_MULTI_SWITCH(Q8) switch (nt) { PP_MULTI_CASE(Q8, 4) PP_MULTI_CASE(Q8, 5) PP_MULTI_CASE(Q8, 6) \
-    PP_MULTI_CASE(Q8, 7) default: pp_panel_multi_v(Q8, 1, 8, W, S, x, nb, y, ldy, m, next, acc); }
+    PP_MULTI_CASE(Q8, 7) PP_MULTI_CASE(Q8, 8) \
+    default: pp_panel_multi_v(Q8, 1, PP_PANEL_TILE, W, S, x, nb, y, ldy, m, next, acc); }
 static PP_NOINLINE void pp_panel_multi_nt(int fmt, int nt, const uint8_t *W, const uint16_t *S, const pp_xq *x,
                                           ptrdiff_t nb, float *y, ptrdiff_t ldy, int m, const uint8_t *next,
                                           float *acc) {
@@ -296,9 +306,9 @@ static inline void pp_gemm_panel(int fmt, int isa, const uint8_t *W, const uint1
                                  const pp_xq *x, ptrdiff_t T, float *y, ptrdiff_t p, int m, const uint8_t *next) {
 #if PP_HAVE_VNNI512
     if (isa == PP_ISA_AVX512VNNI && T > 1) {
-        float acc[PP_TB * 256] __attribute__((aligned(64)));
-        for (ptrdiff_t t0 = 0; t0 < T; t0 += PP_TB) {
-            const int nt = (int)(T - t0 < PP_TB ? T - t0 : PP_TB);
+        float acc[PP_PANEL_TILE * 256] __attribute__((aligned(64)));
+        for (ptrdiff_t t0 = 0, nt; t0 < T; t0 += nt) {
+            nt = T - t0 >= PP_PANEL_TILE ? PP_PANEL_TILE : T - t0 < PP_TB ? T - t0 : PP_TB;
             float *yt = y + t0 * N + p * PP_PANEL;
             const uint8_t *nx = t0 == 0 ? next : NULL;
             if (nt >= 4) pp_panel_multi_nt(fmt, nt, W, S, x + t0, nb, yt, N, m, nx, acc);
