@@ -230,8 +230,8 @@ pp_panel_multi_v(const int Q8, const int FAST, const int nt, const uint8_t *W, c
 }
 
 /* pp_panel_multi_v for nt = 4 .. PP_TB and PP_PANEL_TILE with nt and Q8 as constants, one unrolled copy
- * per token count (independent dot chains of several tokens interleave; 5% at T = 4 and 8). Fewer tokens run inline
- * in pp_gemm_panels on pp_panel_multi_v's run-time-count code (FAST = 0). */
+ * per token count (independent dot chains of several tokens interleave; 5% at T = 4 and 8). Fewer
+ * tokens run inline in pp_gemm_panels on pp_panel_multi_v's run-time-count code (FAST = 0). */
 #define PP_MULTI_CASE(Q8, NT) case NT: pp_panel_multi_v(Q8, 1, NT, W, S, x, nb, y, ldy, m, next, acc); break;
 #define PP_MULTI_SWITCH(Q8) switch (nt) { PP_MULTI_CASE(Q8, 4) PP_MULTI_CASE(Q8, 5) PP_MULTI_CASE(Q8, 6) \
     PP_MULTI_CASE(Q8, 7) PP_MULTI_CASE(Q8, 8) \
@@ -307,8 +307,9 @@ static inline void pp_gemm_panel(int fmt, int isa, const uint8_t *W, const uint1
 #if PP_HAVE_VNNI512
     if (isa == PP_ISA_AVX512VNNI && T > 1) {
         float acc[PP_PANEL_TILE * 256] __attribute__((aligned(64)));
-        for (ptrdiff_t t0 = 0, nt; t0 < T; t0 += nt) {
-            nt = T - t0 >= PP_PANEL_TILE ? PP_PANEL_TILE : T - t0 < PP_TB ? T - t0 : PP_TB;
+        int nt;
+        for (ptrdiff_t t0 = 0; t0 < T; t0 += nt) {
+            nt = T - t0 >= PP_PANEL_TILE ? PP_PANEL_TILE : T - t0 < PP_TB ? (int)(T - t0) : PP_TB;
             float *yt = y + t0 * N + p * PP_PANEL;
             const uint8_t *nx = t0 == 0 ? next : NULL;
             if (nt >= 4) pp_panel_multi_nt(fmt, nt, W, S, x + t0, nb, yt, N, m, nx, acc);
