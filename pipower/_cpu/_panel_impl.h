@@ -203,9 +203,9 @@ pp_panel_multi_block(const int Q8, const int FAST, const int nt, const uint8_t *
  * several tokens a panel is compute-bound (~0.5 ms per 70 M multiply-adds per core) and the hardware
  * prefetcher alone did not keep DRAM busy meanwhile: a T = 8 FFN cost the sum of its compute and memory
  * times, not the larger of the two.
- * FAST (a constant): 4 .. 8 tokens, nt a compile-time constant too (pp_panel_multi_nt): the block loop
- * rolled, the token loop unrolled, activations by shuffles (pp_panel_isum), 20% faster at T = 4 and 8
- * from DRAM. Otherwise (1 .. 3 tokens, counted at run time): the block loop unrolled 16 times (lane
+ * FAST (a constant): 4 .. 8 or PP_PANEL_TILE tokens, nt a compile-time constant too (pp_panel_multi_nt):
+ * the block loop rolled, the token loop unrolled, activations by shuffles (pp_panel_isum), 20% faster at
+ * T = 4 and 8 from DRAM. Otherwise (1 .. 3 tokens, counted at run time): the block loop unrolled 16 times (lane
  * constant) and broadcast loads, 14% faster at T = 2 than the FAST code (one thread from DRAM; at T = 3
  * the two measured within +-8%, either way depending on the measure). */
 static inline __attribute__((always_inline)) void
