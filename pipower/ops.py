@@ -37,7 +37,7 @@ class Threshold:
     """What ops.ffn takes as `idx` for the fused threshold FFN of one token: compute the neurons with
     |act(gate . h)| > tau (|act(up . h)| for a plain MLP), selecting them in the same pass that computes
     their gates; then call count(computed, total). sparse.oracle makes it for ops whose `fused_threshold`
-    is True."""
+    is True, and for several tokens (count called per token) where `fused_threshold_batch` is too."""
     tau: float
     count: Callable[[int, int], None]
 
@@ -151,6 +151,9 @@ class NumpyOps:
     native_formats: tuple = ("f32",)
     # ffn() takes a Threshold as idx (the selection made inside the FFN for one token)
     fused_threshold: bool = True
+    # ... and for a forward over several tokens too (each token keeps its own neurons, as its decode step
+    # would); else sparse.oracle passes those the selection as a bool [T, F] mask
+    fused_threshold_batch: bool = False
     # Row t of a forward over up to 64 tokens is bitwise what a one-token forward computes for it (what
     # speculative verification and batched serving need). BLAS rounds a batch its own way: not here.
     batch_invariant: bool = False

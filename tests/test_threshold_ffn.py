@@ -84,7 +84,7 @@ def test_threshold_mode_decode_same_with_and_without_fusion(fmt, dot, monkeypatc
 @pytest.mark.parametrize("fmt", ["q8", "q4"])
 def test_threshold_on_a_panel_packed_layer_takes_the_gate_from_the_panels(fmt):
     """With integer dots a layer's gate and up are weight panels: the threshold FFN computes every gate
-    dot with the panel GEMV, then reads only the kept neurons' up and down rows (gate rows skipped).
+    dot with the panel GEMV, then reads only the kept neurons' up and down rows (bundles without gate rows).
     Same selection and bitwise the same output as the sparse FFN over that selection (gate rows
     recomputed by the row kernels), and as the same call on plain (unpacked) matrices."""
     from pipower import panels
@@ -102,15 +102,51 @@ def test_threshold_on_a_panel_packed_layer_takes_the_gate_from_the_panels(fmt):
         counts = []
         got = ops.ffn(x, pg, pu, d, "silu", Threshold(tau, lambda n, total: counts.append((n, total))))
         assert counts == [(want_idx.size, F)]
+        if q == 0.0:    # the threshold FFN's bundles hold up and down_t alone (no copy of the gate rows)
+            (_, (bgate, bup, _)), = ops._bundles.values()
+            assert bgate is None and bup.data.strides[0] < 3 * bup.data.shape[1]
         want = ops.ffn(x, pg, pu, d, "silu", want_idx)                  # bundles with gate rows
         plain = ops.ffn(x, g, u, d, "silu", Threshold(tau, lambda n, total: None))   # row kernels' gate pass
         assert np.array_equal(bits(got), bits(want)) and np.array_equal(bits(got), bits(plain))
 
 
+@pytest.mark.parametrize("fmt,dot,packed", [("q8", "int8", True), ("q4", "int8", True), ("q8", "int8", False),
+                                            ("q8", "float", False)])
+def test_threshold_over_several_tokens_is_bitwise_the_masked_ffn(fmt, dot, packed):
+    """CythonOps takes a Threshold for a prompt (T > 1) too: each token keeps the neurons of its own
+    |act(gate . x_t)| > tau. Bitwise the sparse FFN under that bool mask (oracle mode's old prompt path),
+    and on integer dots row by row the one-token threshold call (float dots run a masked prompt through
+    the reference's chunked BLAS FFN); the count is the mask's. On panel-packed layers it runs on bundles
+    of up and down_t alone, the decode step's, so no second set with gate rows is built."""
+    from pipower import panels
+    from pipower._cpu.ops import CythonOps
+    r = np.random.default_rng(7)
+    F, D, T = 96, 64, 5
+    g, u, d = (quantize(r.standard_normal((F, D)).astype(np.float32), fmt) for _ in range(3))
+    gate, up = (panels.pack(g), panels.pack(u)) if packed else (g, u)
+    ops = CythonOps(2, dot)
+    assert ops.fused_threshold_batch
+    x = r.standard_normal((T, D)).astype(np.float32)
+    act = np.abs(ops.activation("silu", ops.linear(x, gate)))                      # [T, F]
+    tau = float(np.quantile(act, 0.4))
+    mask = act > np.float32(tau)
+    counts = []
+    got = ops.ffn(x, gate, up, d, "silu", Threshold(tau, lambda n, total: counts.append((n, total))))
+    assert sum(n for n, _ in counts) == mask.sum() and sum(t for _, t in counts) == mask.size
+    assert 0 < mask.sum() < mask.size and not (mask == mask[0]).all()      # tokens keep different neurons
+    assert np.array_equal(bits(got), bits(ops.ffn(x, gate, up, d, "silu", mask)))
+    for t in range(T if dot == "int8" else 0):
+        one = ops.ffn(x[t:t + 1], gate, up, d, "silu", Threshold(tau, lambda n, total: None))
+        assert np.array_equal(bits(got[t]), bits(one[0]))
+    if packed:      # the threshold calls' bundles (up | down_t) plus the mask call's (gate | up | down_t)
+        assert sorted(key[1] for key in ops._bundles) == [False, True]
+
+
 def test_threshold_with_gate_dots_given_is_bitwise_the_gate_pass():
-    """ffn_threshold(gate_dots=): the gate's dots from elsewhere, no gate pass, the gate rows in the
-    bundles skipped; bitwise the fused call that computes them itself. Dots without gate rows, or of the
-    wrong length, are refused."""
+    """ffn_threshold(gate_dots=): the gate's dots from elsewhere, no gate pass; bitwise the fused call
+    that computes them itself, whether the gate rows are in the bundles (skipped) or left out (bundles of
+    up and down_t alone: still a gated FFN, act(gate dot) * up dot). Dots of the wrong length are
+    refused."""
     from pipower._cpu import _ffn
     from pipower.errors import InvalidArgumentError
     from pipower.arena import Arena, ffn_nbytes
@@ -129,9 +165,15 @@ def test_threshold_with_gate_dots_given_is_bitwise_the_gate_pass():
     with pytest.raises(InvalidArgumentError, match="gate_dots must have shape"):
         _ffn.ffn_threshold("q8", x, (bg.data, bg.scales), (bu.data, bu.scales), (bd.data, bd.scales), tau,
                            "silu", gate_dots=np.zeros(F - 1, np.float32))
-    with pytest.raises(InvalidArgumentError, match="give its gate rows too"):
-        _ffn.ffn_threshold("q8", x, None, (bu.data, bu.scales), (bd.data, bd.scales), tau, "silu",
-                           gate_dots=dots)
+    _, ou, od = Arena(ffn_nbytes(None, u, d)).bundle_ffn(None, u, d)
+    assert _ffn.layout("q8", None, (ou.data, ou.scales), (od.data, od.scales)) == "bundled"
+    alone, n_alone = _ffn.ffn_threshold("q8", x, None, (ou.data, ou.scales), (od.data, od.scales), tau, "silu",
+                                        int_dot=True, gate_dots=dots, n_threads=2)
+    assert n_alone == n_want and np.array_equal(bits(alone), bits(want))
+    # without gate_dots, gate None is a plain MLP: act(up dot), a different FFN
+    plain, _ = _ffn.ffn_threshold("q8", x, None, (ou.data, ou.scales), (od.data, od.scales), tau, "silu",
+                                  int_dot=True)
+    assert not np.array_equal(bits(plain), bits(want))
 
 
 def test_numpy_reference_of_the_threshold_idx():

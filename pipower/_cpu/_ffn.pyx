@@ -48,6 +48,7 @@ cdef extern from "_ffn_batch_impl.h" nogil:
         float *hbuf
         unsigned char *live
         const float *pre
+        int pre_gate
         float *h_out
     int PP_FFN_MAX_T
     void pp_ffn_chunk(const pp_ffn_args *a, Py_ssize_t j0, Py_ssize_t j1, float *acc)
@@ -141,12 +142,12 @@ def ffn_threshold(fmt, x, gate, up, down_t, tau, act, out=None, n_threads=1, sim
     for a plain MLP) are selected and computed in one call, the gate rows read once. -> (out [D],
     number of neurons computed). out is bitwise ffn_sparse over the same selection (same dots, same
     chunks); same arguments as ffn_sparse, x [D] only.
-    gate_dots: float32 [F], the gate's dots gate[i] . x computed elsewhere (weight panels: the integer
-    dots are bitwise these kernels'): no gate pass; only the kept neurons' up and down rows are read (the
-    gate rows are still required: they lay out the bundles, whose gate bytes are then skipped)."""
+    gate_dots: float32 [F], a gated FFN's gate dots gate[i] . x computed elsewhere (weight panels: the
+    integer dots are bitwise these kernels'): no gate pass; only the kept neurons' up and down rows are
+    read. gate may then be None (still a gated FFN: up and down_t alone, e.g. bundled without gate rows,
+    so that a kept neuron's bytes are one contiguous span) or its rows (bundles whose gate bytes are
+    skipped)."""
     if gate_dots is not None:
-        if gate is None:
-            raise invalid("gate_dots are a gated FFN's gate dots: give its gate rows too")
         check_array(gate_dots, "gate_dots", (np.dtype(np.float32),), 1, True)
         if gate_dots.shape[0] != up[0].shape[0]:
             raise invalid(f"gate_dots must have shape ({up[0].shape[0]},) like up's rows, "
@@ -240,6 +241,7 @@ cdef tuple _ffn(fmt, x, gate, up, down_t, idx, act, out, h_out, n_threads, simd,
     a.n = n
     a.bundle = pp_ffn_bundle_start(&a) if F > 1 else NULL
     a.pre = NULL
+    a.pre_gate = 0
     if tau is not None:                                    # select, then the sparse FFN over the selection
         on = np.empty(F, dtype=np.uint8)
         ftau = <float>tau
@@ -262,6 +264,7 @@ cdef tuple _ffn(fmt, x, gate, up, down_t, idx, act, out, h_out, n_threads, simd,
         a.idx = NULL if n == F else <const int32_t *>cnp.PyArray_DATA(idx)
         a.n = n
         a.pre = <const float *>cnp.PyArray_DATA(pre)
+        a.pre_gate = gate is None and gate_dots is not None
     CH = max(MIN_CHUNK, (n + MAX_CHUNKS - 1) // MAX_CHUNKS)
     C = (n + CH - 1) // CH
     part = np.empty(C * a.T * D if C > 1 else 0, dtype=np.float32)   # [C, T, D] partial rows

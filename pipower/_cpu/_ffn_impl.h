@@ -46,6 +46,8 @@ typedef struct {
     unsigned char *live;                    /* T > 1: scratch [chunks, chunk] */
     const float *pre;                       /* [F] gate . x per neuron (up . x for a plain MLP) computed by
                                                the fused threshold pass, or NULL: computed here */
+    int pre_gate;                           /* 1: pre holds a gated FFN's gate dots and its gate rows are
+                                               not given (gate NULL; T == 1 only), else 0 */
     float *h_out;                           /* [n] or NULL (T == 1 only) */
 } pp_ffn_args;
 
@@ -92,6 +94,15 @@ static inline void pp_prefetch_span_l2(const char *span, ptrdiff_t bytes) {
 #define PP_FFN_SPREAD_NEAR_BYTES 12288
 #endif
 
+/* The fused threshold FFN (gate dots given: a->pre) reads the kept neurons' up and down rows, 60-75% of
+ * the neurons at the calibrated sparsities, and prefetches them spread out at any span length, ~8 KiB
+ * ahead. On an Ice Lake Xeon VM (2 threads, 24 DRAM-resident layers, both builds in one process) that
+ * made the sparse part 11-20% faster than the short spans' two-level burst on Qwen2.5-0.5B (1920-byte
+ * up | down bundles) and 5-10% on SmolLM2; 4-12 KiB measured alike (docs/dev/PERF_NOTES.md section 13). */
+#ifndef PP_FFN_THRESHOLD_NEAR_BYTES
+#define PP_FFN_THRESHOLD_NEAR_BYTES 8192
+#endif
+
 #ifndef PP_FFN_DENSE_NEAR      /* the dense FFN over bundles: L1 prefetch distance, L2 level on (1) / off */
 #define PP_FFN_DENSE_NEAR 2
 #endif
@@ -136,14 +147,16 @@ static inline void pp_ffn_dots(const pp_ffn_args *a, const char *row, const uint
 /* Neurons j in [j0, j1) of the active list, summed into acc[D] (zeroed here). */
 static inline void pp_ffn_chunk(const pp_ffn_args *a, ptrdiff_t j0, ptrdiff_t j1, float *acc) {
     const ptrdiff_t D = a->D, rb = a->rs, nsb = a->ss;
-    const int q = a->up_s != NULL;
+    const int q = a->up_s != NULL, gated = a->gate != NULL || a->pre_gate;
     /* Dense (idx NULL) spans follow each other: an L1 prefetch 2 ahead keeps the stream going; the L2
      * level only helps scattered spans (with it the dense FFN ran 5-10% slower). Scattered spans: a
-     * burst per span when short, else spread over the neuron's work (see PP_FFN_BURST_MAX_BYTES). */
-    const int spread = a->bundle && a->idx && rb > PP_FFN_BURST_MAX_BYTES;
+     * burst per span when short, else spread over the neuron's work (see PP_FFN_BURST_MAX_BYTES); the
+     * threshold FFN's always spread (PP_FFN_THRESHOLD_NEAR_BYTES). */
+    const int spread = a->bundle && a->idx && (rb > PP_FFN_BURST_MAX_BYTES || a->pre);
     const ptrdiff_t far_sparse = rb > PP_FFN_BUNDLE_FAR_BYTES / 2 ? 2 : PP_FFN_BUNDLE_FAR_BYTES / rb;
     const ptrdiff_t far = a->idx ? far_sparse : PP_FFN_DENSE_L2 * far_sparse;   /* unused when spread */
-    const ptrdiff_t near = spread ? (rb >= PP_FFN_SPREAD_NEAR_BYTES ? 1 : PP_FFN_SPREAD_NEAR_BYTES / rb)
+    const ptrdiff_t near_bytes = a->pre ? PP_FFN_THRESHOLD_NEAR_BYTES : PP_FFN_SPREAD_NEAR_BYTES;
+    const ptrdiff_t near = spread ? (rb >= near_bytes ? 1 : near_bytes / rb)
                          : a->idx ? PP_FFN_BUNDLE_NEAR : PP_FFN_DENSE_NEAR;
     /* Gate dots given (a->pre) in a bundle that still holds gate rows: prefetch each span from its up
      * row on, so the gate bytes are never read (the bundle stores gate | up | down, scales after). */
@@ -176,14 +189,14 @@ static inline void pp_ffn_chunk(const pp_ffn_args *a, ptrdiff_t j0, ptrdiff_t j1
         /* gate before up: a bundle stores gate | up | down, so the reads ascend through the span */
         pp_prefetch_span_part(later, span, 0);
         float g = 0.0f, u;
-        if (a->gate) {
+        if (gated) {
             if (a->pre) g = a->pre[i];
             else pp_ffn_dots(a, a->gate + i * rb, q ? a->gate_s + i * nsb : NULL, 1, &g);
         }
         pp_prefetch_span_part(later, span, 1);
-        if (!a->gate && a->pre) u = a->pre[i];
+        if (!gated && a->pre) u = a->pre[i];
         else pp_ffn_dots(a, a->up + i * rb, q ? a->up_s + i * nsb : NULL, 1, &u);
-        const float h = a->gate ? pp_act(a->act, g) * u : pp_act(a->act, u);
+        const float h = gated ? pp_act(a->act, g) * u : pp_act(a->act, u);
         pp_prefetch_span_part(later, span, 2);
         if (a->h_out) a->h_out[j] = h;
         /* ReLU-family models give many exact zeros: skipping them saves the down row's read. */

@@ -79,8 +79,8 @@ def ffn(x: np.ndarray, gate, up, down_t, act: str, n_threads: int = 1,
     None (all) -> new float32 [T, D]. Same math as NumpyOps.ffn, for the calls on_kernels() accepts.
     int_dot (q4, q8): gate/up dots over int8-quantized x, on the batch-invariant kernel for every T (token
     slices of MAX_TOKENS; a per-token mask runs each token's own neurons as its decode step would).
-    gate_dots (with a Threshold and the gate's rows): float32 [F], the gate's dots already computed (weight
-    panels); the gate rows are then skipped."""
+    gate_dots (with a Threshold, gated FFNs): float32 [F], the gate's dots already computed (weight
+    panels); gate may then be None (bundles of up and down_t alone), or its rows, which are skipped."""
     fu, ud, us = parts(up)
     fd, dd, ds = parts(down_t)
     fg, gd, gs = parts(gate) if gate is not None else (fu, None, None)

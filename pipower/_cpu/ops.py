@@ -31,6 +31,7 @@ else:
 class CythonOps(NumpyOps):
     name = "cython"
     batch_invariant = True      # docs/BATCHING.md "Batch invariance"; tests/test_cpu_batch.py
+    fused_threshold_batch = True    # ffn(): _ffn_threshold_tokens
 
     def __init__(self, n_threads: int = 1, dot: str = "float"):
         if not AVAILABLE:
@@ -38,7 +39,7 @@ class CythonOps(NumpyOps):
         if _attention is None:
             raise BackendError(f"pipower._cpu kernel modules are not all built ({_ATTENTION_ERROR})")
         super().__init__(n_threads, dot)
-        self._bundles: dict = {}      # id(up Panels) -> (up, neuron bundles): _sparse_bundles
+        self._bundles: dict = {}      # (id(up Panels), gate left out) -> (up, bundles): _sparse_bundles
         self._joined: dict = {}       # ids of adjacent Panels -> (them, one Panels over all or None): _join
 
     def prepare(self, transformer) -> None:
@@ -187,17 +188,19 @@ class CythonOps(NumpyOps):
         prompt, or a per-token mask over several tokens, runs the reference's chunked FFN (BLAS over row
         tiles)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
+        if isinstance(idx, Threshold) and x.shape[0] > 1:
+            return self._ffn_threshold_tokens(x, gate, up, down_t, act, idx)
         if down is not None and idx is None and self._int_dot(down):
             if type(up) is Panels and type(down) is Panels and (gate is None or type(gate) is Panels):
                 return linear_ops.ffn_panels(x, gate, up, down, act, self.n_threads)
             return super().ffn(x, gate, up, down_t, act, idx, down)
         if type(up) is Panels and isinstance(idx, Threshold) and type(gate) is Panels and x.shape[0] == 1:
             # the threshold FFN on a panel-packed layer: every gate dot from the panels (the dense GEMV,
-            # bitwise the row kernels' integer dots), then only the kept neurons' up and down rows of the
-            # layer's one set of neuron bundles (their gate rows are skipped)
+            # bitwise the row kernels' integer dots), then only the kept neurons' up and down rows, from
+            # bundles of those two alone (the gate rows are never read from bundles here)
             gate_dots = self.linear(x, gate)[0]                                  # [F]
-            gate, up, down_t = self._sparse_bundles(gate, up, down_t)
-            return linear_ops.ffn(x, gate, up, down_t, act, self.n_threads, idx, int_dot=True,
+            _, up, down_t = self._sparse_bundles(None, up, down_t)
+            return linear_ops.ffn(x, None, up, down_t, act, self.n_threads, idx, int_dot=True,
                                   gate_dots=gate_dots)
         if type(up) is Panels:                     # a sparse call on a panel-packed layer
             gate, up, down_t = self._sparse_bundles(gate, up, down_t)
@@ -206,11 +209,32 @@ class CythonOps(NumpyOps):
             return linear_ops.ffn(x, gate, up, down_t, act, self.n_threads, idx, int_dot=int_dot)
         return super().ffn(x, gate, up, down_t, act, idx)
 
+    def _ffn_threshold_tokens(self, x: np.ndarray, gate, up, down_t, act: str, thr: Threshold) -> np.ndarray:
+        """A Threshold over T > 1 tokens (a prompt in oracle mode): each token keeps the neurons with
+        |act(gate . x_t)| > tau, exactly its decode step's selection, and its output is bitwise the
+        masked sparse FFN's. x: [T, D] -> [T, D]. On a panel-packed layer every gate dot comes from one
+        panel GEMM over the T tokens and each token runs the fused threshold FFN over the bundles of up
+        and down_t (the decode step's own bundles: no second copy with gate rows); otherwise the
+        selection becomes a bool [T, F] mask for the per-token sparse FFN."""
+        pre = self.linear(x, gate if gate is not None else up)                          # [T, F]
+        if type(up) is Panels and type(gate) is Panels:
+            _, bup, bdown = self._sparse_bundles(None, up, down_t)
+            out = np.empty_like(x)
+            for t in range(x.shape[0]):
+                out[t] = linear_ops.ffn(x[t:t + 1], None, bup, bdown, act, self.n_threads, thr, int_dot=True,
+                                        gate_dots=pre[t])[0]
+            return out
+        mask = np.abs(self.activation(act, pre)) > np.float32(thr.tau)                # bool [T, F]
+        thr.count(int(mask.sum()), mask.size)
+        return self.ffn(x, gate, up, down_t, act, mask)
+
     def _sparse_bundles(self, gate, up, down_t) -> tuple:
         """Neuron bundles (pipower.arena) of a panel-packed layer for the sparse FFN, built on its first
         sparse call and kept: gate/up rows come back exactly from the panels (q4m ones as q8, _sparse_rows),
-        down_t is the layer's own. Dense-only use never pays their memory."""
-        key = id(up)
+        down_t is the layer's own. gate None: bundles of up and down_t alone (the threshold FFN, which
+        takes the gate's dots from the panels: a third less memory, and each kept neuron one contiguous
+        span). Dense-only use never pays their memory."""
+        key = (id(up), gate is None)
         hit = self._bundles.get(key)
         if hit is None or hit[0] is not up:
             from ..arena import Arena, ffn_nbytes

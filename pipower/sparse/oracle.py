@@ -59,6 +59,7 @@ class OracleSelector(CountingSelector):
         self.tau = np.broadcast_to(np.asarray(tau_act, np.float32), (L,)).copy()   # [L]
 
     def __call__(self, layer: int, x: np.ndarray, h: np.ndarray):
-        if h.shape[0] == 1 and getattr(self.transformer.ops, "fused_threshold", False):
+        ops = self.transformer.ops
+        if getattr(ops, "fused_threshold", False) and (h.shape[0] == 1 or getattr(ops, "fused_threshold_batch", False)):
             return Threshold(float(self.tau[layer]), self.count)          # one pass in ops.ffn
         return self.select(gate_activations(self.transformer, layer, h) > self.tau[layer])   # bool [T, F]
