@@ -102,6 +102,18 @@ static inline void pp_prefetch_span_l2(const char *span, ptrdiff_t bytes) {
 #ifndef PP_FFN_THRESHOLD_NEAR_BYTES
 #define PP_FFN_THRESHOLD_NEAR_BYTES 8192
 #endif
+/* ... and sends the first few lines of the span ~16 KiB ahead towards L2. Each software prefetch holds
+ * one of the core's ~12 L1 fill buffers until its line arrives, which caps a scattered stream at roughly
+ * 12 lines per memory latency (~13 GB/s on two Ice Lake cores, against ~16-18 for the dense panels that
+ * the L2 streamer feeds). Touching a span's first lines early starts the L2 streamer on it: 4 lines
+ * made the sparse part 6-7% faster on Qwen2.5-0.5B, 4-7% on SmolLM2, 0-3% on the 1.5B (same process);
+ * 8 lines gave about as much, the whole span into L2 was 3-8% slower, 24 KiB ahead less than 16. */
+#ifndef PP_FFN_THRESHOLD_L2_BYTES
+#define PP_FFN_THRESHOLD_L2_BYTES 16384
+#endif
+#ifndef PP_FFN_THRESHOLD_L2_LINES
+#define PP_FFN_THRESHOLD_L2_LINES 4
+#endif
 
 #ifndef PP_FFN_DENSE_NEAR      /* the dense FFN over bundles: L1 prefetch distance, L2 level on (1) / off */
 #define PP_FFN_DENSE_NEAR 2
@@ -162,6 +174,7 @@ static inline void pp_ffn_chunk(const pp_ffn_args *a, ptrdiff_t j0, ptrdiff_t j1
      * row on, so the gate bytes are never read (the bundle stores gate | up | down, scales after). */
     const ptrdiff_t skip = (a->bundle && a->pre && a->gate && a->up > a->gate) ? a->up - a->bundle : 0;
     const ptrdiff_t span = rb - skip;
+    const ptrdiff_t l2_ahead = rb >= PP_FFN_THRESHOLD_L2_BYTES ? 1 : PP_FFN_THRESHOLD_L2_BYTES / rb;
     memset(acc, 0, (size_t)D * sizeof(float));
     for (ptrdiff_t j = j0; j < j1; j++) {
         const ptrdiff_t i = pp_ffn_neuron(a, j);
@@ -169,6 +182,10 @@ static inline void pp_ffn_chunk(const pp_ffn_args *a, ptrdiff_t j0, ptrdiff_t j1
         if (a->bundle) {   /* whole spans, dense or sparse: one contiguous stream per neuron */
             if (spread) {
                 if (j + near < a->n) later = a->bundle + pp_ffn_neuron(a, j + near) * rb + skip;
+                if (a->pre && j + l2_ahead < a->n) {
+                    const char *head = a->bundle + pp_ffn_neuron(a, j + l2_ahead) * rb + skip;
+                    for (int l = 0; l < PP_FFN_THRESHOLD_L2_LINES && 64 * l < span; l++) PP_PREFETCH_L2(head + 64 * l);
+                }
             } else {
                 if (far && j + far < a->n)
                     pp_prefetch_span_l2(a->bundle + pp_ffn_neuron(a, j + far) * rb + skip, span);
