@@ -31,7 +31,7 @@ else:
 class CythonOps(NumpyOps):
     name = "cython"
     batch_invariant = True      # docs/BATCHING.md "Batch invariance"; tests/test_cpu_batch.py
-    fused_threshold_batch = True    # ffn(): _ffn_threshold_tokens
+    fused_threshold_batch = True    # ffn(): _ffn_threshold
 
     def __init__(self, n_threads: int = 1, dot: str = "float"):
         if not AVAILABLE:
@@ -188,20 +188,12 @@ class CythonOps(NumpyOps):
         prompt, or a per-token mask over several tokens, runs the reference's chunked FFN (BLAS over row
         tiles)."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if isinstance(idx, Threshold) and x.shape[0] > 1:
-            return self._ffn_threshold_tokens(x, gate, up, down_t, act, idx)
+        if isinstance(idx, Threshold) and (x.shape[0] > 1 or (type(up) is Panels and type(gate) is Panels)):
+            return self._ffn_threshold(x, gate, up, down_t, act, idx)
         if down is not None and idx is None and self._int_dot(down):
             if type(up) is Panels and type(down) is Panels and (gate is None or type(gate) is Panels):
                 return linear_ops.ffn_panels(x, gate, up, down, act, self.n_threads)
             return super().ffn(x, gate, up, down_t, act, idx, down)
-        if type(up) is Panels and isinstance(idx, Threshold) and type(gate) is Panels and x.shape[0] == 1:
-            # the threshold FFN on a panel-packed layer: every gate dot from the panels (the dense GEMV,
-            # bitwise the row kernels' integer dots), then only the kept neurons' up and down rows, from
-            # bundles of those two alone (the gate rows are never read from bundles here)
-            gate_dots = self.linear(x, gate)[0]                                  # [F]
-            _, up, down_t = self._sparse_bundles(None, up, down_t)
-            return linear_ops.ffn(x, None, up, down_t, act, self.n_threads, idx, int_dot=True,
-                                  gate_dots=gate_dots)
         if type(up) is Panels:                     # a sparse call on a panel-packed layer
             gate, up, down_t = self._sparse_bundles(gate, up, down_t)
         int_dot = self._int_dot(up)
@@ -209,13 +201,14 @@ class CythonOps(NumpyOps):
             return linear_ops.ffn(x, gate, up, down_t, act, self.n_threads, idx, int_dot=int_dot)
         return super().ffn(x, gate, up, down_t, act, idx)
 
-    def _ffn_threshold_tokens(self, x: np.ndarray, gate, up, down_t, act: str, thr: Threshold) -> np.ndarray:
-        """A Threshold over T > 1 tokens (a prompt in oracle mode): each token keeps the neurons with
-        |act(gate . x_t)| > tau, exactly its decode step's selection, and its output is bitwise the
-        masked sparse FFN's. x: [T, D] -> [T, D]. On a panel-packed layer every gate dot comes from one
-        panel GEMM over the T tokens and each token runs the fused threshold FFN over the bundles of up
-        and down_t (the decode step's own bundles: no second copy with gate rows); otherwise the
-        selection becomes a bool [T, F] mask for the per-token sparse FFN."""
+    def _ffn_threshold(self, x: np.ndarray, gate, up, down_t, act: str, thr: Threshold) -> np.ndarray:
+        """A Threshold on a panel-packed layer (any T), or over T > 1 tokens (a prompt in oracle mode):
+        each token keeps the neurons with |act(gate . x_t)| > tau, exactly its decode step's selection,
+        and its output is bitwise the masked sparse FFN's. x: [T, D] -> [T, D]. On a panel-packed layer
+        every gate dot comes from one panel GEMM over the T tokens (bitwise the row kernels' integer
+        dots) and each token runs the fused threshold FFN over bundles of up and down_t alone (their
+        gate rows would never be read); otherwise (T > 1) the selection becomes a bool [T, F] mask for
+        the per-token sparse FFN."""
         pre = self.linear(x, gate if gate is not None else up)                          # [T, F]
         if type(up) is Panels and type(gate) is Panels:
             _, bup, bdown = self._sparse_bundles(None, up, down_t)
