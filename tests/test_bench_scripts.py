@@ -263,3 +263,27 @@ def test_ab_builds_swaps_the_module_per_build_and_restores_it(tmp_path, capsys):
     assert "| T=1 |" in out and "| T=3 |" in out
     assert len(seen) == 3 and id(_panel) in seen               # build a, build b, then the original again
     assert linear_ops._panel is _panel
+
+
+def test_threshold_bound_counts_each_part_once():
+    """bench/threshold_bound.py: a q8 matrix is 1 byte per weight plus a float16 scale per 32, every
+    layer's part counted once, the KV cache float32 keys and values up to the position; the bound is 1
+    with nothing skipped and grows with the skipped share, staying under 1 / (1 - up+down share)."""
+    from pipower.ops import NumpyOps
+
+    hybrid = load_script("hybrid")
+    tb = load_script("threshold_bound")
+    t = hybrid.synthetic_transformer("tiny", "q8", NumpyOps())
+    cfg = t.config
+    D, F, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    q8 = lambda n, k: n * k + n * (k // 32) * 2                      # noqa: E731
+    kv = cfg.num_key_value_heads * cfg.head_dim
+    parts = tb.step_bytes(t, context=10)
+    assert parts["gate"] == parts["up"] == parts["down"] == L * q8(F, D)
+    assert parts["attention"] == L * (2 * q8(cfg.num_attention_heads * cfg.head_dim, D) + 2 * q8(kv, D))
+    assert parts["output head"] == q8(V, D)
+    assert parts["kv cache"] == 2 * L * kv * 10 * 4
+    row = tb.report("tiny", parts, [0.0, 0.25, 0.4])
+    b = list(row["bounds"].values())
+    assert b[0] == 1.0 and 1.0 < b[1] < b[2] < 1 / (1 - row["up_down_share"])
+    assert "| tiny |" in tb.render([row], 10)
