@@ -208,7 +208,6 @@ pp_panel_multi_tok(const __m512i w[8], __m512 dw, const pp_xq *x, int t, ptrdiff
     pp_panel_tail(s, dw, x[t].d[b], lane + t * 256);
 }
 
-
 /* Block b of one panel against nt tokens, added to lane b % 16 of each token's accumulators (lane =
  * acc + (b % 16) * 16). FAST: nt is a constant and the token loop unrolls; otherwise the loop stays
  * rolled (GCC peeled it into 1..3 copies with branches once it knew nt <= 3: 10-15% slower at T = 2, 3). */
@@ -245,9 +244,10 @@ pp_panel_multi_block(const int Q8, const int FAST, const int nt, const uint8_t *
  * FAST (a constant): 4 .. 8 or PP_PANEL_TILE tokens, nt a compile-time constant too (pp_panel_multi_nt):
  * the block loop rolled, the token loop unrolled, activations by shuffles (pp_panel_isum), 20% faster at
  * T = 4 and 8 from DRAM; the activations come token-major (xt, pp_xtm), which took another 5-10% off a
- * block and token on an Ice Lake core (docs/dev/PERF_NOTES.md section 14). Otherwise (1 .. 3 tokens, counted at run time): the block loop unrolled 16 times (lane
- * constant) and broadcast loads, 14% faster at T = 2 than the FAST code (one thread from DRAM; at T = 3
- * the two measured within +-8%, either way depending on the measure). */
+ * block and token on an Ice Lake core (docs/dev/PERF_NOTES.md section 14). Otherwise (1 .. 3 tokens,
+ * counted at run time): the block loop unrolled 16 times (lane constant) and broadcast loads, 14% faster
+ * at T = 2 than the FAST code (one thread from DRAM; at T = 3 the two measured within +-8%, either way
+ * depending on the measure). */
 static inline __attribute__((always_inline)) void
 pp_panel_multi_v(const int Q8, const int FAST, const int nt, const uint8_t *W, const uint16_t *S, const pp_xq *x,
                  const pp_xtm *xt, ptrdiff_t nb, float *y, ptrdiff_t ldy, int m, const uint8_t *next, float *acc) {
@@ -401,8 +401,9 @@ static inline void pp_gemm_panels(int fmt, int isa, const uint8_t *data, const u
                                   const uint16_t *offsets, ptrdiff_t nb, ptrdiff_t N, const pp_xq *x,
                                   ptrdiff_t T, float *y, ptrdiff_t p0, ptrdiff_t p1) {
     const ptrdiff_t pb = nb * pp_panel_block_bytes(fmt), ps = nb * PP_PANEL;
-    /* Several tokens on AVX-512 VNNI: each pass's activations token-major, laid out once per call (T x
-     * 40 bytes per block, ~0.5% of the pass's time at T = 8 and 512); without the memory, the slower code. */
+    /* Several tokens on AVX-512 VNNI: each pass's activations token-major, laid out once per call and
+     * thread (T x 40 bytes per block; at T = 8 ~1 us, some 5% of a 16-panel call and under 1% of the FFN's
+     * 152 panels per thread); without the memory, the run-time-count code (same bits). */
     pp_xtm *xt = NULL;
     char *buf = NULL;
 #if PP_HAVE_VNNI512
