@@ -154,3 +154,26 @@ def test_grouped_rows_bitwise_per_row(H, Hkv, hd, start, T, n_threads):
     np.testing.assert_array_equal(grouped, per_row)
     if T == 1:
         np.testing.assert_array_equal(A.attention_decode(q[0], k, v, n_threads=n_threads), per_row[0])
+
+
+def test_kv_buffers_start_on_a_cache_line():
+    """CythonOps.kv_buffer: zeroed float32 storage whose first element starts a 64-byte line (NumPy's
+    allocator gives 16 bytes, and a head's rows then straddle lines), and the cache keeps its storage
+    aligned, with its contents, when it grows."""
+    from pipower._cpu.ops import CythonOps
+    from pipower.cache import KVCache
+
+    ops = CythonOps(1)
+    for shape in [(2, 37, 64), (1, 1, 24), (3, 256, 128)]:
+        a = ops.kv_buffer(0, shape)
+        assert a.shape == shape and a.dtype == np.float32 and a.flags.c_contiguous and a.flags.writeable
+        assert a.ctypes.data % 64 == 0 and not a.any()
+    g = np.random.default_rng(0)
+    cache = KVCache(2, 2, 64, max_len=100, initial=4, alloc=ops.kv_buffer)
+    ks = [g.standard_normal((10, 2, 64)).astype(np.float32) for _ in range(2)]
+    for layer in range(2):
+        k, v = cache.update_and_fetch(layer, ks[layer], -ks[layer])        # 10 > 4: the storage grows
+        np.testing.assert_array_equal(k, ks[layer].transpose(1, 0, 2))
+        np.testing.assert_array_equal(v, -ks[layer].transpose(1, 0, 2))
+    assert cache.capacity >= 10
+    assert all(a.ctypes.data % 64 == 0 for a in cache._k + cache._v)
