@@ -100,13 +100,21 @@ def release_free_memory() -> None:
         _TRIM(0)
 
 
+def aligned_bytes(nbytes: int, align: int, zeroed: bool = False) -> np.ndarray:
+    """uint8 [nbytes] starting on an `align`-byte boundary: a view into a buffer `align` bytes larger,
+    which it keeps alive (NumPy's allocator aligns to 16 bytes; NumPy madvises large buffers for THP)."""
+    raw = (np.zeros if zeroed else np.empty)(nbytes + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start:start + nbytes]
+
+
 class Arena:
     """A 2 MiB-aligned byte buffer with `copy_in(array) -> view` (C-contiguous, same dtype and shape)."""
 
     def __init__(self, nbytes: int):
-        self._raw = np.empty(nbytes + HUGE_PAGE, np.uint8)     # NumPy madvises large buffers for THP
-        self._pos = (-self._raw.ctypes.data) % HUGE_PAGE
-        self._end = self._pos + nbytes
+        self._raw = aligned_bytes(nbytes, HUGE_PAGE)
+        self._pos = 0
+        self._end = nbytes
 
     @classmethod
     def for_weights(cls, weights) -> Arena:

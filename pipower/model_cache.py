@@ -54,6 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .arena import aligned_bytes
 from .config import ModelConfig
 from .errors import InvalidArgumentError, PipowerError
 from .panels import Panels
@@ -374,9 +375,7 @@ def _map_data(h: Header, mode: str) -> np.ndarray:
             except (AttributeError, OSError):   # not Linux, or THP off
                 pass
             return np.frombuffer(mm, np.uint8, count=h.data_nbytes, offset=h.data_offset)
-        raw = np.empty(h.data_nbytes + HUGE, np.uint8)         # NumPy madvises it for huge pages
-        start = (-raw.ctypes.data) % HUGE
-        data = raw[start:start + h.data_nbytes]
+        data = aligned_bytes(h.data_nbytes, HUGE)               # NumPy madvises it for huge pages
         f.seek(h.data_offset)
         view, done = memoryview(data), 0
         while done < h.data_nbytes:

@@ -367,10 +367,6 @@ static inline void pp_gemm_panel(int fmt, int isa, const uint8_t *W, const uint1
         }
         return;
     }
-#else
-    (void)xt;
-#endif
-#if PP_HAVE_VNNI512
     if (isa == PP_ISA_AVX512VNNI) {
         if (fmt == PP_Q8) pp_panel_tok_v(1, W, S, x[0], nb, y + p * PP_PANEL, m, next);
         else pp_panel_tok_v(0, W, S, x[0], nb, y + p * PP_PANEL, m, next);
@@ -391,6 +387,7 @@ static inline void pp_gemm_panel(int fmt, int isa, const uint8_t *W, const uint1
 #endif
     (void)isa;
     (void)next;
+    (void)xt;
     for (ptrdiff_t t = 0; t < T; t++) pp_panel_tok_c(fmt, W, S, x[t], nb, y + t * N + p * PP_PANEL, m);
 }
 

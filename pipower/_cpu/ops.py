@@ -122,7 +122,8 @@ class CythonOps(NumpyOps):
         to 16 bytes, so a head's key and value rows (hd floats, 256 bytes at hd 64) straddled cache lines
         and the attention kernels' 64-byte loads split: aligned, attention took 0.72-0.75 of the time at a
         1000-token context and 0.81 for 8 new tokens at 120 (docs/dev/PERF_NOTES.md section 14)."""
-        return _line_aligned_zeros(shape)
+        from ..arena import aligned_bytes
+        return aligned_bytes(int(np.prod(shape)) * 4, 64, zeroed=True).view(np.float32).reshape(shape)
 
     def attention(self, q: np.ndarray, k: np.ndarray, v: np.ndarray, start_pos: int,
                   window: int | None = None) -> np.ndarray:
@@ -246,15 +247,6 @@ class CythonOps(NumpyOps):
         # NumPy's formulas, not the kernels' (activation() above): the chunked FFN has always used them,
         # and long-prompt results stay bitwise what they were.
         return ACTIVATIONS[name](h)
-
-
-def _line_aligned_zeros(shape: tuple, align: int = 64) -> np.ndarray:
-    """Zeroed float32 array of `shape` whose first element starts on an `align`-byte boundary (a view into
-    a slightly larger buffer, which it keeps alive)."""
-    nbytes = int(np.prod(shape)) * 4
-    raw = np.zeros(nbytes + align, dtype=np.uint8)
-    start = (-raw.ctypes.data) % align
-    return raw[start:start + nbytes].view(np.float32).reshape(shape)
 
 
 def _sparse_rows(p: Panels) -> QMatrix:
