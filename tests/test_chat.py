@@ -299,8 +299,9 @@ class _Repl:
 @pytest.fixture(scope="module")
 def slow_path(tmp_path_factory):
     # long answers: no end-of-turn token can win (endless), a 4096-token context and -n 4000 keep the model
-    # talking while the test interrupts it
-    return write_tiny_gguf(tmp_path_factory.mktemp("slow") / "slow.gguf", hidden_size=256, intermediate_size=1024,
+    # talking while the test interrupts it. Sized for ~5 s of talk on two busy cores: at 256 / 1024 it
+    # answered 4000 tokens in 1.6 s, and once, with a benchmark beside it, before the test's SIGINT came
+    return write_tiny_gguf(tmp_path_factory.mktemp("slow") / "slow.gguf", hidden_size=512, intermediate_size=2048,
                            max_position_embeddings=4096, endless=True)
 
 

@@ -284,6 +284,102 @@ static PP_NOINLINE void pp_panel_multi_nt(int fmt, int nt, const uint8_t *W, con
 }
 #undef PP_MULTI_SWITCH
 #undef PP_MULTI_CASE
+
+/* Passes over PAIRS of panels: each activation dword, shuffled once, feeds both panels' dots. On the Ice
+ * Lake VM every 512-bit operation beside the dots costs them ~0.5-1 cycle (docs/dev/PERF_NOTES.md section
+ * 15), and with 4-bit weights the eight shuffles per block and token were the largest share of them:
+ * sharing them over two panels took q4 4864x896 GEMMs from DRAM, 2 threads, 5-15% faster at 5-8 tokens
+ * and 15-28% at 16 (C harness, same bits); q8 gained only at 16 tokens, and lost 2-8% at 5-6. In the
+ * model (bench/ab_builds.py, both builds in one process, Qwen2.5-Coder-0.5B, 2 threads, medians of
+ * per-round ratios): q4 forwards of T = 8 / 16 0.87 / 0.87 of the time, T = 5 1.00; q8 T = 64 0.86,
+ * T = 16 1.00. The 16 weight vectors stay in registers (a session-18 version with one panel's weights
+ * as memory operands was 13-16% slower). A pass of nt tokens runs on a pair when pp_panel_pairs(fmt, nt);
+ * every count from PP_PAIR_MIN_* on has a compiled case below. */
+#ifndef PP_PAIR_MIN_Q4
+#define PP_PAIR_MIN_Q4 5
+#endif
+#ifndef PP_PAIR_MIN_Q8
+#define PP_PAIR_MIN_Q8 PP_PANEL_TILE
+#endif
+static inline int pp_panel_pairs(int fmt, int nt) {
+    return nt >= (fmt == PP_Q8 ? PP_PAIR_MIN_Q8 : PP_PAIR_MIN_Q4);
+}
+
+/* pp_panel_isum for two panels' weights w and v at once: *sw, *sv. Activation dwords 0-3 come as
+ * broadcast loads, 4-7 by shuffles of the second half: on the Ice Lake VM a broadcast load beside every
+ * second dot cost the dots nothing, where one per dot or a shuffle per dot did (the load ports, and the
+ * shuffle port's share; bench/c/vnni_mix.c). Against shuffles for all eight, q4 4864x896 GEMMs from DRAM
+ * (2 threads, C harness, same bits): 0.80-0.93 of the time at 8 tokens, 0.87-0.90 at 16. With one panel
+ * per pass (a broadcast per dot) the same split measured 0.98-1.14. */
+static inline __attribute__((always_inline)) void pp_panel_pair_isum(const __m512i w[8], const __m512i v[8],
+                                                                    const int8_t *xb, __m512i init,
+                                                                    __m512i *sw, __m512i *sv) {
+    const __m512i hi = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(xb + 16)));
+    const __m512i a[8] = {pp_bcst4(xb), pp_bcst4(xb + 4), pp_bcst4(xb + 8), pp_bcst4(xb + 12),
+                          _mm512_shuffle_epi32(hi, _MM_PERM_AAAA), _mm512_shuffle_epi32(hi, _MM_PERM_BBBB),
+                          _mm512_shuffle_epi32(hi, _MM_PERM_CCCC), _mm512_shuffle_epi32(hi, _MM_PERM_DDDD)};
+    __m512i s0 = init, u0 = init, s1 = _mm512_setzero_si512(), u1 = _mm512_setzero_si512();
+    for (int c = 0; c < 8; c += 2) {
+        s0 = _mm512_dpbusd_epi32(s0, w[c], a[c]);
+        u0 = _mm512_dpbusd_epi32(u0, v[c], a[c]);
+        s1 = _mm512_dpbusd_epi32(s1, w[c + 1], a[c + 1]);
+        u1 = _mm512_dpbusd_epi32(u1, v[c + 1], a[c + 1]);
+    }
+    *sw = _mm512_add_epi32(s0, s1);
+    *sv = _mm512_add_epi32(u0, u1);
+}
+
+/* Panels W (16 rows) and W + pb (rows r < m2; scales S and S + ps) against nt tokens (a constant after
+ * inlining), activations token-major (xt): pp_panel_multi_v's FAST code for both at once, so each (row,
+ * token) gets the same operations and bits. acc: [2][nt][16 lanes][16 rows] floats. next (or NULL):
+ * what follows the pair, nbb bytes of it prefetched per block (nb blocks cover it). */
+static inline __attribute__((always_inline)) void
+pp_panel_pair_v(const int Q8, const int nt, const uint8_t *W, const uint16_t *S, ptrdiff_t pb, ptrdiff_t ps,
+                const pp_xtm *xt, ptrdiff_t nb, float *y, ptrdiff_t ldy, int m2, const uint8_t *next,
+                ptrdiff_t nbb, float *acc) {
+    const ptrdiff_t bb = pp_panel_block_bytes(Q8 ? PP_Q8 : PP_Q4);
+    float *acc2 = acc + nt * 256;
+    memset(acc, 0, (size_t)nt * 512 * sizeof(float));
+    for (ptrdiff_t b = 0; b < nb; b++) {
+        pp_panel_prefetch(next, b * nbb, nbb);
+        __m512i w[8], v[8];
+        pp_panel_load(Q8, W + b * bb, w);
+        pp_panel_load(Q8, W + pb + b * bb, v);
+        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(S + b * PP_PANEL)));
+        const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(S + ps + b * PP_PANEL)));
+        const int8_t *xb = xt->q + b * nt * PP_QB;
+        const float *db = xt->d + b * nt;
+        const int32_t *cb = xt->nc + b * nt;
+        const ptrdiff_t lane = (b % 16) * 16;
+        for (int t = 0; t < nt; t++) {
+            __m512i sw, sv;
+            pp_panel_pair_isum(w, v, xb + t * PP_QB, _mm512_set1_epi32(cb[t]), &sw, &sv);
+            pp_panel_tail(sw, dw, db[t], acc + lane + t * 256);
+            pp_panel_tail(sv, dv, db[t], acc2 + lane + t * 256);
+        }
+    }
+    for (int t = 0; t < nt; t++) {
+        __m512 a[16];
+        for (int l = 0; l < 16; l++) a[l] = _mm512_load_ps(acc + t * 256 + l * 16);
+        pp_panel_tree_store(a, y + t * ldy, PP_PANEL);
+        for (int l = 0; l < 16; l++) a[l] = _mm512_load_ps(acc2 + t * 256 + l * 16);
+        pp_panel_tree_store(a, y + t * ldy + PP_PANEL, m2);
+    }
+}
+
+#define PP_PAIR_CASE(Q8, NT) case NT: pp_panel_pair_v(Q8, NT, W, S, pb, ps, xt, nb, y, ldy, m2, next, nbb, acc); break;
+static PP_NOINLINE void pp_panel_pair_nt(int fmt, int nt, const uint8_t *W, const uint16_t *S, ptrdiff_t pb,
+                                         ptrdiff_t ps, const pp_xtm *xt, ptrdiff_t nb, float *y, ptrdiff_t ldy,
+                                         int m2, const uint8_t *next, ptrdiff_t nbb, float *acc) {
+    if (fmt == PP_Q8) {
+        switch (nt) { PP_PAIR_CASE(1, 5) PP_PAIR_CASE(1, 6) PP_PAIR_CASE(1, 7) PP_PAIR_CASE(1, 8)
+                      default: pp_panel_pair_v(1, PP_PANEL_TILE, W, S, pb, ps, xt, nb, y, ldy, m2, next, nbb, acc); }
+    } else {
+        switch (nt) { PP_PAIR_CASE(0, 5) PP_PAIR_CASE(0, 6) PP_PAIR_CASE(0, 7) PP_PAIR_CASE(0, 8)
+                      default: pp_panel_pair_v(0, PP_PANEL_TILE, W, S, pb, ps, xt, nb, y, ldy, m2, next, nbb, acc); }
+    }
+}
+#undef PP_PAIR_CASE
 #endif /* PP_HAVE_VNNI512 */
 
 /* q4m's offset term (pipower.quant: w = (nibble - 8) d + o per block), after a panel's dots: for rows
@@ -346,6 +442,40 @@ static inline int pp_panel_pass_tokens(ptrdiff_t t0, ptrdiff_t T) {
     return T - t0 >= PP_PANEL_TILE ? PP_PANEL_TILE : T - t0 < PP_TB ? (int)(T - t0) : PP_TB;
 }
 
+#if PP_HAVE_VNNI512
+/* One pass of nt tokens from t0 (activations xtk, pass k's token-major copy, or NULL) over panel p (rows
+ * r < m) on AVX-512 VNNI: Y[t0 + t, p*16 + r]. nx: what to prefetch meanwhile, or NULL. */
+static inline void pp_panel_pass_v(int fmt, const uint8_t *W, const uint16_t *S, ptrdiff_t nb, ptrdiff_t N,
+                                   const pp_xq *x, const pp_xtm *xtk, ptrdiff_t t0, int nt, float *y, ptrdiff_t p,
+                                   int m, const uint8_t *nx, float *acc) {
+    float *yt = y + t0 * N + p * PP_PANEL;
+    if (nt >= 4 && xtk) pp_panel_multi_nt(fmt, nt, W, S, xtk, nb, yt, N, m, nx, acc);
+    else if (fmt == PP_Q8) pp_panel_multi_v(1, 0, nt, W, S, x + t0, NULL, nb, yt, N, m, nx, acc);
+    else pp_panel_multi_v(0, 0, nt, W, S, x + t0, NULL, nb, yt, N, m, nx, acc);
+}
+
+/* Panels p (16 rows) and p + 1 (rows r < m2) against T tokens on AVX-512 VNNI with the token-major
+ * activations xt: passes that pp_panel_pairs take both panels at once, the others each panel in turn.
+ * next (or NULL): what follows the pair, nbb bytes per block of it prefetched in the first pass (the
+ * largest, so a paired one whenever T pairs at all). */
+static inline void pp_gemm_panel_pair(int fmt, const uint8_t *W, const uint16_t *S, ptrdiff_t pb, ptrdiff_t ps,
+                                      ptrdiff_t nb, ptrdiff_t N, const pp_xq *x, const pp_xtm *xt, ptrdiff_t T,
+                                      float *y, ptrdiff_t p, int m2, const uint8_t *next, ptrdiff_t nbb) {
+    float acc[2 * PP_PANEL_TILE * 256] __attribute__((aligned(64)));
+    int nt;
+    for (ptrdiff_t t0 = 0, k = 0; t0 < T; t0 += nt, k++) {
+        nt = pp_panel_pass_tokens(t0, T);
+        const uint8_t *nx = t0 == 0 ? next : NULL;
+        if (pp_panel_pairs(fmt, nt)) {
+            pp_panel_pair_nt(fmt, nt, W, S, pb, ps, xt + k, nb, y + t0 * N + p * PP_PANEL, N, m2, nx, nbb, acc);
+        } else {
+            pp_panel_pass_v(fmt, W, S, nb, N, x, xt + k, t0, nt, y, p, PP_PANEL, NULL, acc);
+            pp_panel_pass_v(fmt, W + pb, S + ps, nb, N, x, xt + k, t0, nt, y, p + 1, m2, NULL, acc);
+        }
+    }
+}
+#endif
+
 /* Y[t, p*16 + r] for panel p (weights W, scales S, rows r < m) against T tokens (Y [T, N] row stride N),
  * on the kernels of level isa (PP_ISA_*; _isa_impl.h). next: the next panel's data to prefetch, or NULL.
  * xt (AVX-512 VNNI, T > 1, or NULL): pass k's activations token-major (pp_xtm), for its passes of 4 or
@@ -359,11 +489,7 @@ static inline void pp_gemm_panel(int fmt, int isa, const uint8_t *W, const uint1
         int nt;
         for (ptrdiff_t t0 = 0, k = 0; t0 < T; t0 += nt, k++) {
             nt = pp_panel_pass_tokens(t0, T);
-            float *yt = y + t0 * N + p * PP_PANEL;
-            const uint8_t *nx = t0 == 0 ? next : NULL;
-            if (nt >= 4 && xt) pp_panel_multi_nt(fmt, nt, W, S, xt + k, nb, yt, N, m, nx, acc);
-            else if (fmt == PP_Q8) pp_panel_multi_v(1, 0, nt, W, S, x + t0, NULL, nb, yt, N, m, nx, acc);
-            else pp_panel_multi_v(0, 0, nt, W, S, x + t0, NULL, nb, yt, N, m, nx, acc);
+            pp_panel_pass_v(fmt, W, S, nb, N, x, xt ? xt + k : NULL, t0, nt, y, p, m, t0 == 0 ? next : NULL, acc);
         }
         return;
     }
@@ -422,13 +548,26 @@ static inline void pp_gemm_panels(int fmt, int isa, const uint8_t *data, const u
         }
     }
 #endif
-    for (ptrdiff_t p = p0; p < p1; p++) {
+    for (ptrdiff_t p = p0; p < p1;) {
         const uint8_t *W = data + p * pb;
         const int m = N - p * PP_PANEL < PP_PANEL ? (int)(N - p * PP_PANEL) : PP_PANEL;
-        pp_gemm_panel(fmt, isa, W, scales + p * ps, nb, N, x, xt, T, y, p, m, p + 1 < p1 ? W + pb : NULL);
+        int done = 1;
+#if PP_HAVE_VNNI512
+        if (xt && p + 1 < p1 && pp_panel_pairs(fmt, pp_panel_pass_tokens(0, T))) {
+            const ptrdiff_t after = p1 - (p + 2) < 2 ? p1 - (p + 2) : 2;     /* panels to prefetch */
+            const int m2 = N - (p + 1) * PP_PANEL < PP_PANEL ? (int)(N - (p + 1) * PP_PANEL) : PP_PANEL;
+            pp_gemm_panel_pair(fmt, W, scales + p * ps, pb, ps, nb, N, x, xt, T, y, p, m2,
+                               after > 0 ? W + 2 * pb : NULL, after * pp_panel_block_bytes(fmt));
+            done = 2;
+        }
+#endif
+        if (done == 1) pp_gemm_panel(fmt, isa, W, scales + p * ps, nb, N, x, xt, T, y, p, m, p + 1 < p1 ? W + pb : NULL);
         if (offsets)
-            for (ptrdiff_t t = 0; t < T; t++)
-                pp_panel_offsets(isa, offsets + p * ps, x[t], nb, y + t * N + p * PP_PANEL, m);
+            for (ptrdiff_t q = p; q < p + done; q++)
+                for (ptrdiff_t t = 0; t < T; t++)
+                    pp_panel_offsets(isa, offsets + q * ps, x[t], nb, y + t * N + q * PP_PANEL,
+                                     N - q * PP_PANEL < PP_PANEL ? (int)(N - q * PP_PANEL) : PP_PANEL);
+        p += done;
     }
     free(xt);
     free(buf);
