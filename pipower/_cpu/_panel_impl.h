@@ -285,16 +285,17 @@ static PP_NOINLINE void pp_panel_multi_nt(int fmt, int nt, const uint8_t *W, con
 #undef PP_MULTI_SWITCH
 #undef PP_MULTI_CASE
 
-/* Passes over PAIRS of panels: each activation dword, shuffled once, feeds both panels' dots. On the Ice
+/* Passes over PAIRS of panels: each activation dword, broadcast once, feeds both panels' dots. On the Ice
  * Lake VM every 512-bit operation beside the dots costs them ~0.5-1 cycle (docs/dev/PERF_NOTES.md section
  * 15), and with 4-bit weights the eight shuffles per block and token were the largest share of them:
  * sharing them over two panels took q4 4864x896 GEMMs from DRAM, 2 threads, 5-15% faster at 5-8 tokens
  * and 15-28% at 16 (C harness, same bits); q8 gained only at 16 tokens, and lost 2-8% at 5-6. In the
  * model (bench/ab_builds.py, both builds in one process, Qwen2.5-Coder-0.5B, 2 threads, medians of
- * per-round ratios): q4 forwards of T = 8 / 16 0.87 / 0.87 of the time, T = 5 1.00; q8 T = 64 0.86,
- * T = 16 1.00. The 16 weight vectors stay in registers (a session-18 version with one panel's weights
- * as memory operands was 13-16% slower). A pass of nt tokens runs on a pair when pp_panel_pairs(fmt, nt);
- * every count from PP_PAIR_MIN_* on has a compiled case below. */
+ * per-round ratios): q4 forwards of T = 8 / 16 0.87 / 0.87 of the time (0.83 / 0.90 with the split of
+ * pp_panel_pair_isum), T = 5 1.00; q8 T = 64 0.86, T = 16 1.00. The 16 weight vectors stay in registers
+ * (a session-18 version with one panel's weights as memory operands was 13-16% slower). A pass of nt
+ * tokens runs on a pair when pp_panel_pairs(fmt, nt); every count from PP_PAIR_MIN_* on has a compiled
+ * case below. */
 #ifndef PP_PAIR_MIN_Q4
 #define PP_PAIR_MIN_Q4 5
 #endif
@@ -437,6 +438,11 @@ static inline void pp_panel_offsets(int isa, const uint16_t *O, pp_xq x, ptrdiff
     pp_panel_offsets_c(O, x, nb, y, m);
 }
 
+/* Rows of panel p of a matrix of N rows (16, or fewer in the last panel). */
+static inline int pp_panel_rows(ptrdiff_t N, ptrdiff_t p) {
+    return N - p * PP_PANEL < PP_PANEL ? (int)(N - p * PP_PANEL) : PP_PANEL;
+}
+
 /* Tokens in the pass over a panel that starts at token t0 of T (AVX-512 VNNI multi-token code). */
 static inline int pp_panel_pass_tokens(ptrdiff_t t0, ptrdiff_t T) {
     return T - t0 >= PP_PANEL_TILE ? PP_PANEL_TILE : T - t0 < PP_TB ? (int)(T - t0) : PP_TB;
@@ -469,6 +475,7 @@ static inline void pp_gemm_panel_pair(int fmt, const uint8_t *W, const uint16_t 
         if (pp_panel_pairs(fmt, nt)) {
             pp_panel_pair_nt(fmt, nt, W, S, pb, ps, xt + k, nb, y + t0 * N + p * PP_PANEL, N, m2, nx, nbb, acc);
         } else {
+            /* (xt[k] is laid out only for passes of 4 or more tokens; pp_panel_pass_v reads it only then) */
             pp_panel_pass_v(fmt, W, S, nb, N, x, xt + k, t0, nt, y, p, PP_PANEL, NULL, acc);
             pp_panel_pass_v(fmt, W + pb, S + ps, nb, N, x, xt + k, t0, nt, y, p + 1, m2, NULL, acc);
         }
@@ -550,23 +557,22 @@ static inline void pp_gemm_panels(int fmt, int isa, const uint8_t *data, const u
 #endif
     for (ptrdiff_t p = p0; p < p1;) {
         const uint8_t *W = data + p * pb;
-        const int m = N - p * PP_PANEL < PP_PANEL ? (int)(N - p * PP_PANEL) : PP_PANEL;
-        int done = 1;
+        const int m = pp_panel_rows(N, p);
+        int done = 1;                                                   /* panels this step computed */
 #if PP_HAVE_VNNI512
         if (xt && p + 1 < p1 && pp_panel_pairs(fmt, pp_panel_pass_tokens(0, T))) {
             const ptrdiff_t after = p1 - (p + 2) < 2 ? p1 - (p + 2) : 2;     /* panels to prefetch */
-            const int m2 = N - (p + 1) * PP_PANEL < PP_PANEL ? (int)(N - (p + 1) * PP_PANEL) : PP_PANEL;
-            pp_gemm_panel_pair(fmt, W, scales + p * ps, pb, ps, nb, N, x, xt, T, y, p, m2,
+            pp_gemm_panel_pair(fmt, W, scales + p * ps, pb, ps, nb, N, x, xt, T, y, p, pp_panel_rows(N, p + 1),
                                after > 0 ? W + 2 * pb : NULL, after * pp_panel_block_bytes(fmt));
             done = 2;
         }
 #endif
-        if (done == 1) pp_gemm_panel(fmt, isa, W, scales + p * ps, nb, N, x, xt, T, y, p, m, p + 1 < p1 ? W + pb : NULL);
+        if (done == 1)
+            pp_gemm_panel(fmt, isa, W, scales + p * ps, nb, N, x, xt, T, y, p, m, p + 1 < p1 ? W + pb : NULL);
         if (offsets)
             for (ptrdiff_t q = p; q < p + done; q++)
                 for (ptrdiff_t t = 0; t < T; t++)
-                    pp_panel_offsets(isa, offsets + q * ps, x[t], nb, y + t * N + q * PP_PANEL,
-                                     N - q * PP_PANEL < PP_PANEL ? (int)(N - q * PP_PANEL) : PP_PANEL);
+                    pp_panel_offsets(isa, offsets + q * ps, x[t], nb, y + t * N + q * PP_PANEL, pp_panel_rows(N, q));
         p += done;
     }
     free(xt);
