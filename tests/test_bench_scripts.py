@@ -287,3 +287,24 @@ def test_threshold_bound_counts_each_part_once():
     b = list(row["bounds"].values())
     assert b[0] == 1.0 and 1.0 < b[1] < b[2] < 1 / (1 - row["up_down_share"])
     assert "| tiny |" in tb.render([row], 10)
+
+
+def test_ops_profile_times_each_op_and_unwraps_them(tmp_path, capsys):
+    """bench/ops_profile.py on a tiny model: every timed round has each op's share of the forward, the
+    shares and the rest add up to the forward, and the ops object is left as it was."""
+    from helpers_models import write_tiny_gguf
+    import pipower
+    prof = load_script("ops_profile")
+    m = pipower.load(str(write_tiny_gguf(tmp_path / "t.gguf")), backend="cython", weights="q8", threads=1,
+                     progress=False)
+    ops = m.transformer.ops
+    times = prof.profile(m.transformer, list(range(5, 11)), list(range(20, 24)), [1, 4], rounds=2)
+    assert set(times) == {1, 4}
+    for per in times.values():
+        assert len(per["total"]) == 2 and {"linear", "attention", "ffn", "rms_norm"} <= set(per)
+        for r in range(2):
+            parts = sum(v[r] for k, v in per.items() if k != "total")
+            assert parts == pytest.approx(per["total"][r]) and per["attention"][r] > 0
+    assert not any(name in vars(ops) for name in prof.OPS)          # the wrappers are gone
+    table = prof.markdown("tiny", times)
+    assert table.splitlines()[2].startswith("| 1 |") and table.splitlines()[3].startswith("| 4 |")
