@@ -21,13 +21,13 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:          # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))       # bench/batch.py: the same token ids
 
 import pipower  # noqa: E402
+from batch import forward_ids  # noqa: E402
 
 # The ops a forward calls, in the table's column order; ops a backend lacks are left out.
 OPS = ("rms_norm", "linear_many", "rope", "attention", "linear", "ffn", "activation")
@@ -100,10 +100,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     tokens = [int(x) for x in a.tokens.split(",")]
     m = pipower.load(a.models, backend=a.backend, weights=a.weights, threads=a.threads, progress=False)
-    rng = np.random.default_rng(0)
-    V = m.config.vocab_size
-    prompt = [int(x) for x in rng.integers(min(100, V - 1), min(V, 30000), a.prompt_tokens)]
-    new = [int(x) for x in rng.integers(min(100, V - 1), min(V, 30000), max(tokens))]
+    prompt, new = forward_ids(m.config.vocab_size, a.prompt_tokens, tokens)     # bench/batch.py's ids
     times = profile(m.transformer, prompt, new, tokens, a.rounds)
     print(markdown(f"{Path(a.models).name} {m.transformer.ops.name}", times))
     print(f"\nms per forward, medians of {a.rounds} rounds, {a.threads} threads, after a {a.prompt_tokens}-token "

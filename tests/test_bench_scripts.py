@@ -289,7 +289,7 @@ def test_threshold_bound_counts_each_part_once():
     assert "| tiny |" in tb.render([row], 10)
 
 
-def test_ops_profile_times_each_op_and_unwraps_them(tmp_path, capsys):
+def test_ops_profile_times_each_op_and_unwraps_them(tmp_path):
     """bench/ops_profile.py on a tiny model: every timed round has each op's share of the forward, the
     shares and the rest add up to the forward, and the ops object is left as it was."""
     from helpers_models import write_tiny_gguf
