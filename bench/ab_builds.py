@@ -18,7 +18,11 @@ must take the same arguments (a change of a Cython signature needs the rest of p
 
 Timed: --tokens: one forward over T new tokens after a --prompt-tokens prompt, the KV cache rolled back
 after each (as bench/batch.py); --generate N: a greedy generation of N tokens from a code prompt, its
-decode tok/s (with --target-sparsity S, in oracle mode).
+decode tok/s (with --target-sparsity S, in oracle mode); --gemm ROWSxCOLS (module _panel): no model, the
+median of --calls panel GEMMs of T tokens over a random matrix of that shape (--weights q4 / q8 / q4m).
+
+    python bench/ab_builds.py --module _panel --a /tmp/panel_old.so --b pipower/_cpu/_panel.*.so \
+        --gemm 4864x896 --tokens 1,8 --rounds 60
 """
 from __future__ import annotations
 
@@ -84,6 +88,26 @@ def time_forwards(t, prompt, new, T) -> float:
     return time.perf_counter() - t0
 
 
+def gemm_timer(build, shape: str, fmt: str, T: int, threads: int, calls: int):
+    """A function () -> the median seconds of `calls` panel GEMMs of build (a _panel module): T random
+    tokens against a random matrix of shape "ROWSxCOLS" in fmt."""
+    from pipower import panels, quant
+    rows, cols = (int(v) for v in shape.lower().split("x"))
+    rng = np.random.default_rng(0)
+    p = panels.pack(quant.quantize(rng.standard_normal((rows, cols)).astype(np.float32), fmt))
+    xq = build.quantize(rng.standard_normal((T, cols)).astype(np.float32), fmt)
+    out = np.empty((T, rows), dtype=np.float32)
+
+    def timed() -> float:
+        ts = []
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            build.gemm_panels(fmt, p.data, p.scales, rows, xq, out=out, n_threads=threads, offsets=p.offsets)
+            ts.append(time.perf_counter() - t0)
+        return statistics.median(ts)
+    return timed
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--module", required=True, help="the extension module's name in pipower._cpu (_ffn, _panel, "
@@ -99,8 +123,13 @@ def main(argv=None) -> int:
                     "many tokens, its decode tok/s")
     ap.add_argument("--target-sparsity", type=float, default=None, help="with --generate: oracle mode at this "
                     "target (the fused threshold FFN)")
+    ap.add_argument("--gemm", default=None, metavar="ROWSxCOLS", help="(module _panel) instead of a model: "
+                    "panel GEMMs of each --tokens T over a random matrix of this shape, format --weights (q4)")
+    ap.add_argument("--calls", type=int, default=20, help="with --gemm: calls per round, their median counts")
     ap.add_argument("--rounds", type=int, default=9, help="timed rounds (one more warms up)")
     a = ap.parse_args(argv)
+    if a.gemm:
+        return gemm_main(a)
     original = getattr(pipower._cpu, a.module, None)
     if original is None:
         __import__(f"pipower._cpu.{a.module}")
@@ -140,6 +169,31 @@ def main(argv=None) -> int:
         print(f"| {c} | {1e3 * statistics.median(ta):.2f} | {1e3 * statistics.median(tb):.2f} | {ratio:.3f} |")
     print(f"module {a.module}; a = {a.a}; b = {a.b}; {a.rounds} rounds; model {a.models}"
           f"{'' if a.target_sparsity is None else f', target sparsity {a.target_sparsity}'}")
+    return 0
+
+
+def gemm_main(a) -> int:
+    """--gemm: the two builds' panel GEMMs, round by round (no model, nothing to swap)."""
+    if a.module != "_panel":
+        raise SystemExit("--gemm times the _panel module's gemm_panels: use --module _panel")
+    fmt = a.weights or "q4"
+    tokens = [int(x) for x in a.tokens.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        builds = {"a": load_build(a.module, a.a, Path(tmp) / "a"), "b": load_build(a.module, a.b, Path(tmp) / "b")}
+        timers = {(k, T): gemm_timer(b, a.gemm, fmt, T, a.threads, a.calls) for k, b in builds.items() for T in tokens}
+        times = {key: [] for key in timers}
+        for r in range(a.rounds + 1):
+            for key, timed in timers.items():
+                value = timed()
+                if r:
+                    times[key].append(value)
+    print("| case | a (us per GEMM) | b | b / a (median per round) |\n|---|---|---|---|")
+    for T in tokens:
+        ta, tb = times[("a", T)], times[("b", T)]
+        ratio = statistics.median(y / x for x, y in zip(ta, tb))
+        print(f"| T={T} | {1e6 * statistics.median(ta):.1f} | {1e6 * statistics.median(tb):.1f} | {ratio:.3f} |")
+    print(f"module _panel; a = {a.a}; b = {a.b}; {a.rounds} rounds of {a.calls} calls; {fmt} {a.gemm}, "
+          f"{a.threads} threads")
     return 0
 
 

@@ -308,3 +308,32 @@ def test_ops_profile_times_each_op_and_unwraps_them(tmp_path):
     assert not any(name in vars(ops) for name in prof.OPS)          # the wrappers are gone
     table = prof.markdown("tiny", times)
     assert table.splitlines()[2].startswith("| 1 |") and table.splitlines()[3].startswith("| 4 |")
+
+
+def test_ab_builds_gemm_mode_times_each_build_on_the_same_matrix(capsys):
+    """bench/ab_builds.py --gemm: no model; each build's gemm_panels on one random matrix, per T. The
+    timer of a build computes what that build's module computes (the installed one, both sides here)."""
+    from pipower._cpu import _panel
+    ab = load_script("ab_builds")
+    timed = ab.gemm_timer(_panel, "40x64", "q8", 3, 1, 2)
+    assert timed() > 0
+    assert ab.main(["--module", "_panel", "--a", _panel.__file__, "--b", _panel.__file__, "--gemm", "40x64",
+                    "--weights", "q4", "--tokens", "1,3", "--threads", "2", "--calls", "2", "--rounds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "| T=1 |" in out and "| T=3 |" in out and "q4 40x64, 2 threads" in out
+    with pytest.raises(SystemExit, match="--module _panel"):
+        ab.main(["--module", "_ffn", "--a", _panel.__file__, "--b", _panel.__file__, "--gemm", "40x64"])
+
+
+def test_core_speed_times_each_core_and_the_team():
+    """bench/core_speed.py: one row per round with every CPU of the affinity, one thread and the team;
+    the affinity is back as it was after."""
+    import os
+    cs = load_script("core_speed")
+    home = os.sched_getaffinity(0)
+    cpus = sorted(home)
+    rows = cs.measure(cs.gemm_timer(48, 64, 3), cpus, 2, rounds=2, calls=2)
+    assert os.sched_getaffinity(0) == home
+    assert len(rows) == 2 and all(set(r) == {*cpus, "one", "team"} and min(r.values()) > 0 for r in rows)
+    table = cs.markdown(rows, cpus, 2)
+    assert table.splitlines()[-1].startswith("| median |") and len(table.splitlines()) == 2 + 2 + 1

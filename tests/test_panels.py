@@ -66,6 +66,25 @@ def test_panel_kernel_is_bitwise_the_reference(fmt, N, K, simd):
             assert np.array_equal(got.view(np.uint32), want[:T].view(np.uint32)), (nt, T, np.abs(got - want[:T]).max())
 
 
+
+@needs_ext
+@pytest.mark.parametrize("fmt", panels.FORMATS)
+def test_panels_shared_out_to_threads_are_each_computed_once_with_the_same_bits(fmt):
+    # threads claim runs of panels as they go (a quarter of each one's share, at least a pair, the last
+    # run maybe odd): 42 panels, the last of 5 rows, over 1 .. 7 threads; an output left unwritten stays
+    # NaN, a panel computed twice would still have to give the reference's bits
+    from pipower._cpu import _panel
+    N, K = 16 * 41 + 5, 96
+    m = matrix(fmt, N, K, seed=7)
+    p = panels.pack(m)
+    x = np.random.default_rng(3).standard_normal((16, K)).astype(np.float32)
+    want = intdot.dot(m, x)
+    for nt in (1, 2, 3, 4, 7):
+        for T in (1, 3, 8, 16):                            # row-at-a-time, short, paired (q4), 16-token passes
+            out = np.full((T, N), np.nan, dtype=np.float32)
+            _panel.gemm_panels(fmt, p.data, p.scales, N, x[:T], out=out, n_threads=nt, offsets=p.offsets)
+            assert np.array_equal(out.view(np.uint32), want[:T].view(np.uint32)), (nt, T)
+
 @needs_ext
 @pytest.mark.parametrize("fmt", panels.FORMATS)
 def test_panel_rows_do_not_depend_on_the_batch(fmt):

@@ -20,9 +20,13 @@ cnp.import_array()
 
 cdef extern from "_panel_impl.h" nogil:
     int PP_Q8, PP_Q4
+    ctypedef struct pp_panel_queue:
+        pass
+    int pp_queue_init(pp_panel_queue *q, Py_ssize_t panels, int threads)
+    void pp_queue_free(pp_panel_queue *q)
     void pp_gemm_panels(int fmt, int isa, const uint8_t *data, const uint16_t *scales, const uint16_t *offsets,
                         Py_ssize_t nb, Py_ssize_t N, const pp_xq *x, Py_ssize_t T, float *y, Py_ssize_t p0,
-                        Py_ssize_t p1)
+                        Py_ssize_t p1, pp_panel_queue *queue, int thread)
 
 PANEL = 16                                   # rows per panel
 BLOCK_BYTES = {"q8": 512, "q4": 256, "q4m": 256}   # bytes of one 32-block of a panel's 16 rows
@@ -96,19 +100,21 @@ def gemm_panels(fmt, data, scales, Py_ssize_t n_rows, x, out=None, n_threads=1, 
     cdef const uint16_t *op = NULL if offsets is None else <const uint16_t *>cnp.PyArray_DATA(offsets)
     cdef const pp_xq *rows = (<QuantizedActivations>xq).rows
     cdef float *yp = <float *>cnp.PyArray_DATA(out)
-    cdef Py_ssize_t per, p, lo, hi
+    cdef Py_ssize_t p
+    cdef pp_panel_queue queue
     nt = <int>min(nt, P)
     if nt <= 1:
         with nogil:
-            pp_gemm_panels(code, sd, dp, sp, op, nb, n_rows, rows, T, yp, 0, P)
+            pp_gemm_panels(code, sd, dp, sp, op, nb, n_rows, rows, T, yp, 0, P, NULL, 0)
         return out
-    # thread p owns panels [p*per, (p+1)*per): each streams its own part of W and writes its own 16-float
-    # runs of each token's output row (threads can share a cache line only where two runs meet)
-    per = (P + nt - 1) // nt
-    with nogil, parallel(num_threads=nt):
-        for p in prange(nt, schedule="static"):
-            lo = p * per
-            hi = min(P, lo + per)
-            if lo < hi:
-                pp_gemm_panels(code, sd, dp, sp, op, nb, n_rows, rows, T, yp, lo, hi)
+    # the team's threads claim runs of panels from one queue as they go (_panel_impl.h: pp_panel_queue);
+    # each run writes its own 16-float spans of each token's output row
+    if not pp_queue_init(&queue, P, nt):
+        raise MemoryError("no memory for the threads' panel queue")
+    try:
+        with nogil, parallel(num_threads=nt):
+            for p in prange(nt, schedule="static"):
+                pp_gemm_panels(code, sd, dp, sp, op, nb, n_rows, rows, T, yp, 0, 0, &queue, <int>p)
+    finally:
+        pp_queue_free(&queue)
     return out

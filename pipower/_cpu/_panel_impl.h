@@ -524,20 +524,147 @@ static inline void pp_gemm_panel(int fmt, int isa, const uint8_t *W, const uint1
     for (ptrdiff_t t = 0; t < T; t++) pp_panel_tok_c(fmt, W, S, x[t], nb, y + t * N + p * PP_PANEL, m);
 }
 
-/* Y[t, n] for panels [p0, p1) of a matrix of N rows against T tokens (Y [T, N] row stride N), on the
- * kernels of level isa. offsets: q4m's (pp_panel_offsets; the scales' layout), NULL for q4 / q8: a q4m
- * panel is a q4 panel's dots, then each token's offset term. */
+/* Panels shared out to a team of threads as they go, not in fixed parts: on the VMs this runs on, each
+ * core flips between full speed and ~1.55x slower within tens of milliseconds (a neighbour on its host
+ * sibling; bench/core_speed.py, bench/results/threads_session20_icelake.md), and with fixed parts every
+ * call waited for the slower core. Work stealing: thread i starts owning an equal, even part of the
+ * panels and takes runs from its front, a quarter of what it has left at a time (at least a pair); a
+ * thread with none left steals the back half of the largest part still unclaimed and owns that. Each
+ * part is one 64-bit word [lo | hi << 32] in its own cache line, changed by compare-and-swap: the owner's
+ * claims stay in its own cache, and lines move between cores only when a thread steals, near the end.
+ * Threads claim their next run before computing the current one, so that its last panels prefetch the
+ * next run's first ones (a run would otherwise start cold). Which thread computes a panel never
+ * changes its bits. */
+typedef struct {
+    uint64_t range;                  /* [lo, hi) of the panels this part still holds: lo | hi << 32 */
+    char pad[56];
+} pp_queue_part;
+
+typedef struct {
+    pp_queue_part *part;             /* [threads], 64-byte aligned */
+    int threads;
+} pp_panel_queue;
+
+static inline uint64_t pp_range(ptrdiff_t lo, ptrdiff_t hi) { return (uint64_t)lo | (uint64_t)hi << 32; }
+static inline ptrdiff_t pp_range_lo(uint64_t r) { return (ptrdiff_t)(r & 0xFFFFFFFFu); }
+static inline ptrdiff_t pp_range_hi(uint64_t r) { return (ptrdiff_t)(r >> 32); }
+
+/* Parts of `panels` (< 2^31) for `threads` threads: 1, or 0 when out of memory. */
+static inline int pp_queue_init(pp_panel_queue *q, ptrdiff_t panels, int threads) {
+    q->threads = threads < 1 ? 1 : threads;
+    q->part = (pp_queue_part *)aligned_alloc(64, (size_t)q->threads * sizeof(pp_queue_part));
+    if (!q->part) return 0;
+    for (int i = 0; i < q->threads; i++) {
+        const ptrdiff_t lo = panels * i / q->threads & ~(ptrdiff_t)1;
+        const ptrdiff_t hi = i + 1 == q->threads ? panels : panels * (i + 1) / q->threads & ~(ptrdiff_t)1;
+        q->part[i].range = pp_range(lo, hi);
+    }
+    return 1;
+}
+
+static inline void pp_queue_free(pp_panel_queue *q) {
+    free(q->part);
+    q->part = NULL;
+}
+
+/* Thread i's next run [*lo, *hi), from its own part or stolen: 1, or 0 when no panel is left. */
+static inline int pp_queue_claim(pp_panel_queue *q, int i, ptrdiff_t *lo, ptrdiff_t *hi) {
+    uint64_t *own = &q->part[i].range;
+    uint64_t r = __atomic_load_n(own, __ATOMIC_RELAXED);
+    for (;;) {
+        const ptrdiff_t a = pp_range_lo(r), z = pp_range_hi(r);
+        if (a < z) {
+            ptrdiff_t c = (z - a) / 4;
+            c = c < 2 ? 2 : c + (c & 1);
+            if (c > z - a) c = z - a;
+            if (__atomic_compare_exchange_n(own, &r, pp_range(a + c, z), 0, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+                *lo = a;
+                *hi = a + c;
+                return 1;
+            }
+            continue;                                       /* a thief moved hi: r holds the new range */
+        }
+        /* none left here: steal the back half of the largest part (its owner keeps the front) */
+        int v = -1;
+        ptrdiff_t most = 0;
+        uint64_t rv = 0;
+        for (int j = 0; j < q->threads; j++) {
+            const uint64_t x = __atomic_load_n(&q->part[j].range, __ATOMIC_RELAXED);
+            if (j != i && pp_range_hi(x) - pp_range_lo(x) > most) {
+                most = pp_range_hi(x) - pp_range_lo(x);
+                v = j;
+                rv = x;
+            }
+        }
+        if (v < 0) return 0;
+        const ptrdiff_t a2 = pp_range_lo(rv), z2 = pp_range_hi(rv);
+        ptrdiff_t take = most < 2 ? most : (most / 2 + 1) & ~(ptrdiff_t)1;        /* even, >= half */
+        if (__atomic_compare_exchange_n(&q->part[v].range, &rv, pp_range(a2, z2 - take), 0, __ATOMIC_RELAXED,
+                                        __ATOMIC_RELAXED)) {
+            r = pp_range(z2 - take, z2);                    /* now this thread's part; claim from it */
+            __atomic_store_n(own, r, __ATOMIC_RELAXED);
+        } else {
+            r = __atomic_load_n(own, __ATOMIC_RELAXED);     /* lost the race: look again */
+        }
+    }
+}
+
+/* Panels [lo, hi) of pp_gemm_panels' matrix; [nlo, nhi): the run this thread computes next (nlo < 0:
+ * none), whose first panels are prefetched while the last ones of this run compute. */
+static inline void pp_gemm_run(int fmt, int isa, const uint8_t *data, const uint16_t *scales,
+                               const uint16_t *offsets, ptrdiff_t nb, ptrdiff_t N, const pp_xq *x,
+                               const pp_xtm *xt, ptrdiff_t T, float *y, ptrdiff_t lo, ptrdiff_t hi,
+                               ptrdiff_t nlo, ptrdiff_t nhi) {
+    const ptrdiff_t pb = nb * pp_panel_block_bytes(fmt), ps = nb * PP_PANEL;
+    for (ptrdiff_t p = lo; p < hi;) {
+        const uint8_t *W = data + p * pb;
+        const int m = pp_panel_rows(N, p);
+        int done = 1;                                                   /* panels this step computed */
+        (void)xt;
+#if PP_HAVE_VNNI512
+        if (xt && p + 1 < hi && pp_panel_pairs(fmt, pp_panel_pass_tokens(0, T))) {
+            /* the (up to) two panels after the pair, in this run or at the start of the next */
+            ptrdiff_t at = p + 2, after = hi - at;
+            if (after <= 0 && nlo >= 0) {
+                at = nlo;
+                after = nhi - nlo;
+            }
+            after = after < 0 ? 0 : after > 2 ? 2 : after;
+            pp_gemm_panel_pair(fmt, W, scales + p * ps, pb, ps, nb, N, x, xt, T, y, p, pp_panel_rows(N, p + 1),
+                               after > 0 ? data + at * pb : NULL, after * pp_panel_block_bytes(fmt));
+            done = 2;
+        }
+#endif
+        if (done == 1) {
+            const uint8_t *next = p + 1 < hi ? W + pb : nlo >= 0 ? data + nlo * pb : NULL;
+            pp_gemm_panel(fmt, isa, W, scales + p * ps, nb, N, x, xt, T, y, p, m, next);
+        }
+        if (offsets)
+            for (ptrdiff_t q = p; q < p + done; q++)
+                for (ptrdiff_t t = 0; t < T; t++)
+                    pp_panel_offsets(isa, offsets + q * ps, x[t], nb, y + t * N + q * PP_PANEL, pp_panel_rows(N, q));
+        p += done;
+    }
+}
+
+/* Y[t, n] for the panels of a matrix of N rows against T tokens (Y [T, N] row stride N), on the kernels
+ * of level isa: panels [p0, p1) when queue is NULL, else runs claimed from queue by thread `thread` of
+ * its team until none is left (one call per thread). offsets: q4m's (pp_panel_offsets; the scales' layout), NULL for q4 / q8: a
+ * q4m panel is a q4 panel's dots, then each token's offset term. */
 static inline void pp_gemm_panels(int fmt, int isa, const uint8_t *data, const uint16_t *scales,
                                   const uint16_t *offsets, ptrdiff_t nb, ptrdiff_t N, const pp_xq *x,
-                                  ptrdiff_t T, float *y, ptrdiff_t p0, ptrdiff_t p1) {
-    const ptrdiff_t pb = nb * pp_panel_block_bytes(fmt), ps = nb * PP_PANEL;
+                                  ptrdiff_t T, float *y, ptrdiff_t p0, ptrdiff_t p1, pp_panel_queue *queue,
+                                  int thread) {
+    ptrdiff_t lo = p0, hi = p1, nlo = -1, nhi = -1;
+    int have = queue ? pp_queue_claim(queue, thread, &lo, &hi) : lo < hi;
+    if (!have) return;
     /* Several tokens on AVX-512 VNNI: each pass's activations token-major, laid out once per call and
      * thread (T x 40 bytes per block; at T = 8 ~1 us, some 5% of a 16-panel call and under 1% of the FFN's
      * 152 panels per thread); without the memory, the run-time-count code (same bits). */
     pp_xtm *xt = NULL;
     char *buf = NULL;
 #if PP_HAVE_VNNI512
-    if (isa == PP_ISA_AVX512VNNI && T > 1 && p0 < p1) {
+    if (isa == PP_ISA_AVX512VNNI && T > 1) {
         const ptrdiff_t passes = (T + 3) / 4 + 1;
         buf = (char *)malloc((size_t)(T * nb * (PP_QB + 8)));
         xt = (pp_xtm *)malloc((size_t)passes * sizeof(pp_xtm));
@@ -555,25 +682,13 @@ static inline void pp_gemm_panels(int fmt, int isa, const uint8_t *data, const u
         }
     }
 #endif
-    for (ptrdiff_t p = p0; p < p1;) {
-        const uint8_t *W = data + p * pb;
-        const int m = pp_panel_rows(N, p);
-        int done = 1;                                                   /* panels this step computed */
-#if PP_HAVE_VNNI512
-        if (xt && p + 1 < p1 && pp_panel_pairs(fmt, pp_panel_pass_tokens(0, T))) {
-            const ptrdiff_t after = p1 - (p + 2) < 2 ? p1 - (p + 2) : 2;     /* panels to prefetch */
-            pp_gemm_panel_pair(fmt, W, scales + p * ps, pb, ps, nb, N, x, xt, T, y, p, pp_panel_rows(N, p + 1),
-                               after > 0 ? W + 2 * pb : NULL, after * pp_panel_block_bytes(fmt));
-            done = 2;
-        }
-#endif
-        if (done == 1)
-            pp_gemm_panel(fmt, isa, W, scales + p * ps, nb, N, x, xt, T, y, p, m, p + 1 < p1 ? W + pb : NULL);
-        if (offsets)
-            for (ptrdiff_t q = p; q < p + done; q++)
-                for (ptrdiff_t t = 0; t < T; t++)
-                    pp_panel_offsets(isa, offsets + q * ps, x[t], nb, y + t * N + q * PP_PANEL, pp_panel_rows(N, q));
-        p += done;
+    while (have) {
+        const int more = queue ? pp_queue_claim(queue, thread, &nlo, &nhi) : 0;     /* claimed ahead */
+        if (!more) nlo = nhi = -1;
+        pp_gemm_run(fmt, isa, data, scales, offsets, nb, N, x, xt, T, y, lo, hi, nlo, nhi);
+        lo = nlo;
+        hi = nhi;
+        have = more;
     }
     free(xt);
     free(buf);
