@@ -22,7 +22,8 @@ def info() -> dict:
         "backends": {
             "numpy": {"available": True},
             "cython": {"available": _cpu.AVAILABLE, "error": _cpu.IMPORT_ERROR, "build": _cpu.BUILD_INFO,
-                       "integer_kernels": integer_kernels() if _cpu.AVAILABLE else None},
+                       "integer_kernels": integer_kernels() if _cpu.AVAILABLE else None,
+                       "silu": silu_kernel() if _cpu.AVAILABLE else None},
             "gpu": {"available": gpu_ok, "error": gpu_why, "devices": gpu_devices() if gpu_ok else []},
         },
         "default_backend": default,
@@ -32,6 +33,13 @@ def info() -> dict:
         "blas": [{k: p.get(k) for k in ("internal_api", "version", "num_threads", "architecture", "filepath")}
                  for p in threadpool_info() if p.get("user_api") == "blas"],
     }
+
+
+def silu_kernel() -> str:
+    """How the dense FFN's SiLU products run: compiled over NumPy's own exp loop, or NumPy's ufuncs and why."""
+    from ._cpu import _kernels
+    why = _kernels.SILU_UNAVAILABLE
+    return "compiled, on NumPy's float32 exp loop" if not why else f"NumPy ufuncs (slower, same bits): {why}"
 
 
 def integer_kernels() -> dict:

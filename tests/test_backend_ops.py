@@ -27,6 +27,7 @@ import pipower
 from pipower.errors import InvalidArgumentError, PipowerError
 from pipower.ops import ACT_CODES, ACTIVATIONS, NumpyOps, Threshold
 from pipower.quant import ROW_FORMATS as FORMATS, quantize
+from pipower import _cpu
 
 RTOL = {"f32": 1e-5, "f16": 1e-4, "q8": 1e-4, "q4": 1e-4}
 TILE_T = 11                  # two token tiles of the device kernels (TOK_TILE = 8)
@@ -374,3 +375,65 @@ def test_multiply_by_activation_is_the_formula_bitwise(act, T):
     got = multiply_by_activation(h, g, act)
     assert got is h and np.array_equal(got.view(np.uint32), want.view(np.uint32))
     assert np.array_equal(g.view(np.uint32), g0.view(np.uint32))
+
+
+needs_compiled = pytest.mark.skipif(not _cpu.AVAILABLE, reason="compiled kernels not built")
+
+
+@needs_compiled
+@pytest.mark.parametrize("shape", [(1, 200), (1, 4864), (8, 4864), (33, 1000), (5, 3)])
+def test_compiled_silu_product_is_the_formula_bitwise(shape):
+    """_kernels.silu_multiply (NumPy's exp loop called from C, L1-sized passes, threads over 4 K chunks
+    from 16 K elements) gives multiply_by_activation's SiLU bits for every thread count, special values
+    included, and leaves g alone."""
+    from pipower._cpu import _kernels
+    from pipower.ops import multiply_by_activation
+    assert _kernels.SILU_UNAVAILABLE == ""                       # NumPy's loop was found and checked
+    r = np.random.default_rng(shape[0])
+    g = (r.standard_normal(shape) * 12).astype(np.float32)
+    g.flat[:min(g.size, 9)] = [0.0, -0.0, 100.0, -100.0, 88.8, -88.8, np.inf, -np.inf, np.nan][:min(g.size, 9)]
+    h = r.standard_normal(shape).astype(np.float32)
+    with np.errstate(all="ignore"):
+        want = multiply_by_activation(h.copy(), g, "silu")
+    g0 = g.copy()
+    for nt in (1, 2, 3):
+        got = h.copy()
+        assert _kernels.silu_multiply(got, g, nt) is got
+        assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), nt
+    assert np.array_equal(g.view(np.uint32), g0.view(np.uint32))
+
+
+@needs_compiled
+def test_compiled_silu_product_checks_its_arrays():
+    from pipower._cpu import _kernels
+    h = np.zeros((2, 64), np.float32)
+    with pytest.raises(InvalidArgumentError, match="one shape"):
+        _kernels.silu_multiply(h, np.zeros((2, 32), np.float32))
+    with pytest.raises(InvalidArgumentError, match="C-contiguous float32"):
+        _kernels.silu_multiply(h, np.zeros((2, 64), np.float64))
+    with pytest.raises(InvalidArgumentError, match="C-contiguous float32"):
+        _kernels.silu_multiply(np.zeros((64, 2), np.float32).T, np.zeros((2, 64), np.float32))
+    ro = np.zeros((2, 64), np.float32)
+    ro.flags.writeable = False
+    with pytest.raises(InvalidArgumentError, match="writeable"):
+        _kernels.silu_multiply(ro, np.zeros((2, 64), np.float32))
+
+
+@needs_compiled
+def test_dense_ffn_silu_without_the_compiled_pass_says_so_and_keeps_the_bits(monkeypatch, caplog):
+    """When NumPy's exp loop failed its import-time check, linear_ops.multiply_activation runs NumPy's
+    formula (the same bits) and logs why, once."""
+    from pipower._cpu import _kernels, linear_ops
+    r = np.random.default_rng(4)
+    g = r.standard_normal((3, 96)).astype(np.float32)
+    h = r.standard_normal((3, 96)).astype(np.float32)
+    fast = linear_ops.multiply_activation(h.copy(), g, "silu", 2)
+    monkeypatch.setattr(_kernels, "SILU_UNAVAILABLE", "a test's reason")
+    monkeypatch.setattr(linear_ops, "_SILU_SAID", [])
+    with caplog.at_level("WARNING", logger="pipower._cpu.linear_ops"):
+        slow = linear_ops.multiply_activation(h.copy(), g, "silu", 2)
+        linear_ops.multiply_activation(h.copy(), g, "silu", 2)
+    assert np.array_equal(fast.view(np.uint32), slow.view(np.uint32))
+    assert [rec.getMessage().count("a test's reason") for rec in caplog.records] == [1]
+    with pytest.raises(RuntimeError, match="a test's reason"):
+        _kernels.silu_multiply(h, g)

@@ -28,6 +28,8 @@ cdef extern from "_kernels_impl.h" nogil:
     int pp_omp_max_threads()
     const char *pp_simd_level()
     void pp_rms_norm_row(const float *x, const float *w, float *y, Py_ssize_t D, float eps)
+    ctypedef void (*pp_unary_loop)(char **args, const Py_ssize_t *dims, const Py_ssize_t *steps, void *data)
+    void pp_silu_multiply(float *h, const float *g, Py_ssize_t n, pp_unary_loop exp_loop, void *exp_data)
 
 # ---- build facts ----------------------------------------------------------------------------------
 OPENMP = PIPOWER_OPENMP_VERSION != 0           # True iff the C compiler saw -fopenmp (_OPENMP defined)
@@ -88,3 +90,87 @@ def rms_norm(x, weight, eps, out=None, n_threads=1):
         nt = 1
     _rms_norm(x, weight, <float>eps, out, nt)
     return out
+
+
+# ---- SiLU product on NumPy's exp loop ---------------------------------------------------------------
+cdef pp_unary_loop _exp_loop = NULL
+cdef void *_exp_data = NULL
+
+
+cdef str _find_exp_loop():
+    """Point _exp_loop at NumPy's float32 -> float32 exp loop (what np.exp runs on this CPU) and check it
+    against np.exp on values that reach every branch (tiny, huge, infinities, NaN, -0.0, over- and
+    underflow, each length modulo a vector): "" when it matches bit for bit, else why not."""
+    global _exp_loop, _exp_data
+    cdef cnp.ufunc u = np.exp
+    cdef int i, j, found = -1
+    for i in range(u.ntypes):
+        if all(u.types[i * u.nargs + j] == cnp.NPY_FLOAT for j in range(u.nargs)):
+            found = i
+            break
+    if found < 0 or u.nargs != 2:
+        return "NumPy's exp has no float32 -> float32 loop"
+    cdef pp_unary_loop loop = <pp_unary_loop><void *>u.functions[found]     # a plain C loop: no GIL needed
+    cdef void *data = u.data[found]
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.standard_normal(4093) * 30, rng.uniform(-104, 89, 4099),
+                        [0.0, -0.0, 1e-45, -1e-45, 88.72, 88.73, -87.34, -103.98, -104, 1e30, -1e30,
+                         np.inf, -np.inf, np.nan]]).astype(np.float32)
+    cdef float[::1] xv = x
+    cdef char *args[2]
+    cdef Py_ssize_t dims[1]
+    cdef Py_ssize_t steps[2]
+    with np.errstate(all="ignore"):
+        for n in (1, 7, 16, 17, 33, x.size):
+            got = np.empty(n, dtype=np.float32)
+            args[0] = <char *>&xv[0]
+            args[1] = <char *>cnp.PyArray_DATA(got)
+            dims[0] = n
+            steps[0] = steps[1] = 4
+            loop(args, dims, steps, data)
+            if not np.array_equal(got.view(np.uint32), np.exp(x[:n]).view(np.uint32)):
+                return f"NumPy's float32 exp loop, called directly, differs from np.exp ({n} values)"
+    _exp_loop, _exp_data = loop, data
+    return ""
+
+
+# "" when silu_multiply can run (NumPy's exp loop found and checked at import), else the reason it cannot
+# (pipower._cpu.linear_ops then runs NumPy's formula instead and `pipower info` says why).
+SILU_UNAVAILABLE = _find_exp_loop()
+
+
+cdef void _silu(float *h, const float *g, Py_ssize_t n, Py_ssize_t chunk, int nt) noexcept nogil:
+    cdef Py_ssize_t c, a, parts = (n + chunk - 1) // chunk
+    if nt <= 1:
+        pp_silu_multiply(h, g, n, _exp_loop, _exp_data)
+        return
+    with parallel(num_threads=nt):
+        for c in prange(parts, schedule="static"):
+            a = c * chunk
+            pp_silu_multiply(h + a, g + a, min(chunk, n - a), _exp_loop, _exp_data)
+
+
+def silu_multiply(h, g, n_threads=1):
+    """h *= silu(g) in place, bit for bit pipower.ops.multiply_by_activation(h, g, "silu") (NumPy's
+    formula, exp by NumPy's own float32 loop) but in L1-sized passes and split over n_threads.
+    h, g: float32 C-contiguous arrays of one shape (g is left as is). Returns h."""
+    cdef int nt = check_threads(n_threads)
+    if SILU_UNAVAILABLE:
+        raise RuntimeError(f"silu_multiply is unavailable: {SILU_UNAVAILABLE}")
+    for name, a in (("h", h), ("g", g)):
+        if not isinstance(a, np.ndarray) or a.dtype != np.float32 or not a.flags.c_contiguous:
+            raise invalid(f"{name} must be a C-contiguous float32 array")
+    if h.shape != g.shape:
+        raise invalid(f"h and g must have one shape, got {h.shape} and {g.shape}")
+    if not h.flags.writeable:
+        raise invalid("h must be writeable (it is changed in place)")
+    cdef Py_ssize_t n = h.size
+    if n == 0:
+        return h
+    # Below ~16 K elements (one token's 4864 gate values: ~4 us on one thread) a team's start costs
+    # more than it saves; whole chunks of 4 K per thread otherwise. The bits never depend on it.
+    if n < 16384:
+        nt = 1
+    nt = <int>min(nt, (n + 4095) // 4096)
+    _silu(<float *>cnp.PyArray_DATA(h), <const float *>cnp.PyArray_DATA(g), n, 4096, nt)
+    return h

@@ -124,4 +124,30 @@ static inline void pp_f16_to_f32(const uint16_t *src, float *dst, ptrdiff_t n) {
     }
 }
 
+
+/* ---- SiLU product --------------------------------------------------------------------------------
+ * h[i] *= silu(g[i]) with NumPy's formula operation by operation (pipower.ops.multiply_by_activation:
+ * t = -g; t = exp(t); t = t + 1; t = g / t; h = h * t), each a correctly rounded float32 operation,
+ * and exp by NumPy's own float32 loop (the function its ufunc calls, handed in by the caller), so the
+ * bits are the reference's while the passes stay in L1 and threads can share the work (NumPy runs
+ * five whole-array passes on one thread: ~57 us for an 8-token Qwen2.5-0.5B gate, [8, 4864]). */
+typedef void (*pp_unary_loop)(char **args, const ptrdiff_t *dims, const ptrdiff_t *steps, void *data);
+
+#define PP_SILU_CHUNK 512   /* floats per pass: t, g and h's chunks stay in L1 */
+
+static void pp_silu_multiply(float *h, const float *g, ptrdiff_t n, pp_unary_loop exp_loop, void *exp_data) {
+    float t[PP_SILU_CHUNK];
+    for (ptrdiff_t a = 0; a < n; a += PP_SILU_CHUNK) {
+        const ptrdiff_t m = n - a < PP_SILU_CHUNK ? n - a : PP_SILU_CHUNK;
+        for (ptrdiff_t j = 0; j < m; j++) t[j] = -g[a + j];
+        char *args[2] = {(char *)t, (char *)t};
+        const ptrdiff_t dims[1] = {m}, steps[2] = {sizeof(float), sizeof(float)};
+        exp_loop(args, dims, steps, exp_data);
+        for (ptrdiff_t j = 0; j < m; j++) {
+            const float e = t[j] + 1.0f;
+            h[a + j] = h[a + j] * (g[a + j] / e);
+        }
+    }
+}
+
 #endif /* PIPOWER_KERNELS_IMPL_H */

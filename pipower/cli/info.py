@@ -42,6 +42,8 @@ def cmd_info(args) -> int:
             used = f"uses {ik['default']}" if "default" in ik else f"ERROR: {ik['error']}"
             print(f"    integer dots: {used} (this CPU and build run: {', '.join(ik['available'])}; "
                   f"PIPOWER_INT_ISA=<name> picks one)")
+        if b.get("silu"):
+            print(f"    SiLU products: {b['silu']}")
     print(f"default backend: {report['default_backend']}  threads: {report['threads']}")
     if report["fallback_warning"]:
         print(f"WARNING: {report['fallback_warning']}")
