@@ -103,6 +103,44 @@ pp_pv_chunk(const float *p, const float *v, ptrdiff_t ldv, ptrdiff_t j, ptrdiff_
     for (int c = 0; c < NC; c++) { _mm512_storeu_ps(st + 16 * c, a0[c]); _mm512_storeu_ps(st + 16 * (NC + c), a1[c]); }
 }
 
+/* pp_pv_chunk for two rows of one length n at once (p, q their weights; st, su their accumulator sets):
+ * each V vector is loaded once for both rows' FMAs. One row's chunk does 4 V loads and a broadcast per
+ * key against 4 FMAs, and the loads bound it (~5 cycles per key at hd = 64); two rows share the loads
+ * (~2.5 per row and key). Each row's FMAs are pp_pv_chunk's, in its order: the same bits. */
+static inline __attribute__((always_inline)) void
+pp_pv_chunk2(const float *p, const float *q, const float *v, ptrdiff_t ldv, ptrdiff_t j, ptrdiff_t end, ptrdiff_t n,
+             const int NC, float *st, float *su) {
+    __m512 a0[4], a1[4], b0[4], b1[4];       /* NC <= 4: two rows' sets fill 16 registers */
+    for (int c = 0; c < NC; c++) {
+        a0[c] = _mm512_loadu_ps(st + 16 * c); a1[c] = _mm512_loadu_ps(st + 16 * (NC + c));
+        b0[c] = _mm512_loadu_ps(su + 16 * c); b1[c] = _mm512_loadu_ps(su + 16 * (NC + c));
+    }
+    for (; j + 2 <= end; j += 2) {
+        const __m512 p0 = _mm512_set1_ps(p[j]), p1 = _mm512_set1_ps(p[j + 1]);
+        const __m512 q0 = _mm512_set1_ps(q[j]), q1 = _mm512_set1_ps(q[j + 1]);
+        const float *v0 = v + j * ldv, *v1 = v0 + ldv;
+        for (int c = 0; c < NC; c++) {
+            const __m512 x0 = _mm512_loadu_ps(v0 + 16 * c), x1 = _mm512_loadu_ps(v1 + 16 * c);
+            a0[c] = _mm512_fmadd_ps(p0, x0, a0[c]);
+            a1[c] = _mm512_fmadd_ps(p1, x1, a1[c]);
+            b0[c] = _mm512_fmadd_ps(q0, x0, b0[c]);
+            b1[c] = _mm512_fmadd_ps(q1, x1, b1[c]);
+        }
+    }
+    if (end == n && j < n) {
+        const __m512 p0 = _mm512_set1_ps(p[j]), q0 = _mm512_set1_ps(q[j]);
+        for (int c = 0; c < NC; c++) {
+            const __m512 x0 = _mm512_loadu_ps(v + j * ldv + 16 * c);
+            a0[c] = _mm512_fmadd_ps(p0, x0, a0[c]);
+            b0[c] = _mm512_fmadd_ps(q0, x0, b0[c]);
+        }
+    }
+    for (int c = 0; c < NC; c++) {
+        _mm512_storeu_ps(st + 16 * c, a0[c]); _mm512_storeu_ps(st + 16 * (NC + c), a1[c]);
+        _mm512_storeu_ps(su + 16 * c, b0[c]); _mm512_storeu_ps(su + 16 * (NC + c), b1[c]);
+    }
+}
+
 /* out[0:16 NC] = inv * (a0 + a1) from pp_pv_chunk's accumulator sets st[2][NC][16]. */
 static inline void pp_pv_finish(const float *st, const int NC, float inv, float *out) {
     const __m512 vi = _mm512_set1_ps(inv);
@@ -250,15 +288,22 @@ static inline void pp_attn_unit(const float *q, ptrdiff_t H, ptrdiff_t hd, const
         }
         memset(st, 0, sizeof(float) * 2 * (size_t)hd * (size_t)R);
         for (ptrdiff_t c0 = 0; c0 < nmax; c0 += PP_PV_CHUNK)   /* V chunk shared by the rows */
-            for (int r = 0; r < R; r++) {
-                if (c0 >= n[r]) continue;
+            for (int r = 0; r < R;) {
+                if (c0 >= n[r]) { r++; continue; }
                 const ptrdiff_t end = n[r] < c0 + PP_PV_CHUNK ? n[r] : c0 + PP_PV_CHUNK;
                 float *sr = st + r * 2 * hd;
+                if (NC <= 4 && r + 1 < R && n[r + 1] == n[r]) {   /* two rows of one length: V loads shared */
+                    if (NC == 2) pp_pv_chunk2(scratch + r * S, scratch + (r + 1) * S, v, ldv, c0, end, n[r], 2, sr, sr + 2 * hd);
+                    else pp_pv_chunk2(scratch + r * S, scratch + (r + 1) * S, v, ldv, c0, end, n[r], 4, sr, sr + 2 * hd);
+                    r += 2;
+                    continue;
+                }
                 switch (NC) {
                     case 2: pp_pv_chunk(scratch + r * S, v, ldv, c0, end, n[r], 2, sr); break;
                     case 4: pp_pv_chunk(scratch + r * S, v, ldv, c0, end, n[r], 4, sr); break;
                     default: pp_pv_chunk(scratch + r * S, v, ldv, c0, end, n[r], 8, sr); break;
                 }
+                r++;
             }
         for (int r = 0; r < R; r++) pp_pv_finish(st + r * 2 * hd, NC, inv[r], orow[r]);
         return;
