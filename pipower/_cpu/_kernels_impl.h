@@ -135,7 +135,7 @@ typedef void (*pp_unary_loop)(char **args, const ptrdiff_t *dims, const ptrdiff_
 
 #define PP_SILU_CHUNK 512   /* floats per pass: t, g and h's chunks stay in L1 */
 
-static void pp_silu_multiply(float *h, const float *g, ptrdiff_t n, pp_unary_loop exp_loop, void *exp_data) {
+static inline void pp_silu_multiply(float *h, const float *g, ptrdiff_t n, pp_unary_loop exp_loop, void *exp_data) {
     float t[PP_SILU_CHUNK];
     for (ptrdiff_t a = 0; a < n; a += PP_SILU_CHUNK) {
         const ptrdiff_t m = n - a < PP_SILU_CHUNK ? n - a : PP_SILU_CHUNK;
