@@ -252,3 +252,31 @@ def test_dense_panel_ffn_reuses_per_thread_scratch_safely():
     for k in range(2):
         for g, w in zip(got[k], want):
             assert np.array_equal(g, w)
+
+
+@needs_ext
+def test_panel_matrix_is_checked_once_and_gives_gemm_panels_bits():
+    """_panel.PanelMatrix (a matrix checked once) computes what gemm_panels does; linear_ops keeps one per
+    Panels object while that object lives, and a matrix of the wrong width is refused per call."""
+    import gc
+
+    from pipower._cpu import _panel, linear_ops
+    from pipower.errors import InvalidArgumentError
+    m = matrix("q4m", 40, 96, seed=5)
+    p = panels.pack(m)
+    x = np.random.default_rng(6).standard_normal((5, 96)).astype(np.float32)
+    pm = _panel.PanelMatrix(p.fmt, p.data, p.scales, 40, p.offsets)
+    want = _panel.gemm_panels(p.fmt, p.data, p.scales, 40, x, offsets=p.offsets)
+    for nt in (1, 2):
+        assert np.array_equal(pm.gemm(x, n_threads=nt), want)
+        assert np.array_equal(pm.gemm(_panel.quantize(x, p.fmt), n_threads=nt), want)
+    with pytest.raises(InvalidArgumentError, match=r"shape \(T, 96\)"):
+        pm.gemm(np.zeros((2, 64), np.float32))
+    with pytest.raises(InvalidArgumentError, match="need their offsets"):
+        _panel.PanelMatrix(p.fmt, p.data, p.scales, 40)
+    assert linear_ops.panel_matrix(p) is linear_ops.panel_matrix(p)
+    key = id(p)
+    assert key in linear_ops._MATRICES
+    del p
+    gc.collect()
+    assert key not in linear_ops._MATRICES

@@ -51,70 +51,100 @@ def quantize(x, fmt, simd=True):
                                 simd=simd)
 
 
+cdef tuple _U8 = (np.dtype(np.uint8),)
+cdef tuple _F16 = (np.dtype(np.float16), np.dtype(np.uint16))
+cdef tuple _F32 = (np.dtype(np.float32),)
+
+
+cdef class PanelMatrix:
+    """A panel-packed matrix whose arrays were checked once, for many gemm() calls: gemm_panels checks
+    its data, scales and offsets on every call (~3 us of Python-level checks; a Qwen2.5-0.5B decode step
+    makes ~120 calls). Holds the arrays it was given (they must not change shape). Arguments as
+    gemm_panels'."""
+    cdef readonly str fmt
+    cdef readonly Py_ssize_t n_rows, n_cols
+    cdef readonly object data, scales, offsets
+    cdef str act_fmt
+    cdef int code
+    cdef Py_ssize_t P, nb
+
+    def __cinit__(self, fmt, data, scales, Py_ssize_t n_rows, offsets=None):
+        if fmt not in BLOCK_BYTES:
+            raise invalid(f"weight panels hold q4, q8 or q4m weights, not {fmt}")
+        if (offsets is None) != (fmt != "q4m"):
+            raise invalid("q4m panels need their offsets" if offsets is None else f"{fmt} panels take no offsets")
+        check_array(data, "panel data", _U8, 3, True)
+        check_array(scales, "panel scales", _F16, 3, True)
+        if offsets is not None:
+            check_array(offsets, "panel offsets", _F16, 3, True)
+            if offsets.shape != scales.shape:
+                raise invalid(f"panel offsets must have the scales' shape {scales.shape}, got {offsets.shape}")
+        cdef Py_ssize_t P = data.shape[0], nb = data.shape[1]
+        if data.shape[2] != BLOCK_BYTES[fmt] or n_rows < 0 or P != (n_rows + PANEL - 1) // PANEL:
+            raise invalid(f"{fmt} panels of {n_rows} rows must have shape ({(n_rows + PANEL - 1) // PANEL}, "
+                          f"K/32, {BLOCK_BYTES[fmt]}), got {data.shape}")
+        if scales.shape[0] != P or scales.shape[1] != nb or scales.shape[2] != PANEL:
+            raise invalid(f"panel scales must have shape ({P}, {nb}, {PANEL}), got {scales.shape}")
+        self.fmt, self.act_fmt = fmt, _activation_format(fmt)
+        self.code = PP_Q8 if fmt == "q8" else PP_Q4
+        self.data, self.scales, self.offsets = data, scales, offsets
+        self.n_rows, self.n_cols, self.P, self.nb = n_rows, nb * 32, P, nb
+
+    def gemm(self, x, out=None, n_threads=1, simd=True):
+        """x float32 [T, K] (or quantize(x, fmt)) -> out float32 [T, n_rows]: gemm_panels."""
+        cdef int nt = check_threads(n_threads)
+        cdef Py_ssize_t T, K
+        if isinstance(x, QuantizedActivations):
+            xq = x
+            if (<QuantizedActivations>xq).fmt != self.act_fmt or not (<QuantizedActivations>xq).panels:
+                raise invalid(f"activations quantized for {xq.fmt} panels, not {self.fmt}")
+            T, K = (<QuantizedActivations>xq).T, (<QuantizedActivations>xq).K
+        else:
+            if isinstance(x, np.ndarray) and x.ndim == 1:
+                x = x.reshape(1, -1)
+            check_array(x, "x", _F32, 2, True)
+            T, K = x.shape[0], x.shape[1]
+            xq = None
+        if K != self.n_cols:
+            raise invalid(f"x must have shape (T, {self.n_cols}) to match the panels, got {(T, K)}")
+        out = check_out(out, "out", (T, self.n_rows))
+        if T == 0 or self.n_rows == 0:
+            return out
+        cdef int sd = check_simd(simd)
+        if xq is None:
+            xq = QuantizedActivations(x, self.act_fmt, panels=True, simd=simd)
+        cdef const uint8_t *dp = <const uint8_t *>cnp.PyArray_DATA(self.data)
+        cdef const uint16_t *sp = <const uint16_t *>cnp.PyArray_DATA(self.scales)
+        cdef const uint16_t *op = NULL if self.offsets is None else <const uint16_t *>cnp.PyArray_DATA(self.offsets)
+        cdef const pp_xq *rows = (<QuantizedActivations>xq).rows
+        cdef float *yp = <float *>cnp.PyArray_DATA(out)
+        cdef Py_ssize_t p, P = self.P, nb = self.nb, n_rows = self.n_rows
+        cdef int code = self.code
+        cdef pp_panel_queue queue
+        nt = <int>min(nt, P)
+        if nt <= 1:
+            with nogil:
+                pp_gemm_panels(code, sd, dp, sp, op, nb, n_rows, rows, T, yp, 0, P, NULL, 0)
+            return out
+        # the team's threads claim runs of panels from one queue as they go (_panel_impl.h: pp_panel_queue);
+        # each run writes its own 16-float spans of each token's output row
+        if not pp_queue_init(&queue, P, nt):
+            raise MemoryError("no memory for the threads' panel queue")
+        try:
+            with nogil, parallel(num_threads=nt):
+                for p in prange(nt, schedule="static"):
+                    pp_gemm_panels(code, sd, dp, sp, op, nb, n_rows, rows, T, yp, 0, 0, &queue, <int>p)
+        finally:
+            pp_queue_free(&queue)
+        return out
+
+
 def gemm_panels(fmt, data, scales, Py_ssize_t n_rows, x, out=None, n_threads=1, simd=True, offsets=None):
     """x float32 [T, K] (or quantize(x, fmt)) -> out float32 [T, n_rows]. data uint8 [P, K/32,
     BLOCK_BYTES[fmt]], scales float16 [P, K/32, 16] with P = ceil(n_rows / 16); offsets (q4m only, then
-    required) float16 like scales. Panels are split over
-    n_threads OpenMP threads. simd: True (the best kernel this machine runs, or PIPOWER_INT_ISA's), False
-    (portable C) or a kernel's name ("avx2", "avxvnni", "avx512vnni"); the bits are the same."""
-    cdef int nt = check_threads(n_threads)
-    if fmt not in BLOCK_BYTES:
-        raise invalid(f"weight panels hold q4, q8 or q4m weights, not {fmt}")
-    if (offsets is None) != (fmt != "q4m"):
-        raise invalid("q4m panels need their offsets" if offsets is None else f"{fmt} panels take no offsets")
-    check_array(data, "panel data", (np.dtype(np.uint8),), 3, True)
-    check_array(scales, "panel scales", (np.dtype(np.float16), np.dtype(np.uint16)), 3, True)
-    if offsets is not None:
-        check_array(offsets, "panel offsets", (np.dtype(np.float16), np.dtype(np.uint16)), 3, True)
-        if offsets.shape != scales.shape:
-            raise invalid(f"panel offsets must have the scales' shape {scales.shape}, got {offsets.shape}")
-    cdef Py_ssize_t T, K
-    if isinstance(x, QuantizedActivations):
-        xq = x
-        if xq.fmt != _activation_format(fmt) or not xq.panels:
-            raise invalid(f"activations quantized for {xq.fmt} panels, not {fmt}")
-        T, K = xq.T, xq.K
-    else:
-        if x.ndim == 1:
-            x = x.reshape(1, -1)
-        check_array(x, "x", (np.dtype(np.float32),), 2, True)
-        T, K = x.shape[0], x.shape[1]
-        xq = None
-    cdef Py_ssize_t P = data.shape[0], nb = data.shape[1]
-    if data.shape[2] != BLOCK_BYTES[fmt] or n_rows < 0 or P != (n_rows + PANEL - 1) // PANEL:
-        raise invalid(f"{fmt} panels of {n_rows} rows must have shape ({(n_rows + PANEL - 1) // PANEL}, K/32, "
-                      f"{BLOCK_BYTES[fmt]}), got {data.shape}")
-    if scales.shape[0] != P or scales.shape[1] != nb or scales.shape[2] != PANEL:
-        raise invalid(f"panel scales must have shape ({P}, {nb}, {PANEL}), got {scales.shape}")
-    if K != nb * 32:
-        raise invalid(f"x must have shape (T, {nb * 32}) to match the panels, got {(T, K)}")
-    out = check_out(out, "out", (T, n_rows))
-    if T == 0 or n_rows == 0:
-        return out
-    cdef int sd = check_simd(simd)
-    if xq is None:
-        xq = QuantizedActivations(x, _activation_format(fmt), panels=True, simd=simd)
-    cdef int code = PP_Q8 if fmt == "q8" else PP_Q4
-    cdef const uint8_t *dp = <const uint8_t *>cnp.PyArray_DATA(data)
-    cdef const uint16_t *sp = <const uint16_t *>cnp.PyArray_DATA(scales)
-    cdef const uint16_t *op = NULL if offsets is None else <const uint16_t *>cnp.PyArray_DATA(offsets)
-    cdef const pp_xq *rows = (<QuantizedActivations>xq).rows
-    cdef float *yp = <float *>cnp.PyArray_DATA(out)
-    cdef Py_ssize_t p
-    cdef pp_panel_queue queue
-    nt = <int>min(nt, P)
-    if nt <= 1:
-        with nogil:
-            pp_gemm_panels(code, sd, dp, sp, op, nb, n_rows, rows, T, yp, 0, P, NULL, 0)
-        return out
-    # the team's threads claim runs of panels from one queue as they go (_panel_impl.h: pp_panel_queue);
-    # each run writes its own 16-float spans of each token's output row
-    if not pp_queue_init(&queue, P, nt):
-        raise MemoryError("no memory for the threads' panel queue")
-    try:
-        with nogil, parallel(num_threads=nt):
-            for p in prange(nt, schedule="static"):
-                pp_gemm_panels(code, sd, dp, sp, op, nb, n_rows, rows, T, yp, 0, 0, &queue, <int>p)
-    finally:
-        pp_queue_free(&queue)
-    return out
+    required) float16 like scales. Threads claim runs of panels as they go (work stealing over
+    n_threads OpenMP threads). simd: True (the best kernel this machine runs, or PIPOWER_INT_ISA's),
+    False (portable C) or a kernel's name ("avx2", "avxvnni", "avx512vnni"); the bits are the same.
+    Calls with one matrix many times: PanelMatrix (the matrix checked once)."""
+    check_threads(n_threads)
+    return PanelMatrix(fmt, data, scales, n_rows, offsets).gemm(x, out, n_threads, simd)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import weakref
 
 import numpy as np
 
@@ -49,7 +50,7 @@ def linear(x: np.ndarray, W, bias: np.ndarray | None = None, n_threads: int = 1,
     if type(W) is Panels:                       # q4 / q8 laid out for the integer dots (pipower.panels)
         if not int_dot:
             raise InvalidArgumentError("weight panels multiply with integer dots only (dot='int8')")
-        y = _panel.gemm_panels(W.fmt, W.data, W.scales, W.shape[0], x, n_threads=n_threads, offsets=W.offsets)
+        y = _gemm(W, x, n_threads)
         if bias is not None:
             y += bias
         return y
@@ -174,8 +175,24 @@ def _scratch(name: str, T: int, F: int) -> np.ndarray:
 
 
 def _gemm(W: Panels, x, n_threads: int, out: np.ndarray | None = None) -> np.ndarray:
-    return _panel.gemm_panels(W.fmt, W.data, W.scales, W.shape[0], x, out=out, n_threads=n_threads,
-                              offsets=W.offsets)
+    return panel_matrix(W).gemm(x, out, n_threads)
+
+
+# id(Panels) -> (a weak reference to it, its _panel.PanelMatrix): each weight matrix checked once, not at
+# every call (~2 us a call; a decode step of Qwen2.5-0.5B makes ~120). An entry goes when its Panels does.
+_MATRICES: dict = {}
+
+
+def panel_matrix(W: Panels):
+    """The kernel module's PanelMatrix of W, made on W's first use and kept while W lives (rebuilt if the
+    module was swapped, as bench/ab_builds.py does)."""
+    key = id(W)
+    hit = _MATRICES.get(key)
+    if hit is not None and hit[0]() is W and type(hit[1]) is _panel.PanelMatrix:
+        return hit[1]
+    m = _panel.PanelMatrix(W.fmt, W.data, W.scales, W.shape[0], W.offsets)
+    _MATRICES[key] = (weakref.ref(W, lambda _, k=key: _MATRICES.pop(k, None)), m)
+    return m
 
 
 def ffn_layout(gate, up, down_t) -> str:
