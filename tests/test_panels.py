@@ -280,3 +280,26 @@ def test_panel_matrix_is_checked_once_and_gives_gemm_panels_bits():
     del p
     gc.collect()
     assert key not in linear_ops._MATRICES
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt", panels.FORMATS)
+def test_activations_quantized_on_a_team_are_the_same_bytes(fmt):
+    """Rows quantized apart on several threads (from 16 K elements) give one thread's bytes, NaN and
+    infinite rows included, and the GEMM over them the same bits."""
+    from pipower._cpu import _panel
+    r = np.random.default_rng(8)
+    x = (r.standard_normal((21, 4096)) * 3).astype(np.float32)
+    x[3, 100] = np.nan
+    x[5, :32] = np.inf
+    x[7] = 0.0
+    one = _panel.quantize(x, fmt, n_threads=1).arrays()
+    for nt in (2, 3):
+        team = _panel.quantize(x, fmt, n_threads=nt).arrays()
+        assert all(np.array_equal(a.view(np.uint8), b.view(np.uint8)) for a, b in zip(one, team)), nt
+    m = matrix(fmt, 48, 4096, seed=9)
+    p = panels.pack(m)
+    ok = np.isfinite(x).all(axis=1)
+    y1 = _panel.gemm_panels(fmt, p.data, p.scales, 48, x[ok], n_threads=1, offsets=p.offsets)
+    y2 = _panel.gemm_panels(fmt, p.data, p.scales, 48, x[ok], n_threads=2, offsets=p.offsets)
+    assert np.array_equal(y1.view(np.uint32), y2.view(np.uint32))

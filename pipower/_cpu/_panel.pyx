@@ -42,13 +42,14 @@ def quantize_alike(fmt_a, fmt_b):
     return _activation_format(fmt_a) == _activation_format(fmt_b)
 
 
-def quantize(x, fmt, simd=True):
+def quantize(x, fmt, simd=True, n_threads=1):
     """x float32 [T, K] -> its int8 blocks laid out for `fmt` panels, to pass to several gemm_panels.
-    simd: as gemm_panels' (which vector code quantizes; the bytes are the same)."""
+    simd: as gemm_panels' (which vector code quantizes; the bytes are the same); n_threads: rows
+    quantized apart on a team from 16 K elements (the same bytes)."""
     if fmt not in BLOCK_BYTES:
         raise invalid(f"weight panels hold q4, q8 or q4m weights, not {fmt}")
     return QuantizedActivations(x.reshape(1, -1) if x.ndim == 1 else x, _activation_format(fmt), panels=True,
-                                simd=simd)
+                                simd=simd, n_threads=n_threads)
 
 
 cdef tuple _U8 = (np.dtype(np.uint8),)
@@ -112,7 +113,7 @@ cdef class PanelMatrix:
             return out
         cdef int sd = check_simd(simd)
         if xq is None:
-            xq = QuantizedActivations(x, self.act_fmt, panels=True, simd=simd)
+            xq = QuantizedActivations(x, self.act_fmt, panels=True, simd=simd, n_threads=nt)
         cdef const uint8_t *dp = <const uint8_t *>cnp.PyArray_DATA(self.data)
         cdef const uint16_t *sp = <const uint16_t *>cnp.PyArray_DATA(self.scales)
         cdef const uint16_t *op = NULL if self.offsets is None else <const uint16_t *>cnp.PyArray_DATA(self.offsets)

@@ -240,10 +240,10 @@ pp_panel_multi_block(const int Q8, const int FAST, const int nt, const uint8_t *
  * row) as pp_panel_tok_v, so the same bits. Per block and token: 8 dots, 5 other vector operations
  * and one accumulator load/store, against 8 weight loads (and for q4 12 unpacking operations) more per
  * token in pp_panel_tok_v.
- * next (or NULL): the next panel's data, prefetched (pp_panel_prefetch) block by block while this one computes. With
- * several tokens a panel is compute-bound (~0.5 ms per 70 M multiply-adds per core) and the hardware
- * prefetcher alone did not keep DRAM busy meanwhile: a T = 8 FFN cost the sum of its compute and memory
- * times, not the larger of the two.
+ * next (or NULL): the next panel's data, prefetched (pp_panel_prefetch) block by block while this one
+ * computes. With several tokens a panel is compute-bound (~0.5 ms per 70 M multiply-adds per core) and
+ * the hardware prefetcher alone did not keep DRAM busy meanwhile: a T = 8 FFN cost the sum of its
+ * compute and memory times, not the larger of the two.
  * FAST (a constant): 4 .. 8 or PP_PANEL_TILE tokens, nt a compile-time constant too (pp_panel_multi_nt):
  * the block loop rolled, the token loop unrolled, activations by shuffles (pp_panel_isum), 20% faster at
  * T = 4 and 8 from DRAM; the activations come token-major (xt, pp_xtm), which took another 5-10% off a
@@ -601,7 +601,7 @@ static inline int pp_queue_claim(pp_panel_queue *q, int i, ptrdiff_t *lo, ptrdif
         }
         if (v < 0) return 0;
         const ptrdiff_t a2 = pp_range_lo(rv), z2 = pp_range_hi(rv);
-        ptrdiff_t take = most < 2 ? most : (most / 2 + 1) & ~(ptrdiff_t)1;        /* even, >= half */
+        ptrdiff_t take = most < 2 ? most : (most / 2 + 1) & ~(ptrdiff_t)1;    /* about half, even */
         if (__atomic_compare_exchange_n(&q->part[v].range, &rv, pp_range(a2, z2 - take), 0, __ATOMIC_RELAXED,
                                         __ATOMIC_RELAXED)) {
             r = pp_range(z2 - take, z2);                    /* now this thread's part; claim from it */
@@ -652,8 +652,8 @@ static inline void pp_gemm_run(int fmt, int isa, const uint8_t *data, const uint
 
 /* Y[t, n] for the panels of a matrix of N rows against T tokens (Y [T, N] row stride N), on the kernels
  * of level isa: panels [p0, p1) when queue is NULL, else runs claimed from queue by thread `thread` of
- * its team until none is left (one call per thread). offsets: q4m's (pp_panel_offsets; the scales' layout), NULL for q4 / q8: a
- * q4m panel is a q4 panel's dots, then each token's offset term. */
+ * its team until none is left (one call per thread). offsets: q4m's (pp_panel_offsets; the scales'
+ * layout), NULL for q4 / q8: a q4m panel is a q4 panel's dots, then each token's offset term. */
 static inline void pp_gemm_panels(int fmt, int isa, const uint8_t *data, const uint16_t *scales,
                                   const uint16_t *offsets, ptrdiff_t nb, ptrdiff_t N, const pp_xq *x,
                                   ptrdiff_t T, float *y, ptrdiff_t p0, ptrdiff_t p1, pp_panel_queue *queue,

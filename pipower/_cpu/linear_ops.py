@@ -135,7 +135,7 @@ def ffn_panels(x: np.ndarray, gate, up, down, act: str, n_threads: int = 1) -> n
     [F, D]; down: Panels [D, F] -> new float32 [T, D]. Bitwise NumpyOps' dense integer FFN
     (_ffn_int8_dense): h = act(x G^T) * (x U^T) with NumPy's activation formulas, then h quantized per 32
     neurons times down. Any T; row t is bitwise the one-token result."""
-    xq = _panel.quantize(x, up.fmt)                               # once for gate and up (if alike)
+    xq = _panel.quantize(x, up.fmt, n_threads=n_threads)          # once for gate and up (if alike)
     T, F = x.shape[0], up.shape[0]
     h = _gemm(up, xq, n_threads, _scratch("h", T, F))                                         # [T, F]
     if gate is not None:
