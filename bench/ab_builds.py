@@ -161,15 +161,22 @@ def main(argv=None) -> int:
                             times[(k, c)].append(value)
         finally:
             use(refs, original)
-    unit = "ms per decode token" if a.generate else "ms per forward"
-    print(f"| case | a ({unit}) | b | b / a (median per round) |\n|---|---|---|---|")
-    for c in cases:
-        ta, tb = times[("a", c)], times[("b", c)]
-        ratio = statistics.median(y / x for x, y in zip(ta, tb))
-        print(f"| {c} | {1e3 * statistics.median(ta):.2f} | {1e3 * statistics.median(tb):.2f} | {ratio:.3f} |")
+    print(ratio_table("ms per decode token" if a.generate else "ms per forward", cases, times, 1e3, 2))
     print(f"module {a.module}; a = {a.a}; b = {a.b}; {a.rounds} rounds; model {a.models}"
           f"{'' if a.target_sparsity is None else f', target sparsity {a.target_sparsity}'}")
     return 0
+
+
+def ratio_table(unit: str, cases: list, times: dict, scale: float, digits: int) -> str:
+    """The markdown table: per case, each build's median (seconds x scale, in `unit`) and the median of
+    the per-round ratios b / a. times: {("a" or "b", case): [seconds per round]}."""
+    lines = [f"| case | a ({unit}) | b | b / a (median per round) |", "|---|---|---|---|"]
+    for c in cases:
+        ta, tb = times[("a", c)], times[("b", c)]
+        ratio = statistics.median(y / x for x, y in zip(ta, tb))
+        lines.append(f"| {c} | {scale * statistics.median(ta):.{digits}f} | {scale * statistics.median(tb):.{digits}f} "
+                     f"| {ratio:.3f} |")
+    return "\n".join(lines)
 
 
 def gemm_main(a) -> int:
@@ -187,11 +194,8 @@ def gemm_main(a) -> int:
                 value = timed()
                 if r:
                     times[key].append(value)
-    print("| case | a (us per GEMM) | b | b / a (median per round) |\n|---|---|---|---|")
-    for T in tokens:
-        ta, tb = times[("a", T)], times[("b", T)]
-        ratio = statistics.median(y / x for x, y in zip(ta, tb))
-        print(f"| T={T} | {1e6 * statistics.median(ta):.1f} | {1e6 * statistics.median(tb):.1f} | {ratio:.3f} |")
+    print(ratio_table("us per GEMM", [f"T={T}" for T in tokens],
+                      {(k, f"T={T}"): v for (k, T), v in times.items()}, 1e6, 1))
     print(f"module _panel; a = {a.a}; b = {a.b}; {a.rounds} rounds of {a.calls} calls; {fmt} {a.gemm}, "
           f"{a.threads} threads")
     return 0
