@@ -20,37 +20,28 @@ import argparse
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:          # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))       # bench/ab_builds.py: the same GEMM timer
 
-from pipower import panels, quant  # noqa: E402
+from ab_builds import gemm_timer  # noqa: E402
+
+from pipower.panels import FORMATS  # noqa: E402
 
 
-def gemm_timer(rows: int, cols: int, tokens: int, fmt: str = "q4"):
-    """A function (n_threads) -> seconds of one panel GEMM [tokens, cols] x [rows, cols]^T."""
+def timers(rows: int, cols: int, tokens: int, fmt: str, threads: int, calls: int) -> tuple:
+    """(one thread, `threads` threads): functions () -> the median seconds of `calls` panel GEMMs of
+    `tokens` random tokens over a random [rows, cols] matrix (bench/ab_builds.py's --gemm timer)."""
     from pipower._cpu import _panel
-    rng = np.random.default_rng(0)
-    p = panels.pack(quant.quantize(rng.standard_normal((rows, cols)).astype(np.float32), fmt))
-    xq = _panel.quantize(rng.standard_normal((tokens, cols)).astype(np.float32), fmt)
-    out = np.empty((tokens, rows), dtype=np.float32)
-
-    def once(n_threads: int) -> float:
-        t0 = time.perf_counter()
-        _panel.gemm_panels(fmt, p.data, p.scales, rows, xq, out=out, n_threads=n_threads, offsets=p.offsets)
-        return time.perf_counter() - t0
-    return once
+    shape = f"{rows}x{cols}"
+    return (gemm_timer(_panel, shape, fmt, tokens, 1, calls), gemm_timer(_panel, shape, fmt, tokens, threads, calls))
 
 
-def measure(once, cpus: list, threads: int, rounds: int, calls: int) -> list:
-    """One dict per round: {cpu: median seconds pinned there, "one": unpinned one thread, "team": threads}."""
-    def median_of(n_threads):
-        return statistics.median(once(n_threads) for _ in range(calls))
+def measure(one, team, cpus: list, rounds: int) -> list:
+    """One dict per round: {cpu: seconds of one() pinned there, "one": one() unpinned, "team": team()}."""
     home = os.sched_getaffinity(0)
     out = []
     try:
@@ -58,10 +49,10 @@ def measure(once, cpus: list, threads: int, rounds: int, calls: int) -> list:
             row = {}
             for c in cpus:
                 os.sched_setaffinity(0, {c})
-                row[c] = median_of(1)
+                row[c] = one()
             os.sched_setaffinity(0, home)
-            row["one"] = median_of(1)
-            row["team"] = median_of(threads)
+            row["one"] = one()
+            row["team"] = team()
             out.append(row)
     finally:
         os.sched_setaffinity(0, home)
@@ -88,13 +79,13 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=4864, help="weight rows (default: Qwen2.5-0.5B's FFN width)")
     ap.add_argument("--cols", type=int, default=896, help="weight columns, a multiple of 32")
     ap.add_argument("--tokens", type=int, default=8, help="tokens per GEMM")
-    ap.add_argument("--format", default="q4", choices=panels.FORMATS, help="weight format")
+    ap.add_argument("--format", default="q4", choices=FORMATS, help="weight format")
     ap.add_argument("--threads", type=int, default=2, help="threads of the team column")
     ap.add_argument("--rounds", type=int, default=20, help="rounds (each times every column)")
     ap.add_argument("--calls", type=int, default=30, help="calls per cell (their median is the cell)")
     a = ap.parse_args(argv)
     cpus = sorted(os.sched_getaffinity(0))
-    rows = measure(gemm_timer(a.rows, a.cols, a.tokens, a.format), cpus, a.threads, a.rounds, a.calls)
+    rows = measure(*timers(a.rows, a.cols, a.tokens, a.format, a.threads, a.calls), cpus, a.rounds)
     print(markdown(rows, cpus, a.threads))
     print(f"\nus per {a.format} GEMM [{a.tokens} x {a.cols}] x [{a.rows} x {a.cols}]^T, medians of {a.calls} calls "
           f"per cell; speed-up = 1 thread / {a.threads} threads per round")

@@ -332,8 +332,10 @@ def test_core_speed_times_each_core_and_the_team():
     cs = load_script("core_speed")
     home = os.sched_getaffinity(0)
     cpus = sorted(home)
-    rows = cs.measure(cs.gemm_timer(48, 64, 3), cpus, 2, rounds=2, calls=2)
+    rows = cs.measure(*cs.timers(48, 64, 3, "q4", 2, calls=2), cpus, rounds=2)
     assert os.sched_getaffinity(0) == home
     assert len(rows) == 2 and all(set(r) == {*cpus, "one", "team"} and min(r.values()) > 0 for r in rows)
     table = cs.markdown(rows, cpus, 2)
     assert table.splitlines()[-1].startswith("| median |") and len(table.splitlines()) == 2 + 2 + 1
+    assert cs.main(["--rows", "48", "--cols", "64", "--tokens", "3", "--rounds", "1", "--calls", "1"]) == 0
+    assert os.sched_getaffinity(0) == home
