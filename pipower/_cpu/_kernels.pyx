@@ -156,7 +156,8 @@ def silu_multiply(h, g, n_threads=1):
     h, g: float32 C-contiguous arrays of one shape (g is left as is). Returns h."""
     cdef int nt = check_threads(n_threads)
     if SILU_UNAVAILABLE:
-        raise RuntimeError(f"silu_multiply is unavailable: {SILU_UNAVAILABLE}")
+        from pipower.errors import BackendError
+        raise BackendError(f"silu_multiply is unavailable: {SILU_UNAVAILABLE}")
     for name, a in (("h", h), ("g", g)):
         if not isinstance(a, np.ndarray) or a.dtype != np.float32 or not a.flags.c_contiguous:
             raise invalid(f"{name} must be a C-contiguous float32 array")
