@@ -203,7 +203,12 @@ static inline void pp_scores(const float *q, const float *k, ptrdiff_t ldk, ptrd
 #ifdef PP_ATTN_AVX512
     if (hd % 16 == 0) {
         const __m512 vs = _mm512_set1_ps(scale);
-        for (; j + 16 <= n; j += 16) pp_scores_block16(q, k + j * ldk, ldk, hd, vs, s + j);
+        /* the common head dims as constants: each key's dot chain unrolled and keys interleaved */
+        switch (hd) {
+            case 64: for (; j + 16 <= n; j += 16) pp_scores_block16(q, k + j * ldk, ldk, 64, vs, s + j); break;
+            case 128: for (; j + 16 <= n; j += 16) pp_scores_block16(q, k + j * ldk, ldk, 128, vs, s + j); break;
+            default: for (; j + 16 <= n; j += 16) pp_scores_block16(q, k + j * ldk, ldk, hd, vs, s + j); break;
+        }
     }
 #endif
     pp_scores_tail(q, k, ldk, j, n, hd, scale, s);
@@ -257,6 +262,45 @@ static inline void pp_attn_row(const float *q, const float *k, ptrdiff_t ldk, co
 #define PP_PV_CHUNK 64   /* even: a chunk ends between two key pairs, as pp_pv_avx512 pairs them */
 
 
+#ifdef PP_ATTN_AVX512
+/* pp_attn_unit's AVX-512 code for hd = 16 NC (NC a compile-time constant after inlining): rows r < R with
+ * queries qr[r], outputs orow[r], n[r] keys each (nmax the most). */
+static inline __attribute__((always_inline)) void
+pp_attn_unit_v(const float *const *qr, float *const *orow, const ptrdiff_t *n, ptrdiff_t nmax, int R,
+               const float *k, ptrdiff_t ldk, const float *v, ptrdiff_t ldv, float scale, float *scratch,
+               ptrdiff_t S, const int NC) {
+    const ptrdiff_t hd = 16 * NC;
+    float *st = scratch + PP_ATTN_UNIT * S;          /* [R][2][NC][16] */
+    float inv[PP_ATTN_UNIT];
+    const __m512 vs = _mm512_set1_ps(scale);
+    for (ptrdiff_t j = 0; j + 16 <= nmax; j += 16)   /* pp_scores' 16-key blocks, K block shared */
+        for (int r = 0; r < R; r++) {
+            if (j + 16 <= n[r]) pp_scores_block16(qr[r], k + j * ldk, ldk, hd, vs, scratch + r * S + j);
+        }
+    for (int r = 0; r < R; r++) {
+        float *s = scratch + r * S;
+        pp_scores_tail(qr[r], k, ldk, n[r] / 16 * 16, n[r], hd, scale, s);
+        inv[r] = pp_softmax_unnorm(s, n[r]);
+    }
+    memset(st, 0, sizeof(float) * 2 * (size_t)hd * (size_t)R);
+    for (ptrdiff_t c0 = 0; c0 < nmax; c0 += PP_PV_CHUNK)   /* V chunk shared by the rows */
+        for (int r = 0; r < R;) {
+            if (c0 >= n[r]) { r++; continue; }
+            const ptrdiff_t end = n[r] < c0 + PP_PV_CHUNK ? n[r] : c0 + PP_PV_CHUNK;
+            float *sr = st + r * 2 * hd;
+            if (NC <= 4 && r + 1 < R && n[r + 1] == n[r]) {   /* two rows of one length: V loads shared */
+                if (NC == 2) pp_pv_chunk2(scratch + r * S, scratch + (r + 1) * S, v, ldv, c0, end, n[r], 2, sr, sr + 2 * hd);
+                else pp_pv_chunk2(scratch + r * S, scratch + (r + 1) * S, v, ldv, c0, end, n[r], 4, sr, sr + 2 * hd);
+                r += 2;
+                continue;
+            }
+            pp_pv_chunk(scratch + r * S, v, ldv, c0, end, n[r], NC, sr);
+            r++;
+        }
+    for (int r = 0; r < R; r++) pp_pv_finish(st + r * 2 * hd, NC, inv[r], orow[r]);
+}
+#endif
+
 static inline void pp_attn_unit(const float *q, ptrdiff_t H, ptrdiff_t hd, const float *k, ptrdiff_t ldk,
                                 const float *v, ptrdiff_t ldv, ptrdiff_t G, ptrdiff_t g, ptrdiff_t r0, ptrdiff_t r1,
                                 ptrdiff_t start, float scale, float *scratch, ptrdiff_t S, float *out) {
@@ -272,41 +316,12 @@ static inline void pp_attn_unit(const float *q, ptrdiff_t H, ptrdiff_t hd, const
         nmax = n[r] > nmax ? n[r] : nmax;
     }
 #ifdef PP_ATTN_AVX512
-    if (hd == 32 || hd == 64 || hd == 128) {
-        const int NC = (int)(hd / 16);
-        float *st = scratch + PP_ATTN_UNIT * S;          /* [R][2][NC][16] */
-        float inv[PP_ATTN_UNIT];
-        const __m512 vs = _mm512_set1_ps(scale);
-        for (ptrdiff_t j = 0; j + 16 <= nmax; j += 16)   /* pp_scores' 16-key blocks, K block shared */
-            for (int r = 0; r < R; r++) {
-                if (j + 16 <= n[r]) pp_scores_block16(qr[r], k + j * ldk, ldk, hd, vs, scratch + r * S + j);
-            }
-        for (int r = 0; r < R; r++) {
-            float *s = scratch + r * S;
-            pp_scores_tail(qr[r], k, ldk, n[r] / 16 * 16, n[r], hd, scale, s);
-            inv[r] = pp_softmax_unnorm(s, n[r]);
-        }
-        memset(st, 0, sizeof(float) * 2 * (size_t)hd * (size_t)R);
-        for (ptrdiff_t c0 = 0; c0 < nmax; c0 += PP_PV_CHUNK)   /* V chunk shared by the rows */
-            for (int r = 0; r < R;) {
-                if (c0 >= n[r]) { r++; continue; }
-                const ptrdiff_t end = n[r] < c0 + PP_PV_CHUNK ? n[r] : c0 + PP_PV_CHUNK;
-                float *sr = st + r * 2 * hd;
-                if (NC <= 4 && r + 1 < R && n[r + 1] == n[r]) {   /* two rows of one length: V loads shared */
-                    if (NC == 2) pp_pv_chunk2(scratch + r * S, scratch + (r + 1) * S, v, ldv, c0, end, n[r], 2, sr, sr + 2 * hd);
-                    else pp_pv_chunk2(scratch + r * S, scratch + (r + 1) * S, v, ldv, c0, end, n[r], 4, sr, sr + 2 * hd);
-                    r += 2;
-                    continue;
-                }
-                switch (NC) {
-                    case 2: pp_pv_chunk(scratch + r * S, v, ldv, c0, end, n[r], 2, sr); break;
-                    case 4: pp_pv_chunk(scratch + r * S, v, ldv, c0, end, n[r], 4, sr); break;
-                    default: pp_pv_chunk(scratch + r * S, v, ldv, c0, end, n[r], 8, sr); break;
-                }
-                r++;
-            }
-        for (int r = 0; r < R; r++) pp_pv_finish(st + r * 2 * hd, NC, inv[r], orow[r]);
-        return;
+    switch (hd) {   /* head dim a compile-time constant: score chains unrolled (a run-time hd left each key's
+                     * 4 fmas a dependent loop: T = 8 attention of Qwen2.5-0.5B 2x slower in the module) */
+        case 32: pp_attn_unit_v(qr, orow, n, nmax, R, k, ldk, v, ldv, scale, scratch, S, 2); return;
+        case 64: pp_attn_unit_v(qr, orow, n, nmax, R, k, ldk, v, ldv, scale, scratch, S, 4); return;
+        case 128: pp_attn_unit_v(qr, orow, n, nmax, R, k, ldk, v, ldv, scale, scratch, S, 8); return;
+        default: break;
     }
 #endif
     for (int r = 0; r < R; r++) pp_attn_row(qr[r], k, ldk, v, ldv, 0, n[r], hd, scale, scratch, orow[r]);
