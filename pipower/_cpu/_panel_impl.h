@@ -197,10 +197,14 @@ pp_panel_tok_v(const int Q8, const uint8_t *W, const uint16_t *S, pp_xq x, ptrdi
     }
     pp_panel_tree_store(acc, y, m);
 }
-/* The float tail of one (block, token): the lane a (16 rows) += float(s) * (dw * dx). */
-static inline __attribute__((always_inline)) void pp_panel_tail(__m512i s, __m512 dw, float dx, float *a) {
+/* The float tail of one (block, token): the lane a (16 rows) += float(s) * (dw * dx). FIRST (a constant):
+ * the lane's first block, whose accumulator is +0.0 (a register, not a load of zeroed memory: the same
+ * fma, the same bits), so the lanes need no zeroing beforehand. */
+static inline __attribute__((always_inline)) void pp_panel_tail(const int FIRST, __m512i s, __m512 dw, float dx,
+                                                                float *a) {
     const __m512 scale = _mm512_mul_ps(dw, _mm512_set1_ps(dx));
-    _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, _mm512_load_ps(a)));
+    const __m512 prev = FIRST ? _mm512_setzero_ps() : _mm512_load_ps(a);
+    _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), scale, prev));
 }
 
 /* Block b of one panel (weights w, scales dw) against token t, added to its lane (token 0's lane + 256 t). */
@@ -208,14 +212,14 @@ static inline __attribute__((always_inline)) void
 pp_panel_multi_tok(const __m512i w[8], __m512 dw, const pp_xq *x, int t, ptrdiff_t b, float *lane) {
     const __m512i s = _mm512_sub_epi32(pp_panel_isum(0, w, x[t].q + b * PP_QB, _mm512_setzero_si512()),
                                        _mm512_set1_epi32(x[t].c[b]));
-    pp_panel_tail(s, dw, x[t].d[b], lane + t * 256);
+    pp_panel_tail(0, s, dw, x[t].d[b], lane + t * 256);
 }
 
 /* Block b of one panel against nt tokens, added to lane b % 16 of each token's accumulators (lane =
  * acc + (b % 16) * 16). FAST: nt is a constant and the token loop unrolls; otherwise the loop stays
  * rolled (GCC peeled it into 1..3 copies with branches once it knew nt <= 3: 10-15% slower at T = 2, 3). */
 static inline __attribute__((always_inline)) void
-pp_panel_multi_block(const int Q8, const int FAST, const int nt, const uint8_t *W, const uint16_t *S,
+pp_panel_multi_block(const int Q8, const int FAST, const int FIRST, const int nt, const uint8_t *W, const uint16_t *S,
                      const pp_xq *x, const pp_xtm *xt, ptrdiff_t b, float *lane, const uint8_t *next) {
     const ptrdiff_t bb = pp_panel_block_bytes(Q8 ? PP_Q8 : PP_Q4);
     pp_panel_prefetch(next, b * bb, bb);
@@ -227,7 +231,7 @@ pp_panel_multi_block(const int Q8, const int FAST, const int nt, const uint8_t *
         const float *db = xt->d + b * nt;
         const int32_t *cb = xt->nc + b * nt;
         for (int t = 0; t < nt; t++)
-            pp_panel_tail(pp_panel_isum(1, w, xb + t * PP_QB, _mm512_set1_epi32(cb[t])), dw, db[t], lane + t * 256);
+            pp_panel_tail(FIRST, pp_panel_isum(1, w, xb + t * PP_QB, _mm512_set1_epi32(cb[t])), dw, db[t], lane + t * 256);
     } else {
 #pragma GCC unroll 1
         for (int t = 0; t < nt; t++) pp_panel_multi_tok(w, dw, x, t, b, lane);
@@ -254,17 +258,22 @@ pp_panel_multi_block(const int Q8, const int FAST, const int nt, const uint8_t *
 static inline __attribute__((always_inline)) void
 pp_panel_multi_v(const int Q8, const int FAST, const int nt, const uint8_t *W, const uint16_t *S, const pp_xq *x,
                  const pp_xtm *xt, ptrdiff_t nb, float *y, ptrdiff_t ldy, int m, const uint8_t *next, float *acc) {
-    memset(acc, 0, (size_t)nt * 256 * sizeof(float));
     if (!FAST) {
+        memset(acc, 0, (size_t)nt * 256 * sizeof(float));
         for (ptrdiff_t g = 0; g < nb; g += 16) {
             const int n = nb - g < 16 ? (int)(nb - g) : 16;
 #pragma GCC unroll 16
             for (int l = 0; l < 16; l++)
-                if (l < n) pp_panel_multi_block(Q8, 0, nt, W, S, x, NULL, g + l, acc + l * 16, next);
+                if (l < n) pp_panel_multi_block(Q8, 0, 0, nt, W, S, x, NULL, g + l, acc + l * 16, next);
         }
     } else {
-        for (ptrdiff_t b = 0; b < nb; b++)
-            pp_panel_multi_block(Q8, 1, nt, W, S, NULL, xt, b, acc + (b % 16) * 16, next);
+        /* blocks 0 .. 15 start their lanes (pp_panel_tail's FIRST); lanes no block reaches are zeroed */
+        if (nb < 16) memset(acc, 0, (size_t)nt * 256 * sizeof(float));
+        const ptrdiff_t nb0 = nb < 16 ? nb : 16;
+        for (ptrdiff_t b = 0; b < nb0; b++)
+            pp_panel_multi_block(Q8, 1, 1, nt, W, S, NULL, xt, b, acc + b * 16, next);
+        for (ptrdiff_t b = nb0; b < nb; b++)
+            pp_panel_multi_block(Q8, 1, 0, nt, W, S, NULL, xt, b, acc + (b % 16) * 16, next);
     }
     for (int t = 0; t < nt; t++) {
         __m512 a[16];
@@ -333,6 +342,31 @@ static inline __attribute__((always_inline)) void pp_panel_pair_isum(const __m51
     *sv = _mm512_add_epi32(u0, u1);
 }
 
+/* Block b of the panel pair (pp_panel_pair_v) against nt tokens: each token's two lanes (acc, acc2) take
+ * the block's tails; FIRST (a constant): blocks 0 .. 15, which start their lanes. */
+static inline __attribute__((always_inline)) void
+pp_panel_pair_block(const int Q8, const int FIRST, const int nt, const uint8_t *W, const uint16_t *S, ptrdiff_t pb,
+                    ptrdiff_t ps, const pp_xtm *xt, ptrdiff_t b, const uint8_t *next, ptrdiff_t nbb, float *acc,
+                    float *acc2) {
+    const ptrdiff_t bb = pp_panel_block_bytes(Q8 ? PP_Q8 : PP_Q4);
+    pp_panel_prefetch(next, b * nbb, nbb);
+    __m512i w[8], v[8];
+    pp_panel_load(Q8, W + b * bb, w);
+    pp_panel_load(Q8, W + pb + b * bb, v);
+    const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(S + b * PP_PANEL)));
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(S + ps + b * PP_PANEL)));
+    const int8_t *xb = xt->q + b * nt * PP_QB;
+    const float *db = xt->d + b * nt;
+    const int32_t *cb = xt->nc + b * nt;
+    const ptrdiff_t lane = (b % 16) * 16;
+    for (int t = 0; t < nt; t++) {
+        __m512i sw, sv;
+        pp_panel_pair_isum(w, v, xb + t * PP_QB, _mm512_set1_epi32(cb[t]), &sw, &sv);
+        pp_panel_tail(FIRST, sw, dw, db[t], acc + lane + t * 256);
+        pp_panel_tail(FIRST, sv, dv, db[t], acc2 + lane + t * 256);
+    }
+}
+
 /* Panels W (16 rows) and W + pb (rows r < m2; scales S and S + ps) against nt tokens (a constant after
  * inlining), activations token-major (xt): pp_panel_multi_v's FAST code for both at once, so each (row,
  * token) gets the same operations and bits. acc: [2][nt][16 lanes][16 rows] floats. next (or NULL):
@@ -341,27 +375,14 @@ static inline __attribute__((always_inline)) void
 pp_panel_pair_v(const int Q8, const int nt, const uint8_t *W, const uint16_t *S, ptrdiff_t pb, ptrdiff_t ps,
                 const pp_xtm *xt, ptrdiff_t nb, float *y, ptrdiff_t ldy, int m2, const uint8_t *next,
                 ptrdiff_t nbb, float *acc) {
-    const ptrdiff_t bb = pp_panel_block_bytes(Q8 ? PP_Q8 : PP_Q4);
     float *acc2 = acc + nt * 256;
-    memset(acc, 0, (size_t)nt * 512 * sizeof(float));
-    for (ptrdiff_t b = 0; b < nb; b++) {
-        pp_panel_prefetch(next, b * nbb, nbb);
-        __m512i w[8], v[8];
-        pp_panel_load(Q8, W + b * bb, w);
-        pp_panel_load(Q8, W + pb + b * bb, v);
-        const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(S + b * PP_PANEL)));
-        const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(S + ps + b * PP_PANEL)));
-        const int8_t *xb = xt->q + b * nt * PP_QB;
-        const float *db = xt->d + b * nt;
-        const int32_t *cb = xt->nc + b * nt;
-        const ptrdiff_t lane = (b % 16) * 16;
-        for (int t = 0; t < nt; t++) {
-            __m512i sw, sv;
-            pp_panel_pair_isum(w, v, xb + t * PP_QB, _mm512_set1_epi32(cb[t]), &sw, &sv);
-            pp_panel_tail(sw, dw, db[t], acc + lane + t * 256);
-            pp_panel_tail(sv, dv, db[t], acc2 + lane + t * 256);
-        }
-    }
+    /* blocks 0 .. 15 start their lanes (pp_panel_tail's FIRST); lanes no block reaches are zeroed */
+    if (nb < 16) memset(acc, 0, (size_t)nt * 512 * sizeof(float));
+    const ptrdiff_t nb0 = nb < 16 ? nb : 16;
+    for (ptrdiff_t b = 0; b < nb0; b++)
+        pp_panel_pair_block(Q8, 1, nt, W, S, pb, ps, xt, b, next, nbb, acc, acc2);
+    for (ptrdiff_t b = nb0; b < nb; b++)
+        pp_panel_pair_block(Q8, 0, nt, W, S, pb, ps, xt, b, next, nbb, acc, acc2);
     for (int t = 0; t < nt; t++) {
         __m512 a[16];
         for (int l = 0; l < 16; l++) a[l] = _mm512_load_ps(acc + t * 256 + l * 16);
@@ -370,7 +391,6 @@ pp_panel_pair_v(const int Q8, const int nt, const uint8_t *W, const uint16_t *S,
         pp_panel_tree_store(a, y + t * ldy + PP_PANEL, m2);
     }
 }
-
 #define PP_PAIR_CASE(Q8, NT) case NT: pp_panel_pair_v(Q8, NT, W, S, pb, ps, xt, nb, y, ldy, m2, next, nbb, acc); break;
 static PP_NOINLINE void pp_panel_pair_nt(int fmt, int nt, const uint8_t *W, const uint16_t *S, ptrdiff_t pb,
                                          ptrdiff_t ps, const pp_xtm *xt, ptrdiff_t nb, float *y, ptrdiff_t ldy,
