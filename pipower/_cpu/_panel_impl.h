@@ -304,12 +304,14 @@ static PP_NOINLINE void pp_panel_multi_nt(int fmt, int nt, const uint8_t *W, con
  * and 15-28% at 16 (C harness, same bits); q8 gained only at 16 tokens, and lost 2-8% at 5-6. In the
  * model (bench/ab_builds.py, both builds in one process, Qwen2.5-Coder-0.5B, 2 threads, medians of
  * per-round ratios): q4 forwards of T = 8 / 16 0.87 / 0.87 of the time (0.83 / 0.90 with the split of
- * pp_panel_pair_isum), T = 5 1.00; q8 T = 64 0.86, T = 16 1.00. The 16 weight vectors stay in registers
+ * pp_panel_pair_isum), T = 5 1.00; q8 T = 64 0.86, T = 16 1.00. q4 pairs from 4 tokens since session 21
+ * (after the lanes stopped being zeroed): 4864x896 one thread 0.87, 0.5B forwards 0.97-0.985, SmolLM2
+ * 1.00. The 16 weight vectors stay in registers
  * (a session-18 version with one panel's weights as memory operands was 13-16% slower). A pass of nt
  * tokens runs on a pair when pp_panel_pairs(fmt, nt); every count from PP_PAIR_MIN_* on has a compiled
  * case below. */
 #ifndef PP_PAIR_MIN_Q4
-#define PP_PAIR_MIN_Q4 5
+#define PP_PAIR_MIN_Q4 4
 #endif
 #ifndef PP_PAIR_MIN_Q8
 #define PP_PAIR_MIN_Q8 PP_PANEL_TILE
@@ -399,7 +401,7 @@ static PP_NOINLINE void pp_panel_pair_nt(int fmt, int nt, const uint8_t *W, cons
         switch (nt) { PP_PAIR_CASE(1, 5) PP_PAIR_CASE(1, 6) PP_PAIR_CASE(1, 7) PP_PAIR_CASE(1, 8)
                       default: pp_panel_pair_v(1, PP_PANEL_TILE, W, S, pb, ps, xt, nb, y, ldy, m2, next, nbb, acc); }
     } else {
-        switch (nt) { PP_PAIR_CASE(0, 5) PP_PAIR_CASE(0, 6) PP_PAIR_CASE(0, 7) PP_PAIR_CASE(0, 8)
+        switch (nt) { PP_PAIR_CASE(0, 4) PP_PAIR_CASE(0, 5) PP_PAIR_CASE(0, 6) PP_PAIR_CASE(0, 7) PP_PAIR_CASE(0, 8)
                       default: pp_panel_pair_v(0, PP_PANEL_TILE, W, S, pb, ps, xt, nb, y, ldy, m2, next, nbb, acc); }
     }
 }
