@@ -106,6 +106,29 @@ def test_activation_quantization_of_non_finite_blocks_is_the_scalar_one(simd):
 
 
 @needs_ext
+@pytest.mark.parametrize("simd", SIMD)
+def test_activation_quantization_in_groups_of_16_blocks_is_the_scalar_one(simd):
+    """K = 1056 (33 blocks: two groups of 16 quantized together on AVX-512, then one block alone), with
+    NaN / inf blocks inside the groups, zero and subnormal blocks, and scales from 1e-30 to 1e30: every
+    byte is the portable scalar code's."""
+    from pipower._cpu._linear import QuantizedActivations
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((6, 1056)) * 10.0 ** rng.integers(-30, 31, (6, 33)).repeat(32, 1)).astype(np.float32)
+    x[0, 0], x[0, 15 * 32 + 3], x[1, 17 * 32], x[2, 32 * 32 + 31] = np.nan, np.inf, -np.inf, np.nan
+    x[3, 5 * 32:6 * 32] = 0.0
+    x[4, 20 * 32:21 * 32] = 1e-40
+    x[5] = np.arange(1056, dtype=np.float32) * 0.5 - 100.0        # exact ties at x * id for some blocks
+    for fmt in ("q4", "q8"):
+        got = QuantizedActivations(x, fmt, simd=simd).arrays()
+        want = QuantizedActivations(x, fmt, simd=False).arrays()
+        for g, w in zip(got, want):
+            assert np.array_equal(g.view(np.uint8), w.view(np.uint8))
+    q, dx = intdot.quantize_activations(x[3:])
+    kq, kd, kc = QuantizedActivations(x[3:], "q8", simd=simd).arrays()
+    assert np.array_equal(kq[:, :1056], q) and np.array_equal(bits(kd[:, :33]), bits(dx))
+
+
+@needs_ext
 def test_kernel_names_are_checked():
     from pipower._cpu import _linear
     names, default = _linear.integer_kernels()

@@ -108,6 +108,66 @@ static inline int pp_xq_block512(const float *xb, int8_t *q_lo, int8_t *q_hi, fl
 }
 #endif
 
+/* Lane i of the result = the max (MAX) or the int32 sum (!MAX) of v[i]'s 16 lanes: four rounds that pair
+ * interleaved halves, ~45 operations for 16 reductions instead of ~8 each. Max is exact and the int32 sum
+ * is exact in any order, so each lane is what its own horizontal reduction gives. */
+static inline __m512i pp_lanes16(const int MAX, const __m512i *v) {
+#define PP_L16_OP(a, b) (MAX ? _mm512_castps_si512(_mm512_max_ps(_mm512_castsi512_ps(a), _mm512_castsi512_ps(b))) \
+                             : _mm512_add_epi32(a, b))
+    __m512i b[8], c[4], d[2];
+    for (int i = 0; i < 8; i++)
+        b[i] = PP_L16_OP(_mm512_unpacklo_epi32(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_epi32(v[2 * i], v[2 * i + 1]));
+    for (int i = 0; i < 4; i++)
+        c[i] = PP_L16_OP(_mm512_unpacklo_epi64(b[2 * i], b[2 * i + 1]), _mm512_unpackhi_epi64(b[2 * i], b[2 * i + 1]));
+    for (int i = 0; i < 2; i++)
+        d[i] = PP_L16_OP(_mm512_shuffle_i32x4(c[2 * i], c[2 * i + 1], 0x88), _mm512_shuffle_i32x4(c[2 * i], c[2 * i + 1], 0xDD));
+    return PP_L16_OP(_mm512_shuffle_i32x4(d[0], d[1], 0x88), _mm512_shuffle_i32x4(d[0], d[1], 0xDD));
+#undef PP_L16_OP
+}
+
+/* Sixteen consecutive 32-blocks b0 .. b0+15 of pp_xq_quantize at once: pp_xq_block512's operations, with
+ * the per-block maxima, divisions and sums done for all sixteen in vectors (pp_lanes16; the divisions are
+ * the same IEEE float32 divisions lane by lane), so every byte is the one-block code's. -> a mask of the
+ * blocks holding NaN / inf, whose q / d / c are left wrong here for the caller to redo with the scalar
+ * code (as pp_xq_block512 returns 0 for them). One block at a time cost ~15 ns (two horizontal reductions
+ * and two scalar divisions, ~50 instructions); an 8-token Qwen2.5-0.5B forward quantizes ~45 K blocks. */
+static inline unsigned pp_xq_blocks512x16(const float *x, int kind, ptrdiff_t b0, int8_t *q, float *d, int32_t *c,
+                                         int32_t bias) {
+    const __m512 big = _mm512_set1_ps(FLT_MAX);
+    __m512i m[16];
+    unsigned bad = 0;
+    for (int i = 0; i < 16; i++) {
+        const float *xb = x + (b0 + i) * PP_QB;
+        const __m512 a0 = _mm512_abs_ps(_mm512_loadu_ps(xb)), a1 = _mm512_abs_ps(_mm512_loadu_ps(xb + 16));
+        /* !(|x| <= FLT_MAX): inf, or NaN (unordered) */
+        if (_mm512_cmp_ps_mask(a0, big, _CMP_NLE_UQ) | _mm512_cmp_ps_mask(a1, big, _CMP_NLE_UQ)) bad |= 1u << i;
+        m[i] = _mm512_castps_si512(_mm512_max_ps(a0, a1));
+    }
+    const __m512 amax = _mm512_castsi512_ps(pp_lanes16(1, m));
+    const __m512 db = _mm512_div_ps(amax, _mm512_set1_ps(127.0f));
+    const __mmask16 nonzero = _mm512_cmp_ps_mask(db, _mm512_setzero_ps(), _CMP_NEQ_OQ);
+    float id[16];
+    _mm512_storeu_ps(id, _mm512_maskz_div_ps(nonzero, _mm512_set1_ps(1.0f), db));
+    _mm512_storeu_ps(d + b0, db);
+    const __m512 lim = _mm512_set1_ps(127.0f), nlim = _mm512_set1_ps(-127.0f);
+    const int rnd = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+    for (int i = 0; i < 16; i++) {
+        const float *xb = x + (b0 + i) * PP_QB;
+        const __m512 vi = _mm512_set1_ps(id[i]);
+        /* clamped to +-127, then converted rounding to nearest even: for finite x * id the same integer
+         * as rounding first and clamping after (what pp_xq_block512 does), one operation fewer */
+        const __m512i q0 = _mm512_cvt_roundps_epi32(_mm512_max_ps(_mm512_min_ps(
+            _mm512_mul_ps(_mm512_loadu_ps(xb), vi), lim), nlim), rnd);
+        const __m512i q1 = _mm512_cvt_roundps_epi32(_mm512_max_ps(_mm512_min_ps(
+            _mm512_mul_ps(_mm512_loadu_ps(xb + 16), vi), lim), nlim), rnd);
+        _mm_storeu_si128((__m128i *)(q + pp_xq_pos(kind, b0 + i, 0)), _mm512_cvtepi32_epi8(q0));
+        _mm_storeu_si128((__m128i *)(q + pp_xq_pos(kind, b0 + i, 16)), _mm512_cvtepi32_epi8(q1));
+        m[i] = _mm512_add_epi32(q0, q1);
+    }
+    _mm512_storeu_si512(c + b0, _mm512_mullo_epi32(pp_lanes16(0, m), _mm512_set1_epi32(bias)));
+    return bad;
+}
+
 /* Quantize x [K] (K a multiple of 32) into one token's buffer (layout above) for weights of `kind`.
  * isa (PP_ISA_*): which vector code quantizes a block (AVX-512 for the AVX-512 VNNI level, AVX2 for the
  * 256-bit ones, scalar C); all write the same bytes. */
@@ -119,11 +179,24 @@ static inline void pp_xq_quantize(const float *x, ptrdiff_t K, char *buf, int ki
     const int32_t bias = kind == PP_XQ_Q8 ? 128 : 8;   /* of the unsigned weight operand (w + bias) */
     (void)isa;
     memset(buf, 0, (size_t)pp_xq_bytes(K));
+    unsigned redo = 0;                  /* blocks b16 .. b16 + 15 with NaN / inf, for the scalar code */
+    ptrdiff_t b16 = -16;
     for (ptrdiff_t b = 0; b < nb; b++) {
         const float *xb = x + b * PP_QB;
         int8_t *q_lo = q + pp_xq_pos(kind, b, 0), *q_hi = q + pp_xq_pos(kind, b, 16);
 #if PP_HAVE_AVX512
-        if (isa == PP_ISA_AVX512VNNI && pp_xq_block512(xb, q_lo, q_hi, d + b, c + b, bias)) continue;
+        if (isa == PP_ISA_AVX512VNNI && b % 16 == 0 && b + 16 <= nb) {
+            b16 = b;
+            redo = pp_xq_blocks512x16(x, kind, b, q, d, c, bias);
+        }
+        if (b < b16 + 16) {
+            if (!(redo >> (b - b16) & 1)) continue;
+            memset(q_lo, 0, 16);        /* the scalar code leaves a NaN / inf block's q and c at zero */
+            memset(q_hi, 0, 16);
+            c[b] = 0;
+        } else if (isa == PP_ISA_AVX512VNNI && pp_xq_block512(xb, q_lo, q_hi, d + b, c + b, bias)) {
+            continue;
+        }
 #endif
 #if PP_HAVE_AVX2I
         if ((isa == PP_ISA_AVX2 || isa == PP_ISA_AVXVNNI) && pp_avx2_xq_block(xb, q_lo, q_hi, d + b, c + b, bias))
