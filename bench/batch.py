@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -124,6 +125,25 @@ def bench_llama(model_name, gguf_type, threads, tokens, repeats, prompt_tokens) 
     return rows_of(model_name, f"llama.cpp {gguf_type}", threads, tokens, times)
 
 
+def core_speeds(rounds: int = 3) -> dict:
+    """{cpu: us} of one q4 [8 x 896] x [4864 x 896]^T panel GEMM from cache pinned to each CPU of this
+    process (bench/core_speed.py's measure), medians of `rounds`; {} without the compiled kernels. On the
+    shared VMs a core runs at full speed or ~1.5x slower, each on its own: a memory-bound one-token step
+    hardly notices, a compute-bound 8-token forward does, so the T-cost column moves with this."""
+    try:
+        from core_speed import measure, timers
+        one, team = timers(4864, 896, 8, "q4", 1, 10)
+    except ImportError:
+        return {}
+    cpus = sorted(os.sched_getaffinity(0))
+    rows = measure(one, team, cpus, rounds)
+    return {c: 1e6 * statistics.median(r[c] for r in rows) for c in cpus}
+
+
+def speeds_text(speeds: dict) -> str:
+    return " / ".join(f"{us:.0f}" for us in speeds.values()) or "n/a"
+
+
 def markdown(rows) -> str:
     out = ["| model | weights | T | forward ms | tokens/s | x one decode step |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -148,6 +168,7 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     tokens = [int(x) for x in a.tokens.split(",")]
     gbs = [read_gbs(a.threads)]
+    cores = [core_speeds()]
     rows = []
     for name in a.models.split(","):
         for fmt in a.formats.split(","):
@@ -157,16 +178,20 @@ def main(argv=None) -> int:
             rows += bench_llama(name, gguf_type, a.threads, tokens, a.repeats, a.prompt_tokens)
             print(markdown(rows[-len(tokens):]), file=sys.stderr, flush=True)
     gbs.append(read_gbs(a.threads))
+    cores.append(core_speeds())
     table = markdown(rows)
+    cores_line = (f"one 8-token q4 4864x896 GEMM pinned to each core: {speeds_text(cores[0])} us at the start, "
+                  f"{speeds_text(cores[1])} at the end")
     print(table)
-    print(f"CPU: {cpu_model()}; memory read {gbs[0]:.1f} GB/s at the start, {gbs[1]:.1f} at the end")
+    print(f"CPU: {cpu_model()}; memory read {gbs[0]:.1f} GB/s at the start, {gbs[1]:.1f} at the end; {cores_line}")
     if a.out:
-        meta = dict(cpu=cpu_model(), read_gbs=gbs, threads=a.threads, repeats=a.repeats,
-                    prompt_tokens=a.prompt_tokens, command=" ".join(sys.argv))
+        meta = dict(cpu=cpu_model(), read_gbs=gbs, core_us=[{str(c): us for c, us in s.items()} for s in cores],
+                    threads=a.threads, repeats=a.repeats, prompt_tokens=a.prompt_tokens, command=" ".join(sys.argv))
         a.out.parent.mkdir(parents=True, exist_ok=True)
         a.out.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
         a.out.with_suffix(".md").write_text(f"CPU: {meta['cpu']}, memory read {gbs[0]:.1f} / {gbs[1]:.1f} GB/s "
-                                            f"(start / end), {a.threads} threads, medians of {a.repeats} rounds"
+                                            f"(start / end), {cores_line}, {a.threads} threads, medians of "
+                                            f"{a.repeats} rounds"
                                             f"\n\n`{meta['command']}`\n\n{table}\n")
     return 0
 

@@ -242,6 +242,17 @@ def test_batch_benchmark_times_forwards_on_a_rolled_back_cache(tmp_path):
     assert [r["vs_step"] for r in rows] == [1.0, 1.25] and rows[1]["tok_per_s"] == 8 / 1.75
 
 
+def test_batch_benchmark_reports_each_cores_speed():
+    """bench/batch.py's core check: one positive time per CPU of the process, the affinity left as it was."""
+    import os
+    batch = load_script("batch")
+    home = os.sched_getaffinity(0)
+    speeds = batch.core_speeds(rounds=1)
+    assert os.sched_getaffinity(0) == home
+    assert sorted(speeds) == sorted(home) and all(us > 0 for us in speeds.values())
+    assert batch.speeds_text({0: 250.4, 1: 361.0}) == "250 / 361" and batch.speeds_text({}) == "n/a"
+
+
 def test_ab_builds_swaps_the_module_per_build_and_restores_it(tmp_path, capsys):
     """bench/ab_builds.py with the installed _panel extension as both builds: each build is its own module
     object while it runs (the kernels the model calls come from it), and the original is back after."""
