@@ -255,6 +255,77 @@ def test_dense_panel_ffn_reuses_per_thread_scratch_safely():
 
 
 @needs_ext
+@pytest.mark.parametrize("fmt", ["q4", "q8"])
+@pytest.mark.parametrize("N,K", [(40, 320), (100, 1056), (16, 32), (67, 96)])
+def test_gemm_silu_is_both_gemms_then_the_silu_product(fmt, N, K):
+    """_panel.gemm_silu (gate and up panel p together, the product after each run of panels) gives bitwise
+    up.gemm(x) * silu(gate.gemm(x)) as _kernels.silu_multiply computes it, and leaves gate.gemm(x) in
+    gate_out: every T from one token to past two 16-token tiles, 1-3 threads, every integer kernel."""
+    from pipower._cpu import _kernels, _panel
+    gate, up = (panels.pack(matrix(fmt, N, K, seed=s)) for s in (3, 4))
+    gm, um = (_panel.PanelMatrix(m.fmt, m.data, m.scales, m.shape[0]) for m in (gate, up))
+    r = np.random.default_rng(N + K)
+    for T in (1, 2, 3, 4, 5, 8, 16, 17, 33):
+        x = (r.standard_normal((T, K)) * 3).astype(np.float32)
+        for simd in INT_SIMD:
+            g = gm.gemm(x, simd=simd)
+            want = _kernels.silu_multiply(um.gemm(x, simd=simd), g)
+            for nt in (1, 2, 3):
+                gate_out = np.full((T, N), np.nan, np.float32)
+                got = _panel.gemm_silu(gm, um, _panel.quantize(x, fmt) if nt == 2 else x, gate_out=gate_out,
+                                       n_threads=nt, simd=simd)
+                assert np.array_equal(got.view(np.uint32), want.view(np.uint32)), (T, simd, nt)
+                assert np.array_equal(gate_out.view(np.uint32), g.view(np.uint32))
+
+
+@needs_ext
+def test_gemm_silu_refuses_what_it_cannot_compute(monkeypatch):
+    from pipower._cpu import _kernels, _panel
+    from pipower.errors import BackendError
+    q4, q4b, q8 = (panels.pack(matrix(f, 32, 64, seed=s)) for s, f in enumerate(("q4", "q4", "q8")))
+    m4, m4b, m8 = (_panel.PanelMatrix(m.fmt, m.data, m.scales, m.shape[0]) for m in (q4, q4b, q8))
+    wide = panels.pack(matrix("q4", 32, 96))
+    mw = _panel.PanelMatrix(wide.fmt, wide.data, wide.scales, wide.shape[0])
+    q4m = panels.pack(matrix("q4m", 32, 64))
+    mm = _panel.PanelMatrix(q4m.fmt, q4m.data, q4m.scales, q4m.shape[0], q4m.offsets)
+    x = np.ones((2, 64), np.float32)
+    with pytest.raises(InvalidArgumentError, match="one format"):
+        _panel.gemm_silu(m4, m8, x)
+    with pytest.raises(InvalidArgumentError, match="one format"):
+        _panel.gemm_silu(mm, mm, x)
+    with pytest.raises(InvalidArgumentError, match="one shape"):
+        _panel.gemm_silu(m4, mw, x)
+    with pytest.raises(InvalidArgumentError, match=r"shape \(T, 64\)"):
+        _panel.gemm_silu(m4, m4b, np.ones((2, 96), np.float32))
+    with pytest.raises(InvalidArgumentError, match="q8 panels, not q4"):
+        _panel.gemm_silu(m4, m4b, _panel.quantize(x, "q8"))
+    with pytest.raises(InvalidArgumentError, match="gate_out"):
+        _panel.gemm_silu(m4, m4b, x, gate_out=np.zeros((2, 31), np.float32))
+    monkeypatch.setattr(_kernels, "SILU_UNAVAILABLE", "a test's reason")
+    with pytest.raises(BackendError, match="a test's reason"):
+        _panel.gemm_silu(m4, m4b, x)
+
+
+@needs_ext
+@pytest.mark.parametrize("fmt", ["q4", "q8"])
+def test_dense_panel_ffn_fused_and_separate_give_the_same_bits(fmt, monkeypatch):
+    """linear_ops.ffn_panels with gate, up and the product in one pass (the default for SiLU) and with
+    the separate calls (any other case) agree bit for bit, and with NumpyOps' integer FFN."""
+    from pipower._cpu import linear_ops
+    from pipower.ops import NumpyOps
+    F, D = 96, 64                                   # six gate / up panels, four down panels
+    gate, up, down = (matrix(fmt, *shape, seed=s) for s, shape in enumerate(((F, D), (F, D), (D, F))))
+    pg, pu, pd = (panels.pack(w) for w in (gate, up, down))
+    x = np.random.default_rng(9).standard_normal((21, D)).astype(np.float32)
+    assert linear_ops.fused_silu(pg, pu, "silu") and not linear_ops.fused_silu(pg, pu, "gelu")
+    fused = linear_ops.ffn_panels(x, pg, pu, pd, "silu", n_threads=2)
+    monkeypatch.setattr(linear_ops, "fused_silu", lambda *a: False)
+    separate = linear_ops.ffn_panels(x, pg, pu, pd, "silu", n_threads=2)
+    assert np.array_equal(fused, separate)
+    assert np.array_equal(fused, NumpyOps(dot="int8").ffn(x, gate, up, None, "silu", down=down))
+
+
+@needs_ext
 def test_panel_matrix_is_checked_once_and_gives_gemm_panels_bits():
     """_panel.PanelMatrix (a matrix checked once) computes what gemm_panels does; linear_ops keeps one per
     Panels object while that object lives, and a matrix of the wrong width is refused per call."""

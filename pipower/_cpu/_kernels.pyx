@@ -139,6 +139,15 @@ cdef str _find_exp_loop():
 SILU_UNAVAILABLE = _find_exp_loop()
 
 
+def exp_loop_pointers():
+    """(address of NumPy's float32 exp loop, its data pointer) as ints, for kernels in other modules that
+    compute SiLU products in C (_panel.gemm_silu); raises BackendError when SILU_UNAVAILABLE says why not."""
+    if SILU_UNAVAILABLE:
+        from pipower.errors import BackendError
+        raise BackendError(f"NumPy's exp loop is unavailable: {SILU_UNAVAILABLE}")
+    return <size_t><void *>_exp_loop, <size_t>_exp_data
+
+
 cdef void _silu(float *h, const float *g, Py_ssize_t n, Py_ssize_t chunk, int nt) noexcept nogil:
     cdef Py_ssize_t c, a, parts = (n + chunk - 1) // chunk
     if nt <= 1:

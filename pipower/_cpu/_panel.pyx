@@ -27,6 +27,10 @@ cdef extern from "_panel_impl.h" nogil:
     void pp_gemm_panels(int fmt, int isa, const uint8_t *data, const uint16_t *scales, const uint16_t *offsets,
                         Py_ssize_t nb, Py_ssize_t N, const pp_xq *x, Py_ssize_t T, float *y, Py_ssize_t p0,
                         Py_ssize_t p1, pp_panel_queue *queue, int thread)
+    ctypedef void (*pp_unary_loop)(char **args, const Py_ssize_t *dims, const Py_ssize_t *steps, void *data)
+    int pp_gemm_glu(int fmt, int isa, const uint8_t *G, const uint16_t *GS, const uint8_t *U, const uint16_t *US,
+                    Py_ssize_t nb, Py_ssize_t N, const pp_xq *x, Py_ssize_t T, float *h, float *g,
+                    pp_unary_loop exp_loop, void *exp_data, pp_panel_queue *queue, int thread)
 
 PANEL = 16                                   # rows per panel
 BLOCK_BYTES = {"q8": 512, "q4": 256, "q4m": 256}   # bytes of one 32-block of a panel's 16 rows
@@ -149,3 +153,72 @@ def gemm_panels(fmt, data, scales, Py_ssize_t n_rows, x, out=None, n_threads=1, 
     Calls with one matrix many times: PanelMatrix (the matrix checked once)."""
     check_threads(n_threads)
     return PanelMatrix(fmt, data, scales, n_rows, offsets).gemm(x, out, n_threads, simd)
+
+
+def gemm_silu(PanelMatrix gate, PanelMatrix up, x, out=None, gate_out=None, n_threads=1, simd=True):
+    """out [T, N] = up(x) * silu(gate(x)) in one pass: gate and up panel p computed together (a pair of
+    panels where T pairs), the product on NumPy's float32 exp loop as _kernels.silu_multiply computes it.
+    Bitwise up.gemm(x), gate.gemm(x), then silu_multiply. gate, up: q4 or q8 PanelMatrix of one format and
+    shape [N, K]; x float32 [T, K] or quantize(x, fmt); gate_out: float32 [T, N] scratch for the gate's
+    dots (None: allocated; it holds gate(x) after the call). Returns out."""
+    from . import _kernels
+    cdef int nt = check_threads(n_threads)
+    if gate.fmt != up.fmt or gate.fmt not in ("q4", "q8"):
+        raise invalid(f"gemm_silu takes q4 or q8 gate and up panels of one format, got {gate.fmt} / {up.fmt}")
+    if gate.n_rows != up.n_rows or gate.n_cols != up.n_cols:
+        raise invalid(f"gate and up must have one shape, got {(gate.n_rows, gate.n_cols)} and "
+                      f"{(up.n_rows, up.n_cols)}")
+    cdef Py_ssize_t T, K
+    if isinstance(x, QuantizedActivations):
+        xq = x
+        if (<QuantizedActivations>xq).fmt != up.act_fmt or not (<QuantizedActivations>xq).panels:
+            raise invalid(f"activations quantized for {xq.fmt} panels, not {up.fmt}")
+        T, K = (<QuantizedActivations>xq).T, (<QuantizedActivations>xq).K
+    else:
+        if isinstance(x, np.ndarray) and x.ndim == 1:
+            x = x.reshape(1, -1)
+        check_array(x, "x", _F32, 2, True)
+        T, K = x.shape[0], x.shape[1]
+        xq = None
+    if K != up.n_cols:
+        raise invalid(f"x must have shape (T, {up.n_cols}) to match the panels, got {(T, K)}")
+    out = check_out(out, "out", (T, up.n_rows))
+    gate_out = check_out(gate_out, "gate_out", (T, up.n_rows))
+    if T == 0 or up.n_rows == 0:
+        return out
+    loop_addr, data_addr = _kernels.exp_loop_pointers()
+    cdef size_t la = loop_addr, da = data_addr
+    cdef pp_unary_loop loop = <pp_unary_loop>la
+    cdef void *ldata = <void *>da
+    cdef int sd = check_simd(simd)
+    if xq is None:
+        xq = QuantizedActivations(x, up.act_fmt, panels=True, simd=simd, n_threads=nt)
+    cdef const uint8_t *gp = <const uint8_t *>cnp.PyArray_DATA(gate.data)
+    cdef const uint16_t *gs = <const uint16_t *>cnp.PyArray_DATA(gate.scales)
+    cdef const uint8_t *upp = <const uint8_t *>cnp.PyArray_DATA(up.data)
+    cdef const uint16_t *us = <const uint16_t *>cnp.PyArray_DATA(up.scales)
+    cdef const pp_xq *rows = (<QuantizedActivations>xq).rows
+    cdef float *hp = <float *>cnp.PyArray_DATA(out)
+    cdef float *g = <float *>cnp.PyArray_DATA(gate_out)
+    cdef Py_ssize_t p, nb = up.nb, n_rows = up.n_rows
+    cdef int code = up.code, ok = 1, failed = 0
+    cdef pp_panel_queue queue
+    nt = <int>min(nt, up.P)
+    if nt <= 1:
+        with nogil:
+            ok = pp_gemm_glu(code, sd, gp, gs, upp, us, nb, n_rows, rows, T, hp, g, loop, ldata, NULL, 0)
+        if not ok:
+            raise MemoryError("no memory for gemm_silu's work tiles")
+        return out
+    if not pp_queue_init(&queue, up.P, nt):
+        raise MemoryError("no memory for the threads' panel queue")
+    try:
+        with nogil, parallel(num_threads=nt):
+            for p in prange(nt, schedule="static"):
+                failed += 1 - pp_gemm_glu(code, sd, gp, gs, upp, us, nb, n_rows, rows, T, hp, g, loop, ldata, &queue,
+                                          <int>p)
+    finally:
+        pp_queue_free(&queue)
+    if failed:
+        raise MemoryError("no memory for gemm_silu's work tiles")
+    return out

@@ -344,19 +344,27 @@ static inline __attribute__((always_inline)) void pp_panel_pair_isum(const __m51
     *sv = _mm512_add_epi32(u0, u1);
 }
 
+/* Where a pass prefetches what comes after its panels: nbb bytes per block from next, and as many from
+ * next2 when it is not NULL (a gated FFN's pass: the next gate panel and the next up panel). */
+typedef struct {
+    const uint8_t *next, *next2;
+    ptrdiff_t nbb;
+} pp_ahead;
+
 /* Block b of the panel pair (pp_panel_pair_v) against nt tokens: each token's two lanes (acc, acc2) take
  * the block's tails; FIRST (a constant): blocks 0 .. 15, which start their lanes. */
 static inline __attribute__((always_inline)) void
-pp_panel_pair_block(const int Q8, const int FIRST, const int nt, const uint8_t *W, const uint16_t *S, ptrdiff_t pb,
-                    ptrdiff_t ps, const pp_xtm *xt, ptrdiff_t b, const uint8_t *next, ptrdiff_t nbb, float *acc,
+pp_panel_pair_block(const int Q8, const int FIRST, const int nt, const uint8_t *W, const uint16_t *S,
+                    const uint8_t *W2, const uint16_t *S2, const pp_xtm *xt, ptrdiff_t b, pp_ahead ahead, float *acc,
                     float *acc2) {
     const ptrdiff_t bb = pp_panel_block_bytes(Q8 ? PP_Q8 : PP_Q4);
-    pp_panel_prefetch(next, b * nbb, nbb);
+    pp_panel_prefetch(ahead.next, b * ahead.nbb, ahead.nbb);
+    pp_panel_prefetch(ahead.next2, b * ahead.nbb, ahead.nbb);
     __m512i w[8], v[8];
     pp_panel_load(Q8, W + b * bb, w);
-    pp_panel_load(Q8, W + pb + b * bb, v);
+    pp_panel_load(Q8, W2 + b * bb, v);
     const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(S + b * PP_PANEL)));
-    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(S + ps + b * PP_PANEL)));
+    const __m512 dv = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(S2 + b * PP_PANEL)));
     const int8_t *xb = xt->q + b * nt * PP_QB;
     const float *db = xt->d + b * nt;
     const int32_t *cb = xt->nc + b * nt;
@@ -369,22 +377,22 @@ pp_panel_pair_block(const int Q8, const int FIRST, const int nt, const uint8_t *
     }
 }
 
-/* Panels W (16 rows) and W + pb (rows r < m2; scales S and S + ps) against nt tokens (a constant after
+/* Panels W (16 rows) and W2 (rows r < m2; scales S and S2) against nt tokens (a constant after
  * inlining), activations token-major (xt): pp_panel_multi_v's FAST code for both at once, so each (row,
  * token) gets the same operations and bits. acc: [2][nt][16 lanes][16 rows] floats. next (or NULL):
  * what follows the pair, nbb bytes of it prefetched per block (nb blocks cover it). */
 static inline __attribute__((always_inline)) void
-pp_panel_pair_v(const int Q8, const int nt, const uint8_t *W, const uint16_t *S, ptrdiff_t pb, ptrdiff_t ps,
-                const pp_xtm *xt, ptrdiff_t nb, float *y, ptrdiff_t ldy, int m2, const uint8_t *next,
-                ptrdiff_t nbb, float *acc) {
+pp_panel_pair_v(const int Q8, const int nt, const uint8_t *W, const uint16_t *S, const uint8_t *W2,
+                const uint16_t *S2, const pp_xtm *xt, ptrdiff_t nb, float *y, ptrdiff_t ldy, int m2, pp_ahead ahead,
+                float *acc) {
     float *acc2 = acc + nt * 256;
     /* blocks 0 .. 15 start their lanes (pp_panel_tail's FIRST); lanes no block reaches are zeroed */
     if (nb < 16) memset(acc, 0, (size_t)nt * 512 * sizeof(float));
     const ptrdiff_t nb0 = nb < 16 ? nb : 16;
     for (ptrdiff_t b = 0; b < nb0; b++)
-        pp_panel_pair_block(Q8, 1, nt, W, S, pb, ps, xt, b, next, nbb, acc, acc2);
+        pp_panel_pair_block(Q8, 1, nt, W, S, W2, S2, xt, b, ahead, acc, acc2);
     for (ptrdiff_t b = nb0; b < nb; b++)
-        pp_panel_pair_block(Q8, 0, nt, W, S, pb, ps, xt, b, next, nbb, acc, acc2);
+        pp_panel_pair_block(Q8, 0, nt, W, S, W2, S2, xt, b, ahead, acc, acc2);
     for (int t = 0; t < nt; t++) {
         __m512 a[16];
         for (int l = 0; l < 16; l++) a[l] = _mm512_load_ps(acc + t * 256 + l * 16);
@@ -393,16 +401,16 @@ pp_panel_pair_v(const int Q8, const int nt, const uint8_t *W, const uint16_t *S,
         pp_panel_tree_store(a, y + t * ldy + PP_PANEL, m2);
     }
 }
-#define PP_PAIR_CASE(Q8, NT) case NT: pp_panel_pair_v(Q8, NT, W, S, pb, ps, xt, nb, y, ldy, m2, next, nbb, acc); break;
-static PP_NOINLINE void pp_panel_pair_nt(int fmt, int nt, const uint8_t *W, const uint16_t *S, ptrdiff_t pb,
-                                         ptrdiff_t ps, const pp_xtm *xt, ptrdiff_t nb, float *y, ptrdiff_t ldy,
-                                         int m2, const uint8_t *next, ptrdiff_t nbb, float *acc) {
+#define PP_PAIR_CASE(Q8, NT) case NT: pp_panel_pair_v(Q8, NT, W, S, W2, S2, xt, nb, y, ldy, m2, ahead, acc); break;
+static PP_NOINLINE void pp_panel_pair_nt(int fmt, int nt, const uint8_t *W, const uint16_t *S, const uint8_t *W2,
+                                         const uint16_t *S2, const pp_xtm *xt, ptrdiff_t nb, float *y, ptrdiff_t ldy,
+                                         int m2, pp_ahead ahead, float *acc) {
     if (fmt == PP_Q8) {
         switch (nt) { PP_PAIR_CASE(1, 5) PP_PAIR_CASE(1, 6) PP_PAIR_CASE(1, 7) PP_PAIR_CASE(1, 8)
-                      default: pp_panel_pair_v(1, PP_PANEL_TILE, W, S, pb, ps, xt, nb, y, ldy, m2, next, nbb, acc); }
+                      default: pp_panel_pair_v(1, PP_PANEL_TILE, W, S, W2, S2, xt, nb, y, ldy, m2, ahead, acc); }
     } else {
         switch (nt) { PP_PAIR_CASE(0, 4) PP_PAIR_CASE(0, 5) PP_PAIR_CASE(0, 6) PP_PAIR_CASE(0, 7) PP_PAIR_CASE(0, 8)
-                      default: pp_panel_pair_v(0, PP_PANEL_TILE, W, S, pb, ps, xt, nb, y, ldy, m2, next, nbb, acc); }
+                      default: pp_panel_pair_v(0, PP_PANEL_TILE, W, S, W2, S2, xt, nb, y, ldy, m2, ahead, acc); }
     }
 }
 #undef PP_PAIR_CASE
@@ -489,20 +497,21 @@ static inline void pp_panel_pass_v(int fmt, const uint8_t *W, const uint16_t *S,
  * activations xt: passes that pp_panel_pairs take both panels at once, the others each panel in turn.
  * next (or NULL): what follows the pair, nbb bytes per block of it prefetched in the first pass (the
  * largest, so a paired one whenever T pairs at all). */
-static inline void pp_gemm_panel_pair(int fmt, const uint8_t *W, const uint16_t *S, ptrdiff_t pb, ptrdiff_t ps,
-                                      ptrdiff_t nb, ptrdiff_t N, const pp_xq *x, const pp_xtm *xt, ptrdiff_t T,
-                                      float *y, ptrdiff_t p, int m2, const uint8_t *next, ptrdiff_t nbb) {
+static inline void pp_gemm_panel_pair(int fmt, const uint8_t *W, const uint16_t *S, const uint8_t *W2,
+                                      const uint16_t *S2, ptrdiff_t nb, ptrdiff_t N, const pp_xq *x, const pp_xtm *xt,
+                                      ptrdiff_t T, float *y, ptrdiff_t p, int m2, pp_ahead ahead) {
     float acc[2 * PP_PANEL_TILE * 256] __attribute__((aligned(64)));
+    const pp_ahead none = {NULL, NULL, 0};
     int nt;
     for (ptrdiff_t t0 = 0, k = 0; t0 < T; t0 += nt, k++) {
         nt = pp_panel_pass_tokens(t0, T);
-        const uint8_t *nx = t0 == 0 ? next : NULL;
         if (pp_panel_pairs(fmt, nt)) {
-            pp_panel_pair_nt(fmt, nt, W, S, pb, ps, xt + k, nb, y + t0 * N + p * PP_PANEL, N, m2, nx, nbb, acc);
+            pp_panel_pair_nt(fmt, nt, W, S, W2, S2, xt + k, nb, y + t0 * N + p * PP_PANEL, N, m2, t0 == 0 ? ahead : none,
+                             acc);
         } else {
             /* (xt[k] is laid out only for passes of 4 or more tokens; pp_panel_pass_v reads it only then) */
             pp_panel_pass_v(fmt, W, S, nb, N, x, xt + k, t0, nt, y, p, PP_PANEL, NULL, acc);
-            pp_panel_pass_v(fmt, W + pb, S + ps, nb, N, x, xt + k, t0, nt, y, p + 1, m2, NULL, acc);
+            pp_panel_pass_v(fmt, W2, S2, nb, N, x, xt + k, t0, nt, y, p + 1, m2, NULL, acc);
         }
     }
 }
@@ -655,8 +664,9 @@ static inline void pp_gemm_run(int fmt, int isa, const uint8_t *data, const uint
                 after = nhi - nlo;
             }
             after = after < 0 ? 0 : after > 2 ? 2 : after;
-            pp_gemm_panel_pair(fmt, W, scales + p * ps, pb, ps, nb, N, x, xt, T, y, p, pp_panel_rows(N, p + 1),
-                               after > 0 ? data + at * pb : NULL, after * pp_panel_block_bytes(fmt));
+            const pp_ahead ahead = {after > 0 ? data + at * pb : NULL, NULL, after * pp_panel_block_bytes(fmt)};
+            pp_gemm_panel_pair(fmt, W, scales + p * ps, W + pb, scales + (p + 1) * ps, nb, N, x, xt, T, y, p,
+                               pp_panel_rows(N, p + 1), ahead);
             done = 2;
         }
 #endif
@@ -717,6 +727,88 @@ static inline void pp_gemm_panels(int fmt, int isa, const uint8_t *data, const u
     }
     free(xt);
     free(buf);
+}
+
+
+/* ---- The gated FFN's first half in one pass: H = up(x) * silu(gate(x)) ------------------------------
+ * Gate panel p and up panel p are computed together (one pair of panels on AVX-512 VNNI whenever T
+ * pairs, sharing each activation load and shuffle; otherwise one after the other) into a [T][32] tile,
+ * copied out to G [T, N] (gate) and H [T, N] (up), and after each run of panels H's columns of that run
+ * become up * silu(gate) by pp_silu_multiply on NumPy's exp loop (exp_loop, exp_data). Every dot is the
+ * one pp_gemm_panels computes for that row, and the product is _kernels.silu_multiply's, operation by
+ * operation: H is bitwise gemm(up), gemm(gate), then silu_multiply. Why: one OpenMP region instead of
+ * three (two GEMMs, the product), and the product reads values its thread just wrote. q4 / q8 only
+ * (q4m's offsets are added after a panel's dots: its FFNs take the separate calls). */
+static inline void pp_glu_panel(int fmt, int isa, const uint8_t *G, const uint16_t *GS, const uint8_t *U,
+                                const uint16_t *US, ptrdiff_t nb, const pp_xq *x, const pp_xtm *xt, ptrdiff_t T,
+                                float *tile, int m, pp_ahead ahead) {
+#if PP_HAVE_VNNI512
+    if (xt && isa == PP_ISA_AVX512VNNI && pp_panel_pairs(fmt, pp_panel_pass_tokens(0, T))) {
+        pp_gemm_panel_pair(fmt, G, GS, U, US, nb, 2 * PP_PANEL, x, xt, T, tile, 0, m, ahead);
+        return;
+    }
+#endif
+    pp_gemm_panel(fmt, isa, G, GS, nb, 2 * PP_PANEL, x, xt, T, tile, 0, m, U);
+    pp_gemm_panel(fmt, isa, U, US, nb, 2 * PP_PANEL, x, xt, T, tile + PP_PANEL, 0, m, ahead.next);
+}
+
+/* H[t, n] = up * silu(gate) for the N rows of the gate and up panels (G, GS / U, US, each nb blocks per
+ * panel), threads claiming runs from queue as pp_gemm_panels does (one call per thread). g: [T, N]
+ * scratch for the gate's dots. 1, or 0 when out of memory. */
+static inline int pp_gemm_glu(int fmt, int isa, const uint8_t *G, const uint16_t *GS, const uint8_t *U,
+                              const uint16_t *US, ptrdiff_t nb, ptrdiff_t N, const pp_xq *x, ptrdiff_t T, float *h,
+                              float *g, pp_unary_loop exp_loop, void *exp_data, pp_panel_queue *queue, int thread) {
+    const ptrdiff_t pb = nb * pp_panel_block_bytes(fmt), ps = nb * PP_PANEL, P = (N + PP_PANEL - 1) / PP_PANEL;
+    ptrdiff_t lo = 0, hi = P, nlo = -1, nhi = -1;
+    int have = queue ? pp_queue_claim(queue, thread, &lo, &hi) : lo < hi;
+    if (!have) return 1;
+    float *tile = (float *)aligned_alloc(64, (size_t)T * 2 * PP_PANEL * sizeof(float));
+    pp_xtm *xt = NULL;
+    char *buf = NULL;
+    if (!tile) return 0;
+#if PP_HAVE_VNNI512
+    if (isa == PP_ISA_AVX512VNNI && T > 1) {         /* pp_gemm_panels' token-major activations */
+        const ptrdiff_t passes = (T + 3) / 4 + 1;
+        buf = (char *)malloc((size_t)(T * nb * (PP_QB + 8)));
+        xt = (pp_xtm *)malloc((size_t)passes * sizeof(pp_xtm));
+        if (buf && xt) {
+            char *at = buf;
+            int nt;
+            for (ptrdiff_t t0 = 0, k = 0; t0 < T; t0 += nt, k++) {
+                nt = pp_panel_pass_tokens(t0, T);
+                if (nt >= 4) xt[k] = pp_xtm_fill(x + t0, nt, nb, at);
+                at += pp_xtm_bytes(nb, nt);
+            }
+        } else {
+            free(xt);
+            xt = NULL;
+        }
+    }
+#endif
+    while (have) {
+        const int more = queue ? pp_queue_claim(queue, thread, &nlo, &nhi) : 0;
+        if (!more) nlo = nhi = -1;
+        for (ptrdiff_t p = lo; p < hi; p++) {
+            const ptrdiff_t q = p + 1 < hi ? p + 1 : nlo;            /* the panel after this one, or -1 */
+            const pp_ahead ahead = {q >= 0 ? G + q * pb : NULL, q >= 0 ? U + q * pb : NULL,
+                                    pp_panel_block_bytes(fmt)};
+            const int m = pp_panel_rows(N, p);
+            pp_glu_panel(fmt, isa, G + p * pb, GS + p * ps, U + p * pb, US + p * ps, nb, x, xt, T, tile, m, ahead);
+            for (ptrdiff_t t = 0; t < T; t++) {
+                memcpy(g + t * N + p * PP_PANEL, tile + t * 2 * PP_PANEL, (size_t)m * sizeof(float));
+                memcpy(h + t * N + p * PP_PANEL, tile + t * 2 * PP_PANEL + PP_PANEL, (size_t)m * sizeof(float));
+            }
+        }
+        const ptrdiff_t c0 = lo * PP_PANEL, c1 = hi * PP_PANEL < N ? hi * PP_PANEL : N;
+        for (ptrdiff_t t = 0; t < T; t++) pp_silu_multiply(h + t * N + c0, g + t * N + c0, c1 - c0, exp_loop, exp_data);
+        lo = nlo;
+        hi = nhi;
+        have = more;
+    }
+    free(xt);
+    free(buf);
+    free(tile);
+    return 1;
 }
 
 #endif /* PIPOWER_PANEL_IMPL_H */

@@ -137,6 +137,10 @@ def ffn_panels(x: np.ndarray, gate, up, down, act: str, n_threads: int = 1) -> n
     neurons times down. Any T; row t is bitwise the one-token result."""
     xq = _panel.quantize(x, up.fmt, n_threads=n_threads)          # once for gate and up (if alike)
     T, F = x.shape[0], up.shape[0]
+    if fused_silu(gate, up, act):                 # gate, up and the product in one pass, the same bits
+        h = _panel.gemm_silu(panel_matrix(gate), panel_matrix(up), xq, _scratch("h", T, F), _scratch("g", T, F),
+                             n_threads)
+        return _gemm(down, h, n_threads)
     h = _gemm(up, xq, n_threads, _scratch("h", T, F))                                         # [T, F]
     if gate is not None:
         g = _gemm(gate, xq if _panel.quantize_alike(gate.fmt, up.fmt) else x, n_threads, _scratch("g", T, F))
@@ -144,6 +148,15 @@ def ffn_panels(x: np.ndarray, gate, up, down, act: str, n_threads: int = 1) -> n
     else:
         h = ACTIVATIONS[act](h)
     return _gemm(down, h, n_threads)
+
+
+def fused_silu(gate, up, act: str) -> bool:
+    """Whether ffn_panels computes gate, up and their SiLU product in one pass (_panel.gemm_silu: one
+    OpenMP region instead of three, gate and up panel p as a pair of panels): a SiLU FFN on q4 or q8
+    panels of one format, with NumPy's exp loop found (_kernels.SILU_UNAVAILABLE empty). q4m (its
+    offsets) and other activations take the separate calls; the bits are the same either way."""
+    return (gate is not None and act == "silu" and not _kernels.SILU_UNAVAILABLE and gate.fmt == up.fmt
+            and up.fmt in ("q4", "q8"))
 
 
 def multiply_activation(h: np.ndarray, g: np.ndarray, act: str, n_threads: int = 1) -> np.ndarray:
