@@ -108,6 +108,7 @@ static inline int pp_xq_block512(const float *xb, int8_t *q_lo, int8_t *q_hi, fl
 }
 #endif
 
+#if PP_HAVE_AVX512
 /* Lane i of the result = the max (MAX) or the int32 sum (!MAX) of v[i]'s 16 lanes: four rounds that pair
  * interleaved halves, ~45 operations for 16 reductions instead of ~8 each. Max is exact and the int32 sum
  * is exact in any order, so each lane is what its own horizontal reduction gives. */
@@ -168,6 +169,8 @@ static inline unsigned pp_xq_blocks512x16(const float *x, int kind, ptrdiff_t b0
     return bad;
 }
 
+#endif
+
 /* Quantize x [K] (K a multiple of 32) into one token's buffer (layout above) for weights of `kind`.
  * isa (PP_ISA_*): which vector code quantizes a block (AVX-512 for the AVX-512 VNNI level, AVX2 for the
  * 256-bit ones, scalar C); all write the same bytes. */
@@ -179,8 +182,10 @@ static inline void pp_xq_quantize(const float *x, ptrdiff_t K, char *buf, int ki
     const int32_t bias = kind == PP_XQ_Q8 ? 128 : 8;   /* of the unsigned weight operand (w + bias) */
     (void)isa;
     memset(buf, 0, (size_t)pp_xq_bytes(K));
+#if PP_HAVE_AVX512
     unsigned redo = 0;                  /* blocks b16 .. b16 + 15 with NaN / inf, for the scalar code */
     ptrdiff_t b16 = -16;
+#endif
     for (ptrdiff_t b = 0; b < nb; b++) {
         const float *xb = x + b * PP_QB;
         int8_t *q_lo = q + pp_xq_pos(kind, b, 0), *q_hi = q + pp_xq_pos(kind, b, 16);

@@ -95,15 +95,15 @@ cdef class PanelMatrix:
         self.data, self.scales, self.offsets = data, scales, offsets
         self.n_rows, self.n_cols, self.P, self.nb = n_rows, nb * 32, P, nb
 
-    def gemm(self, x, out=None, n_threads=1, simd=True):
-        """x float32 [T, K] (or quantize(x, fmt)) -> out float32 [T, n_rows]: gemm_panels."""
-        cdef int nt = check_threads(n_threads)
+    cdef tuple tokens(self, object x):
+        """x float32 [T, K] (or [K]) or quantize(x, fmt), checked against this matrix -> (x, its
+        QuantizedActivations or None when x is floats, T)."""
         cdef Py_ssize_t T, K
         if isinstance(x, QuantizedActivations):
+            if (<QuantizedActivations>x).fmt != self.act_fmt or not (<QuantizedActivations>x).panels:
+                raise invalid(f"activations quantized for {x.fmt} panels, not {self.fmt}")
+            T, K = (<QuantizedActivations>x).T, (<QuantizedActivations>x).K
             xq = x
-            if (<QuantizedActivations>xq).fmt != self.act_fmt or not (<QuantizedActivations>xq).panels:
-                raise invalid(f"activations quantized for {xq.fmt} panels, not {self.fmt}")
-            T, K = (<QuantizedActivations>xq).T, (<QuantizedActivations>xq).K
         else:
             if isinstance(x, np.ndarray) and x.ndim == 1:
                 x = x.reshape(1, -1)
@@ -112,6 +112,13 @@ cdef class PanelMatrix:
             xq = None
         if K != self.n_cols:
             raise invalid(f"x must have shape (T, {self.n_cols}) to match the panels, got {(T, K)}")
+        return x, xq, T
+
+    def gemm(self, x, out=None, n_threads=1, simd=True):
+        """x float32 [T, K] (or quantize(x, fmt)) -> out float32 [T, n_rows]: gemm_panels."""
+        cdef int nt = check_threads(n_threads)
+        cdef Py_ssize_t T
+        x, xq, T = self.tokens(x)
         out = check_out(out, "out", (T, self.n_rows))
         if T == 0 or self.n_rows == 0:
             return out
@@ -168,20 +175,8 @@ def gemm_silu(PanelMatrix gate, PanelMatrix up, x, out=None, gate_out=None, n_th
     if gate.n_rows != up.n_rows or gate.n_cols != up.n_cols:
         raise invalid(f"gate and up must have one shape, got {(gate.n_rows, gate.n_cols)} and "
                       f"{(up.n_rows, up.n_cols)}")
-    cdef Py_ssize_t T, K
-    if isinstance(x, QuantizedActivations):
-        xq = x
-        if (<QuantizedActivations>xq).fmt != up.act_fmt or not (<QuantizedActivations>xq).panels:
-            raise invalid(f"activations quantized for {xq.fmt} panels, not {up.fmt}")
-        T, K = (<QuantizedActivations>xq).T, (<QuantizedActivations>xq).K
-    else:
-        if isinstance(x, np.ndarray) and x.ndim == 1:
-            x = x.reshape(1, -1)
-        check_array(x, "x", _F32, 2, True)
-        T, K = x.shape[0], x.shape[1]
-        xq = None
-    if K != up.n_cols:
-        raise invalid(f"x must have shape (T, {up.n_cols}) to match the panels, got {(T, K)}")
+    cdef Py_ssize_t T
+    x, xq, T = up.tokens(x)
     out = check_out(out, "out", (T, up.n_rows))
     gate_out = check_out(gate_out, "gate_out", (T, up.n_rows))
     if T == 0 or up.n_rows == 0:

@@ -52,6 +52,13 @@ typedef struct {
     const int32_t *nc;
 } pp_xtm;
 
+/* Where a pass prefetches what comes after its panels: nbb bytes per block from next, and as many from
+ * next2 when it is not NULL (a gated FFN's pass: the next gate panel and the next up panel). */
+typedef struct {
+    const uint8_t *next, *next2;
+    ptrdiff_t nbb;
+} pp_ahead;
+
 static inline ptrdiff_t pp_xtm_bytes(ptrdiff_t nb, int nt) { return nb * nt * (PP_QB + 8); }
 
 static inline pp_xtm pp_xtm_fill(const pp_xq *x, int nt, ptrdiff_t nb, char *buf) {
@@ -343,13 +350,6 @@ static inline __attribute__((always_inline)) void pp_panel_pair_isum(const __m51
     *sw = _mm512_add_epi32(s0, s1);
     *sv = _mm512_add_epi32(u0, u1);
 }
-
-/* Where a pass prefetches what comes after its panels: nbb bytes per block from next, and as many from
- * next2 when it is not NULL (a gated FFN's pass: the next gate panel and the next up panel). */
-typedef struct {
-    const uint8_t *next, *next2;
-    ptrdiff_t nbb;
-} pp_ahead;
 
 /* Block b of the panel pair (pp_panel_pair_v) against nt tokens: each token's two lanes (acc, acc2) take
  * the block's tails; FIRST (a constant): blocks 0 .. 15, which start their lanes. */
@@ -682,6 +682,37 @@ static inline void pp_gemm_run(int fmt, int isa, const uint8_t *data, const uint
     }
 }
 
+/* Several tokens on AVX-512 VNNI: each pass's activations token-major (pp_xtm), laid out once per call and
+ * thread (T x 40 bytes per block; at T = 8 ~1 us, some 5% of a 16-panel call and under 1% of the FFN's
+ * 152 panels per thread) -> the passes' tiles (free it and *buf after), or NULL: one token, another
+ * instruction level, or no memory (the run-time-count code then runs those passes, the same bits). */
+static inline pp_xtm *pp_xtm_passes(int isa, const pp_xq *x, ptrdiff_t T, ptrdiff_t nb, char **buf) {
+    *buf = NULL;
+#if PP_HAVE_VNNI512
+    if (isa == PP_ISA_AVX512VNNI && T > 1) {
+        const ptrdiff_t passes = (T + 3) / 4 + 1;
+        char *b = (char *)malloc((size_t)(T * nb * (PP_QB + 8)));
+        pp_xtm *xt = (pp_xtm *)malloc((size_t)passes * sizeof(pp_xtm));
+        if (b && xt) {
+            char *at = b;
+            int nt;
+            for (ptrdiff_t t0 = 0, k = 0; t0 < T; t0 += nt, k++) {
+                nt = pp_panel_pass_tokens(t0, T);
+                if (nt >= 4) xt[k] = pp_xtm_fill(x + t0, nt, nb, at);
+                at += pp_xtm_bytes(nb, nt);
+            }
+            *buf = b;
+            return xt;
+        }
+        free(b);
+        free(xt);
+    }
+#else
+    (void)isa; (void)x; (void)T; (void)nb;
+#endif
+    return NULL;
+}
+
 /* Y[t, n] for the panels of a matrix of N rows against T tokens (Y [T, N] row stride N), on the kernels
  * of level isa: panels [p0, p1) when queue is NULL, else runs claimed from queue by thread `thread` of
  * its team until none is left (one call per thread). offsets: q4m's (pp_panel_offsets; the scales'
@@ -693,30 +724,8 @@ static inline void pp_gemm_panels(int fmt, int isa, const uint8_t *data, const u
     ptrdiff_t lo = p0, hi = p1, nlo = -1, nhi = -1;
     int have = queue ? pp_queue_claim(queue, thread, &lo, &hi) : lo < hi;
     if (!have) return;
-    /* Several tokens on AVX-512 VNNI: each pass's activations token-major, laid out once per call and
-     * thread (T x 40 bytes per block; at T = 8 ~1 us, some 5% of a 16-panel call and under 1% of the FFN's
-     * 152 panels per thread); without the memory, the run-time-count code (same bits). */
-    pp_xtm *xt = NULL;
     char *buf = NULL;
-#if PP_HAVE_VNNI512
-    if (isa == PP_ISA_AVX512VNNI && T > 1) {
-        const ptrdiff_t passes = (T + 3) / 4 + 1;
-        buf = (char *)malloc((size_t)(T * nb * (PP_QB + 8)));
-        xt = (pp_xtm *)malloc((size_t)passes * sizeof(pp_xtm));
-        if (buf && xt) {
-            char *at = buf;
-            int nt;
-            for (ptrdiff_t t0 = 0, k = 0; t0 < T; t0 += nt, k++) {
-                nt = pp_panel_pass_tokens(t0, T);
-                if (nt >= 4) xt[k] = pp_xtm_fill(x + t0, nt, nb, at);
-                at += pp_xtm_bytes(nb, nt);
-            }
-        } else {
-            free(xt);
-            xt = NULL;
-        }
-    }
-#endif
+    pp_xtm *xt = pp_xtm_passes(isa, x, T, nb, &buf);
     while (have) {
         const int more = queue ? pp_queue_claim(queue, thread, &nlo, &nhi) : 0;     /* claimed ahead */
         if (!more) nlo = nhi = -1;
@@ -763,28 +772,9 @@ static inline int pp_gemm_glu(int fmt, int isa, const uint8_t *G, const uint16_t
     int have = queue ? pp_queue_claim(queue, thread, &lo, &hi) : lo < hi;
     if (!have) return 1;
     float *tile = (float *)aligned_alloc(64, (size_t)T * 2 * PP_PANEL * sizeof(float));
-    pp_xtm *xt = NULL;
-    char *buf = NULL;
     if (!tile) return 0;
-#if PP_HAVE_VNNI512
-    if (isa == PP_ISA_AVX512VNNI && T > 1) {         /* pp_gemm_panels' token-major activations */
-        const ptrdiff_t passes = (T + 3) / 4 + 1;
-        buf = (char *)malloc((size_t)(T * nb * (PP_QB + 8)));
-        xt = (pp_xtm *)malloc((size_t)passes * sizeof(pp_xtm));
-        if (buf && xt) {
-            char *at = buf;
-            int nt;
-            for (ptrdiff_t t0 = 0, k = 0; t0 < T; t0 += nt, k++) {
-                nt = pp_panel_pass_tokens(t0, T);
-                if (nt >= 4) xt[k] = pp_xtm_fill(x + t0, nt, nb, at);
-                at += pp_xtm_bytes(nb, nt);
-            }
-        } else {
-            free(xt);
-            xt = NULL;
-        }
-    }
-#endif
+    char *buf = NULL;
+    pp_xtm *xt = pp_xtm_passes(isa, x, T, nb, &buf);
     while (have) {
         const int more = queue ? pp_queue_claim(queue, thread, &nlo, &nhi) : 0;
         if (!more) nlo = nhi = -1;
