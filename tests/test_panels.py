@@ -301,6 +301,9 @@ def test_gemm_silu_refuses_what_it_cannot_compute(monkeypatch):
         _panel.gemm_silu(m4, m4b, _panel.quantize(x, "q8"))
     with pytest.raises(InvalidArgumentError, match="gate_out"):
         _panel.gemm_silu(m4, m4b, x, gate_out=np.zeros((2, 31), np.float32))
+    both = np.zeros((2, 32), np.float32)
+    with pytest.raises(InvalidArgumentError, match="must not overlap"):
+        _panel.gemm_silu(m4, m4b, x, out=both, gate_out=both)
     monkeypatch.setattr(_kernels, "SILU_UNAVAILABLE", "a test's reason")
     with pytest.raises(BackendError, match="a test's reason"):
         _panel.gemm_silu(m4, m4b, x)

@@ -16,6 +16,8 @@ from libc.stdint cimport uint8_t, uint16_t
 from ._checks cimport check_array, check_out, check_threads, invalid
 from ._linear cimport QuantizedActivations, check_simd, pp_xq
 
+from . import _kernels                       # NumPy's exp loop for gemm_silu's products
+
 cnp.import_array()
 
 cdef extern from "_panel_impl.h" nogil:
@@ -168,7 +170,6 @@ def gemm_silu(PanelMatrix gate, PanelMatrix up, x, out=None, gate_out=None, n_th
     Bitwise up.gemm(x), gate.gemm(x), then silu_multiply. gate, up: q4 or q8 PanelMatrix of one format and
     shape [N, K]; x float32 [T, K] or quantize(x, fmt); gate_out: float32 [T, N] scratch for the gate's
     dots (None: allocated; it holds gate(x) after the call). Returns out."""
-    from . import _kernels
     cdef int nt = check_threads(n_threads)
     if gate.fmt != up.fmt or gate.fmt not in ("q4", "q8"):
         raise invalid(f"gemm_silu takes q4 or q8 gate and up panels of one format, got {gate.fmt} / {up.fmt}")
@@ -179,6 +180,8 @@ def gemm_silu(PanelMatrix gate, PanelMatrix up, x, out=None, gate_out=None, n_th
     x, xq, T = up.tokens(x)
     out = check_out(out, "out", (T, up.n_rows))
     gate_out = check_out(gate_out, "gate_out", (T, up.n_rows))
+    if np.shares_memory(out, gate_out):
+        raise invalid("out and gate_out must not overlap (the gate's dots and the products are both kept)")
     if T == 0 or up.n_rows == 0:
         return out
     loop_addr, data_addr = _kernels.exp_loop_pointers()
