@@ -350,3 +350,40 @@ def test_core_speed_times_each_core_and_the_team():
     assert table.splitlines()[-1].startswith("| median |") and len(table.splitlines()) == 2 + 2 + 1
     assert cs.main(["--rows", "48", "--cols", "64", "--tokens", "3", "--rounds", "1", "--calls", "1"]) == 0
     assert os.sched_getaffinity(0) == home
+
+
+def test_batch_floor_sums_cached_gemms_and_times_a_large_head_at_a_block_rate(tmp_path, capsys):
+    """bench/batch_floor.py on a tiny model: the GEMM floor is every layer's matrices plus the head; a head
+    over --cache-mib is costed at the per-block time of the largest timed matrix with its columns; the
+    whole script prints a row with the forward, the floor and their ratio."""
+    from helpers_models import write_tiny_gguf
+    import pipower
+    bf = load_script("batch_floor")
+    path = str(write_tiny_gguf(tmp_path / "t.gguf"))
+    t = pipower.load(path, backend="cython", weights="q4", threads=1, progress=False).transformer
+
+    def blocks(shape):
+        return -(-shape[0] // 16) * (shape[1] // 32)
+
+    total, rows = bf.gemm_floor(t, 4, 1, 2, cache_mib=1e6)            # every matrix timed cached
+    assert [r[0] for r in rows] == [*bf.LAYER_MATRICES, "head"]
+    us = {n: v for n, _, v in rows}
+    assert all(v > 0 for v in us.values())
+    assert total * 1e6 == pytest.approx(len(t.layers) * sum(us[n] for n in bf.LAYER_MATRICES) + us["head"])
+
+    total, rows = bf.gemm_floor(t, 4, 1, 2, cache_mib=0)               # the head too large to time
+    shapes = {n: s for n, s, _ in rows}
+    us = {n: v for n, _, v in rows}
+    same_k = [n for n in bf.LAYER_MATRICES if shapes[n][1] == shapes["head"][1]]
+    widest = max(same_k, key=lambda n: blocks(shapes[n]))
+    assert us["head"] == pytest.approx(us[widest] / blocks(shapes[widest]) * blocks(shapes["head"]))
+
+    r = bf.measure(t, t.config.vocab_size, 3, 6, rounds=1, threads=1, calls=2, cache_mib=1e6)
+    assert r["floor"] == pytest.approx(r["gemms"] + r["non_gemm"]) and 0 < r["non_gemm"] < r["forward"]
+    assert r["forward_steps"] == pytest.approx(r["forward"] / r["step"])
+    assert r["floor_steps"] == pytest.approx(r["floor"] / r["step"])
+    assert bf.markdown_row("t", "q4", r).startswith("| t | q4 | ")
+    assert bf.main(["--models", path, "--weights", "q4", "--tokens", "3", "--rounds", "1", "--calls", "2",
+                    "--threads", "1", "--prompt-tokens", "6"]) == 0
+    out = capsys.readouterr().out
+    assert any(line.startswith("| t.gguf | q4 |") for line in out.splitlines()) and "head" in out
