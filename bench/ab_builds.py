@@ -23,6 +23,7 @@ median of --calls panel GEMMs of T tokens over a random matrix of that shape (--
 
     python bench/ab_builds.py --module _panel --a /tmp/panel_old.so --b pipower/_cpu/_panel.*.so \
         --gemm 4864x896 --tokens 1,8 --rounds 60
+    (--matrices 48: 48 such matrices in turn, ~105 MB of q4: every call streams its matrix from DRAM)
 """
 from __future__ import annotations
 
@@ -88,19 +89,31 @@ def time_forwards(t, prompt, new, T) -> float:
     return time.perf_counter() - t0
 
 
-def gemm_timer(build, shape: str, fmt: str, T: int, threads: int, calls: int):
-    """A function () -> the median seconds of `calls` panel GEMMs of build (a _panel module): T random
-    tokens against a random matrix of shape "ROWSxCOLS" in fmt."""
+def random_panels(shape: str, fmt: str, count: int = 1, seed: int = 0) -> list:
+    """count random panel matrices of shape "ROWSxCOLS" in fmt."""
     from pipower import panels, quant
     rows, cols = (int(v) for v in shape.lower().split("x"))
-    rng = np.random.default_rng(0)
-    p = panels.pack(quant.quantize(rng.standard_normal((rows, cols)).astype(np.float32), fmt))
+    rng = np.random.default_rng(seed)
+    return [panels.pack(quant.quantize(rng.standard_normal((rows, cols)).astype(np.float32), fmt))
+            for _ in range(count)]
+
+
+def gemm_timer(build, shape: str, fmt: str, T: int, threads: int, calls: int, matrices: list | None = None):
+    """A function () -> the median seconds of `calls` panel GEMMs of build (a _panel module): T random
+    tokens against a random matrix of shape "ROWSxCOLS" in fmt, or against `matrices` (random_panels)
+    in turn, one per call (more of them than the caches hold: every call streams its matrix from DRAM)."""
+    mats = matrices or random_panels(shape, fmt)
+    rows, cols = mats[0].shape
+    rng = np.random.default_rng(1)
     xq = build.quantize(rng.standard_normal((T, cols)).astype(np.float32), fmt)
     out = np.empty((T, rows), dtype=np.float32)
+    turn = [0]
 
     def timed() -> float:
         ts = []
         for _ in range(calls):
+            p = mats[turn[0] % len(mats)]
+            turn[0] += 1
             t0 = time.perf_counter()
             build.gemm_panels(fmt, p.data, p.scales, rows, xq, out=out, n_threads=threads, offsets=p.offsets)
             ts.append(time.perf_counter() - t0)
@@ -126,6 +139,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gemm", default=None, metavar="ROWSxCOLS", help="(module _panel) instead of a model: "
                     "panel GEMMs of each --tokens T over a random matrix of this shape, format --weights (q4)")
     ap.add_argument("--calls", type=int, default=20, help="with --gemm: calls per round, their median counts")
+    ap.add_argument("--matrices", type=int, default=1, help="with --gemm: this many random matrices, one per "
+                    "call in turn (1: the same matrix, cache-resident; enough to exceed the caches: from DRAM)")
     ap.add_argument("--rounds", type=int, default=9, help="timed rounds (one more warms up)")
     a = ap.parse_args(argv)
     if a.gemm:
@@ -187,7 +202,9 @@ def gemm_main(a) -> int:
     tokens = [int(x) for x in a.tokens.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         builds = {"a": load_build(a.module, a.a, Path(tmp) / "a"), "b": load_build(a.module, a.b, Path(tmp) / "b")}
-        timers = {(k, T): gemm_timer(b, a.gemm, fmt, T, a.threads, a.calls) for k, b in builds.items() for T in tokens}
+        mats = random_panels(a.gemm, fmt, a.matrices)
+        timers = {(k, T): gemm_timer(b, a.gemm, fmt, T, a.threads, a.calls, mats)
+                  for k, b in builds.items() for T in tokens}
         times = {key: [] for key in timers}
         for r in range(a.rounds + 1):
             for key, timed in timers.items():
@@ -196,8 +213,8 @@ def gemm_main(a) -> int:
                     times[key].append(value)
     print(ratio_table("us per GEMM", [f"T={T}" for T in tokens],
                       {(k, f"T={T}"): v for (k, T), v in times.items()}, 1e6, 1))
-    print(f"module _panel; a = {a.a}; b = {a.b}; {a.rounds} rounds of {a.calls} calls; {fmt} {a.gemm}, "
-          f"{a.threads} threads")
+    print(f"module _panel; a = {a.a}; b = {a.b}; {a.rounds} rounds of {a.calls} calls; {fmt} {a.gemm}"
+          f"{f' x {a.matrices} matrices in turn' if a.matrices > 1 else ''}, {a.threads} threads")
     return 0
 
 

@@ -5,6 +5,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipower import _cpu
@@ -334,6 +335,31 @@ def test_ab_builds_gemm_mode_times_each_build_on_the_same_matrix(capsys):
     assert "| T=1 |" in out and "| T=3 |" in out and "q4 40x64, 2 threads" in out
     with pytest.raises(SystemExit, match="--module _panel"):
         ab.main(["--module", "_ffn", "--a", _panel.__file__, "--b", _panel.__file__, "--gemm", "40x64"])
+
+
+def test_ab_builds_gemm_matrices_are_used_in_turn(monkeypatch, capsys):
+    """bench/ab_builds.py --gemm --matrices N: N different random matrices, call k on matrix k mod N."""
+    from pipower._cpu import _panel
+    ab = load_script("ab_builds")
+    mats = ab.random_panels("40x64", "q4", 3)
+    assert len(mats) == 3 and mats[0].shape == (40, 64) and not np.array_equal(mats[0].data, mats[1].data)
+    seen = []
+
+    class Recording:
+        quantize = staticmethod(_panel.quantize)
+
+        @staticmethod
+        def gemm_panels(fmt, data, scales, rows, xq, **kw):
+            seen.append(next(i for i, m in enumerate(mats) if m.data is data))
+            return _panel.gemm_panels(fmt, data, scales, rows, xq, **kw)
+
+    timed = ab.gemm_timer(Recording, "40x64", "q4", 2, 1, 4, mats)
+    timed()
+    timed()
+    assert seen == [0, 1, 2, 0, 1, 2, 0, 1]
+    assert ab.main(["--module", "_panel", "--a", _panel.__file__, "--b", _panel.__file__, "--gemm", "40x64",
+                    "--tokens", "2", "--calls", "2", "--rounds", "1", "--matrices", "3"]) == 0
+    assert "x 3 matrices in turn" in capsys.readouterr().out
 
 
 def test_core_speed_times_each_core_and_the_team():
