@@ -25,10 +25,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
-
-import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:          # run from a checkout without installing
@@ -37,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))       # bench/: the sam
 
 import pipower  # noqa: E402
 from batch import forward_ids  # noqa: E402
+from ab_builds import gemm_timer  # noqa: E402
 from ops_profile import profile  # noqa: E402
 from pipower.benchmark import cpu_model, read_gbs  # noqa: E402
 
@@ -45,20 +43,11 @@ LAYER_MATRICES = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 def cached_gemm_seconds(panels, T: int, threads: int, calls: int) -> float:
-    """Median seconds of one T-token panel GEMM over `panels`, the matrix kept hot by back-to-back calls."""
+    """Median seconds of one T-token panel GEMM over `panels`, the matrix kept hot by back-to-back calls
+    (bench/ab_builds.py's timer on the installed kernels, with this one matrix)."""
     from pipower._cpu import _panel
-    rows, cols = panels.shape
-    x = np.random.default_rng(0).standard_normal((T, cols)).astype(np.float32)
-    xq = _panel.quantize(x, panels.fmt)
-    out = np.empty((T, rows), dtype=np.float32)
-    ts = []
-    for i in range(calls + 3):                              # three warm-up calls bring the matrix in
-        t0 = time.perf_counter()
-        _panel.gemm_panels(panels.fmt, panels.data, panels.scales, rows, xq, out=out, n_threads=threads,
-                           offsets=panels.offsets)
-        if i >= 3:
-            ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
+    shape = "x".join(str(n) for n in panels.shape)
+    return gemm_timer(_panel, shape, panels.fmt, T, threads, calls, [panels])()
 
 
 def gemm_floor(transformer, T: int, threads: int, calls: int, cache_mib: float) -> tuple[float, list]:
